@@ -1,0 +1,1 @@
+"""Reference backend: keys, issuing and publishing signed batches, collecting redemptions."""

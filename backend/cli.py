@@ -1,0 +1,204 @@
+"""`redeemd-backend`: make keys, delegate issuer keys, issue batches, mint signed codes."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+from backend.keystore import Keystore, KeystoreError
+from cards import batch, keys, signed_code
+from cards.batch import UNLIMITED, BatchError, CodeStatus, Kind
+from cards.card import CardError, parse_card
+from cards.digest import code_digest
+from cards.normalize import MalformedCode, normalize
+
+HELP = """\
+Reference backend for redeemd boxes.
+
+examples:
+  redeemd-backend keygen --dir keys/
+  redeemd-backend delegate --dir keys/ --merchant acme --days 365
+  redeemd-backend issue --dir keys/ --merchant acme --kind cards --input cards.json --out 0001.rdb
+  redeemd-backend issue --dir keys/ --merchant acme --input codes.csv --out 0002.rdb
+  redeemd-backend mint --dir keys/ --card 7 --serial 1 --count 10
+"""
+
+
+class UsageError(RuntimeError):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except (KeystoreError, UsageError, BatchError, CardError, keys.TrustError, OSError) as exc:
+        print(f"redeemd-backend: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="redeemd-backend",
+        description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    def command(name: str, func, summary: str, example: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name, help=summary, description=f"{summary}\n\nexample:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+        p.add_argument("--dir", type=Path, required=True, help="the backend's key directory")
+        p.set_defaults(func=func)
+        return p
+
+    p = command(
+        "keygen",
+        cmd_keygen,
+        "Create root, issuer and code keys.",
+        "redeemd-backend keygen --dir keys/",
+    )
+    p.add_argument("--force", action="store_true", help="replace existing keys")
+    p = command("delegate", cmd_delegate, "Sign the issuer key with the root key for merchants.",
+                "redeemd-backend delegate --dir keys/ --merchant acme --days 365")  # fmt: skip
+    p.add_argument("--merchant", action="append", required=True, help="repeat for several")
+    p.add_argument("--days", type=int, default=365)
+    p = command("issue", cmd_issue, "Write a signed batch file from a CSV of codes or a JSON list of cards.",
+                "redeemd-backend issue --dir keys/ --merchant acme --input codes.csv --out 0002.rdb")  # fmt: skip
+    p.add_argument("--merchant", required=True)
+    p.add_argument("--kind", choices=[k.value for k in Kind], default="issue")
+    p.add_argument("--input", default="-", help="CSV (code,card_id[,not_before,not_after,uses,balance]) "
+                   "or, for --kind cards, a JSON array of card templates; - for stdin")  # fmt: skip
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seq", type=int, help="sequence number (default: next after the last issued)")
+    p.add_argument("--expires-days", type=float, default=30.0)
+    p.add_argument("--chunk-size", type=int, default=batch.DEFAULT_CHUNK_SIZE)
+    p = command("mint", cmd_mint, "Print signed codes (valid offline before any batch lists them).",
+                "redeemd-backend mint --dir keys/ --card 7 --serial 1 --count 10 --days 30")  # fmt: skip
+    p.add_argument("--card", type=int, required=True)
+    p.add_argument("--serial", type=int, required=True, help="first serial")
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--days", type=float, default=30.0)
+    return parser
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    written = Keystore(args.dir).generate(force=args.force)
+    print(f"wrote {', '.join(written)} in {args.dir}")
+    print("copy root.pub and code.key to each box; keep root.key offline")
+    return 0
+
+
+def cmd_delegate(args: argparse.Namespace) -> int:
+    store = Keystore(args.dir)
+    now = int(time.time())
+    delegation = keys.delegate(
+        store.private("root"), store.public("issuer"), tuple(args.merchant), now - 3600,
+        now + args.days * 86400,
+    )  # fmt: skip
+    store.save_delegation(delegation)
+    print(
+        f"issuer key {delegation.key_id} may sign for {', '.join(args.merchant)} for {args.days} days"
+    )
+    return 0
+
+
+def cmd_issue(args: argparse.Namespace) -> int:
+    store = Keystore(args.dir)
+    kind = Kind(args.kind)
+    text = sys.stdin.read() if args.input == "-" else Path(args.input).read_text(encoding="utf-8")
+    if kind is Kind.CARDS:
+        templates = _cards(text, args.merchant)
+        entries = batch.encode_cards(templates)
+    else:
+        entries = _code_entries(text, kind, store.code_key())
+    seq = args.seq or store.next_seq(args.merchant)
+    now = int(time.time())
+    data = batch.build(
+        store.private("issuer"), store.delegation(), merchant=args.merchant, seq=seq, kind=kind,
+        entries=entries, created_at=now, expires_at=now + int(args.expires_days * 86400),
+        chunk_size=args.chunk_size,
+    )  # fmt: skip
+    args.out.write_bytes(data)
+    store.record_seq(args.merchant, seq)
+    count = (
+        len(json.loads(entries)) if kind is Kind.CARDS else len(entries) // batch.ENTRY_SIZES[kind]
+    )
+    print(
+        f"wrote {args.out}: {kind} batch {args.merchant}/{seq}, {count} entries, {len(data)} bytes"
+    )
+    return 0
+
+
+def _cards(text: str, merchant: str) -> list[dict]:
+    try:
+        templates = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"cards input is not JSON: {exc}") from None
+    if not isinstance(templates, list):
+        raise UsageError("cards input must be a JSON array of card templates")
+    for template in templates:
+        template.setdefault("merchant", merchant)
+        parse_card(template)
+    return templates
+
+
+def _code_entries(text: str, kind: Kind, code_key: bytes) -> bytes:
+    rows = list(csv.reader(io.StringIO(text)))
+    if rows and rows[0] and rows[0][0].strip().lower() == "code":
+        rows = rows[1:]
+    digests = []
+    issued = []
+    for number, row in enumerate(rows, start=1):
+        if not row or not row[0].strip():
+            continue
+        try:
+            canonical = normalize(row[0].encode("utf-8")).text
+        except MalformedCode as exc:
+            raise UsageError(f"line {number}: code is not usable: {exc}") from None
+        digest = code_digest(code_key, canonical)
+        if kind in (Kind.ISSUE, Kind.SNAPSHOT):
+            try:
+                fields = [int(v) if v.strip() else 0 for v in row[1:7]]
+            except ValueError:
+                raise UsageError(
+                    f"line {number}: card_id, times, uses and balance must be integers"
+                ) from None
+            if not fields:
+                raise UsageError(f"line {number}: needs at least code,card_id")
+            card_id, not_before, not_after, uses, balance = (fields + [0] * 5)[:5]
+            uses = UNLIMITED if uses < 0 else uses
+            issued.append(
+                (digest, card_id, not_before, not_after, uses, balance, CodeStatus.ACTIVE)
+            )
+        else:
+            digests.append(digest)
+    if kind in (Kind.ISSUE, Kind.SNAPSHOT):
+        return batch.encode_issue(issued)
+    if kind is Kind.CONSUMED:
+        raise UsageError("consumed-elsewhere batches are made by the collector, not from a CSV")
+    return batch.encode_digests(digests)
+
+
+def cmd_mint(args: argparse.Namespace) -> int:
+    store = Keystore(args.dir)
+    private = store.private("issuer")
+    now = int(time.time())
+    for serial in range(args.serial, args.serial + args.count):
+        print(signed_code.mint(private, args.card, serial, now - 60, now + int(args.days * 86400)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

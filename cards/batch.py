@@ -1,0 +1,376 @@
+"""Signed batches v1: how issuance, revocations and card templates reach a box.
+
+A batch is a signed header plus compact entries. The header (canonical JSON) names the
+merchant, a sequence number, its kind and expiry, the issuer's delegation, and the
+SHA-256 of the entries and of every transport chunk; an Ed25519 signature by the issuer
+key covers `redeemd-batch-v1\\0` + header bytes. Because each chunk's hash is in the
+signed header, a chunk arriving over MQTT is checked before it is kept, and a batch is
+fully verified before a single row is written.
+
+File form:    "RDB1" | u32 header_len | header | signature(64) | payload
+Chunk form:   "RDC1" | u32 header_len | header | signature(64) | u32 index | chunk
+The payload is the zlib-compressed entries, cut into `chunk_size` pieces for transport.
+docs/protocol.md specifies every byte, with test vectors in tests/vectors/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from cards import keys
+
+FILE_MAGIC = b"RDB1"
+CHUNK_MAGIC = b"RDC1"
+DOMAIN = b"redeemd-batch-v1\x00"
+MAX_HEADER_SIZE = 1 << 20
+DEFAULT_CHUNK_SIZE = 256 * 1024
+DEFAULT_MAX_ENTRIES_SIZE = 512 << 20
+_U32 = struct.Struct(">I")
+
+
+class Kind(StrEnum):
+    CARDS = "cards"
+    ISSUE = "issue"
+    SNAPSHOT = "snapshot"
+    REVOKE = "revoke"
+    BLOCK = "block"
+    UNBLOCK = "unblock"
+    CONSUMED = "consumed"
+
+
+class CodeStatus:
+    """Per-code state as stored and as carried by issue/snapshot entries."""
+
+    ACTIVE = 0
+    CONSUMED = 1
+    REVOKED = 2
+    BLOCKED = 3
+
+
+UNLIMITED = 0xFFFFFFFF
+
+# issue / snapshot: digest, card id, not_before, not_after (0 = the card's window),
+# uses (0 = the card's default, 0xFFFFFFFF = unlimited), balance in minor units
+# (0 = the card's default), status.
+ISSUE_ENTRY = struct.Struct(">16sIIIIqB")
+# revoke / block / unblock: digest only.
+DIGEST_ENTRY = struct.Struct(">16s")
+# consumed elsewhere: digest, the other box's record id (UUID bytes), uses, amount.
+CONSUMED_ENTRY = struct.Struct(">16s16sIq")
+
+ENTRY_SIZES = {
+    Kind.CARDS: 0,
+    Kind.ISSUE: ISSUE_ENTRY.size,
+    Kind.SNAPSHOT: ISSUE_ENTRY.size,
+    Kind.REVOKE: DIGEST_ENTRY.size,
+    Kind.BLOCK: DIGEST_ENTRY.size,
+    Kind.UNBLOCK: DIGEST_ENTRY.size,
+    Kind.CONSUMED: CONSUMED_ENTRY.size,
+}
+
+
+class BatchError(ValueError):
+    """A batch (or chunk) is refused. Nothing from it has been written."""
+
+
+@dataclass(frozen=True)
+class Header:
+    merchant: str
+    seq: int
+    kind: Kind
+    created_at: int
+    expires_at: int
+    count: int
+    entries_size: int
+    entries_sha256: str
+    payload_size: int
+    chunk_size: int
+    chunks: tuple[str, ...]
+    issuer: keys.Delegation
+    raw: bytes = field(repr=False)
+    signature: bytes = field(repr=False)
+
+    @property
+    def sha256(self) -> str:
+        """Identity of the batch: the hash of its signed header."""
+        return hashlib.sha256(self.raw).hexdigest()
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch whose signature, trust chain, hashes and sizes have all been checked."""
+
+    header: Header
+    entries: bytes = field(repr=False)
+
+    def issue_entries(self) -> Iterator[tuple[bytes, int, int, int, int, int, int]]:
+        return ISSUE_ENTRY.iter_unpack(self.entries)
+
+    def digest_entries(self) -> Iterator[tuple[bytes]]:
+        return DIGEST_ENTRY.iter_unpack(self.entries)
+
+    def consumed_entries(self) -> Iterator[tuple[bytes, bytes, int, int]]:
+        return CONSUMED_ENTRY.iter_unpack(self.entries)
+
+    def card_templates(self) -> list[dict]:
+        try:
+            value = json.loads(self.entries)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BatchError(f"cards batch entries are not JSON: {exc}") from None
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise BatchError("cards batch entries must be a JSON array of objects")
+        return value
+
+
+# ---------------------------------------------------------------- building (backend)
+
+
+def encode_issue(rows: Iterable[tuple[bytes, int, int, int, int, int, int]]) -> bytes:
+    """Entries for an issue or snapshot batch, sorted by digest (dense B-tree pages)."""
+    return b"".join(ISSUE_ENTRY.pack(*row) for row in sorted(rows, key=lambda r: r[0]))
+
+
+def encode_digests(digests: Iterable[bytes]) -> bytes:
+    return b"".join(DIGEST_ENTRY.pack(d) for d in sorted(set(digests)))
+
+
+def encode_consumed(rows: Iterable[tuple[bytes, bytes, int, int]]) -> bytes:
+    return b"".join(CONSUMED_ENTRY.pack(*row) for row in rows)
+
+
+def encode_cards(templates: list[dict]) -> bytes:
+    return keys.canonical_json(templates)
+
+
+def build(
+    issuer_private: bytes,
+    delegation: keys.Delegation,
+    *,
+    merchant: str,
+    seq: int,
+    kind: Kind,
+    entries: bytes,
+    created_at: int,
+    expires_at: int,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> bytes:
+    """A signed batch in file form. `entries` comes from one of the encode_* helpers."""
+    size = ENTRY_SIZES[kind]
+    if size:
+        if len(entries) % size:
+            raise BatchError(f"{kind} entries must be a multiple of {size} bytes")
+        count = len(entries) // size
+    else:
+        count = len(json.loads(entries))
+    payload = zlib.compress(entries, 6)
+    chunks = [payload[i : i + chunk_size] for i in range(0, len(payload), chunk_size)] or [b""]
+    body = {
+        "v": 1,
+        "merchant": merchant,
+        "seq": seq,
+        "kind": kind.value,
+        "created_at": created_at,
+        "expires_at": expires_at,
+        "count": count,
+        "entry_size": size,
+        "entries_size": len(entries),
+        "entries_sha256": hashlib.sha256(entries).hexdigest(),
+        "compression": "zlib",
+        "payload_size": len(payload),
+        "chunk_size": chunk_size,
+        "chunks": [hashlib.sha256(c).hexdigest() for c in chunks],
+        "key_id": delegation.key_id,
+        "issuer": delegation.to_json(),
+    }
+    header = keys.canonical_json(body)
+    signature = keys.sign(issuer_private, DOMAIN, header)
+    return FILE_MAGIC + _U32.pack(len(header)) + header + signature + payload
+
+
+def split(batch_file: bytes) -> list[bytes]:
+    """Chunk messages for transport, each carrying the signed header."""
+    head_len = 8 + _U32.unpack_from(batch_file, 4)[0] + 64
+    prefix = CHUNK_MAGIC + batch_file[4:head_len]
+    header = json.loads(batch_file[8 : head_len - 64])
+    payload = batch_file[head_len:]
+    size = header["chunk_size"]
+    return [
+        prefix + _U32.pack(i) + payload[i * size : (i + 1) * size]
+        for i in range(len(header["chunks"]))
+    ]
+
+
+# ---------------------------------------------------------------- verifying (box)
+
+
+def read_header(data: bytes, magic: bytes, roots: dict[str, bytes]) -> tuple[Header, int]:
+    """Parse and verify the signed header at the start of `data`.
+
+    Returns the header and the offset where the payload (or chunk index) starts.
+    Checks: magic, sizes, JSON shape, the issuer delegation against `roots`, the
+    batch signature, the issuer's merchant scope and validity at `created_at`.
+    """
+    if len(data) < 8 or data[:4] != magic:
+        kind = "batch file" if magic == FILE_MAGIC else "batch chunk"
+        raise BatchError(f"not a redeemd {kind}: it does not start with {magic.decode()}")
+    (header_len,) = _U32.unpack_from(data, 4)
+    if header_len > MAX_HEADER_SIZE:
+        raise BatchError(f"header of {header_len} bytes exceeds the {MAX_HEADER_SIZE} limit")
+    end = 8 + header_len
+    if len(data) < end + 64:
+        raise BatchError("truncated: the header or its signature is cut off")
+    raw = data[8:end]
+    signature = data[end : end + 64]
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BatchError(f"header is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BatchError("header must be a JSON object")
+    if body.get("v") != 1:
+        raise BatchError(f"batch format version {body.get('v')!r} is not supported (need 1)")
+    try:
+        delegation = keys.parse_delegation(body.get("issuer"), roots)
+    except keys.TrustError as exc:
+        raise BatchError(str(exc)) from None
+    if body.get("key_id") != delegation.key_id:
+        raise BatchError("header key_id does not match the issuer delegation")
+    if not keys.verify(delegation.public_key, signature, DOMAIN, raw):
+        raise BatchError(f"bad signature: header not signed by issuer key {delegation.key_id}")
+
+    header = _typed_header(body, delegation, raw, signature)
+    if not delegation.allows(header.merchant, header.created_at):
+        raise BatchError(
+            f"issuer key {delegation.key_id} may not sign for merchant {header.merchant!r} "
+            f"at {header.created_at} (delegated for {list(delegation.merchants)} "
+            f"from {delegation.not_before} to {delegation.not_after})"
+        )
+    return header, end + 64
+
+
+def _typed_header(body: dict, delegation: keys.Delegation, raw: bytes, sig: bytes) -> Header:
+    def need(name: str, kind: type):
+        value = body.get(name)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise BatchError(f"header field '{name}' must be {kind.__name__}, got {value!r}")
+        return value
+
+    kind_text = need("kind", str)
+    try:
+        kind = Kind(kind_text)
+    except ValueError:
+        raise BatchError(f"unknown batch kind {kind_text!r}") from None
+    if body.get("compression") != "zlib":
+        raise BatchError(f"compression {body.get('compression')!r} is not supported (zlib)")
+    chunks = need("chunks", list)
+    if not chunks or not all(isinstance(c, str) and len(c) == 64 for c in chunks):
+        raise BatchError("header field 'chunks' must list SHA-256 hex digests")
+    header = Header(
+        merchant=need("merchant", str),
+        seq=need("seq", int),
+        kind=kind,
+        created_at=need("created_at", int),
+        expires_at=need("expires_at", int),
+        count=need("count", int),
+        entries_size=need("entries_size", int),
+        entries_sha256=need("entries_sha256", str),
+        payload_size=need("payload_size", int),
+        chunk_size=need("chunk_size", int),
+        chunks=tuple(chunks),
+        issuer=delegation,
+        raw=raw,
+        signature=sig,
+    )
+    if header.seq < 1 or header.count < 0 or header.entries_size < 0 or header.chunk_size < 1:
+        raise BatchError("header has a negative or zero size or sequence")
+    if need("entry_size", int) != ENTRY_SIZES[kind]:
+        raise BatchError(f"entry_size for {kind} batches must be {ENTRY_SIZES[kind]}")
+    if ENTRY_SIZES[kind] and header.count * ENTRY_SIZES[kind] != header.entries_size:
+        raise BatchError("count x entry_size does not equal entries_size")
+    if -(-header.payload_size // header.chunk_size) != max(len(chunks), 1) and header.payload_size:
+        raise BatchError("chunk list does not match payload_size / chunk_size")
+    return header
+
+
+def open_file(
+    data: bytes,
+    roots: dict[str, bytes],
+    *,
+    max_entries_size: int = DEFAULT_MAX_ENTRIES_SIZE,
+) -> Batch:
+    """Verify a batch in file form completely and return its entries."""
+    header, offset = read_header(data, FILE_MAGIC, roots)
+    payload = data[offset:]
+    if len(payload) != header.payload_size:
+        raise BatchError(
+            f"truncated or padded: payload is {len(payload)} bytes, header says "
+            f"{header.payload_size}"
+        )
+    for index, expected in enumerate(header.chunks):
+        piece = payload[index * header.chunk_size : (index + 1) * header.chunk_size]
+        if hashlib.sha256(piece).hexdigest() != expected:
+            raise BatchError(f"chunk {index} does not match the signed header (corrupted)")
+    return _decode(header, payload, max_entries_size)
+
+
+def _decode(header: Header, payload: bytes, max_entries_size: int) -> Batch:
+    if header.entries_size > max_entries_size:
+        raise BatchError(
+            f"entries of {header.entries_size} bytes exceed max_batch_bytes ({max_entries_size})"
+        )
+    inflater = zlib.decompressobj()
+    try:
+        # Never inflate more than the signed size: a decompression bomb stops here.
+        entries = inflater.decompress(payload, header.entries_size)
+    except zlib.error as exc:
+        raise BatchError(f"payload does not decompress: {exc}") from None
+    if len(entries) != header.entries_size or inflater.unconsumed_tail or not inflater.eof:
+        raise BatchError("payload inflates to a different size than the header says")
+    if hashlib.sha256(entries).hexdigest() != header.entries_sha256:
+        raise BatchError("entries do not match entries_sha256 in the signed header")
+    batch = Batch(header=header, entries=entries)
+    if header.kind is Kind.CARDS and len(batch.card_templates()) != header.count:
+        raise BatchError("cards batch count does not match its templates")
+    return batch
+
+
+class ChunkAssembler:
+    """Collects the chunks of one batch as they arrive, in any order.
+
+    Every chunk is checked against the signed header before it is kept, so a forged
+    or corrupted chunk is refused at once and never waits in memory.
+    """
+
+    def __init__(self, roots: dict[str, bytes], max_entries_size: int = DEFAULT_MAX_ENTRIES_SIZE):
+        self.roots = roots
+        self.max_entries_size = max_entries_size
+        self.header: Header | None = None
+        self.pieces: dict[int, bytes] = {}
+
+    def add(self, message: bytes) -> Batch | None:
+        """Add one chunk message; return the verified batch once it is complete."""
+        header, offset = read_header(message, CHUNK_MAGIC, self.roots)
+        if self.header is not None and header.raw != self.header.raw:
+            raise BatchError("chunk belongs to a different batch header")
+        if len(message) < offset + 4:
+            raise BatchError("truncated chunk: no chunk index")
+        (index,) = _U32.unpack_from(message, offset)
+        if index >= len(header.chunks):
+            raise BatchError(f"chunk index {index} is outside 0..{len(header.chunks) - 1}")
+        piece = message[offset + 4 :]
+        if hashlib.sha256(piece).hexdigest() != header.chunks[index]:
+            raise BatchError(f"chunk {index} does not match the signed header (corrupted)")
+        self.header = header
+        self.pieces[index] = piece
+        if len(self.pieces) < len(header.chunks):
+            return None
+        payload = b"".join(self.pieces[i] for i in range(len(header.chunks)))
+        if len(payload) != header.payload_size:
+            raise BatchError("reassembled payload size does not match the header")
+        return _decode(header, payload, self.max_entries_size)

@@ -1,0 +1,138 @@
+"""Card templates: what a kind of coupon, ticket or gift card allows.
+
+Templates travel in `cards` batches as JSON objects (docs/protocol.md lists the
+fields). Parsing is strict, because a template that silently means something else on
+the box than in the backend turns into money lost at the counter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class CardKind(StrEnum):
+    COUPON = "coupon"
+    CASH = "cash"
+    DISCOUNT = "discount"
+    GIFT = "gift"
+    GROUPON = "groupon"
+    MEMBER = "member"
+    TICKET = "ticket"
+    STORED_VALUE = "stored_value"
+
+
+# Kinds whose value is a balance in minor units rather than a number of uses.
+BALANCE_KINDS = frozenset({CardKind.GIFT, CardKind.STORED_VALUE})
+
+
+class CardError(ValueError):
+    """A card template is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Card:
+    card_id: int
+    merchant: str
+    kind: CardKind
+    title: str = ""
+    uses: int | None = 1
+    """Uses per code; None means unlimited."""
+    balance: int | None = None
+    """Initial balance in minor units for balance kinds."""
+    stores: frozenset[str] = frozenset()
+    """Stores where it may be redeemed; empty means every store of the merchant."""
+    weekdays: frozenset[int] = frozenset()
+    """ISO weekdays (1 = Monday) when it may be redeemed; empty means every day."""
+    hours: tuple[tuple[int, int], ...] = ()
+    """Local-time windows in minutes since midnight, [start, end); empty means all day."""
+    valid_from: int | None = None
+    valid_until: int | None = None
+    two_phase: bool = False
+    """A scan only checks; the POS app confirms with `redeem` (and an amount)."""
+    reversal_window: int = 0
+    """Seconds after a redemption during which it may be reversed; 0 = never."""
+
+    @property
+    def uses_balance(self) -> bool:
+        return self.kind in BALANCE_KINDS
+
+
+def parse_card(value: dict) -> Card:
+    """Build a Card from its JSON object.
+
+    >>> parse_card({"id": 7, "merchant": "demo", "kind": "coupon"}).uses
+    1
+    """
+    known = {
+        "id", "merchant", "kind", "title", "uses", "balance", "stores", "weekdays",
+        "hours", "valid_from", "valid_until", "two_phase", "reversal_window",
+    }  # fmt: skip
+    unknown = set(value) - known
+    if unknown:
+        raise CardError(f"card has unknown fields {sorted(unknown)}; allowed: {sorted(known)}")
+    card_id = _int(value, "id", required=True)
+    try:
+        kind = CardKind(value.get("kind"))
+    except ValueError:
+        allowed = ", ".join(k.value for k in CardKind)
+        raise CardError(
+            f"card {card_id}: kind {value.get('kind')!r} is not one of {allowed}"
+        ) from None
+    merchant = value.get("merchant")
+    if not isinstance(merchant, str) or not merchant:
+        raise CardError(f"card {card_id}: merchant must be a non-empty string")
+    balance_kind = kind in BALANCE_KINDS
+    uses = value.get("uses", None if balance_kind or kind is CardKind.MEMBER else 1)
+    if uses is not None and (not isinstance(uses, int) or isinstance(uses, bool) or uses < 1):
+        raise CardError(f"card {card_id}: uses must be a positive integer or null (unlimited)")
+    hours = []
+    for window in value.get("hours", []):
+        try:
+            start, end = (_minutes(t) for t in window.split("-"))
+        except (AttributeError, ValueError):
+            raise CardError(
+                f"card {card_id}: hours entry {window!r} must look like '09:00-17:30'"
+            ) from None
+        hours.append((start, end))
+    weekdays = value.get("weekdays", [])
+    if not isinstance(weekdays, list) or not all(d in range(1, 8) for d in weekdays):
+        raise CardError(f"card {card_id}: weekdays must be a list of 1 (Monday) .. 7 (Sunday)")
+    stores = value.get("stores", [])
+    if not isinstance(stores, list) or not all(isinstance(s, str) for s in stores):
+        raise CardError(f"card {card_id}: stores must be a list of store ids")
+    two_phase = value.get("two_phase", balance_kind)
+    if not isinstance(two_phase, bool):
+        raise CardError(f"card {card_id}: two_phase must be true or false")
+    return Card(
+        card_id=card_id,
+        merchant=merchant,
+        kind=kind,
+        title=str(value.get("title", "")),
+        uses=uses,
+        balance=_int(value, "balance"),
+        stores=frozenset(stores),
+        weekdays=frozenset(weekdays),
+        hours=tuple(hours),
+        valid_from=_int(value, "valid_from"),
+        valid_until=_int(value, "valid_until"),
+        two_phase=two_phase,
+        reversal_window=_int(value, "reversal_window") or 0,
+    )
+
+
+def _int(value: dict, name: str, required: bool = False) -> int | None:
+    item = value.get(name)
+    if item is None and not required:
+        return None
+    if not isinstance(item, int) or isinstance(item, bool) or item < 0:
+        raise CardError(f"card field '{name}' must be a non-negative integer, got {item!r}")
+    return item
+
+
+def _minutes(text: str) -> int:
+    hour, minute = text.strip().split(":")
+    result = int(hour) * 60 + int(minute)
+    if not 0 <= result <= 24 * 60:
+        raise ValueError(text)
+    return result

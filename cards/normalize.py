@@ -1,0 +1,138 @@
+"""Turn what a scanner sent into the canonical text of a code, or refuse it.
+
+Scanners differ in what they wrap around the data: an AIM symbology identifier
+(`]Q1`, `]C1`, `]E0` ...), an ECI designator (`\\000026`) when they are configured to
+transmit one, CR/LF/Tab terminators, STX/ETX framing. The same code read by two
+scanners must give the same digest, so all of that is removed here, once, for every
+driver. GS1 element strings keep their group separators (0x1D), because they delimit
+variable-length fields; they are parsed with biip and rebuilt canonically so that a
+trailing or superfluous separator does not change the code.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import biip
+from biip.symbology import SymbologyIdentifier
+
+GS = "\x1d"
+DEFAULT_MAX_LENGTH = 512
+
+# Bytes that scanners put around a code: whitespace, terminators, STX/ETX/EOT framing.
+_FRAMING = b" \t\r\n\x00\x02\x03\x04"
+
+# Symbology identifier modifiers that announce the ECI protocol (ISO/IEC 15424): the
+# data then carries `\nnnnnn` escapes and a literal backslash is doubled.
+_ECI_MODIFIERS = {"Q": "246", "d": "456", "z": "345"}
+_ECI_ESCAPE = re.compile(rb"\\(\d{6})")
+_ECI_CODECS = {3: "latin-1", 4: "iso8859-2", 20: "shift_jis", 26: "utf-8", 29: "gb18030"}
+
+# Printable text plus GS; everything else below 0x20, DEL and the C1 block are refused.
+_CONTROL = re.compile(r"[\x00-\x1c\x1e\x1f\x7f-\x9f]")
+
+
+class MalformedCode(ValueError):
+    """The bytes are not a code: the verdict is `rejected: malformed`."""
+
+
+@dataclass(frozen=True)
+class Normalized:
+    text: str
+    symbology: str | None = None
+    gs1: tuple[tuple[str, str], ...] = ()
+
+
+def normalize(raw: bytes, max_length: int = DEFAULT_MAX_LENGTH) -> Normalized:
+    """Canonical text of a scanned code.
+
+    >>> normalize(b"]Q1HELLO-42\\r\\n").text
+    'HELLO-42'
+
+    Raises MalformedCode for empty, over-long, undecodable or control-laden input.
+    """
+    if len(raw) > max_length * 4 + 64:
+        raise MalformedCode(f"{len(raw)} bytes is longer than any code (limit {max_length})")
+    data = raw.strip(_FRAMING)
+    if not data:
+        raise MalformedCode("empty read")
+
+    symbology = None
+    if data.startswith(b"]") and len(data) >= 3:
+        try:
+            ident = SymbologyIdentifier.extract(data[:3].decode("ascii"))
+        except (biip.ParseError, UnicodeDecodeError):
+            ident = None
+        if ident is not None:
+            symbology = ident.value
+            data = data[3:]
+
+    codec = "utf-8"
+    if symbology and symbology[2] in _ECI_MODIFIERS.get(symbology[1], ""):
+        data, codec = _strip_eci(data, escapes_doubled=True)
+    elif _ECI_ESCAPE.match(data):
+        data, codec = _strip_eci(data, escapes_doubled=False)
+
+    try:
+        text = data.decode(codec)
+    except (UnicodeDecodeError, LookupError) as exc:
+        raise MalformedCode(f"not valid {codec} text: {exc.reason}") from None
+    text = text.strip()
+    if not text:
+        raise MalformedCode("empty code")
+    if len(text) > max_length:
+        raise MalformedCode(f"{len(text)} characters is longer than the limit of {max_length}")
+    bad = _CONTROL.search(text)
+    if bad:
+        raise MalformedCode(f"control character 0x{ord(bad.group()):02x} at position {bad.start()}")
+
+    gs1: tuple[tuple[str, str], ...] = ()
+    is_gs1 = GS in text or (symbology is not None and _is_gs1_symbology(symbology))
+    if is_gs1:
+        text, gs1 = _canonical_gs1(text)
+    return Normalized(text=text, symbology=symbology, gs1=gs1)
+
+
+def _strip_eci(data: bytes, *, escapes_doubled: bool) -> tuple[bytes, str]:
+    codec = "utf-8"
+    out = bytearray()
+    i = 0
+    while i < len(data):
+        if data[i : i + 1] == b"\\":
+            match = _ECI_ESCAPE.match(data, i)
+            if match:
+                codec = _ECI_CODECS.get(int(match.group(1)), "utf-8")
+                i = match.end()
+                continue
+            if escapes_doubled and data[i + 1 : i + 2] == b"\\":
+                out += b"\\"
+                i += 2
+                continue
+        out.append(data[i])
+        i += 1
+    return bytes(out), codec
+
+
+def _is_gs1_symbology(symbology: str) -> bool:
+    try:
+        return SymbologyIdentifier.extract(symbology).gs1_symbology is not None
+    except biip.ParseError:
+        return False
+
+
+def _canonical_gs1(text: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """Rebuild a GS1 element string with separators exactly where they are required."""
+    try:
+        message = biip.parse(text).gs1_message
+    except biip.ParseError:
+        message = None
+    if message is None:
+        return text.rstrip(GS), ()
+    elements = tuple((e.ai.ai, e.value) for e in message.element_strings)
+    parts = []
+    for index, e in enumerate(message.element_strings):
+        parts.append(e.ai.ai + e.value)
+        if e.ai.separator_required and index < len(message.element_strings) - 1:
+            parts.append(GS)
+    return "".join(parts), elements

@@ -1,0 +1,208 @@
+"""The whole admission decision for one code, from plain values, with no I/O.
+
+Like pretix's check-in service, every refusal carries one machine reason from the
+closed list in `cards.verdict.Reason` and a sentence for a human. The order of the
+checks is part of the contract (docs/reasons.md): a revoked code says `revoked` even
+when it is also expired, because that is what the cashier must act on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cards.batch import CodeStatus
+from cards.card import Card
+from cards.verdict import Action, Outcome, Reason
+
+# Stored uses_left value that means unlimited (NULL means "the card's default").
+UNLIMITED_USES = -1
+
+
+@dataclass(frozen=True)
+class CodeState:
+    """A code's state with the card's defaults already applied."""
+
+    status: int = CodeStatus.ACTIVE
+    not_before: int | None = None
+    not_after: int | None = None
+    uses_left: int | None = 1
+    """None means unlimited."""
+    balance: int | None = None
+
+
+@dataclass(frozen=True)
+class Context:
+    now: int
+    """Unix seconds, never earlier than the box's time floor."""
+    weekday: int
+    """ISO weekday in the box's time zone."""
+    minute_of_day: int
+    store: str
+    action: Action = Action.REDEEM
+    amount: int | None = None
+    uses: int = 1
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: Outcome
+    action: Action
+    reason: Reason | None = None
+    detail: str = ""
+    uses_left: int | None = None
+    balance: int | None = None
+    status: int = CodeStatus.ACTIVE
+    changed: bool = False
+    """True when the code's stored state must be updated."""
+
+
+def resolve(
+    card: Card,
+    status: int,
+    not_before: int | None,
+    not_after: int | None,
+    uses_left: int | None,
+    balance: int | None,
+) -> CodeState:
+    """Apply the card's defaults to a stored code row (NULL/0 = the card's value)."""
+    if uses_left is None:
+        uses = card.uses
+    elif uses_left == UNLIMITED_USES:
+        uses = None
+    else:
+        uses = uses_left
+    return CodeState(
+        status=status,
+        not_before=not_before or card.valid_from,
+        not_after=not_after or card.valid_until,
+        uses_left=uses,
+        balance=card.balance if balance is None else balance,
+    )
+
+
+def decide(card: Card, code: CodeState, ctx: Context) -> Decision:
+    """Verdict for a check or a redemption of `code` under `card` in `ctx`."""
+
+    def refuse(reason: Reason, detail: str) -> Decision:
+        return Decision(
+            Outcome.REJECTED,
+            Action.REJECT,
+            reason,
+            detail,
+            uses_left=code.uses_left,
+            balance=code.balance,
+            status=code.status,
+        )
+
+    if code.status == CodeStatus.REVOKED:
+        return refuse(Reason.REVOKED, "this code was revoked by the issuer")
+    if code.status == CodeStatus.BLOCKED:
+        return refuse(Reason.BLOCKED, "this code is blocked; ask the issuer")
+    if code.status == CodeStatus.CONSUMED or code.uses_left == 0:
+        return refuse(Reason.ALREADY_REDEEMED, "this code has no uses left")
+    if card.stores and ctx.store not in card.stores:
+        return refuse(Reason.WRONG_STORE, f"not valid at store {ctx.store}")
+    if code.not_before is not None and ctx.now < code.not_before:
+        return refuse(Reason.NOT_YET_VALID, f"valid from {code.not_before}")
+    if code.not_after is not None and ctx.now > code.not_after:
+        return refuse(Reason.EXPIRED, f"expired at {code.not_after}")
+    if card.weekdays and ctx.weekday not in card.weekdays:
+        return refuse(Reason.OUTSIDE_HOURS, "not valid on this weekday")
+    if card.hours and not any(start <= ctx.minute_of_day < end for start, end in card.hours):
+        return refuse(Reason.OUTSIDE_HOURS, "not valid at this time of day")
+
+    if card.uses_balance:
+        if ctx.action is Action.CHECK:
+            return Decision(
+                Outcome.ACCEPTED, Action.CHECK, uses_left=code.uses_left, balance=code.balance
+            )
+        if ctx.amount is None or ctx.amount <= 0:
+            return refuse(Reason.AMOUNT_REQUIRED, "a stored-value redemption needs an amount")
+        balance = code.balance or 0
+        if ctx.amount > balance:
+            return refuse(
+                Reason.INSUFFICIENT_BALANCE, f"balance {balance} is less than {ctx.amount}"
+            )
+        return Decision(
+            Outcome.ACCEPTED,
+            Action.REDEEM,
+            uses_left=code.uses_left,
+            balance=balance - ctx.amount,
+            status=code.status,
+            changed=True,
+        )
+
+    uses = max(ctx.uses, 1)
+    if code.uses_left is not None and uses > code.uses_left:
+        return refuse(Reason.ALREADY_REDEEMED, f"only {code.uses_left} uses left")
+    if ctx.action is Action.CHECK:
+        return Decision(
+            Outcome.ACCEPTED, Action.CHECK, uses_left=code.uses_left, balance=code.balance
+        )
+    left = None if code.uses_left is None else code.uses_left - uses
+    return Decision(
+        Outcome.ACCEPTED,
+        Action.REDEEM,
+        uses_left=left,
+        balance=code.balance,
+        status=CodeStatus.CONSUMED if left == 0 else CodeStatus.ACTIVE,
+        changed=True,
+    )
+
+
+@dataclass(frozen=True)
+class Redeemed:
+    """What the ledger says about the redemption being reversed."""
+
+    at: int
+    uses: int
+    amount: int | None
+    already_reversed: bool
+
+
+def decide_reverse(card: Card, code: CodeState, original: Redeemed, now: int) -> Decision:
+    """Undo a redemption within the card's reversal window; restores uses or balance."""
+
+    def refuse(reason: Reason, detail: str) -> Decision:
+        return Decision(
+            Outcome.REJECTED,
+            Action.REJECT,
+            reason,
+            detail,
+            code.uses_left,
+            code.balance,
+            code.status,
+        )
+
+    if original.already_reversed:
+        return refuse(Reason.ALREADY_REVERSED, "this redemption was already reversed")
+    if card.reversal_window <= 0:
+        return refuse(Reason.NOT_REVERSIBLE, "this card does not allow reversals")
+    if now > original.at + card.reversal_window:
+        return refuse(
+            Reason.REVERSAL_WINDOW_PASSED,
+            f"reversals are allowed for {card.reversal_window} s after redemption",
+        )
+    if code.status in (CodeStatus.REVOKED, CodeStatus.BLOCKED):
+        return refuse(
+            Reason.REVOKED if code.status == CodeStatus.REVOKED else Reason.BLOCKED,
+            "the code was withdrawn after it was redeemed",
+        )
+    if card.uses_balance:
+        return Decision(
+            Outcome.ACCEPTED,
+            Action.REVERSE,
+            uses_left=code.uses_left,
+            balance=(code.balance or 0) + (original.amount or 0),
+            status=CodeStatus.ACTIVE,
+            changed=True,
+        )
+    left = None if code.uses_left is None else code.uses_left + original.uses
+    return Decision(
+        Outcome.ACCEPTED,
+        Action.REVERSE,
+        uses_left=left,
+        balance=code.balance,
+        status=CodeStatus.ACTIVE,
+        changed=True,
+    )

@@ -1,0 +1,86 @@
+"""Signed codes v1: self-validating codes a box can accept before any batch lists them.
+
+Text form: `RD1` followed by unpadded RFC 4648 base32 (A-Z, 2-7) of a 28-byte payload
+and its 64-byte Ed25519 signature. Every character is in the QR alphanumeric set, so
+the code encodes compactly, and it is plain ASCII, which zbar returns unmangled.
+
+Payload, big-endian: key id (8 bytes) | card id (u32) | serial (u64) |
+not_before (u32, Unix seconds) | not_after (u32). The signature covers
+`redeemd-code-v1\\0` + payload. See docs/protocol.md for a test vector.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import struct
+from dataclasses import dataclass
+
+from cards import keys
+
+PREFIX = "RD1"
+DOMAIN = b"redeemd-code-v1\x00"
+_PAYLOAD = struct.Struct(">8sIQII")
+_RAW_SIZE = _PAYLOAD.size + 64
+TEXT_LENGTH = len(PREFIX) + (_RAW_SIZE * 8 + 4) // 5
+_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
+
+
+@dataclass(frozen=True)
+class SignedCode:
+    key_id: str
+    card_id: int
+    serial: int
+    not_before: int
+    not_after: int
+    payload: bytes
+    signature: bytes
+
+
+def looks_signed(text: str) -> bool:
+    """Cheap test used by classification; `parse` does the real work."""
+    return len(text) == TEXT_LENGTH and text.startswith(PREFIX)
+
+
+def mint(
+    issuer_private: bytes,
+    card_id: int,
+    serial: int,
+    not_before: int,
+    not_after: int,
+) -> str:
+    """A signed code for `card_id`/`serial`, valid in [not_before, not_after]."""
+    kid = bytes.fromhex(keys.key_id(keys.public_of(issuer_private)))
+    payload = _PAYLOAD.pack(kid, card_id, serial, not_before, not_after)
+    signature = keys.sign(issuer_private, DOMAIN, payload)
+    return PREFIX + base64.b32encode(payload + signature).decode("ascii").rstrip("=")
+
+
+def parse(text: str) -> SignedCode:
+    """Decode a signed code's fields; the signature is checked by `verify`."""
+    if not looks_signed(text):
+        raise ValueError(f"not a {PREFIX} signed code (wrong prefix or length)")
+    body = text[len(PREFIX) :]
+    if not _ALPHABET.issuperset(body):
+        raise ValueError("signed code contains characters outside base32")
+    try:
+        raw = base64.b32decode(body + "=" * (-len(body) % 8))
+    except binascii.Error:
+        raise ValueError("signed code is not valid base32") from None
+    # Only one text may stand for one code: refuse non-zero padding bits.
+    if len(raw) != _RAW_SIZE or base64.b32encode(raw).decode().rstrip("=") != body:
+        raise ValueError("signed code is not in canonical form")
+    kid, card_id, serial, not_before, not_after = _PAYLOAD.unpack(raw[: _PAYLOAD.size])
+    return SignedCode(
+        key_id=kid.hex(),
+        card_id=card_id,
+        serial=serial,
+        not_before=not_before,
+        not_after=not_after,
+        payload=raw[: _PAYLOAD.size],
+        signature=raw[_PAYLOAD.size :],
+    )
+
+
+def verify(code: SignedCode, issuer_public: bytes) -> bool:
+    return keys.verify(issuer_public, code.signature, DOMAIN, code.payload)

@@ -1,0 +1,1 @@
+"""The redeemd service: config, CLI, redemption engine and the run loop."""

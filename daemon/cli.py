@@ -1,0 +1,222 @@
+"""The `redeemd` command line: what a technician types at the box."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+
+from cards.batch import BatchError, open_file
+from daemon import config as config_mod
+from daemon.config import Config, ConfigError
+from storage import batch_import, codes, ledger, outbox, trust
+from storage.database import StorageError, connect, open_database
+
+HELP = """\
+redeemd validates coupon, member-card, gift-card and ticket codes offline against a
+signed cache in SQLite and records every redemption durably.
+
+examples:
+  redeemd run                           scan on stdin with the built-in defaults
+  redeemd -c /etc/redeemd/config.toml check-config
+  redeemd import /media/usb/batch-0007.rdb
+  redeemd status --json
+"""
+
+
+class CommandError(RuntimeError):
+    """A command cannot do what was asked; the message says why and what to do."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"redeemd: configuration {exc.source} is not usable:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    except (StorageError, BatchError, batch_import.ImportRefused, CommandError) as exc:
+        print(f"redeemd: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="redeemd", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        help="config file (default $REDEEMD_CONFIG, then /etc/redeemd/config.toml, then built-in defaults)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    def command(name: str, func, summary: str, example: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name, help=summary, description=f"{summary}\n\nexample:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+        p.set_defaults(func=func)
+        return p
+
+    p = command(
+        "run", cmd_run, "Run the daemon in the foreground.", "redeemd run --json < scans.txt"
+    )
+    p.add_argument("--json", action="store_true", help="print verdicts as JSON lines")
+    command("check-config", cmd_check_config, "Validate the config file and exit.",
+            "redeemd -c /etc/redeemd/config.toml check-config")  # fmt: skip
+    p = command("import", cmd_import, "Verify and apply signed batch files (e.g. from a USB stick).",
+                "redeemd import batch-0001.rdb batch-0002.rdb")  # fmt: skip
+    p.add_argument("files", nargs="+", type=Path, help="batch files, applied in sequence order")
+    p = command("check", cmd_check, "Show the verdict for a code without redeeming or recording it.",
+                "redeemd check DEMO-0001")  # fmt: skip
+    p.add_argument("code")
+    p = command("ledger", cmd_ledger, "Export the ledger (every verdict) as JSON lines or CSV.",
+                "redeemd ledger --format csv --after 1200 > ledger.csv")  # fmt: skip
+    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    p.add_argument("--after", type=int, default=0, help="only records with box sequence > N")
+    p = command(
+        "status", cmd_status, "Show cache, trust and outbox state.", "redeemd status --json"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return config_mod.load(args.config)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from daemon.service import Service
+
+    return Service(_config(args), as_json=args.json).run()
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _config(args)
+    print(
+        f"{config.source}: ok (box {config.box.id}, merchant {config.box.merchant}, "
+        f"store {config.box.store}, {len(config.trust.root_keys)} root key(s), "
+        f"{len(config.scanners)} scanner(s), database {config.box.database})"
+    )
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    config = _config(args)
+    conn = open_database(config.box.database)
+    from daemon.engine import Engine
+
+    engine = Engine(conn, config)
+    batches = []
+    for path in args.files:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise CommandError(f"cannot read {path}: {exc.strerror}") from None
+        try:
+            batches.append(
+                (
+                    path,
+                    open_file(
+                        data, config.trust.root_keys, max_entries_size=config.trust.max_batch_bytes
+                    ),
+                )
+            )
+        except BatchError as exc:
+            raise CommandError(f"{path}: refused, nothing applied: {exc}") from None
+    for path, batch in sorted(batches, key=lambda b: b[1].header.seq):
+        try:
+            result = batch_import.apply(conn, batch, merchant=config.box.merchant, now=engine.now())
+        except batch_import.ImportRefused as exc:
+            raise CommandError(f"{path}: refused, nothing applied: {exc}") from None
+        engine._refresh()
+        print(f"{path}: {result.describe()}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from daemon.engine import Engine
+    from daemon.service import describe
+
+    config = _config(args)
+    conn = open_database(config.box.database)
+    print(describe(Engine(conn, config).check(args.code)))
+    return 0
+
+
+def cmd_ledger(args: argparse.Namespace) -> int:
+    config = _config(args)
+    conn = _read_only(config)
+    rows = (r.to_json() for r in ledger.records(conn, args.after))
+    if args.format == "jsonl":
+        for row in rows:
+            sys.stdout.write(json.dumps(row) + "\n")
+    else:
+        writer = csv.DictWriter(sys.stdout, fieldnames=ledger.COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import time
+
+    config = _config(args)
+    conn = _read_only(config)
+    merchant = config.box.merchant
+    state = trust.state(conn, merchant)
+    newest = trust.newest_batch_time(conn, merchant)
+    now = time.time()
+    oldest = outbox.oldest_ms(conn)
+    info = {
+        "box": config.box.id,
+        "merchant": merchant,
+        "store": config.box.store,
+        "config": config.source,
+        "database": str(config.box.database),
+        "cache_seq": state.last_seq,
+        "cache_age_s": None if newest is None else int(now - newest),
+        "stale": newest is None or now - newest > config.trust.max_staleness,
+        "codes": codes.count(conn),
+        "cards": len(trust.cards(conn)),
+        "time_floor": state.time_floor,
+        "clock_behind_floor": now < state.time_floor,
+        "ledger_seq": ledger.last_seq(conn),
+        "outbox_depth": outbox.depth(conn),
+        "outbox_oldest_age_s": None if oldest is None else int(now - oldest[0] / 1000),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:>20}: {value}")
+    return 0
+
+
+def _read_only(config: Config):
+    if not config.box.database.exists():
+        raise CommandError(
+            f"no database at {config.box.database} yet; run `redeemd import` or `redeemd run` first"
+        )
+    open_database(config.box.database).close()  # migrate if this release is newer
+    return connect(config.box.database, readonly=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""The box's configuration: TOML parsed once, at the edge, into typed objects.
+
+Every problem in a file is collected and reported together, each naming the key, the
+bad value and what is allowed, because the person reading it is a technician at a
+counter with a laptop, not a Python developer. With no file at all the daemon runs on
+a built-in default: offline, standard-input scanner, state under $STATE_DIRECTORY
+(systemd's StateDirectory=) or /var/lib/redeemd.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from cards import keys
+
+DEFAULT_PATH = Path("/etc/redeemd/config.toml")
+SCANNER_TYPES = ("stdin",)
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable; `problems` lists every reason, one per line."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class BoxConfig:
+    id: str
+    merchant: str
+    store: str
+    state_dir: Path
+    database: Path
+    timezone: str
+
+
+@dataclass(frozen=True)
+class TrustConfig:
+    root_keys: dict[str, bytes] = field(repr=False)
+    code_key: bytes = field(repr=False)
+    max_staleness: float
+    stale_policy: str
+    max_batch_bytes: int
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    debounce: float
+    max_code_length: int
+    payment_codes: str
+
+
+@dataclass(frozen=True)
+class ScannerConfig:
+    type: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    box: BoxConfig
+    trust: TrustConfig
+    scan: ScanConfig
+    scanners: tuple[ScannerConfig, ...]
+
+
+# section -> key -> (checker, default). A checker returns the typed value or raises
+# ValueError with "what is allowed".
+Checker = Callable[[object], object]
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("a non-empty string")
+    return value
+
+
+def _identifier(value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+        raise ValueError("1-64 characters from A-Z a-z 0-9 _ . - (it appears in MQTT topics)")
+    return value
+
+
+def _duration(value: object) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*", value)
+        if match:
+            scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+            return float(match.group(1)) * scale
+    raise ValueError('a duration such as 2, "2s", "100ms", "15m", "12h" or "7d"')
+
+
+def _positive_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("a positive integer")
+    return value
+
+
+def _choice(*allowed: str) -> Checker:
+    def check(value: object) -> str:
+        if value not in allowed:
+            raise ValueError("one of " + ", ".join(repr(a) for a in allowed))
+        return value  # type: ignore[return-value]
+
+    return check
+
+
+def _timezone(value: object) -> str:
+    if value == "local":
+        return "local"
+    try:
+        ZoneInfo(_string(value))
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError('"local" or an IANA zone such as "Asia/Shanghai"') from None
+    return value  # type: ignore[return-value]
+
+
+def _string_list(value: object) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("a list of strings")
+    return value
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("true or false")
+    return value
+
+
+SCHEMA: dict[str, dict[str, tuple[Checker, object]]] = {
+    "box": {
+        "id": (_identifier, "demo-box"),
+        "merchant": (_identifier, "demo"),
+        "store": (_identifier, "demo-store"),
+        "state_dir": (_string, None),
+        "database": (_string, "{state_dir}/redeemd.db"),
+        "timezone": (_timezone, "local"),
+    },
+    "trust": {
+        "root_keys": (_string_list, []),
+        "root_key_files": (_string_list, ["{state_dir}/keys/root.pub"]),
+        "code_key_file": (_string, "{state_dir}/keys/code.key"),
+        "max_staleness": (_duration, "7d"),
+        "stale_policy": (_choice("accept", "reject"), "accept"),
+        "max_batch_bytes": (_positive_int, 512 << 20),
+    },
+    "scan": {
+        "debounce": (_duration, 2.0),
+        "max_code_length": (_positive_int, 512),
+        "payment_codes": (_choice("pass", "reject"), "pass"),
+    },
+    "sync": {
+        "enabled": (_boolean, False),
+    },
+}
+SCANNER_SCHEMA: dict[str, tuple[Checker, object]] = {
+    "type": (_choice(*SCANNER_TYPES), None),
+    "name": (_identifier, None),
+}
+
+
+def default_state_dir() -> str:
+    # systemd sets STATE_DIRECTORY for units with StateDirectory=; the quick start sets it too.
+    return os.environ.get("STATE_DIRECTORY", "").split(":")[0] or "/var/lib/redeemd"
+
+
+def resolve_path(explicit: str | None) -> Path | None:
+    """Which file to read: -c PATH, then $REDEEMD_CONFIG, then the default if it exists."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("REDEEMD_CONFIG"):
+        return Path(os.environ["REDEEMD_CONFIG"])
+    return DEFAULT_PATH if DEFAULT_PATH.exists() else None
+
+
+def load(explicit: str | None = None) -> Config:
+    """Load the configuration the CLI should use; ConfigError lists every problem."""
+    path = resolve_path(explicit)
+    if path is None:
+        return parse({}, source="built-in defaults (no config file)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            str(path), ["file does not exist (use -c PATH or $REDEEMD_CONFIG)"]
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), [f"cannot read it: {exc}"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
+    return parse(data, source=str(path))
+
+
+def parse(data: dict, source: str) -> Config:
+    problems: list[str] = []
+    values: dict[str, dict[str, object]] = {}
+    for name in set(data) - set(SCHEMA) - {"scanner"}:
+        problems.append(
+            f"[{name}]: unknown section; allowed: {', '.join(sorted([*SCHEMA, 'scanner']))}"
+        )
+    for section, schema in SCHEMA.items():
+        given = data.get(section, {})
+        if not isinstance(given, dict):
+            problems.append(f"[{section}]: must be a table, got {given!r}")
+            given = {}
+        values[section] = _check_table(f"[{section}]", given, schema, problems)
+
+    state_dir = str(values["box"]["state_dir"] or default_state_dir())
+    values["box"]["state_dir"] = state_dir
+
+    def expand(text: str) -> Path:
+        return Path(text.replace("{state_dir}", state_dir)).expanduser()
+
+    scanners = _scanners(data.get("scanner"), problems)
+    root_keys = _root_keys(values["trust"], expand, problems)
+    code_key = _code_key(expand(str(values["trust"]["code_key_file"])), problems)
+
+    if problems:
+        raise ConfigError(source, problems)
+    box, trust, scan = values["box"], values["trust"], values["scan"]
+    return Config(
+        source=source,
+        box=BoxConfig(
+            id=box["id"],
+            merchant=box["merchant"],
+            store=box["store"],
+            state_dir=Path(state_dir),
+            database=expand(str(box["database"])),
+            timezone=box["timezone"],
+        ),  # type: ignore[arg-type]
+        trust=TrustConfig(
+            root_keys=root_keys,
+            code_key=code_key,
+            max_staleness=trust["max_staleness"],
+            stale_policy=trust["stale_policy"],
+            max_batch_bytes=trust["max_batch_bytes"],
+        ),  # type: ignore[arg-type]
+        scan=ScanConfig(**scan),  # type: ignore[arg-type]
+        scanners=scanners,
+    )
+
+
+def _check_table(
+    where: str, given: dict, schema: dict[str, tuple[Checker, object]], problems: list[str]
+) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key in given:
+        if key not in schema:
+            problems.append(f"{where} {key}: unknown key; allowed: {', '.join(schema)}")
+    for key, (check, default) in schema.items():
+        if key not in given:
+            if default is None and where.startswith("[[scanner"):
+                problems.append(f"{where} {key}: missing; it is required")
+            out[key] = check(default) if default is not None else None
+            continue
+        try:
+            out[key] = check(given[key])
+        except ValueError as exc:
+            problems.append(f"{where} {key} = {given[key]!r}: must be {exc}")
+            out[key] = check(default) if default is not None else None
+    return out
+
+
+def _scanners(given: object, problems: list[str]) -> tuple[ScannerConfig, ...]:
+    if given is None:
+        return (ScannerConfig(type="stdin", name="stdin"),)
+    if not isinstance(given, list):
+        problems.append("[[scanner]]: must be an array of tables ([[scanner]] blocks)")
+        return ()
+    result = []
+    for index, table in enumerate(given):
+        where = f"[[scanner]] #{index + 1}"
+        if not isinstance(table, dict):
+            problems.append(f"{where}: must be a table")
+            continue
+        checked = _check_table(where, table, SCANNER_SCHEMA, problems)
+        if checked["type"] and checked["name"]:
+            result.append(ScannerConfig(type=checked["type"], name=checked["name"]))  # type: ignore[arg-type]
+    names = [s.name for s in result]
+    for name in {n for n in names if names.count(n) > 1}:
+        problems.append(f"[[scanner]] name = {name!r}: used twice; names must be unique")
+    return tuple(result)
+
+
+def _root_keys(trust: dict, expand: Callable[[str], Path], problems: list[str]) -> dict[str, bytes]:
+    roots: dict[str, bytes] = {}
+    for text in trust["root_keys"] or []:
+        try:
+            key = keys.unb64(text, "root key", 32)
+        except keys.TrustError as exc:
+            problems.append(f"[trust] root_keys {text!r}: {exc} (base64 of a 32-byte Ed25519 key)")
+            continue
+        roots[keys.key_id(key)] = key
+    for name in trust["root_key_files"] or []:
+        path = expand(name)
+        try:
+            key = keys.unb64(path.read_text(), f"root key file {path}", 32)
+        except FileNotFoundError:
+            problems.append(
+                f"[trust] root_key_files: {path} does not exist; copy the root public key "
+                "from the backend (redeemd-backend keygen writes root.pub)"
+            )
+            continue
+        except (OSError, keys.TrustError) as exc:
+            problems.append(f"[trust] root_key_files: {path}: {exc}")
+            continue
+        roots[keys.key_id(key)] = key
+    if not roots and not any("root_key" in p for p in problems):
+        problems.append(
+            "[trust] root_keys / root_key_files: no root key configured; batches cannot be trusted"
+        )
+    return roots
+
+
+def _code_key(path: Path, problems: list[str]) -> bytes:
+    try:
+        key = keys.unb64(path.read_text(), f"code key file {path}")
+    except FileNotFoundError:
+        problems.append(
+            f"[trust] code_key_file: {path} does not exist; copy code.key from the backend "
+            "(redeemd-backend keygen writes it)"
+        )
+        return b""
+    except (OSError, keys.TrustError) as exc:
+        problems.append(f"[trust] code_key_file: {path}: {exc}")
+        return b""
+    if len(key) < 16:
+        problems.append(f"[trust] code_key_file: {path}: key is {len(key)} bytes; need at least 16")
+    return key

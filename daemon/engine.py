@@ -1,0 +1,389 @@
+"""The redemption engine: Scan -> digest -> lookup -> rules -> one transaction -> Verdict.
+
+The engine is the only writer on the scan path. A verdict is returned only after the
+transaction holding its ledger row, its outbox row and the code's new state has
+committed with synchronous=FULL, so whatever the caller shows has survived a crash
+(durable before shown). Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import uuid6
+
+from cards import signed_code
+from cards.card import Card
+from cards.classify import payment_scheme
+from cards.digest import code_digest, short
+from cards.normalize import MalformedCode, normalize
+from cards.rules import (
+    UNLIMITED_USES,
+    Context,
+    Decision,
+    Redeemed,
+    decide,
+    decide_reverse,
+    resolve,
+)
+from cards.scan import Scan
+from cards.verdict import Action, Outcome, Reason, Verdict
+from daemon.config import Config
+from storage import codes, ledger, trust
+from storage.ledger import Redemption
+
+log = logging.getLogger("redeemd.engine")
+
+
+@dataclass(frozen=True)
+class PaymentCode:
+    """A wallet payment code: handed to the POS app, never stored or synced."""
+
+    scheme: str
+    code: str
+    source: str
+
+    def to_json(self) -> dict[str, object]:
+        # The POS app needs the code to charge it; it goes only to the local socket.
+        return {"event": "payment", "scheme": self.scheme, "source": self.source}
+
+
+class Engine:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        config: Config,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.conn = conn
+        self.config = config
+        self.clock = clock
+        self.zone = None if config.box.timezone == "local" else ZoneInfo(config.box.timezone)
+        self.alarm: str | None = None
+        self._recent: dict[tuple[str, bytes], float] = {}
+        self._data_version = -1
+        self._next_seq = ledger.last_seq(conn) + 1
+        self._refresh()
+
+    # ------------------------------------------------------------------ state
+
+    def _refresh(self) -> None:
+        """Reload cards, issuer keys and the time floor when another connection (a
+        batch import) has changed the database; PRAGMA data_version is a cheap check."""
+        version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+        if version == self._data_version:
+            return
+        self._data_version = version
+        self.cards: dict[int, Card] = trust.cards(self.conn)
+        self.issuers = trust.issuers(self.conn, self.config.trust.root_keys)
+        self.floor = trust.time_floor(self.conn)
+        self.cache_seq = trust.cache_seq(self.conn)
+        self.cache_time = trust.newest_batch_time(self.conn, self.config.box.merchant)
+
+    def now(self) -> int:
+        """Wall time, never earlier than the newest signed time verified (boxes without
+        an RTC boot in 1970)."""
+        return max(int(self.clock()), self.floor)
+
+    # ------------------------------------------------------------------ scans
+
+    def handle(self, scan: Scan) -> Verdict | PaymentCode | None:
+        """Decide and record one scan. None means a debounced repeat of the last read."""
+        try:
+            norm = normalize(scan.code, self.config.scan.max_code_length)
+        except MalformedCode as exc:
+            key = hashlib.sha256(scan.code).digest()[:16]
+            if self._debounced(scan.source, key):
+                return None
+            return self._record_reject(Reason.MALFORMED, str(exc), None, None, scan)
+        digest = code_digest(self.config.trust.code_key, norm.text)
+        if self._debounced(scan.source, digest):
+            return None
+        return self._evaluate(norm.text, digest, scan, action=None, record=True)
+
+    def check(self, text: str, source: str = "cli") -> Verdict | PaymentCode:
+        """Verdict for a code without recording or redeeming anything."""
+        try:
+            norm = normalize(text.encode("utf-8"), self.config.scan.max_code_length)
+        except MalformedCode as exc:
+            return Verdict(
+                Outcome.REJECTED, Action.REJECT, Reason.MALFORMED, str(exc), source=source
+            )
+        digest = code_digest(self.config.trust.code_key, norm.text)
+        scan = Scan(code=b"", source=source, at=self.clock())
+        return self._evaluate(norm.text, digest, scan, action=Action.CHECK, record=False)
+
+    def redeem(
+        self,
+        text: str,
+        source: str,
+        amount: int | None = None,
+        uses: int = 1,
+        operator: str | None = None,
+    ) -> Verdict | PaymentCode:
+        """Redeem explicitly (the POS app's confirmation of a two-phase check)."""
+        try:
+            norm = normalize(text.encode("utf-8"), self.config.scan.max_code_length)
+        except MalformedCode as exc:
+            return self._record_reject(Reason.MALFORMED, str(exc), None, None, Scan(b"", source))
+        digest = code_digest(self.config.trust.code_key, norm.text)
+        scan = Scan(code=b"", source=source, at=self.clock())
+        return self._evaluate(
+            norm.text,
+            digest,
+            scan,
+            Action.REDEEM,
+            record=True,
+            amount=amount,
+            uses=uses,
+            operator=operator,
+        )
+
+    def _debounced(self, source: str, key: bytes) -> bool:
+        """One read, one scan: the same code from the same source inside the window."""
+        now = time.monotonic()
+        window = self.config.scan.debounce
+        if len(self._recent) > 256:
+            self._recent = {k: t for k, t in self._recent.items() if now - t < window}
+        last = self._recent.get((source, key))
+        self._recent[(source, key)] = now
+        return last is not None and now - last < window
+
+    def _evaluate(
+        self,
+        text: str,
+        digest: bytes,
+        scan: Scan,
+        action: Action | None,
+        record: bool,
+        amount: int | None = None,
+        uses: int = 1,
+        operator: str | None = None,
+    ) -> Verdict | PaymentCode:
+        self._refresh()
+
+        def reject(reason: Reason, detail: str, card: Card | None = None) -> Verdict:
+            if not record:
+                return Verdict(Outcome.REJECTED, Action.REJECT, reason, detail, short(digest),
+                               card.card_id if card else None, source=scan.source)  # fmt: skip
+            return self._record_reject(reason, detail, digest, card, scan)
+
+        row = codes.lookup(self.conn, digest)
+        if signed_code.looks_signed(text):
+            try:
+                signed = signed_code.parse(text)
+            except ValueError as exc:
+                return reject(Reason.MALFORMED, str(exc))
+            issuer = self.issuers.get(signed.key_id)
+            if issuer is None:
+                return reject(Reason.BAD_SIGNATURE, f"issuer key {signed.key_id} is not known here")
+            if not signed_code.verify(signed, issuer.public_key):
+                return reject(Reason.BAD_SIGNATURE, "signature does not verify")
+            card = self.cards.get(signed.card_id)
+            if card is None:
+                return reject(Reason.UNKNOWN_CARD, f"card {signed.card_id} is not in the cache")
+            if card.merchant not in issuer.merchants:
+                return reject(
+                    Reason.BAD_SIGNATURE, "issuer key may not sign for this card's merchant"
+                )
+            state = resolve(
+                card,
+                row.status if row else 0,
+                signed.not_before,
+                signed.not_after,
+                row.uses_left if row else None,
+                row.balance if row else None,
+            )
+        elif row is None:
+            scheme = payment_scheme(text)
+            if scheme:
+                if self.config.scan.payment_codes == "pass":
+                    return PaymentCode(scheme, text, scan.source)
+                return reject(Reason.PAYMENT_CODE, f"{scheme} payment codes are not accepted here")
+            return reject(Reason.UNKNOWN_CODE, "code is not in the cache")
+        else:
+            card = self.cards.get(row.card_id)
+            if card is None:
+                return reject(Reason.UNKNOWN_CARD, f"card {row.card_id} is not in the cache")
+            state = resolve(
+                card, row.status, row.not_before, row.not_after, row.uses_left, row.balance
+            )
+
+        if card.merchant != self.config.box.merchant:
+            return reject(Reason.WRONG_MERCHANT, f"card belongs to merchant {card.merchant}", card)
+        now = self.now()
+        if self.config.trust.stale_policy == "reject" and self._stale(now):
+            return reject(Reason.STALE_CACHE, "the cache is older than max_staleness", card)
+        if action is None:
+            action = Action.CHECK if card.two_phase else Action.REDEEM
+        local = (
+            datetime.fromtimestamp(now, self.zone)
+            if self.zone
+            else datetime.fromtimestamp(now).astimezone()
+        )
+        ctx = Context(
+            now=now,
+            weekday=local.isoweekday(),
+            minute_of_day=local.hour * 60 + local.minute,
+            store=self.config.box.store,
+            action=action,
+            amount=amount,
+            uses=uses,
+        )
+        decision = decide(card, state, ctx)
+        if not record:
+            return self._verdict(decision, digest, card, scan.source, None, None, amount)
+        return self._record(
+            decision, digest, card, scan, amount=amount, uses=uses, operator=operator
+        )
+
+    def _stale(self, now: int) -> bool:
+        return self.cache_time is None or now - self.cache_time > self.config.trust.max_staleness
+
+    # ------------------------------------------------------------------ reversal
+
+    def reverse(self, record_id: str, source: str, operator: str | None = None) -> Verdict:
+        """Undo an accepted redemption within its card's reversal window."""
+        self._refresh()
+        try:
+            rid = uuid.UUID(record_id).bytes
+        except ValueError:
+            return Verdict(
+                Outcome.REJECTED, Action.REJECT, Reason.MALFORMED, "not a record id", source=source
+            )
+        original = ledger.by_id(self.conn, rid)
+        if (
+            original is None
+            or original.action != Action.REDEEM
+            or original.verdict != Outcome.ACCEPTED
+        ):
+            return Verdict(Outcome.REJECTED, Action.REJECT, Reason.NOT_REVERSIBLE,
+                           "no accepted redemption with that id", source=source)  # fmt: skip
+        card = self.cards.get(original.card_id or -1)
+        row = codes.lookup(self.conn, original.digest or b"")
+        if card is None or row is None:
+            return Verdict(Outcome.REJECTED, Action.REJECT, Reason.UNKNOWN_CARD,
+                           "card or code no longer in the cache", source=source)  # fmt: skip
+        state = resolve(card, row.status, row.not_before, row.not_after, row.uses_left, row.balance)
+        decision = decide_reverse(
+            card,
+            state,
+            Redeemed(
+                original.at_ms // 1000,
+                original.uses or 1,
+                original.amount,
+                ledger.is_reversed(self.conn, rid),
+            ),  # fmt: skip
+            self.now(),
+        )
+        scan = Scan(code=b"", source=source, at=self.clock())
+        return self._record(decision, original.digest, card, scan, amount=original.amount,
+                            uses=original.uses or 1, operator=operator, reverses=rid)  # fmt: skip
+
+    # ------------------------------------------------------------------ recording
+
+    def _record_reject(
+        self, reason: Reason, detail: str, digest: bytes | None, card: Card | None, scan: Scan
+    ) -> Verdict:
+        decision = Decision(Outcome.REJECTED, Action.REJECT, reason, detail)
+        return self._record(decision, digest, card, scan)
+
+    def _record(
+        self,
+        decision: Decision,
+        digest: bytes | None,
+        card: Card | None,
+        scan: Scan,
+        amount: int | None = None,
+        uses: int = 1,
+        operator: str | None = None,
+        reverses: bytes | None = None,
+    ) -> Verdict:
+        box = self.config.box
+        record_id = uuid6.uuid7().bytes
+        seq = self._next_seq
+        moved = decision.action in (Action.REDEEM, Action.REVERSE)
+        record = Redemption(
+            seq=seq,
+            id=record_id,
+            at_ms=int(max(self.clock(), self.floor) * 1000),
+            box=box.id,
+            merchant=box.merchant,
+            store=box.store,
+            digest=digest,
+            card_id=card.card_id if card else None,
+            action=decision.action.value,
+            uses=uses if moved and not (card and card.uses_balance) else None,
+            amount=amount if moved and card and card.uses_balance else None,
+            uses_left=decision.uses_left,
+            balance=decision.balance,
+            verdict=decision.outcome.value,
+            reason=decision.reason.value if decision.reason else None,
+            source=scan.source,
+            symbology=scan.symbology,
+            operator=operator,
+            cache_seq=self.cache_seq,
+            reverses=reverses,
+        )
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                ledger.append(self.conn, record)
+                if decision.changed and digest is not None and card is not None:
+                    self.conn.execute(
+                        codes.UPSERT_STATE,
+                        (
+                            digest,
+                            card.card_id,
+                            UNLIMITED_USES if decision.uses_left is None else decision.uses_left,
+                            decision.balance,
+                            decision.status,
+                        ),
+                    )
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            # Disk full, I/O error, locked too long: refuse rather than accept unrecorded.
+            self.alarm = f"cannot write the ledger: {exc}; free disk space or check the storage"
+            log.error("storage error on scan from %s: %s", scan.source, exc)
+            return Verdict(Outcome.REJECTED, Action.REJECT, Reason.STORAGE_ERROR, str(exc),
+                           short(digest), source=scan.source)  # fmt: skip
+        self.alarm = None
+        self._next_seq = seq + 1
+        return self._verdict(decision, digest, card, scan.source, record_id, seq, record.amount)
+
+    def _verdict(
+        self,
+        decision: Decision,
+        digest: bytes | None,
+        card: Card | None,
+        source: str,
+        record_id: bytes | None,
+        seq: int | None,
+        amount: int | None,
+    ) -> Verdict:
+        return Verdict(
+            outcome=decision.outcome,
+            action=decision.action,
+            reason=decision.reason,
+            detail=decision.detail,
+            digest_prefix=short(digest),
+            card_id=card.card_id if card else None,
+            card_kind=card.kind.value if card else None,
+            uses_left=decision.uses_left,
+            balance=decision.balance,
+            amount=amount,
+            record_id=str(uuid.UUID(bytes=record_id)) if record_id else None,
+            box_seq=seq,
+            source=source,
+        )

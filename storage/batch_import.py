@@ -1,0 +1,215 @@
+"""Applying verified batches to the cache: all or nothing, never backwards.
+
+`cards.batch` has already checked signatures, trust chain, hashes and sizes. Here the
+sequence is checked against the trust state (a replay is a no-op, an older or
+conflicting sequence is refused, a gap is reported with the missing range) and the
+batch is applied in one transaction together with the new trust state, so a crash
+leaves either the old cache or the new one, never half of each.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+
+from cards.batch import UNLIMITED, Batch, CodeStatus, Kind
+from cards.card import CardError, parse_card
+from cards.rules import UNLIMITED_USES, resolve
+from storage import trust
+
+INSERT_ISSUED = (
+    "INSERT INTO codes(digest, card_id, not_before, not_after, uses_left, balance, status) "
+    "VALUES (?1, ?2, NULLIF(?3, 0), NULLIF(?4, 0), "
+    f"CASE ?5 WHEN 0 THEN NULL WHEN {UNLIMITED} THEN {UNLIMITED_USES} ELSE ?5 END, "
+    "NULLIF(?6, 0), ?7) "
+    # Re-issuing changes card and window but keeps what was redeemed here.
+    "ON CONFLICT(digest) DO UPDATE SET card_id = excluded.card_id, "
+    "not_before = excluded.not_before, not_after = excluded.not_after"
+)
+SET_STATUS = (
+    "INSERT INTO codes(digest, card_id, status) VALUES (?, 0, {status}) "
+    "ON CONFLICT(digest) DO UPDATE SET status = {status}"
+)
+
+
+class ImportRefused(ValueError):
+    """The batch is authentic but cannot be applied now; nothing was written."""
+
+
+class SequenceGap(ImportRefused):
+    def __init__(self, merchant: str, first_missing: int, last_missing: int):
+        self.merchant = merchant
+        self.first_missing = first_missing
+        self.last_missing = last_missing
+        super().__init__(
+            f"batches {first_missing}..{last_missing} for merchant {merchant!r} are missing; "
+            "apply them first (or let sync request them)"
+        )
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    merchant: str
+    seq: int
+    kind: str
+    count: int
+    replay: bool = False
+
+    def describe(self) -> str:
+        if self.replay:
+            return f"batch {self.merchant}/{self.seq} was already applied; nothing to do"
+        return f"applied {self.kind} batch {self.merchant}/{self.seq}: {self.count} entries"
+
+
+def apply(conn: sqlite3.Connection, batch: Batch, *, merchant: str, now: int) -> ImportResult:
+    """Apply `batch` for this box's `merchant`, with `now` already floored."""
+    header = batch.header
+    if header.merchant != merchant:
+        raise ImportRefused(
+            f"batch is for merchant {header.merchant!r} but this box serves {merchant!r}"
+        )
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = _apply_locked(conn, batch, now)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
+def _apply_locked(conn: sqlite3.Connection, batch: Batch, now: int) -> ImportResult:
+    header = batch.header
+    applied = conn.execute(
+        "SELECT sha256 FROM batches WHERE merchant = ? AND seq = ?", (header.merchant, header.seq)
+    ).fetchone()
+    if applied:
+        if applied[0] == header.sha256:
+            return ImportResult(header.merchant, header.seq, header.kind, header.count, replay=True)
+        raise ImportRefused(
+            f"a different batch {header.merchant}/{header.seq} was already applied; "
+            "refusing the conflicting one (possible key compromise: tell the backend team)"
+        )
+    current = trust.state(conn, header.merchant)
+    if header.seq <= current.last_seq:
+        raise ImportRefused(
+            f"batch {header.seq} is older than the applied sequence {current.last_seq} "
+            "(rollback refused)"
+        )
+    if header.seq > current.last_seq + 1 and header.kind is not Kind.SNAPSHOT:
+        raise SequenceGap(header.merchant, current.last_seq + 1, header.seq - 1)
+    if header.expires_at < max(now, current.time_floor):
+        raise ImportRefused(
+            f"batch {header.seq} expired at {header.expires_at}; ask the backend for a fresh one"
+        )
+
+    _APPLY[header.kind](conn, batch)
+    trust.remember_issuer(conn, header.issuer)
+    trust.save_state(conn, header.merchant, header.seq, header.created_at, now)
+    conn.execute(
+        "INSERT INTO batches(merchant, seq, kind, sha256, count, created_at, applied_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (header.merchant, header.seq, header.kind.value, header.sha256, header.count,
+         header.created_at, now),
+    )  # fmt: skip
+    return ImportResult(header.merchant, header.seq, header.kind, header.count)
+
+
+def _apply_cards(conn: sqlite3.Connection, batch: Batch) -> None:
+    rows = []
+    for body in batch.card_templates():
+        try:
+            card = parse_card(body)
+        except CardError as exc:
+            raise ImportRefused(f"cards batch {batch.header.seq}: {exc}") from None
+        if card.merchant != batch.header.merchant:
+            raise ImportRefused(f"card {card.card_id} belongs to another merchant")
+        rows.append((card.card_id, card.merchant, json.dumps(body, sort_keys=True)))
+    conn.executemany("INSERT OR REPLACE INTO cards(card_id, merchant, body) VALUES (?, ?, ?)", rows)
+
+
+def _apply_issue(conn: sqlite3.Connection, batch: Batch) -> None:
+    conn.executemany(INSERT_ISSUED, batch.issue_entries())
+
+
+def _apply_snapshot(conn: sqlite3.Connection, batch: Batch) -> None:
+    """Replace the cache with the backend's view, then replay what it has not seen yet."""
+    conn.execute("DELETE FROM codes")
+    conn.executemany(INSERT_ISSUED.split(" ON CONFLICT")[0], batch.issue_entries())
+    cards = trust.cards(conn)
+    unacked = conn.execute(
+        "SELECT l.digest, l.action, COALESCE(l.uses, 1), COALESCE(l.amount, 0) FROM outbox o "
+        "JOIN ledger l USING (seq) WHERE l.verdict = 'accepted' AND l.action IN "
+        "('redeem', 'reverse') AND l.digest IS NOT NULL ORDER BY o.seq"
+    ).fetchall()
+    for digest, action, uses, amount in unacked:
+        sign = 1 if action == "redeem" else -1
+        _consume(conn, cards, digest, sign * uses, sign * amount)
+
+
+def _apply_status(status: int):
+    statement = SET_STATUS.format(status=status)
+
+    def apply_status(conn: sqlite3.Connection, batch: Batch) -> None:
+        conn.executemany(statement, batch.digest_entries())
+
+    return apply_status
+
+
+def _apply_unblock(conn: sqlite3.Connection, batch: Batch) -> None:
+    conn.executemany(
+        f"UPDATE codes SET status = {CodeStatus.ACTIVE} WHERE digest = ? AND status = "
+        f"{CodeStatus.BLOCKED}",
+        batch.digest_entries(),
+    )
+
+
+def _apply_consumed(conn: sqlite3.Connection, batch: Batch) -> None:
+    cards = trust.cards(conn)
+    for digest, record_id, uses, amount in batch.consumed_entries():
+        own = conn.execute("SELECT 1 FROM ledger WHERE id = ?", (record_id,)).fetchone()
+        seen = conn.execute(
+            "INSERT OR IGNORE INTO consumed_seen(record_id) VALUES (?)", (record_id,)
+        ).rowcount
+        if own or not seen:
+            continue
+        _consume(conn, cards, digest, uses, amount)
+
+
+def _consume(conn: sqlite3.Connection, cards: dict, digest: bytes, uses: int, amount: int) -> None:
+    row = conn.execute(
+        "SELECT card_id, not_before, not_after, uses_left, balance, status FROM codes "
+        "WHERE digest = ?",
+        (digest,),
+    ).fetchone()
+    if row is None or row[0] not in cards:
+        return
+    card = cards[row[0]]
+    state = resolve(card, row[5], row[1], row[2], row[3], row[4])
+    uses_left = state.uses_left
+    balance = state.balance
+    if card.uses_balance:
+        balance = max((balance or 0) - amount, 0)
+    elif uses_left is not None:
+        uses_left = max(uses_left - uses, 0)
+    status = row[5]
+    if status == CodeStatus.ACTIVE and uses_left == 0:
+        status = CodeStatus.CONSUMED
+    elif status == CodeStatus.CONSUMED and uses_left:
+        status = CodeStatus.ACTIVE
+    conn.execute(
+        "UPDATE codes SET uses_left = ?, balance = ?, status = ? WHERE digest = ?",
+        (UNLIMITED_USES if uses_left is None else uses_left, balance, status, digest),
+    )
+
+
+_APPLY = {
+    Kind.CARDS: _apply_cards,
+    Kind.ISSUE: _apply_issue,
+    Kind.SNAPSHOT: _apply_snapshot,
+    Kind.REVOKE: _apply_status(CodeStatus.REVOKED),
+    Kind.BLOCK: _apply_status(CodeStatus.BLOCKED),
+    Kind.UNBLOCK: _apply_unblock,
+    Kind.CONSUMED: _apply_consumed,
+}

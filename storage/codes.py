@@ -1,0 +1,34 @@
+"""The code cache: one row per code digest, keyed for a single B-tree probe."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+LOOKUP = (
+    "SELECT card_id, not_before, not_after, uses_left, balance, status FROM codes WHERE digest = ?"
+)
+UPSERT_STATE = (
+    "INSERT INTO codes(digest, card_id, uses_left, balance, status) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT(digest) DO UPDATE SET uses_left = excluded.uses_left, "
+    "balance = excluded.balance, status = excluded.status"
+)
+
+
+@dataclass(frozen=True)
+class CodeRow:
+    card_id: int
+    not_before: int | None
+    not_after: int | None
+    uses_left: int | None
+    balance: int | None
+    status: int
+
+
+def lookup(conn: sqlite3.Connection, digest: bytes) -> CodeRow | None:
+    row = conn.execute(LOOKUP, (digest,)).fetchone()
+    return CodeRow(*row) if row else None
+
+
+def count(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT COUNT(*) FROM codes").fetchone()[0]

@@ -1,0 +1,57 @@
+"""Opening the database: pragmas, integrity check, migrations.
+
+synchronous=FULL with WAL makes every COMMIT an fsync of the WAL: after COMMIT returns
+the ledger row survives power loss. That is what lets the engine show a verdict only
+after its commit (durable before shown).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from sqlite_utils import Database
+
+from storage.migrations import migrations
+
+
+class StorageError(RuntimeError):
+    """The database cannot be opened or written; the message says what to do."""
+
+
+def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """A connection in autocommit mode with the pragmas every redeemd connection needs."""
+    path = Path(path)
+    try:
+        if readonly:
+            conn = sqlite3.connect(
+                f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+            )
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        if not readonly:
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+    except (sqlite3.Error, OSError) as exc:
+        raise StorageError(f"cannot open database {path}: {exc}") from None
+    return conn
+
+
+def open_database(path: str | Path, *, check: bool = True) -> sqlite3.Connection:
+    """Open (creating if needed), check and migrate the database at `path`."""
+    conn = connect(path)
+    try:
+        if check:
+            result = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if result != "ok":
+                raise StorageError(
+                    f"database {path} is damaged ({result}); stop redeemd, move the file "
+                    "aside and restore from backup (docs/operations.md)"
+                )
+        migrations.apply(Database(conn))
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise StorageError(f"database {path} cannot be used: {exc}") from None
+    return conn

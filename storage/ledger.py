@@ -1,0 +1,88 @@
+"""The ledger: one row per verdict, the record the backend eventually receives.
+
+Rows are never deleted. `seq` is the box sequence (gap-free), `id` a UUIDv7 that the
+backend uses as the idempotency key. Codes appear only as keyed digests.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+COLUMNS = (
+    "seq", "id", "at_ms", "box", "merchant", "store", "digest", "card_id", "action",
+    "uses", "amount", "uses_left", "balance", "verdict", "reason", "source",
+    "symbology", "operator", "cache_seq", "reverses",
+)  # fmt: skip
+INSERT = f"INSERT INTO ledger({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+ENQUEUE = "INSERT INTO outbox(seq) VALUES (?)"
+
+
+@dataclass(frozen=True)
+class Redemption:
+    """One ledger record, as stored and as synced (docs/protocol.md, events)."""
+
+    seq: int
+    id: bytes
+    at_ms: int
+    box: str
+    merchant: str
+    store: str
+    digest: bytes | None
+    card_id: int | None
+    action: str
+    uses: int | None
+    amount: int | None
+    uses_left: int | None
+    balance: int | None
+    verdict: str
+    reason: str | None
+    source: str
+    symbology: str | None
+    operator: str | None
+    cache_seq: int
+    reverses: bytes | None = None
+
+    def row(self) -> tuple:
+        return tuple(getattr(self, c) for c in COLUMNS)
+
+    def to_json(self) -> dict[str, object]:
+        out = asdict(self)
+        out["id"] = str(uuid.UUID(bytes=self.id))
+        out["digest"] = self.digest.hex() if self.digest else None
+        out["reverses"] = str(uuid.UUID(bytes=self.reverses)) if self.reverses else None
+        return out
+
+
+def last_seq(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT COALESCE(MAX(seq), 0) FROM ledger").fetchone()[0]
+
+
+def append(conn: sqlite3.Connection, record: Redemption) -> None:
+    """Insert the record and queue it for sync; the caller owns the transaction."""
+    conn.execute(INSERT, record.row())
+    conn.execute(ENQUEUE, (record.seq,))
+
+
+def by_id(conn: sqlite3.Connection, record_id: bytes) -> Redemption | None:
+    row = conn.execute(
+        f"SELECT {', '.join(COLUMNS)} FROM ledger WHERE id = ?", (record_id,)
+    ).fetchone()
+    return Redemption(*row) if row else None
+
+
+def is_reversed(conn: sqlite3.Connection, record_id: bytes) -> bool:
+    return (
+        conn.execute(
+            "SELECT 1 FROM ledger WHERE reverses = ? AND verdict = 'accepted'", (record_id,)
+        ).fetchone()
+        is not None
+    )
+
+
+def records(conn: sqlite3.Connection, after: int = 0) -> Iterator[Redemption]:
+    query = f"SELECT {', '.join(COLUMNS)} FROM ledger WHERE seq > ? ORDER BY seq"
+    for row in conn.execute(query, (after,)):
+        yield Redemption(*row)

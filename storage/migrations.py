@@ -1,0 +1,96 @@
+"""Named schema migrations, run with sqlite-utils' `Migrations`.
+
+Each step is a function registered in order; `apply` runs the pending ones inside a
+transaction with the record of having run them. Never edit a released step: add one.
+Every step is tested on a database created by the steps before it.
+"""
+
+from __future__ import annotations
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("redeemd")
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    db.executescript(
+        """
+        -- One B-tree probe per scan: the digest is the key, the row is the value.
+        -- NULL columns mean "the card's default" and cost no bytes.
+        CREATE TABLE codes (
+            digest BLOB PRIMARY KEY,
+            card_id INTEGER NOT NULL,
+            not_before INTEGER,
+            not_after INTEGER,
+            uses_left INTEGER,
+            balance INTEGER,
+            status INTEGER NOT NULL DEFAULT 0
+        ) WITHOUT ROWID;
+
+        CREATE TABLE cards (
+            card_id INTEGER PRIMARY KEY,
+            merchant TEXT NOT NULL,
+            body TEXT NOT NULL
+        );
+
+        CREATE TABLE issuer_keys (
+            key_id TEXT PRIMARY KEY,
+            public_key BLOB NOT NULL,
+            delegation TEXT NOT NULL
+        );
+
+        -- Per merchant: the last applied sequence and the newest signed time seen,
+        -- which is the floor under the box's clock.
+        CREATE TABLE trust (
+            merchant TEXT PRIMARY KEY,
+            last_seq INTEGER NOT NULL,
+            time_floor INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+
+        CREATE TABLE batches (
+            merchant TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            count INTEGER NOT NULL,
+            created_at INTEGER NOT NULL,
+            applied_at INTEGER NOT NULL,
+            PRIMARY KEY (merchant, seq)
+        );
+
+        -- Every verdict. seq is the box sequence: INTEGER PRIMARY KEY without
+        -- AUTOINCREMENT takes max+1, and rows are never deleted, so it has no gaps.
+        CREATE TABLE ledger (
+            seq INTEGER PRIMARY KEY,
+            id BLOB NOT NULL UNIQUE,
+            at_ms INTEGER NOT NULL,
+            box TEXT NOT NULL,
+            merchant TEXT NOT NULL,
+            store TEXT NOT NULL,
+            digest BLOB,
+            card_id INTEGER,
+            action TEXT NOT NULL,
+            uses INTEGER,
+            amount INTEGER,
+            uses_left INTEGER,
+            balance INTEGER,
+            verdict TEXT NOT NULL,
+            reason TEXT,
+            source TEXT NOT NULL,
+            symbology TEXT,
+            operator TEXT,
+            cache_seq INTEGER NOT NULL,
+            reverses BLOB
+        );
+        CREATE INDEX ledger_reverses ON ledger(reverses) WHERE reverses IS NOT NULL;
+
+        -- Ledger rows the backend has not acknowledged yet.
+        CREATE TABLE outbox (seq INTEGER PRIMARY KEY);
+
+        -- Other boxes' redemptions already applied (consumed-elsewhere batches).
+        CREATE TABLE consumed_seen (record_id BLOB PRIMARY KEY) WITHOUT ROWID;
+        """
+    )
