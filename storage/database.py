@@ -50,7 +50,7 @@ def open_database(path: str | Path, *, check: bool = True) -> sqlite3.Connection
                     f"database {path} is damaged ({result}); stop redeemd, move the file "
                     "aside and restore from backup (docs/operations.md)"
                 )
-        migrations.apply(Database(conn))
+        migrations.apply(Database(conn, recursive_triggers=False, execute_plugins=False))
     except sqlite3.DatabaseError as exc:
         conn.close()
         raise StorageError(f"database {path} cannot be used: {exc}") from None
