@@ -145,7 +145,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             result = batch_import.apply(conn, batch, merchant=config.box.merchant, now=engine.now())
         except batch_import.ImportRefused as exc:
             raise CommandError(f"{path}: refused, nothing applied: {exc}") from None
-        engine._refresh()
+        engine._refresh(force=True)  # same connection: data_version does not change
         print(f"{path}: {result.describe()}")
     return 0
 

@@ -13,6 +13,7 @@ import logging
 import sqlite3
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -68,18 +69,20 @@ class Engine:
         self.clock = clock
         self.zone = None if config.box.timezone == "local" else ZoneInfo(config.box.timezone)
         self.alarm: str | None = None
-        self._recent: dict[tuple[str, bytes], float] = {}
+        self._recent: OrderedDict[tuple[str, bytes], float] = OrderedDict()
         self._data_version = -1
         self._next_seq = ledger.last_seq(conn) + 1
         self._refresh()
 
     # ------------------------------------------------------------------ state
 
-    def _refresh(self) -> None:
+    def _refresh(self, force: bool = False) -> None:
         """Reload cards, issuer keys and the time floor when another connection (a
-        batch import) has changed the database; PRAGMA data_version is a cheap check."""
+        batch import) has changed the database; PRAGMA data_version is a cheap check.
+        It does not change for commits on this same connection, so whoever applies a
+        batch through `self.conn` must pass force=True."""
         version = self.conn.execute("PRAGMA data_version").fetchone()[0]
-        if version == self._data_version:
+        if version == self._data_version and not force:
             return
         self._data_version = version
         self.cards: dict[int, Card] = trust.cards(self.conn)
@@ -151,10 +154,16 @@ class Engine:
         """One read, one scan: the same code from the same source inside the window."""
         now = time.monotonic()
         window = self.config.scan.debounce
-        if len(self._recent) > 256:
-            self._recent = {k: t for k, t in self._recent.items() if now - t < window}
-        last = self._recent.get((source, key))
-        self._recent[(source, key)] = now
+        recent = self._recent
+        # Oldest read first (a read moves its key to the end), so expiry stops at the
+        # first live entry: amortised O(1) per scan even when a burst fills the whole window.
+        while recent:
+            oldest, at = next(iter(recent.items()))
+            if now - at < window:
+                break
+            del recent[oldest]
+        last = recent.pop((source, key), None)
+        recent[(source, key)] = now
         return last is not None and now - last < window
 
     def _evaluate(
@@ -350,7 +359,10 @@ class Engine:
                     )
                 self.conn.execute("COMMIT")
             except BaseException:
-                self.conn.execute("ROLLBACK")
+                # SQLITE_FULL and SQLITE_IOERR roll the transaction back themselves; a
+                # second ROLLBACK would raise and hide the real cause from the alarm.
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             # Disk full, I/O error, locked too long: refuse rather than accept unrecorded.

@@ -72,10 +72,12 @@ def apply(conn: sqlite3.Connection, batch: Batch, *, merchant: str, now: int) ->
     conn.execute("BEGIN IMMEDIATE")
     try:
         result = _apply_locked(conn, batch, now)
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # A disk-full or I/O error may have rolled back already; keep its message.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
     return result
 
 

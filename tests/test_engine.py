@@ -1,0 +1,464 @@
+"""The redemption engine on a real database: verdicts, recording, time floor, storage errors."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+
+import pytest
+from conftest import CREATED, write_box
+
+from cards import batch, keys, signed_code
+from cards.batch import UNLIMITED, CodeStatus, Kind
+from cards.digest import code_digest
+from cards.scan import Scan
+from cards.verdict import Action, Outcome, Reason, Verdict
+from daemon.engine import Engine, PaymentCode
+from storage import batch_import, codes, ledger, outbox
+from storage.database import open_database
+
+
+class Clock:
+    """A wall clock the test moves by hand."""
+
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(CREATED + 60)
+
+
+@pytest.fixture
+def engine(loaded_box, clock) -> Engine:
+    """An engine with no debounce, so repeats in a test are separate scans."""
+    write_box(loaded_box.dir, loaded_box.keyset, debounce="0s")
+    return Engine(open_database(loaded_box.database), loaded_box.config, clock=clock)
+
+
+@pytest.fixture
+def debounced(loaded_box, clock) -> Engine:
+    """An engine whose debounce window outlasts any test run."""
+    write_box(loaded_box.dir, loaded_box.keyset, debounce="1h")
+    return Engine(open_database(loaded_box.database), loaded_box.config, clock=clock)
+
+
+def scan(code: str | bytes, source: str = "front") -> Scan:
+    return Scan(code=code.encode() if isinstance(code, str) else code, source=source)
+
+
+def reason(result) -> str | None:
+    assert isinstance(result, Verdict), result
+    return result.reason.value if result.reason else None
+
+
+def ledger_rows(engine: Engine) -> list[ledger.Redemption]:
+    return list(ledger.records(engine.conn))
+
+
+def apply(box, data: bytes, now: int = CREATED) -> None:
+    conn = open_database(box.database)
+    try:
+        parsed = batch.open_file(data, box.config.trust.root_keys)
+        batch_import.apply(conn, parsed, merchant="demo", now=now)
+    finally:
+        conn.close()
+
+
+def issue_window(box, code: str, not_before: int, not_after: int, seq: int = 3) -> None:
+    ks = box.keyset
+    rows = [(ks.digest(code), 1, not_before, not_after, 0, 0, CodeStatus.ACTIVE)]
+    apply(box, ks.build(Kind.ISSUE, batch.encode_issue(rows), seq))
+
+
+# ---------------------------------------------------------------- plain verdicts
+
+
+def test_first_scan_is_accepted_and_second_is_already_redeemed(engine):
+    first = engine.handle(scan("DEMO-0001"))
+    second = engine.handle(scan("DEMO-0001"))
+    assert first.accepted and first.action is Action.REDEEM and first.card_id == 1
+    assert first.record_id and first.box_seq == 1
+    assert reason(second) == "already_redeemed" and second.box_seq == 2
+    rows = ledger_rows(engine)
+    assert [(r.verdict, r.reason) for r in rows] == [
+        ("accepted", None),
+        ("rejected", "already_redeemed"),
+    ]
+    assert rows[0].digest == code_digest(engine.config.trust.code_key, "DEMO-0001")
+    row = codes.lookup(engine.conn, rows[0].digest)
+    assert row.status == CodeStatus.CONSUMED and row.uses_left == 0
+
+
+def test_unknown_code_is_rejected_and_recorded(engine):
+    result = engine.handle(scan("NOPE-1234"))
+    assert reason(result) == "unknown_code"
+    assert result.box_seq == 1
+    assert ledger_rows(engine)[0].reason == "unknown_code"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"\xff\xfeDEMO", b"DEMO\x01-0001", b"A" * 600],
+    ids=["invalid-utf8", "control-char", "oversized"],
+)
+def test_malformed_input_is_rejected_recorded_without_digest(engine, raw):
+    result = engine.handle(scan(raw))
+    assert reason(result) == "malformed"
+    assert result.box_seq == 1
+    (row,) = ledger_rows(engine)
+    assert row.reason == "malformed" and row.action == "reject" and row.digest is None
+
+
+# ---------------------------------------------------------------- debounce
+
+
+def test_same_code_from_same_scanner_inside_window_is_one_scan(debounced):
+    first = debounced.handle(scan("DEMO-0001"))
+    repeat = debounced.handle(scan("DEMO-0001"))
+    assert first.accepted
+    assert repeat is None
+    assert len(ledger_rows(debounced)) == 1
+
+
+def test_same_malformed_read_inside_window_is_one_scan(debounced):
+    assert reason(debounced.handle(scan(b"ju\x01nk"))) == "malformed"
+    assert debounced.handle(scan(b"ju\x01nk")) is None
+    assert len(ledger_rows(debounced)) == 1
+
+
+def test_same_code_from_another_scanner_is_not_debounced(debounced):
+    first = debounced.handle(scan("DEMO-0001", source="front"))
+    other = debounced.handle(scan("DEMO-0001", source="back"))
+    assert first.accepted
+    assert reason(other) == "already_redeemed"
+    assert len(ledger_rows(debounced)) == 2
+
+
+def test_debounce_does_not_swallow_a_different_code(debounced):
+    assert debounced.handle(scan("DEMO-0001")).accepted
+    assert debounced.handle(scan("DEMO-0002")).accepted
+
+
+# ---------------------------------------------------------------- uses and balances
+
+
+def test_multi_use_card_counts_down_then_refuses(engine):
+    results = [engine.handle(scan("LUNCH-0001")) for _ in range(4)]
+    assert [r.uses_left for r in results[:3]] == [2, 1, 0]
+    assert all(r.accepted for r in results[:3])
+    assert reason(results[3]) == "already_redeemed"
+
+
+def test_unlimited_member_card_is_accepted_every_time(engine):
+    results = [engine.handle(scan("MEMBER-0001")) for _ in range(5)]
+    assert all(r.accepted for r in results)
+    assert all(r.uses_left is None for r in results)
+
+
+def test_code_issued_with_unlimited_uses_overrides_a_single_use_card(loaded_box, engine):
+    ks = loaded_box.keyset
+    rows = [(ks.digest("FOREVER-1"), 1, 0, 0, UNLIMITED, 0, CodeStatus.ACTIVE)]
+    apply(loaded_box, ks.build(Kind.ISSUE, batch.encode_issue(rows), 3))
+    assert all(engine.handle(scan("FOREVER-1")).accepted for _ in range(3))
+
+
+def test_gift_card_scan_only_checks_and_records_a_check(engine):
+    result = engine.handle(scan("GIFT-0001"))
+    assert result.accepted and result.action is Action.CHECK
+    assert result.balance == 5000
+    (row,) = ledger_rows(engine)
+    assert row.action == "check"
+    assert engine.check("GIFT-0001").balance == 5000  # a check spends nothing
+
+
+def test_gift_card_redeem_with_amount_decreases_the_balance(engine):
+    first = engine.redeem("GIFT-0001", "pos", amount=1200)
+    second = engine.redeem("GIFT-0001", "pos", amount=800)
+    assert first.accepted and first.balance == 3800 and first.amount == 1200
+    assert second.balance == 3000
+    assert engine.check("GIFT-0001").balance == 3000
+    assert [r.amount for r in ledger_rows(engine)] == [1200, 800]
+
+
+def test_gift_card_redeem_beyond_balance_is_insufficient_balance(engine):
+    result = engine.redeem("GIFT-0001", "pos", amount=5001)
+    assert reason(result) == "insufficient_balance"
+    assert engine.check("GIFT-0001").balance == 5000
+
+
+@pytest.mark.parametrize("amount", [None, 0])
+def test_gift_card_redeem_without_amount_is_amount_required(engine, amount):
+    result = engine.redeem("GIFT-0001", "pos", amount=amount)
+    assert reason(result) == "amount_required"
+    assert engine.check("GIFT-0001").balance == 5000
+
+
+# ---------------------------------------------------------------- reversal
+
+
+def test_reverse_within_window_restores_the_code(engine, clock):
+    redeemed = engine.handle(scan("DEMO-0001"))
+    clock.now += 300
+    reversed_ = engine.reverse(redeemed.record_id, "pos", operator="alice")
+    assert reversed_.accepted and reversed_.action is Action.REVERSE
+    assert engine.check("DEMO-0001").accepted
+    row = ledger.by_id(engine.conn, uuid.UUID(reversed_.record_id).bytes)
+    assert row.reverses == uuid.UUID(redeemed.record_id).bytes
+    assert row.operator == "alice"
+    assert engine.handle(scan("DEMO-0001")).accepted  # usable again
+
+
+def test_reverse_of_a_gift_redemption_restores_the_balance(engine, clock):
+    redeemed = engine.redeem("GIFT-0001", "pos", amount=2000)
+    clock.now += 10
+    result = engine.reverse(redeemed.record_id, "pos")
+    assert result.accepted and result.balance == 5000
+    assert engine.check("GIFT-0001").balance == 5000
+
+
+def test_reverse_after_the_window_is_refused(engine, clock):
+    redeemed = engine.handle(scan("DEMO-0001"))
+    clock.now += 601
+    result = engine.reverse(redeemed.record_id, "pos")
+    assert reason(result) == "reversal_window_passed"
+    assert reason(engine.check("DEMO-0001")) == "already_redeemed"
+
+
+def test_reverse_twice_is_refused(engine, clock):
+    redeemed = engine.handle(scan("DEMO-0001"))
+    assert engine.reverse(redeemed.record_id, "pos").accepted
+    assert engine.handle(scan("DEMO-0001")).accepted  # redeemed again after the reversal
+    second = engine.reverse(redeemed.record_id, "pos")
+    assert reason(second) == "already_reversed"
+    assert reason(engine.check("DEMO-0001")) == "already_redeemed"
+
+
+def test_reverse_of_a_card_without_window_is_refused(engine):
+    redeemed = engine.handle(scan("LUNCH-0001"))  # card 3 has no reversal window
+    assert reason(engine.reverse(redeemed.record_id, "pos")) == "not_reversible"
+    assert engine.check("LUNCH-0001").uses_left == 2
+
+
+def test_reverse_of_a_rejection_or_unknown_id_is_refused(engine):
+    rejected = engine.handle(scan("NOPE-1"))
+    assert reason(engine.reverse(rejected.record_id, "pos")) == "not_reversible"
+    assert reason(engine.reverse(str(uuid.uuid4()), "pos")) == "not_reversible"
+    assert reason(engine.reverse("not-a-uuid", "pos")) == "malformed"
+
+
+# ---------------------------------------------------------------- signed codes
+
+
+def mint(box, card: int = 1, serial: int = 1, private: bytes | None = None) -> str:
+    return signed_code.mint(
+        private or box.keyset.issuer_private, card, serial, CREATED - 100, CREATED + 86400
+    )
+
+
+def test_signed_code_is_accepted_offline_then_already_redeemed(loaded_box, engine):
+    code = mint(loaded_box)
+    assert codes.lookup(engine.conn, loaded_box.keyset.digest(code)) is None  # never listed
+    first = engine.handle(scan(code))
+    second = engine.handle(scan(code))
+    assert first.accepted and first.card_id == 1
+    assert reason(second) == "already_redeemed"
+    assert engine.handle(scan(mint(loaded_box, serial=2))).accepted  # another serial
+
+
+def test_signed_code_from_an_unknown_key_is_bad_signature(loaded_box, engine):
+    result = engine.handle(scan(mint(loaded_box, private=keys.new_private_key())))
+    assert reason(result) == "bad_signature"
+
+
+def test_signed_code_with_a_forged_signature_is_bad_signature(loaded_box, engine):
+    code = mint(loaded_box)
+    index = 100  # inside the signature, away from the padding bits of the last character
+    forged = code[:index] + ("A" if code[index] != "A" else "B") + code[index + 1 :]
+    result = engine.handle(scan(forged))
+    assert reason(result) == "bad_signature"
+    assert engine.handle(scan(code)).accepted  # the genuine one is still unused
+
+
+def test_signed_code_for_an_unknown_card_is_unknown_card(loaded_box, engine):
+    assert reason(engine.handle(scan(mint(loaded_box, card=99)))) == "unknown_card"
+
+
+def test_revoked_signed_code_is_revoked(loaded_box, engine):
+    code = mint(loaded_box)
+    apply(loaded_box, loaded_box.keyset.status_batch(Kind.REVOKE, [code], seq=3))
+    assert reason(engine.handle(scan(code))) == "revoked"
+
+
+def test_signed_code_outside_its_window_is_refused(loaded_box, engine, clock):
+    code = signed_code.mint(loaded_box.keyset.issuer_private, 1, 5, CREATED, CREATED + 100)
+    clock.now = CREATED + 101
+    assert reason(engine.handle(scan(code))) == "expired"
+
+
+# ---------------------------------------------------------------- payment codes
+
+
+@pytest.mark.parametrize(
+    ("code", "scheme"),
+    [("134567890123456789", "wechat"), ("281234567890123456", "alipay")],
+)
+def test_payment_code_is_passed_on_and_not_recorded(engine, code, scheme):
+    result = engine.handle(scan(code))
+    assert isinstance(result, PaymentCode)
+    assert result.scheme == scheme and result.code == code and result.source == "front"
+    assert "code" not in result.to_json()  # the event itself never carries the number
+    assert ledger_rows(engine) == []
+    assert outbox.depth(engine.conn) == 0
+
+
+# ---------------------------------------------------------------- clock and time floor
+
+
+def test_clock_in_1970_is_floored_so_a_code_valid_around_created_is_accepted(loaded_box):
+    issue_window(loaded_box, "WINDOW-1", CREATED - 10, CREATED + 10)
+    engine = Engine(open_database(loaded_box.database), loaded_box.config, clock=lambda: 0.0)
+    assert engine.now() == CREATED
+    result = engine.handle(scan("WINDOW-1"))
+    assert result.accepted
+    assert ledger_rows(engine)[0].at_ms == CREATED * 1000
+
+
+def test_clock_in_1970_cannot_revive_a_code_expired_by_the_floor(loaded_box):
+    issue_window(loaded_box, "OLD-1", CREATED - 1000, CREATED - 500)
+    engine = Engine(open_database(loaded_box.database), loaded_box.config, clock=lambda: 0.0)
+    assert reason(engine.handle(scan("OLD-1"))) == "expired"
+
+
+def test_engine_sees_a_batch_applied_by_another_connection(loaded_box, engine):
+    assert reason(engine.handle(scan("LATE-1"))) == "unknown_code"
+    apply(loaded_box, loaded_box.keyset.issue_batch({"LATE-1": 1}, seq=3, created_at=CREATED + 5))
+    assert engine.handle(scan("LATE-1")).accepted
+    assert engine.floor == CREATED + 5
+
+
+# ---------------------------------------------------------------- storage errors
+
+
+def _table_state(conn: sqlite3.Connection) -> tuple:
+    return (
+        conn.execute("SELECT COUNT(*), COALESCE(MAX(seq), 0) FROM ledger").fetchone(),
+        outbox.depth(conn),
+        conn.execute("SELECT * FROM codes ORDER BY digest").fetchall(),
+    )
+
+
+def test_locked_database_rejects_as_storage_error_and_recovers_without_gap(loaded_box, engine):
+    assert engine.handle(scan("DEMO-0001")).accepted
+    engine.conn.execute("PRAGMA busy_timeout = 50")
+    blocker = sqlite3.connect(loaded_box.database, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        before = _table_state(blocker)
+        result = engine.handle(scan("DEMO-0002"))
+        assert reason(result) == "storage_error"
+        assert result.record_id is None and result.box_seq is None
+        assert engine.alarm and "cannot write the ledger" in engine.alarm
+        assert _table_state(blocker) == before
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    retry = engine.handle(scan("DEMO-0002"))
+    assert retry.accepted and retry.box_seq == 2
+    assert engine.alarm is None
+    assert [r.seq for r in ledger_rows(engine)] == [1, 2]
+
+
+def test_full_database_rejects_as_storage_error_and_recovers_without_gap(engine):
+    conn = engine.conn
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")
+    failed = None
+    for i in range(5000):  # fill the free space in the last pages, then hit the cap
+        result = engine.handle(scan(f"FILLER-{i:05d}-" + "x" * 100))
+        if reason(result) == "storage_error":
+            failed = result
+            break
+    assert failed is not None, "the page cap was never reached"
+    assert failed.box_seq is None and failed.record_id is None
+    assert engine.alarm and "full" in engine.alarm
+    recorded = ledger_rows(engine)
+    assert [r.seq for r in recorded] == list(range(1, len(recorded) + 1))
+    assert outbox.depth(conn) == len(recorded)
+    assert conn.execute("SELECT COUNT(*) FROM codes").fetchone()[0] == 13
+    # Disk space comes back.
+    conn.execute(f"PRAGMA max_page_count = {pages * 100}")
+    accepted = engine.handle(scan("DEMO-0003"))
+    assert accepted.accepted and accepted.box_seq == len(recorded) + 1
+    assert engine.alarm is None
+
+
+def test_storage_error_on_a_redemption_leaves_the_code_unredeemed(loaded_box, engine):
+    engine.conn.execute("PRAGMA busy_timeout = 50")
+    blocker = sqlite3.connect(loaded_box.database, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        assert reason(engine.redeem("GIFT-0001", "pos", amount=100)) == "storage_error"
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert engine.check("GIFT-0001").balance == 5000
+    assert ledger_rows(engine) == []
+
+
+# ---------------------------------------------------------------- the ledger record
+
+
+def test_ledger_box_sequence_is_gap_free_with_uuid7_ids(engine):
+    inputs = ["DEMO-0001", "DEMO-0001", "NOPE", b"\xff", "LUNCH-0001", "GIFT-0001"]
+    results = [engine.handle(scan(code)) for code in inputs]
+    results.append(engine.redeem("GIFT-0001", "pos", amount=10))
+    rows = ledger_rows(engine)
+    assert [r.seq for r in rows] == list(range(1, len(inputs) + 2))
+    assert [r.box_seq for r in results] == [r.seq for r in rows]
+    ids = [uuid.UUID(bytes=r.id) for r in rows]
+    assert all(i.version == 7 for i in ids)
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)  # time-ordered
+    assert outbox.pending(engine.conn, 100) == [r.seq for r in rows]
+    first = rows[0]
+    assert (first.box, first.merchant, first.store, first.cache_seq) == (
+        "box-1",
+        "demo",
+        "store-1",
+        2,
+    )
+
+
+def test_a_new_engine_continues_the_box_sequence(loaded_box, engine, clock):
+    engine.handle(scan("DEMO-0001"))
+    engine.handle(scan("DEMO-0002"))
+    again = Engine(open_database(loaded_box.database), loaded_box.config, clock=clock)
+    assert again.handle(scan("DEMO-0003")).box_seq == 3
+
+
+def test_no_plaintext_code_reaches_the_database_files(loaded_box, engine):
+    texts = ["DEMO-0001", "NOPE-SECRET-42", "GIFT-0001", "134567890123456789"]
+    for text in texts:
+        engine.handle(scan(text))
+    engine.redeem("GIFT-0001", "pos", amount=5)
+    engine.check("DEMO-0002")
+    blobs = b"".join(
+        path.read_bytes() for path in loaded_box.dir.iterdir() if path.name.startswith("redeemd.db")
+    )
+    assert len(ledger_rows(engine)) == 4  # the payment code is never recorded
+    for text in [*texts, "DEMO-0002"]:
+        assert text.encode() not in blobs, text
+    assert Outcome.ACCEPTED.value.encode() in blobs  # the scan found real ledger bytes
+
+
+def test_check_records_nothing(engine):
+    result = engine.check("DEMO-0001")
+    assert result.accepted and result.action is Action.CHECK
+    assert result.record_id is None
+    assert ledger_rows(engine) == []
+    assert reason(engine.check("NOPE")) == Reason.UNKNOWN_CODE
