@@ -194,9 +194,16 @@ def _code_entries(text: str, kind: Kind, code_key: bytes) -> bytes:
 def cmd_mint(args: argparse.Namespace) -> int:
     store = Keystore(args.dir)
     private = store.private("issuer")
+    delegation = store.delegation()
     now = int(time.time())
+    not_before, not_after = max(now - 60, delegation.not_before), now + int(args.days * 86400)
+    if not_after > delegation.not_after:
+        raise UsageError(
+            f"--days {args.days} outlives the issuer key's delegation (until "
+            f"{delegation.not_after}); boxes would refuse the codes. Delegate again with more --days"
+        )
     for serial in range(args.serial, args.serial + args.count):
-        print(signed_code.mint(private, args.card, serial, now - 60, now + int(args.days * 86400)))
+        print(signed_code.mint(private, args.card, serial, not_before, not_after))
     return 0
 
 

@@ -121,7 +121,8 @@ class Batch:
     def card_templates(self) -> list[dict]:
         try:
             value = json.loads(self.entries)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # ValueError: integers over Python's 4300-digit limit; RecursionError: deep nesting.
+        except (ValueError, RecursionError) as exc:
             raise BatchError(f"cards batch entries are not JSON: {exc}") from None
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
             raise BatchError("cards batch entries must be a JSON array of objects")
@@ -229,7 +230,9 @@ def read_header(data: bytes, magic: bytes, roots: dict[str, bytes]) -> tuple[Hea
     signature = data[end : end + 64]
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # Parsed before the signature is checked, so any byte string must end here as a
+    # BatchError: ValueError covers over-long integers, RecursionError deep nesting.
+    except (ValueError, RecursionError) as exc:
         raise BatchError(f"header is not JSON: {exc}") from None
     if not isinstance(body, dict):
         raise BatchError("header must be a JSON object")
@@ -327,10 +330,16 @@ def _decode(header: Header, payload: bytes, max_entries_size: int) -> Batch:
     inflater = zlib.decompressobj()
     try:
         # Never inflate more than the signed size: a decompression bomb stops here.
-        entries = inflater.decompress(payload, header.entries_size)
+        # +1 because a max_length of 0 means "no limit" to zlib.
+        entries = inflater.decompress(payload, header.entries_size + 1)
     except zlib.error as exc:
         raise BatchError(f"payload does not decompress: {exc}") from None
-    if len(entries) != header.entries_size or inflater.unconsumed_tail or not inflater.eof:
+    if (
+        len(entries) != header.entries_size
+        or inflater.unconsumed_tail
+        or inflater.unused_data
+        or not inflater.eof
+    ):
         raise BatchError("payload inflates to a different size than the header says")
     if hashlib.sha256(entries).hexdigest() != header.entries_sha256:
         raise BatchError("entries do not match entries_sha256 in the signed header")

@@ -72,6 +72,10 @@ def parse_card(value: dict) -> Card:
     if unknown:
         raise CardError(f"card has unknown fields {sorted(unknown)}; allowed: {sorted(known)}")
     card_id = _int(value, "id", required=True)
+    if card_id > 0xFFFFFFFF:
+        raise CardError(
+            f"card id {card_id} does not fit in 32 bits (entries and signed codes carry u32)"
+        )
     try:
         kind = CardKind(value.get("kind"))
     except ValueError:
@@ -86,6 +90,8 @@ def parse_card(value: dict) -> Card:
     uses = value.get("uses", None if balance_kind or kind is CardKind.MEMBER else 1)
     if uses is not None and (not isinstance(uses, int) or isinstance(uses, bool) or uses < 1):
         raise CardError(f"card {card_id}: uses must be a positive integer or null (unlimited)")
+    if not isinstance(value.get("hours", []), list):
+        raise CardError(f"card {card_id}: hours must be a list like ['09:00-17:30']")
     hours = []
     for window in value.get("hours", []):
         try:

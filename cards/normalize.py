@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 import biip
+from biip.gs1_messages import GS1Message
 from biip.symbology import SymbologyIdentifier
 
 GS = "\x1d"
@@ -60,9 +61,11 @@ def normalize(raw: bytes, max_length: int = DEFAULT_MAX_LENGTH) -> Normalized:
 
     symbology = None
     if data.startswith(b"]") and len(data) >= 3:
+        # ValueError also covers UnicodeDecodeError and biip's int() on the modifier
+        # count of `]Y` (system expansion): `]Yx...` is data, not an identifier.
         try:
             ident = SymbologyIdentifier.extract(data[:3].decode("ascii"))
-        except (biip.ParseError, UnicodeDecodeError):
+        except (biip.ParseError, ValueError):
             ident = None
         if ident is not None:
             symbology = ident.value
@@ -124,7 +127,9 @@ def _is_gs1_symbology(symbology: str) -> bool:
 def _canonical_gs1(text: str) -> tuple[str, tuple[tuple[str, str], ...]]:
     """Rebuild a GS1 element string with separators exactly where they are required."""
     try:
-        message = biip.parse(text).gs1_message
+        # GS1Message.parse, not biip.parse: the latter would take a leading `]C1` in
+        # the data for a second symbology identifier and drop it, even to empty text.
+        message = GS1Message.parse(text)
     except biip.ParseError:
         message = None
     if message is None:

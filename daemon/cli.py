@@ -6,7 +6,9 @@ import argparse
 import csv
 import json
 import logging
+import sqlite3
 import sys
+import time
 from pathlib import Path
 
 from cards.batch import BatchError, open_file
@@ -51,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (StorageError, BatchError, batch_import.ImportRefused, CommandError) as exc:
         print(f"redeemd: {exc}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:
+        print(
+            f"redeemd: database error: {exc}; nothing was changed. Check free disk space "
+            "and permissions of the state directory",
+            file=sys.stderr,
+        )
         return 1
 
 
@@ -142,7 +151,9 @@ def cmd_import(args: argparse.Namespace) -> int:
             raise CommandError(f"{path}: refused, nothing applied: {exc}") from None
     for path, batch in sorted(batches, key=lambda b: b[1].header.seq):
         try:
-            result = batch_import.apply(conn, batch, merchant=config.box.merchant, now=engine.now())
+            result = batch_import.apply(
+                conn, batch, merchant=config.box.merchant, now=engine.now(), wall=int(time.time())
+            )
         except batch_import.ImportRefused as exc:
             raise CommandError(f"{path}: refused, nothing applied: {exc}") from None
         engine._refresh(force=True)  # same connection: data_version does not change
@@ -175,8 +186,6 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    import time
-
     config = _config(args)
     conn = _read_only(config)
     merchant = config.box.merchant

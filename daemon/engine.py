@@ -196,6 +196,11 @@ class Engine:
                 return reject(Reason.BAD_SIGNATURE, f"issuer key {signed.key_id} is not known here")
             if not signed_code.verify(signed, issuer.public_key):
                 return reject(Reason.BAD_SIGNATURE, "signature does not verify")
+            if signed.not_before < issuer.not_before or signed.not_after > issuer.not_after:
+                # A leaked issuer key cannot mint codes that outlive its delegation.
+                return reject(
+                    Reason.BAD_SIGNATURE, "code is valid beyond its issuer key's delegation"
+                )
             card = self.cards.get(signed.card_id)
             if card is None:
                 return reject(Reason.UNKNOWN_CARD, f"card {signed.card_id} is not in the cache")

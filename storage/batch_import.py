@@ -62,8 +62,25 @@ class ImportResult:
         return f"applied {self.kind} batch {self.merchant}/{self.seq}: {self.count} entries"
 
 
-def apply(conn: sqlite3.Connection, batch: Batch, *, merchant: str, now: int) -> ImportResult:
-    """Apply `batch` for this box's `merchant`, with `now` already floored."""
+# A signed time further ahead of a trusted wall clock than this is refused: one batch
+# with a far-future created_at would otherwise raise the time floor for good and
+# expire every code on the box.
+MAX_CLOCK_AHEAD = 86400
+
+
+def apply(
+    conn: sqlite3.Connection,
+    batch: Batch,
+    *,
+    merchant: str,
+    now: int,
+    wall: int | None = None,
+) -> ImportResult:
+    """Apply `batch` for this box's `merchant`, with `now` already floored.
+
+    `wall` is the unfloored system clock; when it is at or past the time floor it is
+    trusted enough to refuse batches signed implausibly far in the future.
+    """
     header = batch.header
     if header.merchant != merchant:
         raise ImportRefused(
@@ -71,7 +88,7 @@ def apply(conn: sqlite3.Connection, batch: Batch, *, merchant: str, now: int) ->
         )
     conn.execute("BEGIN IMMEDIATE")
     try:
-        result = _apply_locked(conn, batch, now)
+        result = _apply_locked(conn, batch, now, wall)
         conn.execute("COMMIT")
     except BaseException:
         # A disk-full or I/O error may have rolled back already; keep its message.
@@ -81,7 +98,9 @@ def apply(conn: sqlite3.Connection, batch: Batch, *, merchant: str, now: int) ->
     return result
 
 
-def _apply_locked(conn: sqlite3.Connection, batch: Batch, now: int) -> ImportResult:
+def _apply_locked(
+    conn: sqlite3.Connection, batch: Batch, now: int, wall: int | None
+) -> ImportResult:
     header = batch.header
     applied = conn.execute(
         "SELECT sha256 FROM batches WHERE merchant = ? AND seq = ?", (header.merchant, header.seq)
@@ -104,6 +123,21 @@ def _apply_locked(conn: sqlite3.Connection, batch: Batch, now: int) -> ImportRes
     if header.expires_at < max(now, current.time_floor):
         raise ImportRefused(
             f"batch {header.seq} expired at {header.expires_at}; ask the backend for a fresh one"
+        )
+
+    if now > header.issuer.not_after:
+        raise ImportRefused(
+            f"issuer key {header.issuer.key_id} was delegated until {header.issuer.not_after}; "
+            "the backend must delegate a current key and re-sign"
+        )
+    if (
+        wall is not None
+        and wall >= current.time_floor
+        and header.created_at > wall + MAX_CLOCK_AHEAD
+    ):
+        raise ImportRefused(
+            f"batch {header.seq} claims to be made at {header.created_at}, more than a day "
+            f"ahead of this box's clock ({wall}); check the backend's clock"
         )
 
     _APPLY[header.kind](conn, batch)
@@ -138,7 +172,7 @@ def _apply_issue(conn: sqlite3.Connection, batch: Batch) -> None:
 def _apply_snapshot(conn: sqlite3.Connection, batch: Batch) -> None:
     """Replace the cache with the backend's view, then replay what it has not seen yet."""
     conn.execute("DELETE FROM codes")
-    conn.executemany(INSERT_ISSUED.split(" ON CONFLICT")[0], batch.issue_entries())
+    conn.executemany(INSERT_ISSUED, batch.issue_entries())
     cards = trust.cards(conn)
     unacked = conn.execute(
         "SELECT l.digest, l.action, COALESCE(l.uses, 1), COALESCE(l.amount, 0) FROM outbox o "

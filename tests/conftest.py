@@ -23,7 +23,7 @@ from daemon.config import Config
 from storage.database import open_database
 
 ROOT = Path(__file__).resolve().parent.parent
-CREATED = 1_800_000_000  # a fixed signed time, well after any real clock in these tests
+CREATED = 1_790_000_000  # a fixed signed time (2026-09-21), before the real clock: like production
 FAR = 2_100_000_000
 
 DEMO_CARDS = [

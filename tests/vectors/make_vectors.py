@@ -1,0 +1,346 @@
+"""Generate the protocol test vectors in tests/vectors/ (docs/protocol.md explains them).
+
+Run from the repository root:
+
+    .venv/bin/python tests/vectors/make_vectors.py
+
+Every input is fixed (key seeds, code key, times, codes), and Ed25519 signatures are
+deterministic, so running this twice writes the same bytes. The vectors are committed;
+tests/test_vectors.py never regenerates them, it checks that the current code still
+produces exactly these bytes. Regenerate only when a format change is intended, and
+then bump the format version it belongs to.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import sys
+import zlib
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))
+
+from cards import batch, keys, signed_code  # noqa: E402
+from cards.batch import CodeStatus, Kind  # noqa: E402
+from cards.card import parse_card  # noqa: E402
+from cards.digest import code_digest  # noqa: E402
+from cards.normalize import MalformedCode, normalize  # noqa: E402
+
+# ---------------------------------------------------------------- fixed inputs
+
+ROOT_SEED = bytes(range(32))
+ISSUER_SEED = bytes(range(32, 64))
+CODE_KEY = bytes(range(64, 96))
+MERCHANT = "demo"
+DELEGATION_NOT_BEFORE = 1_767_225_600  # 2026-01-01T00:00:00Z
+DELEGATION_NOT_AFTER = 1_893_456_000  # 2030-01-01T00:00:00Z
+CREATED_AT = 1_780_000_000  # 2026-05-28T20:26:40Z
+EXPIRES_AT = 1_790_000_000  # 2026-09-21T14:13:20Z
+ISSUE_CHUNK_SIZE = 128
+BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+
+DIGEST_CODES = [
+    ("plain ASCII listed code", "DEMO-0001"),
+    ("six-digit coupon", "123456"),
+    ("GS1 element string: (01) fixed length, (10) variable + GS, (17) last", None),
+    ("non-ASCII (CJK), hashed as UTF-8", "券-0001"),
+    ("non-ASCII (Latin-1 range), hashed as UTF-8", "café"),
+]
+GS1_TEXT = "010950110153000310ABC123\x1d17251231"
+
+# raw scanner bytes -> canonical text (or malformed), with why
+NORMALIZE_CASES = [
+    (b"DEMO-0001", "already canonical"),
+    (b"]Q1HELLO-42\r\n", "AIM identifier ]Q1 and CR LF terminator removed"),
+    (b"  DEMO-0001\t", "surrounding spaces and tab removed"),
+    (b"\x02DEMO-0001\x03", "STX/ETX framing removed"),
+    (b"\xc2\xa0HELLO\xe3\x80\x80", "Unicode whitespace (U+00A0, U+3000) stripped after decoding"),
+    (b"\xe5\x88\xb8-0001", "UTF-8 text kept as is"),
+    (b"]Q2\\000026caf\xc3\xa9", "ECI 000026 (UTF-8) after an ECI-announcing identifier"),
+    (b"]Q2\\000003caf\xe9", "ECI 000003 (ISO-8859-1) selects the decoder"),
+    (b"\\000026caf\xc3\xa9", "ECI escape at the very start without an identifier"),
+    (b"]Q2AB\\\\CD", "ECI mode: a doubled backslash is one literal backslash"),
+    (b"]d1AB\\\\CD", "not ECI mode (]d1): backslashes kept as they are"),
+    (b"]E04006381333931", "EAN-13 with its identifier: GS1 parse leaves the text unchanged"),
+    (b"]C1010950110153000317251231\x1d10ABC123", "GS1-128: GS after fixed-length (17) removed"),
+    (b"]C1010950110153000310ABC123\x1d17251231", "GS1-128: GS after variable-length (10) kept"),
+    (b"]C10109501101530003\x1d17251231\x1d", "GS1: superfluous and trailing GS removed"),
+    (b"0109501101530003\x1d17251231", "GS present, no identifier: still parsed as GS1"),
+    (b"\x1d0109501101530003", "leading GS is whitespace to str.strip(): removed, no GS1 step"),
+    (b"ABC\x1dDEF", "GS in a non-GS1 string: kept in the middle"),
+    (b"]zzHELLO", "any recognised identifier is removed, here ]zz (Aztec)"),
+    (b"]C1]C1ABC", "only the first identifier is removed; the rest is data"),
+    (b"]Q3(01)09501101530003(17)251231", "GS1 in human-readable (AI) form: kept as is"),
+    (b"]YxHELLO", "]Y needs a digit modifier: not an identifier, kept as data"),
+    (b"]", "a lone ] is data"),
+    (b"", "empty read"),
+    (b"\r\n", "only terminators"),
+    (b"AB\x07CD", "control character inside"),
+    (b"AB\x1eCD", "RS inside (only GS is allowed)"),
+    (b"AB\xc2\x85CD", "C1 control U+0085 inside"),
+    (b"\xff\xfe", "not UTF-8"),
+    (b"A" * 512, "exactly 512 characters: accepted"),
+    (b"A" * 513, "513 characters: too long"),
+]
+
+CARD_TEMPLATES = [
+    {"id": 1, "merchant": MERCHANT, "kind": "coupon", "title": "Free coffee", "reversal_window": 600},
+    {"id": 2, "merchant": MERCHANT, "kind": "ticket", "title": "Entry", "weekdays": [6, 7],
+     "hours": ["09:00-17:30"]},
+    {"id": 3, "merchant": MERCHANT, "kind": "groupon", "uses": 3, "stores": ["store-1"]},
+    {"id": 4, "merchant": MERCHANT, "kind": "member"},
+    {"id": 5, "merchant": MERCHANT, "kind": "gift", "title": "Gift card €50", "balance": 5000},
+]  # fmt: skip
+
+# issue entries: code text, card id, not_before, not_after, uses, balance, status
+ISSUE_ROWS = [
+    ("DEMO-0001", 1, 0, 0, 0, 0, CodeStatus.ACTIVE),
+    ("DEMO-0002", 1, 0, 0, 0, 0, CodeStatus.ACTIVE),
+    ("TICKET-7", 2, CREATED_AT, CREATED_AT + 86_400, 0, 0, CodeStatus.ACTIVE),
+    ("GROUP-1", 3, 0, 0, 0, 0, CodeStatus.ACTIVE),
+    ("MEMBER-9", 4, 0, 0, batch.UNLIMITED, 0, CodeStatus.ACTIVE),
+    ("GIFT-50", 5, 0, 0, 0, 0, CodeStatus.ACTIVE),
+    ("GIFT-20", 5, 0, 0, 0, 2000, CodeStatus.ACTIVE),
+    ("券-0001", 1, 0, 0, 2, 0, CodeStatus.ACTIVE),
+    ("OLD-1", 1, 0, 0, 0, 0, CodeStatus.CONSUMED),
+    (GS1_TEXT, 2, 0, 0, 0, 0, CodeStatus.ACTIVE),
+]
+REVOKE_CODES = ["DEMO-0002", "OLD-1"]
+# consumed elsewhere: code text, other box's record id (UUID), uses, amount
+CONSUMED_ROWS = [
+    ("GROUP-1", "0196f3a0-0000-7000-8000-000000000001", 1, 0),
+    ("GIFT-50", "0196f3a0-0000-7000-8000-000000000002", 0, 1250),
+]
+
+SIGNED_CODES = [
+    ("ordinary code, 30 days", 1, 1, CREATED_AT, CREATED_AT + 30 * 86_400),
+    ("largest field values", 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF, 0, 0xFFFFFFFF),
+]
+
+CANONICAL_JSON_INPUT = {
+    "v": 1,
+    "b": [3, -2, 0, True, False, None],
+    "a": 'quote " backslash \\ slash / nl \n tab \t gs \x1d del \x7f',
+    "é": "café 券 😀",
+    "A": {"z": 1, "Z": 2, "_": 3},
+}
+
+
+# ---------------------------------------------------------------- generation
+
+
+def entries_doc(kind: Kind, entries: bytes) -> list[dict]:
+    """The entries of a batch as the documentation describes them, in file order."""
+    if kind is Kind.CARDS:
+        return json.loads(entries)
+    if kind in (Kind.ISSUE, Kind.SNAPSHOT):
+        return [
+            {"digest": d.hex(), "card_id": c, "not_before": nb, "not_after": na,
+             "uses": u, "balance": b, "status": s}
+            for d, c, nb, na, u, b, s in batch.ISSUE_ENTRY.iter_unpack(entries)
+        ]  # fmt: skip
+    if kind is Kind.CONSUMED:
+        return [
+            {"digest": d.hex(), "record_id": r.hex(), "uses": u, "amount": a}
+            for d, r, u, a in batch.CONSUMED_ENTRY.iter_unpack(entries)
+        ]
+    return [{"digest": d.hex()} for (d,) in batch.DIGEST_ENTRY.iter_unpack(entries)]
+
+
+def digest_of(text: str) -> bytes:
+    return code_digest(CODE_KEY, text)
+
+
+def make_batch(delegation, name, kind, seq, entries, inputs, chunk_size=batch.DEFAULT_CHUNK_SIZE):
+    data = batch.build(
+        ISSUER_SEED, delegation, merchant=MERCHANT, seq=seq, kind=kind, entries=entries,
+        created_at=CREATED_AT, expires_at=EXPIRES_AT, chunk_size=chunk_size,
+    )  # fmt: skip
+    (header_len,) = batch._U32.unpack_from(data, 4)
+    header_raw = data[8 : 8 + header_len]
+    signature = data[8 + header_len : 8 + header_len + 64]
+    payload = data[8 + header_len + 64 :]
+    (HERE / name).write_bytes(data)
+    return data, {
+        "file": name,
+        "inputs": {
+            "merchant": MERCHANT,
+            "seq": seq,
+            "kind": kind.value,
+            "created_at": CREATED_AT,
+            "expires_at": EXPIRES_AT,
+            "chunk_size": chunk_size,
+            **inputs,
+        },
+        "file_size": len(data),
+        "file_sha256": hashlib.sha256(data).hexdigest(),
+        "header_len": header_len,
+        "header": json.loads(header_raw),
+        "header_sha256": hashlib.sha256(header_raw).hexdigest(),
+        "signature_hex": signature.hex(),
+        "payload_size": len(payload),
+        "entries_hex": entries.hex(),
+        "entries": entries_doc(kind, entries),
+    }
+
+
+def main() -> None:
+    root_public = keys.public_of(ROOT_SEED)
+    issuer_public = keys.public_of(ISSUER_SEED)
+    delegation = keys.delegate(
+        ROOT_SEED, issuer_public, (MERCHANT,), DELEGATION_NOT_BEFORE, DELEGATION_NOT_AFTER
+    )
+    body = keys.canonical_json(delegation.body())
+
+    write("keys.json", {
+        "note": "Ed25519 private keys are the 32-byte seeds of RFC 8032.",
+        "root": {"seed_hex": ROOT_SEED.hex(), "public_hex": root_public.hex(),
+                 "public_b64": keys.b64(root_public), "key_id": keys.key_id(root_public)},
+        "issuer": {"seed_hex": ISSUER_SEED.hex(), "public_hex": issuer_public.hex(),
+                   "public_b64": keys.b64(issuer_public), "key_id": keys.key_id(issuer_public)},
+        "code_key_hex": CODE_KEY.hex(),
+        "code_key_b64": keys.b64(CODE_KEY),
+    })  # fmt: skip
+
+    write("canonical_json.json", {
+        "note": "json.dumps(value, sort_keys=True, separators=(',', ':'), ensure_ascii=True)",
+        "value": CANONICAL_JSON_INPUT,
+        "canonical": keys.canonical_json(CANONICAL_JSON_INPUT).decode("ascii"),
+        "canonical_hex": keys.canonical_json(CANONICAL_JSON_INPUT).hex(),
+    })  # fmt: skip
+
+    write("delegation.json", {
+        "root_seed_hex": ROOT_SEED.hex(),
+        "issuer_public_hex": issuer_public.hex(),
+        "merchants": [MERCHANT],
+        "not_before": DELEGATION_NOT_BEFORE,
+        "not_after": DELEGATION_NOT_AFTER,
+        "cert_canonical": body.decode("ascii"),
+        "signed_message_hex": (keys.DELEGATION_DOMAIN + body).hex(),
+        "signature_hex": delegation.signature.hex(),
+        "delegation": delegation.to_json(),
+    })  # fmt: skip
+
+    digests = []
+    for note, text in DIGEST_CODES:
+        text = GS1_TEXT if text is None else text
+        digests.append({"note": note, "text": text, "text_utf8_hex": text.encode().hex(),
+                        "digest_hex": digest_of(text).hex()})  # fmt: skip
+    write("digest.json", {"code_key_hex": CODE_KEY.hex(), "vectors": digests})
+
+    cases = []
+    for raw, note in NORMALIZE_CASES:
+        try:
+            text = normalize(raw).text
+        except MalformedCode:
+            cases.append({"raw_hex": raw.hex(), "malformed": True, "note": note})
+            continue
+        cases.append({"raw_hex": raw.hex(), "text": text, "text_utf8_hex": text.encode().hex(),
+                      "note": note})  # fmt: skip
+    write("normalize.json", {"max_length": 512, "vectors": cases})
+
+    codes = []
+    for note, card_id, serial, not_before, not_after in SIGNED_CODES:
+        text = signed_code.mint(ISSUER_SEED, card_id, serial, not_before, not_after)
+        parsed = signed_code.parse(text)
+        codes.append({
+            "note": note,
+            "issuer_seed_hex": ISSUER_SEED.hex(),
+            "key_id": parsed.key_id,
+            "card_id": card_id,
+            "serial": serial,
+            "not_before": not_before,
+            "not_after": not_after,
+            "payload_hex": parsed.payload.hex(),
+            "signed_message_hex": (signed_code.DOMAIN + parsed.payload).hex(),
+            "signature_hex": parsed.signature.hex(),
+            "text": text,
+            "digest_hex": digest_of(text).hex(),
+        })  # fmt: skip
+    good = codes[0]["text"]
+    # The last character carries 1 bit of signature and 4 zero padding bits.
+    last = BASE32.index(good[-1])
+    assert last % 16 == 0
+    refused = [
+        {"text": good[:-1] + BASE32[last + 1],
+         "why": "non-zero padding bits in the last character: not canonical"},
+        {"text": good.lower().replace("rd1", "RD1", 1), "why": "lower-case base32"},
+        {"text": good[:-1], "why": "one character short"},
+    ]  # fmt: skip
+    raw = bytearray(base64.b32decode(good[3:] + "=" * (-len(good[3:]) % 8)))
+    raw[-1] ^= 0x01
+    forged = "RD1" + base64.b32encode(bytes(raw)).decode().rstrip("=")
+    write("signed_code.json", {
+        "prefix": signed_code.PREFIX,
+        "text_length": signed_code.TEXT_LENGTH,
+        "domain_hex": signed_code.DOMAIN.hex(),
+        "vectors": codes,
+        "refused_by_parse": refused,
+        "bad_signature": {"text": forged, "why": "last signature byte flipped: parses, does not verify"},
+    })  # fmt: skip
+
+    batches = {}
+    _, batches["cards"] = make_batch(
+        delegation, "batch-cards.rdb", Kind.CARDS, 1, batch.encode_cards(CARD_TEMPLATES),
+        {"templates": CARD_TEMPLATES},
+    )  # fmt: skip
+    batches["cards"]["parsed_cards"] = [card_doc(parse_card(t)) for t in CARD_TEMPLATES]
+
+    rows = [(digest_of(t), *rest) for t, *rest in ISSUE_ROWS]
+    issue_inputs = [
+        {"code": t, "digest": digest_of(t).hex(), "card_id": c, "not_before": nb,
+         "not_after": na, "uses": u, "balance": b, "status": s}
+        for t, c, nb, na, u, b, s in ISSUE_ROWS
+    ]  # fmt: skip
+    issue_file, batches["issue"] = make_batch(
+        delegation, "batch-issue.rdb", Kind.ISSUE, 2, batch.encode_issue(rows),
+        {"rows": issue_inputs}, chunk_size=ISSUE_CHUNK_SIZE,
+    )  # fmt: skip
+    chunks = batch.split(issue_file)
+    assert len(chunks) >= 2, "the issue vector must span several chunks"
+    batches["issue"]["chunks_hex"] = [c.hex() for c in chunks]
+
+    _, batches["revoke"] = make_batch(
+        delegation, "batch-revoke.rdb", Kind.REVOKE, 3,
+        batch.encode_digests(digest_of(t) for t in REVOKE_CODES), {"codes": REVOKE_CODES},
+    )  # fmt: skip
+
+    consumed = [
+        (digest_of(t), bytes.fromhex(r.replace("-", "")), u, a) for t, r, u, a in CONSUMED_ROWS
+    ]
+    _, batches["consumed"] = make_batch(
+        delegation, "batch-consumed.rdb", Kind.CONSUMED, 4, batch.encode_consumed(consumed),
+        {"rows": [{"code": t, "record_id": r, "uses": u, "amount": a} for t, r, u, a in CONSUMED_ROWS]},
+    )  # fmt: skip
+
+    write("batches.json", {
+        "roots": {keys.key_id(root_public): root_public.hex()},
+        "issuer_seed_hex": ISSUER_SEED.hex(),
+        "code_key_hex": CODE_KEY.hex(),
+        "zlib_level": 6,
+        "zlib_version_used": zlib.ZLIB_RUNTIME_VERSION,
+        "batches": batches,
+    })  # fmt: skip
+
+
+def card_doc(card) -> dict:
+    return {
+        "id": card.card_id, "merchant": card.merchant, "kind": card.kind.value,
+        "title": card.title, "uses": card.uses, "balance": card.balance,
+        "stores": sorted(card.stores), "weekdays": sorted(card.weekdays),
+        "hours": [list(h) for h in card.hours], "valid_from": card.valid_from,
+        "valid_until": card.valid_until, "two_phase": card.two_phase,
+        "reversal_window": card.reversal_window,
+    }  # fmt: skip
+
+
+def write(name: str, value: object) -> None:
+    text = json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+    (HERE / name).write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
