@@ -236,7 +236,7 @@ def read_header(data: bytes, magic: bytes, roots: dict[str, bytes]) -> tuple[Hea
         raise BatchError(f"header is not JSON: {exc}") from None
     if not isinstance(body, dict):
         raise BatchError("header must be a JSON object")
-    if body.get("v") != 1:
+    if type(body.get("v")) is not int or body["v"] != 1:
         raise BatchError(f"batch format version {body.get('v')!r} is not supported (need 1)")
     try:
         delegation = keys.parse_delegation(body.get("issuer"), roots)

@@ -102,7 +102,7 @@ def parse_card(value: dict) -> Card:
             ) from None
         hours.append((start, end))
     weekdays = value.get("weekdays", [])
-    if not isinstance(weekdays, list) or not all(d in range(1, 8) for d in weekdays):
+    if not isinstance(weekdays, list) or not all(type(d) is int and 1 <= d <= 7 for d in weekdays):
         raise CardError(f"card {card_id}: weekdays must be a list of 1 (Monday) .. 7 (Sunday)")
     stores = value.get("stores", [])
     if not isinstance(stores, list) or not all(isinstance(s, str) for s in stores):
@@ -139,6 +139,6 @@ def _int(value: dict, name: str, required: bool = False) -> int | None:
 def _minutes(text: str) -> int:
     hour, minute = text.strip().split(":")
     result = int(hour) * 60 + int(minute)
-    if not 0 <= result <= 24 * 60:
+    if not (0 <= int(minute) < 60 and 0 <= result <= 24 * 60):
         raise ValueError(text)
     return result

@@ -152,7 +152,7 @@ def parse_delegation(value: object, roots: dict[str, bytes]) -> Delegation:
         )
     except (TypeError, KeyError) as exc:
         raise TrustError(f"issuer delegation: {exc.args[0]}") from None
-    if cert.get("v") != 1:
+    if type(cert.get("v")) is not int or cert["v"] != 1:
         raise TrustError(f"issuer delegation version {cert.get('v')!r} is not supported (need 1)")
     if not all(isinstance(m, str) for m in delegation.merchants):
         raise TrustError("issuer delegation: merchants must be strings")

@@ -108,7 +108,7 @@ def decide(card: Card, code: CodeState, ctx: Context) -> Decision:
         return refuse(Reason.EXPIRED, f"expired at {code.not_after}")
     if card.weekdays and ctx.weekday not in card.weekdays:
         return refuse(Reason.OUTSIDE_HOURS, "not valid on this weekday")
-    if card.hours and not any(start <= ctx.minute_of_day < end for start, end in card.hours):
+    if card.hours and not any(_in_window(ctx.minute_of_day, w) for w in card.hours):
         return refuse(Reason.OUTSIDE_HOURS, "not valid at this time of day")
 
     if card.uses_balance:
@@ -206,3 +206,12 @@ def decide_reverse(card: Card, code: CodeState, original: Redeemed, now: int) ->
         status=CodeStatus.ACTIVE,
         changed=True,
     )
+
+
+def _in_window(minute: int, window: tuple[int, int]) -> bool:
+    """[start, end) in minutes; a window whose end is before its start wraps past
+    midnight ("22:00-02:00" for a bar's late offer)."""
+    start, end = window
+    if start < end:
+        return start <= minute < end
+    return minute >= start or minute < end

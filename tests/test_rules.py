@@ -485,3 +485,23 @@ def test_card_is_frozen():
     card = parse_card(BASE)
     with pytest.raises(dataclasses.FrozenInstanceError):
         card.uses = 5  # type: ignore[misc]
+
+
+def test_hours_window_past_midnight_admits_late_and_early_minutes():
+    from cards.card import parse_card
+
+    card = parse_card({"id": 9, "merchant": "demo", "kind": "coupon", "hours": ["22:00-02:00"]})
+    code = CodeState(uses_left=1)
+    at = {m: decide(card, code, Context(NOW, 1, m, "s")) for m in (23 * 60, 60, 12 * 60)}
+    assert at[23 * 60].outcome.value == "accepted"
+    assert at[60].outcome.value == "accepted"
+    assert at[12 * 60].reason.value == "outside_hours"
+
+
+def test_card_with_minute_60_or_boolean_weekday_is_refused():
+    from cards.card import CardError, parse_card
+
+    with pytest.raises(CardError):
+        parse_card({"id": 9, "merchant": "demo", "kind": "coupon", "hours": ["09:60-10:00"]})
+    with pytest.raises(CardError):
+        parse_card({"id": 9, "merchant": "demo", "kind": "coupon", "weekdays": [True]})
