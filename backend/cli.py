@@ -198,9 +198,12 @@ def cmd_mint(args: argparse.Namespace) -> int:
     now = int(time.time())
     not_before, not_after = max(now - 60, delegation.not_before), now + int(args.days * 86400)
     if not_after > delegation.not_after:
-        raise UsageError(
-            f"--days {args.days} outlives the issuer key's delegation (until "
-            f"{delegation.not_after}); boxes would refuse the codes. Delegate again with more --days"
+        # Boxes refuse codes that outlive the key's delegation; end them with it instead.
+        not_after = delegation.not_after
+        print(
+            f"redeemd-backend: note: codes end at {not_after}, when the issuer key's delegation "
+            "ends; delegate again with more --days for longer-lived codes",
+            file=sys.stderr,
         )
     for serial in range(args.serial, args.serial + args.count):
         print(signed_code.mint(private, args.card, serial, not_before, not_after))
