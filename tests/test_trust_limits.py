@@ -67,3 +67,19 @@ def test_signed_code_valid_beyond_its_issuer_delegation_is_refused(tmp_path):
     verdict = engine.check(beyond)
     assert verdict.reason.value == "bad_signature"
     assert "delegation" in verdict.detail
+
+
+def test_minted_codes_end_with_the_issuer_delegation(tmp_path, capsys):
+    from backend.cli import main
+    from backend.keystore import Keystore
+
+    assert main(["keygen", "--dir", str(tmp_path)]) == 0
+    assert main(["delegate", "--dir", str(tmp_path), "--merchant", "demo", "--days", "1"]) == 0
+    capsys.readouterr()
+    assert (
+        main(["mint", "--dir", str(tmp_path), "--card", "1", "--serial", "1", "--days", "30"]) == 0
+    )
+    out = capsys.readouterr()
+    code = signed_code.parse(out.out.strip())
+    assert code.not_after == Keystore(tmp_path).delegation().not_after
+    assert "delegation" in out.err
