@@ -14,6 +14,8 @@ from sqlite_utils import Database
 
 from storage.migrations import migrations
 
+WAL_SIZE_LIMIT = 16 << 20
+
 
 class StorageError(RuntimeError):
     """The database cannot be opened or written; the message says what to do."""
@@ -33,6 +35,11 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn.execute("PRAGMA busy_timeout = 5000")
         if not readonly:
             conn.execute("PRAGMA journal_mode = WAL")
+            # A big import grows the -wal file to the size of everything it wrote (310 MB
+            # for 10M codes) and SQLite reuses it without ever shrinking it while any
+            # connection stays open; this truncates it on the next write instead. Normal
+            # scans never reach the limit (an autocheckpoint cycle is about 4 MB).
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         conn.execute("PRAGMA synchronous = FULL")
     except (sqlite3.Error, OSError) as exc:
         raise StorageError(f"cannot open database {path}: {exc}") from None
