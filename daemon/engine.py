@@ -8,6 +8,7 @@ committed with synchronous=FULL, so whatever the caller shows has survived a cra
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import sqlite3
@@ -17,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 from zoneinfo import ZoneInfo
 
 import uuid6
@@ -42,6 +44,7 @@ from storage import codes, ledger, trust
 from storage.ledger import Redemption
 
 log = logging.getLogger("redeemd.engine")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class Engine:
         self._recent: OrderedDict[tuple[str, bytes], float] = OrderedDict()
         self._data_version = -1
         self._next_seq = ledger.last_seq(conn) + 1
+        self._recorded = False
         self._refresh()
 
     # ------------------------------------------------------------------ state
@@ -106,11 +110,16 @@ class Engine:
             key = hashlib.sha256(scan.code).digest()[:16]
             if self._debounced(scan.source, key):
                 return None
-            return self._record_reject(Reason.MALFORMED, str(exc), None, None, scan)
+            detail = str(exc)
+            return self._write(
+                lambda: self._record_reject(Reason.MALFORMED, detail, None, None, scan), scan, None
+            )
         digest = code_digest(self.config.trust.code_key, norm.text)
         if self._debounced(scan.source, digest):
             return None
-        return self._evaluate(norm.text, digest, scan, action=None, record=True)
+        return self._write(
+            lambda: self._evaluate(norm.text, digest, scan, action=None, record=True), scan, digest
+        )
 
     def check(self, text: str, source: str = "cli") -> Verdict | PaymentCode:
         """Verdict for a code without recording or redeeming anything."""
@@ -136,19 +145,20 @@ class Engine:
         try:
             norm = normalize(text.encode("utf-8"), self.config.scan.max_code_length)
         except MalformedCode as exc:
-            return self._record_reject(Reason.MALFORMED, str(exc), None, None, Scan(b"", source))
+            scan, detail = Scan(b"", source), str(exc)
+            return self._write(
+                lambda: self._record_reject(Reason.MALFORMED, detail, None, None, scan), scan, None
+            )
         digest = code_digest(self.config.trust.code_key, norm.text)
         scan = Scan(code=b"", source=source, at=self.clock())
-        return self._evaluate(
-            norm.text,
-            digest,
+        return self._write(
+            lambda: self._evaluate(
+                norm.text, digest, scan, Action.REDEEM, record=True, amount=amount, uses=uses,
+                operator=operator,
+            ),
             scan,
-            Action.REDEEM,
-            record=True,
-            amount=amount,
-            uses=uses,
-            operator=operator,
-        )
+            digest,
+        )  # fmt: skip
 
     def _debounced(self, source: str, key: bytes) -> bool:
         """One read, one scan: the same code from the same source inside the window."""
@@ -238,15 +248,18 @@ class Engine:
             return reject(Reason.STALE_CACHE, "the cache is older than max_staleness", card)
         if action is None:
             action = Action.CHECK if card.two_phase else Action.REDEEM
-        local = (
-            datetime.fromtimestamp(now, self.zone)
-            if self.zone
-            else datetime.fromtimestamp(now).astimezone()
-        )
+        weekday = minute = 0
+        if card.weekdays or card.hours:  # local time only for cards that need it
+            local = (
+                datetime.fromtimestamp(now, self.zone)
+                if self.zone
+                else datetime.fromtimestamp(now).astimezone()
+            )
+            weekday, minute = local.isoweekday(), local.hour * 60 + local.minute
         ctx = Context(
             now=now,
-            weekday=local.isoweekday(),
-            minute_of_day=local.hour * 60 + local.minute,
+            weekday=weekday,
+            minute_of_day=minute,
             store=self.config.box.store,
             action=action,
             amount=amount,
@@ -266,13 +279,18 @@ class Engine:
 
     def reverse(self, record_id: str, source: str, operator: str | None = None) -> Verdict:
         """Undo an accepted redemption within its card's reversal window."""
-        self._refresh()
         try:
             rid = uuid.UUID(record_id).bytes
         except ValueError:
             return Verdict(
                 Outcome.REJECTED, Action.REJECT, Reason.MALFORMED, "not a record id", source=source
             )
+        scan = Scan(code=b"", source=source, at=self.clock())
+        return self._write(lambda: self._reverse(rid, scan, operator), scan, None)  # type: ignore[return-value]
+
+    def _reverse(self, rid: bytes, scan: Scan, operator: str | None) -> Verdict:
+        source = scan.source
+        self._refresh()
         original = ledger.by_id(self.conn, rid)
         if (
             original is None
@@ -298,11 +316,45 @@ class Engine:
             ),  # fmt: skip
             self.now(),
         )
-        scan = Scan(code=b"", source=source, at=self.clock())
         return self._record(decision, original.digest, card, scan, amount=original.amount,
                             uses=original.uses or 1, operator=operator, reverses=rid)  # fmt: skip
 
     # ------------------------------------------------------------------ recording
+
+    def _write(self, work: Callable[[], R], scan: Scan, digest: bytes | None) -> R | Verdict:
+        """Run one decision as one write transaction, from lookup to COMMIT.
+
+        The lookup happens under the write lock, so a batch imported by another process
+        cannot change the code between the decision and its record. The result is only
+        returned after COMMIT: durable before shown.
+        """
+        self._recorded = False
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = work()
+                self.conn.execute("COMMIT")
+            except BaseException:
+                # SQLITE_FULL and SQLITE_IOERR roll the transaction back themselves; a
+                # second ROLLBACK would raise and hide the real cause from the alarm.
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            # Disk full, I/O error, locked too long: refuse rather than accept unrecorded.
+            self.alarm = f"cannot write the ledger: {exc}; free disk space or check the storage"
+            log.error("storage error on scan from %s: %s", scan.source, exc)
+            self._resync_seq()
+            return Verdict(Outcome.REJECTED, Action.REJECT, Reason.STORAGE_ERROR, str(exc),
+                           short(digest), source=scan.source)  # fmt: skip
+        if self._recorded:
+            self._next_seq += 1
+            self.alarm = None
+        return result
+
+    def _resync_seq(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._next_seq = ledger.last_seq(self.conn) + 1
 
     def _record_reject(
         self, reason: Reason, detail: str, digest: bytes | None, card: Card | None, scan: Scan
@@ -347,36 +399,19 @@ class Engine:
             cache_seq=self.cache_seq,
             reverses=reverses,
         )
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                ledger.append(self.conn, record)
-                if decision.changed and digest is not None and card is not None:
-                    self.conn.execute(
-                        codes.UPSERT_STATE,
-                        (
-                            digest,
-                            card.card_id,
-                            UNLIMITED_USES if decision.uses_left is None else decision.uses_left,
-                            decision.balance,
-                            decision.status,
-                        ),
-                    )
-                self.conn.execute("COMMIT")
-            except BaseException:
-                # SQLITE_FULL and SQLITE_IOERR roll the transaction back themselves; a
-                # second ROLLBACK would raise and hide the real cause from the alarm.
-                if self.conn.in_transaction:
-                    self.conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            # Disk full, I/O error, locked too long: refuse rather than accept unrecorded.
-            self.alarm = f"cannot write the ledger: {exc}; free disk space or check the storage"
-            log.error("storage error on scan from %s: %s", scan.source, exc)
-            return Verdict(Outcome.REJECTED, Action.REJECT, Reason.STORAGE_ERROR, str(exc),
-                           short(digest), source=scan.source)  # fmt: skip
-        self.alarm = None
-        self._next_seq = seq + 1
+        ledger.append(self.conn, record)
+        if decision.changed and digest is not None and card is not None:
+            self.conn.execute(
+                codes.UPSERT_STATE,
+                (
+                    digest,
+                    card.card_id,
+                    UNLIMITED_USES if decision.uses_left is None else decision.uses_left,
+                    decision.balance,
+                    decision.status,
+                ),
+            )
+        self._recorded = True
         return self._verdict(decision, digest, card, scan.source, record_id, seq, record.amount)
 
     def _verdict(
