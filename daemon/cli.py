@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import logging
+import os
 import sqlite3
 import sys
 import time
@@ -210,12 +211,45 @@ def cmd_status(args: argparse.Namespace) -> int:
         "outbox_depth": outbox.depth(conn),
         "outbox_oldest_age_s": None if oldest is None else int(now - oldest[0] / 1000),
     }
+    info.update(_live_status(config))
     if args.json:
         print(json.dumps(info, indent=2))
     else:
+        drivers = info.pop("drivers")
         for key, value in info.items():
             print(f"{key:>20}: {value}")
+        for d in drivers:
+            seen = (
+                "never"
+                if d.get("last_scan") is None
+                else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["last_scan"]))
+            )
+            message = f" ({d['message']})" if d.get("message") else ""
+            print(
+                f"{'scanner ' + d['name']:>20}: {d['kind']} {d['state']}{message}, "
+                f"{d['scans']} scans, last {seen}, {d['restarts']} restarts"
+            )
     return 0
+
+
+def _live_status(config: Config) -> dict[str, object]:
+    """What the running daemon last wrote: scanner states and alarms."""
+    path = config.box.state_dir / "status.json"
+    try:
+        live = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"daemon": "not running (no status.json)", "drivers": []}
+    age = time.time() - float(live.get("updated_at", 0))
+    running = age < 10
+    try:
+        os.kill(int(live.get("pid", 0)), 0)
+    except (OSError, ValueError):
+        running = False
+    return {
+        "daemon": f"running, pid {live.get('pid')}" if running else "not running",
+        "alarm": live.get("alarm"),
+        "drivers": live.get("drivers", []),
+    }
 
 
 def _read_only(config: Config):

@@ -12,15 +12,15 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cards import keys
 
 DEFAULT_PATH = Path("/etc/redeemd/config.toml")
-SCANNER_TYPES = ("stdin",)
 
 
 class ConfigError(ValueError):
@@ -60,8 +60,12 @@ class ScanConfig:
 
 @dataclass(frozen=True)
 class ScannerConfig:
+    """One [[scanner]] block. `settings` holds the type's keys, already validated and
+    with defaults filled in (see SCANNER_SCHEMAS)."""
+
     type: str
     name: str
+    settings: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -164,9 +168,75 @@ SCHEMA: dict[str, dict[str, tuple[Checker, object]]] = {
         "enabled": (_boolean, False),
     },
 }
+
+
+def _hex_bytes(value: object) -> bytes:
+    if isinstance(value, str):
+        try:
+            return bytes.fromhex(value)
+        except ValueError:
+            pass
+    raise ValueError('hex bytes such as "16 07 0d" ("" for none)')
+
+
+def _int_choice(*allowed: int | float) -> Checker:
+    def check(value: object) -> int | float:
+        if isinstance(value, bool) or value not in allowed:
+            raise ValueError("one of " + ", ".join(str(a) for a in allowed))
+        return value  # type: ignore[return-value]
+
+    return check
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("a string")
+    return value
+
+
+REQUIRED = None  # a scanner key without a default must be given
+
+# Keys of each scanner type, beside `type` and `name`. docs/scanners.md explains them.
+SCANNER_SCHEMAS: dict[str, dict[str, tuple[Checker, object]]] = {
+    "stdin": {
+        # "-" is standard input; a path is a FIFO or file read line by line.
+        "path": (_string, "-"),
+    },
+    "serial": {
+        "port": (_string, REQUIRED),
+        "baudrate": (_positive_int, 9600),
+        "bytesize": (_int_choice(5, 6, 7, 8), 8),
+        "parity": (_choice("none", "even", "odd", "mark", "space"), "none"),
+        "stopbits": (_int_choice(1, 1.5, 2), 1),
+        "flow": (_choice("none", "rtscts", "xonxoff"), "none"),
+        "terminator": (_choice("auto", "cr", "lf", "crlf", "etx", "none"), "auto"),
+        "idle_gap": (_duration, "50ms"),
+        "prefix": (_text, ""),
+        "suffix": (_text, ""),
+        "feedback": (_choice("none", "honeywell", "zebra-ssi", "raw"), "none"),
+        "good_read": (_hex_bytes, ""),
+        "bad_read": (_hex_bytes, ""),
+    },
+    "hid": {
+        "device": (_string, REQUIRED),
+        "layout": (_choice("us", "uk", "de", "fr"), "us"),
+        "grab": (_boolean, True),
+        "gap": (_duration, "100ms"),
+        "min_length": (_positive_int, 3),
+    },
+    "camera": {
+        "device": (_string, REQUIRED),
+        "width": (_positive_int, 640),
+        "height": (_positive_int, 480),
+        "fps": (_positive_int, 10),
+        "ffmpeg": (_string, "ffmpeg"),
+        "rescan_after": (_duration, "2s"),
+        "min_sightings_1d": (_positive_int, 2),
+    },
+}
 SCANNER_SCHEMA: dict[str, tuple[Checker, object]] = {
-    "type": (_choice(*SCANNER_TYPES), None),
-    "name": (_identifier, None),
+    "type": (_choice(*SCANNER_SCHEMAS), REQUIRED),
+    "name": (_identifier, REQUIRED),
 }
 
 
@@ -276,7 +346,7 @@ def _check_table(
 
 def _scanners(given: object, problems: list[str]) -> tuple[ScannerConfig, ...]:
     if given is None:
-        return (ScannerConfig(type="stdin", name="stdin"),)
+        return (ScannerConfig("stdin", "stdin", MappingProxyType({"path": "-"})),)
     if not isinstance(given, list):
         problems.append("[[scanner]]: must be an array of tables ([[scanner]] blocks)")
         return ()
@@ -286,9 +356,18 @@ def _scanners(given: object, problems: list[str]) -> tuple[ScannerConfig, ...]:
         if not isinstance(table, dict):
             problems.append(f"{where}: must be a table")
             continue
-        checked = _check_table(where, table, SCANNER_SCHEMA, problems)
+        kind = table.get("type")
+        schema = {**SCANNER_SCHEMA, **SCANNER_SCHEMAS.get(kind, {})}  # type: ignore[arg-type]
+        checked = _check_table(where, table, schema, problems)
         if checked["type"] and checked["name"]:
-            result.append(ScannerConfig(type=checked["type"], name=checked["name"]))  # type: ignore[arg-type]
+            settings = {k: v for k, v in checked.items() if k not in SCANNER_SCHEMA}
+            result.append(
+                ScannerConfig(
+                    type=checked["type"],  # type: ignore[arg-type]
+                    name=checked["name"],  # type: ignore[arg-type]
+                    settings=MappingProxyType(settings),
+                )
+            )
     names = [s.name for s in result]
     for name in {n for n in names if names.count(n) > 1}:
         problems.append(f"[[scanner]] name = {name!r}: used twice; names must be unique")

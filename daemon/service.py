@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import signal
 import sys
 import threading
+import time
 from typing import TextIO
 
 from cards.scan import Scan
 from cards.verdict import Verdict
-from daemon.config import Config
+from daemon.config import Config, ScannerConfig
 from daemon.engine import Engine, PaymentCode
-from drivers.stdin import StreamScanner
+from drivers.supervisor import Driver, Supervisor
 from storage.database import open_database
 
 log = logging.getLogger("redeemd")
@@ -49,14 +51,39 @@ def describe(result: Verdict | PaymentCode) -> str:
     return f"{head}  " + " ".join(parts)
 
 
+def make_driver(scanner: ScannerConfig) -> Driver:
+    """The driver object for one [[scanner]] block. Imports are lazy so that a box
+    without a camera does not need ffmpeg or zbar installed."""
+    if scanner.type == "stdin":
+        from drivers.stdin import StreamScanner
+
+        return StreamScanner(scanner.name, scanner.settings)
+    if scanner.type == "serial":
+        from drivers.serial import SerialScanner
+
+        return SerialScanner(scanner.name, scanner.settings)
+    if scanner.type == "hid":
+        from drivers.hid import HidScanner
+
+        return HidScanner(scanner.name, scanner.settings)
+    if scanner.type == "camera":
+        from drivers.camera import CameraScanner
+
+        return CameraScanner(scanner.name, scanner.settings)
+    raise ValueError(f"unknown scanner type {scanner.type!r}")  # config validation prevents it
+
+
 class Service:
+    STATUS_EVERY = 2.0
+
     def __init__(self, config: Config, out: TextIO = sys.stdout, as_json: bool = False):
         self.config = config
         self.out = out
         self.as_json = as_json
         self.scans: queue.Queue[Scan | None] = queue.Queue(maxsize=1000)
         self.stopping = threading.Event()
-        self.threads: list[threading.Thread] = []
+        self.supervisors: dict[str, Supervisor] = {}
+        self.status_path = config.box.state_dir / "status.json"
 
     def run(self) -> int:
         conn = open_database(self.config.box.database)
@@ -68,45 +95,82 @@ class Service:
         )  # fmt: skip
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         self._start_drivers()
+        last_status = 0.0
         try:
             while not self.stopping.is_set():
+                now = time.monotonic()
+                if now - last_status >= self.STATUS_EVERY:
+                    self._write_status(engine)
+                    last_status = now
                 try:
                     scan = self.scans.get(timeout=0.5)
                 except queue.Empty:
                     continue
                 if scan is None:
-                    if not any(t.is_alive() for t in self.threads):
+                    if all(s.ended for s in self.supervisors.values()):
                         break
                     continue
                 result = engine.handle(scan)
                 if result is not None:
                     self._show(result)
+                    self._feedback(scan.source, result)
         except KeyboardInterrupt:
             pass
         finally:
+            self._stop_drivers()
+            self._write_status(engine)
             conn.close()
         log.info("stopped")
         return 0
 
     def _start_drivers(self) -> None:
         for scanner in self.config.scanners:
-            if scanner.type == "stdin":
-                driver = StreamScanner(scanner.name, sys.stdin.buffer, self.scans.put)
-            else:  # pragma: no cover - config validation allows only known types
-                raise ValueError(scanner.type)
-            thread = threading.Thread(
-                target=self._drive, args=(driver,), name=scanner.name, daemon=True
+            supervisor = Supervisor(make_driver(scanner), self.scans.put)
+            # The thread ends by putting None, so the loop notices an ended source.
+            supervisor.thread = threading.Thread(
+                target=self._drive, args=(supervisor,), name=f"scanner-{scanner.name}", daemon=True
             )
-            thread.start()
-            self.threads.append(thread)
+            self.supervisors[scanner.name] = supervisor
+            supervisor.start()
 
-    def _drive(self, driver: StreamScanner) -> None:
+    def _drive(self, supervisor: Supervisor) -> None:
         try:
-            driver.run()
-        except Exception:  # a driver must never take the service down
-            log.exception("scanner %s failed", driver.name)
+            supervisor._loop()
         finally:
             self.scans.put(None)
+
+    def _stop_drivers(self) -> None:
+        # Signal every driver first, then wait: shutdown takes the longest single wait,
+        # not the sum of them.
+        for supervisor in self.supervisors.values():
+            supervisor._stop.set()
+        for name, supervisor in self.supervisors.items():
+            if not supervisor.stop(timeout=2.0):
+                log.warning("scanner %s did not stop within 2 s", name)
+
+    def _feedback(self, source: str, result: Verdict | PaymentCode) -> None:
+        supervisor = self.supervisors.get(source)
+        if supervisor is None or isinstance(result, PaymentCode):
+            return
+        try:
+            supervisor.driver.feedback(result.accepted)
+        except Exception as exc:  # a beep that fails must not lose the next scan
+            log.warning("scanner %s: feedback failed: %s", source, exc)
+
+    def _write_status(self, engine: Engine) -> None:
+        """Live state for `redeemd status` (drivers, alarms), replaced atomically."""
+        status = {
+            "pid": os.getpid(),
+            "updated_at": time.time(),
+            "alarm": engine.alarm,
+            "drivers": [s.state.to_json() for s in self.supervisors.values()],
+        }
+        tmp = self.status_path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(status))
+            os.replace(tmp, self.status_path)
+        except OSError as exc:
+            log.debug("cannot write %s: %s", self.status_path, exc)
 
     def _show(self, result: Verdict | PaymentCode) -> None:
         line = json.dumps(result.to_json()) if self.as_json else describe(result)

@@ -1,39 +1,54 @@
-"""Scans typed or piped on standard input (or read from a FIFO): for testing, demos and
+"""Scans typed or piped on standard input, or read from a FIFO: for testing, demos and
 integrations that already have the code as text. One line, one scan."""
 
 from __future__ import annotations
 
 import os
+import select
+import sys
+import threading
 import time
-from collections.abc import Callable
-from typing import BinaryIO
+from collections.abc import Callable, Mapping
 
 from cards.scan import Scan
 from drivers.framing import LineFramer
+from drivers.supervisor import DriverState
 
 
 class StreamScanner:
-    """Reads a byte stream until EOF and emits one Scan per line."""
+    kind = "stdin"
 
-    def __init__(self, name: str, stream: BinaryIO, emit: Callable[[Scan], None]):
+    def __init__(self, name: str, settings: Mapping[str, object]):
         self.name = name
-        self.stream = stream
-        self.emit = emit
-        self.state = "connected"
-        self.scans = 0
-        self.last_scan: float | None = None
+        self.path = str(settings.get("path", "-"))
 
-    def run(self) -> None:
+    def run(self, emit: Callable[[Scan], None], stop: threading.Event, state: DriverState) -> None:
+        if self.path == "-":
+            fd, owned = sys.stdin.fileno(), False
+        else:
+            # O_RDWR on a FIFO: the read end never sees EOF when a writer goes away, so
+            # an integration can reopen it at will.
+            fd, owned = os.open(self.path, os.O_RDWR | os.O_NONBLOCK), True
+        state.state = "connected"
         framer = LineFramer()
-        fd = self.stream.fileno()
-        while True:
-            data = os.read(fd, 65536)
-            if not data:
-                break
-            for frame in framer.feed(data):
-                self.scans += 1
-                self.last_scan = time.time()
-                self.emit(Scan(code=frame, source=self.name, at=self.last_scan))
-        for frame in framer.feed(b"\n"):
-            self.emit(Scan(code=frame, source=self.name, at=time.time()))
-        self.state = "closed"
+        try:
+            while not stop.is_set():
+                ready, _, _ = select.select([fd], [], [], 0.5)
+                if not ready:
+                    continue
+                data = os.read(fd, 65536)
+                if not data:
+                    break
+                for frame in framer.feed(data):
+                    emit(Scan(code=frame, source=self.name, at=time.time()))
+            for frame in framer.feed(b"\n"):
+                emit(Scan(code=frame, source=self.name, at=time.time()))
+        finally:
+            if owned:
+                os.close(fd)
+
+    def feedback(self, accepted: bool) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,136 @@
+"""Keeping scanners running: each driver in its own thread, restarted with backoff.
+
+A scanner that is unplugged, refuses to open or sends garbage must never take the
+daemon down, and must come back by itself when it can. The supervisor owns the thread,
+catches whatever the driver raises, records it in the driver's state for
+`redeemd status`, waits (exponential backoff with full jitter, so a fleet of boxes on
+one flaky hub does not retry in lockstep) and runs the driver again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+from cards.scan import Scan
+
+log = logging.getLogger("redeemd.drivers")
+
+
+class DriverError(RuntimeError):
+    """A scanner cannot be used right now; the message tells the technician why and what to do."""
+
+
+@dataclass
+class DriverState:
+    """Live state of one scanner, shown by `redeemd status`. Written by its thread only."""
+
+    name: str
+    kind: str
+    state: str = "starting"
+    """starting, connected, disconnected, error, ended (source closed), stopped."""
+    message: str = ""
+    last_scan: float | None = None
+    scans: int = 0
+    restarts: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class Driver(Protocol):
+    """What every scanner driver provides. One object per configured scanner."""
+
+    name: str
+    kind: str
+
+    def run(self, emit: Callable[[Scan], None], stop: threading.Event, state: DriverState) -> None:
+        """Read scans until `stop` is set (return) or the source ends for good (return).
+
+        Raise DriverError or OSError when the device is lost or cannot be opened; the
+        supervisor reports it and calls run() again after a backoff. Set
+        `state.state = "connected"` once the device is open.
+        """
+        ...
+
+    def feedback(self, accepted: bool) -> None:
+        """Tell the scanner the verdict (beep/LED) if it supports host commands."""
+        ...
+
+    def close(self) -> None:
+        """Called from another thread on shutdown: make run() return soon."""
+        ...
+
+
+class Supervisor:
+    def __init__(
+        self,
+        driver: Driver,
+        emit: Callable[[Scan], None],
+        *,
+        initial_backoff: float = 0.5,
+        max_backoff: float = 30.0,
+    ):
+        self.driver = driver
+        self.state = DriverState(driver.name, driver.kind)
+        self._emit = emit
+        self._stop = threading.Event()
+        self._initial = initial_backoff
+        self._max = max_backoff
+        self.thread = threading.Thread(
+            target=self._loop, name=f"scanner-{driver.name}", daemon=True
+        )
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 2.0) -> bool:
+        """Ask the driver to stop and wait for its thread; True if it has ended."""
+        self._stop.set()
+        try:
+            self.driver.close()
+        except Exception:  # closing a dead device may fail; the thread still ends
+            log.debug("closing scanner %s failed", self.driver.name, exc_info=True)
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    @property
+    def ended(self) -> bool:
+        return self.state.state in ("ended", "stopped")
+
+    def _count(self, scan: Scan) -> None:
+        self.state.scans += 1
+        self.state.last_scan = scan.at or time.time()
+        self._emit(scan)
+
+    def _loop(self) -> None:
+        delay = self._initial
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self.driver.run(self._count, self._stop, self.state)
+                if not self._stop.is_set():
+                    self.state.state = "ended"
+                    log.info("scanner %s: input ended", self.driver.name)
+                break
+            except (DriverError, OSError) as exc:
+                self.state.state = "disconnected"
+                self.state.message = str(exc)
+                log.warning("scanner %s: %s; retrying", self.driver.name, exc)
+            except Exception as exc:  # a driver bug must not end the daemon
+                self.state.state = "error"
+                self.state.message = f"{type(exc).__name__}: {exc}"
+                log.exception("scanner %s failed; restarting it", self.driver.name)
+            if time.monotonic() - started > 60:
+                delay = self._initial  # it ran fine for a while: start backing off afresh
+            if self._stop.wait(random.uniform(0, delay)):
+                break
+            delay = min(delay * 2, self._max)
+            self.state.restarts += 1
+        if self._stop.is_set():
+            self.state.state = "stopped"
