@@ -44,6 +44,7 @@ def clone(tmp_path_factory) -> Path:
         if not entry.name.startswith(".installed-"):
             (venv / entry.name).symlink_to(entry)
     # `./dev` installs when pyproject.toml is newer than the stamp; this one is newer.
+    (venv / ".installed-base").touch()
     (venv / ".installed-test").touch()
     os.utime(dest / "pyproject.toml", (0, 0))
     return dest
