@@ -100,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
                 "redeemd ledger --format csv --after 1200 > ledger.csv")  # fmt: skip
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     p.add_argument("--after", type=int, default=0, help="only records with box sequence > N")
+    command("devices", cmd_devices, "List serial ports, input devices and cameras, with config snippets.",
+            "redeemd devices")  # fmt: skip
+    p = command("decode", cmd_decode, "Print the codes found in image files (camera check).",
+                "redeemd decode shelf-photo.png qr.jpg")  # fmt: skip
+    p.add_argument("images", nargs="+", type=Path)
     p = command(
         "status", cmd_status, "Show cache, trust and outbox state.", "redeemd status --json"
     )
@@ -169,6 +174,26 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = _config(args)
     conn = open_database(config.box.database)
     print(describe(Engine(conn, config).check(args.code)))
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from drivers.discovery import describe_devices
+
+    print(describe_devices())
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from drivers.camera import decode_images
+
+    found = 0
+    for path, symbology, text in decode_images(args.images):
+        found += 1
+        print(f"{path}: {symbology}: {text}")
+    if not found:
+        print("redeemd: no code found in the given images", file=sys.stderr)
+        return 1
     return 0
 
 
