@@ -1,0 +1,512 @@
+"""Serial scanners: framing, host commands and the device loop on real pseudo-terminals.
+
+A pty stands in for the scanner: the test writes to the master side what a scanner sends
+and reads from it what the driver sends back. Closing the master is an unplug (the
+driver's reads fail with EIO, as they do when a CDC-ACM device goes away); a new pty
+behind a re-pointed symlink in tmp_path is the same scanner coming back under another
+/dev/ttyACMn, found through its /dev/serial/by-id/ link.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, write_box
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cards.normalize import MalformedCode, normalize
+from cards.scan import Scan
+from drivers.feedback import (
+    SSI_ACK_REPLY,
+    Feedback,
+    feedback_from,
+    ssi_beep,
+    ssi_checksum,
+)
+from drivers.serial import SerialScanner
+from drivers.serial_framing import TERMINATORS, SerialFramer
+from drivers.supervisor import DriverError, DriverState, Supervisor
+
+WAIT = 20.0  # generous: these wait on conditions, never on the clock
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+class Pty:
+    """One pseudo-terminal pair; `path` is the slave the driver opens."""
+
+    def __init__(self) -> None:
+        self.master, self._slave = os.openpty()
+        self.path = os.ttyname(self._slave)
+        self.received = bytearray()
+
+    def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.master, view) :]
+
+    def read_until(self, expected: bytes, timeout: float = WAIT) -> bytes:
+        """What the driver wrote, once it contains `expected`."""
+        deadline = time.monotonic() + timeout
+        while expected not in self.received:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{expected!r} never arrived; got {bytes(self.received)!r}")
+            ready, _, _ = select.select([self.master], [], [], left)
+            if ready:
+                self.received += os.read(self.master, 4096)
+        return bytes(self.received)
+
+    def unplug(self) -> None:
+        # Once only: a closed descriptor number may already belong to someone else.
+        if self.master >= 0:
+            os.close(self.master)
+            os.close(self._slave)
+            self.master = self._slave = -1
+
+
+@pytest.fixture
+def pty() -> Iterator[Pty]:
+    device = Pty()
+    yield device
+    device.unplug()
+
+
+class Running:
+    def __init__(self, supervisor: Supervisor, scans: queue.Queue[Scan]):
+        self.supervisor = supervisor
+        self.driver: SerialScanner = supervisor.driver  # type: ignore[assignment]
+        self.scans = scans
+
+    @property
+    def state(self) -> DriverState:
+        return self.supervisor.state
+
+    def next_code(self) -> bytes:
+        return self.scans.get(timeout=WAIT).code
+
+
+@contextmanager
+def running(port: str | Path, **settings: object) -> Iterator[Running]:
+    """A SerialScanner under a real Supervisor (fast backoff), connected to `port`."""
+    scans: queue.Queue[Scan] = queue.Queue()
+    driver = SerialScanner("counter", {"port": str(port), **settings})
+    supervisor = Supervisor(driver, scans.put, initial_backoff=0.01, max_backoff=0.05)
+    supervisor.start()
+    try:
+        wait_for(lambda: supervisor.state.state == "connected", "the scanner to connect")
+        yield Running(supervisor, scans)
+    finally:
+        assert supervisor.stop(timeout=WAIT), "the driver did not honour stop"
+        assert supervisor.state.state == "stopped"
+
+
+# ---------------------------------------------------------------- framing, no device
+
+
+def test_code_split_across_reads_is_one_frame():
+    framer = SerialFramer()
+    assert framer.feed(b"DEMO-") == []
+    assert framer.feed(b"00") == []
+    assert framer.feed(b"01\r") == [b"DEMO-0001"]
+
+
+def test_several_codes_in_one_read_are_separate_frames():
+    framer = SerialFramer()
+    assert framer.feed(b"A1\rB2\nC3\r\nD4\x03E5") == [b"A1", b"B2", b"C3", b"D4"]
+    assert framer.feed(b"\r") == [b"E5"]
+
+
+def test_crlf_split_between_cr_and_lf_gives_no_empty_frame():
+    framer = SerialFramer()
+    assert framer.feed(b"A1\r") == [b"A1"]
+    assert framer.feed(b"\nB2\r") == [b"B2"]
+
+
+def test_crlf_terminator_keeps_a_lone_cr_and_waits_for_lf():
+    framer = SerialFramer(terminator="crlf")
+    assert framer.feed(b"A1\r") == []
+    assert framer.feed(b"\n") == [b"A1"]
+
+
+@pytest.mark.parametrize(
+    ("terminator", "data", "frames"),
+    [
+        ("cr", b"A1\rB2\n\r", [b"A1", b"B2\n"]),
+        ("lf", b"A1\nB2\r\n", [b"A1", b"B2\r"]),
+        ("etx", b"\x02A1\x03\x02B2\r\n\x03", [b"A1", b"B2\r\n"]),
+        ("auto", b"\x02A1\x03\r\n", [b"A1"]),
+    ],
+)
+def test_only_the_configured_terminator_ends_a_frame(terminator, data, frames):
+    assert SerialFramer(terminator=terminator).feed(data) == frames
+
+
+def test_stx_starts_a_new_frame_and_discards_an_unfinished_one():
+    framer = SerialFramer(terminator="etx")
+    assert framer.feed(b"\x02LOST-HALF\x02DEMO-0001\x03") == [b"DEMO-0001"]
+    assert framer.discarded == 1
+
+
+def test_prefix_and_suffix_are_stripped():
+    framer = SerialFramer(prefix=b"#S:", suffix=b"#")
+    assert framer.feed(b"#S:DEMO-0001#\r") == [b"DEMO-0001"]
+    assert framer.feed(b"NO-PREFIX\r") == [b"NO-PREFIX"]
+
+
+def test_terminator_none_ends_a_read_when_the_line_goes_idle():
+    framer = SerialFramer(terminator="none")
+    assert framer.feed(b"DEMO-") == []
+    assert framer.feed(b"0001\r\n") == []
+    assert framer.idle() == [b"DEMO-0001\r\n"]  # normalisation strips the whitespace
+    assert framer.idle() == []
+
+
+def test_idle_keeps_a_partial_frame_when_a_terminator_is_configured():
+    framer = SerialFramer()
+    assert framer.feed(b"DEMO-") == []
+    assert framer.idle() == []
+    assert framer.feed(b"0001\r") == [b"DEMO-0001"]
+
+
+def test_over_long_line_without_terminator_is_dropped_with_its_tail():
+    framer = SerialFramer(max_length=64)
+    for _ in range(100):
+        assert framer.feed(b"9" * 1000) == []
+        assert framer.pending <= 64
+    assert framer.feed(b"999\rDEMO-0001\r") == [b"DEMO-0001"]
+    assert framer.dropped == 1
+
+
+def test_over_long_terminated_frame_is_dropped_and_counted():
+    framer = SerialFramer(max_length=8)
+    assert framer.feed(b"123456789\r12345678\r") == [b"12345678"]
+    assert framer.dropped == 1
+
+
+def test_garbage_nul_and_invalid_utf8_pass_as_bytes_the_engine_refuses():
+    framer = SerialFramer()
+    frames = framer.feed(b"\xff\xfe\xc3\x28\r\x00\x00\x00\r\x1b[2J\x7f\r   \r")
+    assert frames == [b"\xff\xfe\xc3\x28", b"\x00\x00\x00", b"\x1b[2J\x7f"]
+    for frame in frames:
+        with pytest.raises(MalformedCode):
+            normalize(frame)
+
+
+def test_ssi_ack_reply_before_a_code_is_stripped():
+    framer = SerialFramer(strip_leading=(SSI_ACK_REPLY,))
+    assert framer.feed(SSI_ACK_REPLY + b"DEMO-" + SSI_ACK_REPLY[:2]) == []
+    # Only a reply at the start of a frame is one; inside a code it is data.
+    assert framer.feed(b"0001\r") == [b"DEMO-" + SSI_ACK_REPLY[:2] + b"0001"]
+    assert framer.feed(SSI_ACK_REPLY * 2 + b"DEMO-0002\r") == [b"DEMO-0002"]
+
+
+def test_unknown_terminator_is_refused():
+    with pytest.raises(ValueError, match="terminator"):
+        SerialFramer(terminator="tab")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    terminator=st.sampled_from(sorted(TERMINATORS)),
+    data=st.binary(max_size=3000),
+    cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=30),
+    max_length=st.integers(min_value=1, max_value=300),
+    prefix=st.sampled_from([b"", b"#", b"\x02]"]),
+    suffix=st.sampled_from([b"", b"!", b"\r"]),
+)
+def test_framer_property_any_bytes_any_split(terminator, data, cuts, max_length, prefix, suffix):
+    """Any bytes, cut anywhere: never raises, memory stays bounded, frames carry no
+    terminator or STX, and the frames do not depend on where the reads were cut."""
+    forbidden = {
+        "auto": b"\r\n\x03",
+        "cr": b"\r",
+        "lf": b"\n",
+        "crlf": b"",
+        "etx": b"\x03",
+        "none": b"",
+    }[terminator] + b"\x02"
+    bound = max_length + len(prefix) + len(suffix)
+
+    def frame_all(pieces: list[bytes]) -> list[bytes]:
+        framer = SerialFramer(terminator, prefix, suffix, max_length=max_length)
+        frames = []
+        for piece in pieces:
+            frames += framer.feed(piece)
+            assert framer.pending <= bound
+        frames += framer.idle()
+        for frame in frames:
+            assert len(frame) <= max_length
+            assert not any(byte in forbidden for byte in frame), frame
+            if terminator == "crlf":
+                assert b"\r\n" not in frame
+        return frames
+
+    edges = [0, *sorted(c for c in cuts if c <= len(data)), len(data)]
+    pieces = [data[a:b] for a, b in zip(edges, edges[1:], strict=False)]
+    assert frame_all(pieces) == frame_all([data])
+
+
+# ---------------------------------------------------------------- host commands
+
+
+def test_ssi_checksum_matches_zebra_documented_packets():
+    # AIM_OFF as printed in the SSI chapter of Symbol/Zebra integration guides.
+    assert ssi_checksum(bytes.fromhex("04 C4 04 00")) == bytes.fromhex("FF 34")
+    # The RSM initialisation command and its reply from the Zebra DS457 reference guide.
+    assert ssi_checksum(bytes.fromhex("0A 80 04 00 00 06 20 00 00 FF")) == bytes.fromhex("FE 4D")
+    assert ssi_checksum(bytes.fromhex("08 80 00 00 00 04 06 00")) == bytes.fromhex("FF 6E")
+    # The decoder's CMD_ACK.
+    assert bytes.fromhex("04 D0 00 00 FF 2C") == SSI_ACK_REPLY
+
+
+def test_ssi_beep_packet_has_length_opcode_source_status_code_and_checksum():
+    packet = ssi_beep(0x00)
+    assert packet == bytes.fromhex("05 E6 04 00 00 FF 11")
+    assert (sum(packet[:-2]) + int.from_bytes(packet[-2:], "big")) & 0xFFFF == 0
+    assert ssi_beep(0x10)[:5] == bytes.fromhex("05 E6 04 00 10")
+
+
+@pytest.mark.parametrize(
+    ("settings_", "good", "bad"),
+    [
+        ({"feedback": "none"}, b"", b""),
+        ({"feedback": "honeywell"}, b"\x1b7,", b"\x1b8,"),
+        ({"feedback": "zebra-ssi"}, ssi_beep(0x00), ssi_beep(0x10)),
+        ({"feedback": "raw", "good_read": b"\x07", "bad_read": b"\x07\x07"}, b"\x07", b"\x07\x07"),
+        ({"feedback": "raw", "good_read": "42", "bad_read": ""}, b"B", b""),
+    ],
+)
+def test_feedback_presets_give_the_documented_bytes(settings_, good, bad):
+    feedback = feedback_from(settings_)
+    assert isinstance(feedback, Feedback)
+    assert (feedback.command(True), feedback.command(False)) == (good, bad)
+
+
+# ---------------------------------------------------------------- the driver on a pty
+
+
+def test_codes_written_to_the_port_become_scans(pty):
+    with running(pty.path) as scanner:
+        pty.send(b"DEMO-")
+        pty.send(b"0001")
+        pty.send(b"\r\n")
+        assert scanner.next_code() == b"DEMO-0001"
+        pty.send(b"A1\rB2\nC3\r\nD4\x03")
+        assert [scanner.next_code() for _ in range(4)] == [b"A1", b"B2", b"C3", b"D4"]
+        assert scanner.state.scans == 5 and scanner.state.last_scan is not None
+        assert scanner.scans.empty()
+
+
+def test_stx_etx_framed_codes_with_prefix_and_suffix(pty):
+    with running(pty.path, terminator="etx", prefix="S:", suffix="/E") as scanner:
+        pty.send(b"\x02S:DEMO-0001/E\x03\x02S:DEMO-0002/E\x03")
+        assert scanner.next_code() == b"DEMO-0001"
+        assert scanner.next_code() == b"DEMO-0002"
+
+
+def test_crlf_terminated_scanner(pty):
+    with running(pty.path, terminator="crlf") as scanner:
+        pty.send(b"DEMO-0001\r")
+        pty.send(b"\nDEMO-0002\r\n")
+        assert scanner.next_code() == b"DEMO-0001"
+        assert scanner.next_code() == b"DEMO-0002"
+
+
+def test_scanner_without_terminator_ends_a_read_on_the_idle_gap(pty):
+    with running(pty.path, terminator="none", idle_gap=0.05) as scanner:
+        pty.send(b"DEMO-0001")
+        assert scanner.next_code() == b"DEMO-0001"
+        pty.send(b"DEMO-0002")
+        assert scanner.next_code() == b"DEMO-0002"
+
+
+def test_garbage_arrives_as_a_malformed_scan_and_the_driver_keeps_reading(pty):
+    with running(pty.path) as scanner:
+        pty.send(b"\xff\xfe\x80garbage\x00\r")
+        junk = scanner.next_code()
+        assert junk == b"\xff\xfe\x80garbage\x00"
+        with pytest.raises(MalformedCode):
+            normalize(junk)
+        pty.send(b"DEMO-0001\r")
+        assert scanner.next_code() == b"DEMO-0001"
+
+
+def test_megabyte_without_terminator_is_dropped_and_the_next_code_still_reads(pty):
+    with running(pty.path) as scanner:
+        pty.send(b"7" * (1 << 20))
+        pty.send(b"\rDEMO-0001\r")
+        assert scanner.next_code() == b"DEMO-0001"
+        assert "over-long" in scanner.state.message
+        assert scanner.state.state == "connected"
+
+
+def test_unplugged_serial_scanner_reports_disconnected_and_resumes_on_replug(pty, tmp_path):
+    # tmp_path stands in for /dev/serial/by-id: the link follows the device.
+    by_id = tmp_path / "usb-Honeywell_1900_12345-if00"
+    by_id.symlink_to(pty.path)
+    with running(by_id) as scanner:
+        assert pty.path in scanner.state.message
+        pty.send(b"DEMO-0001\r")
+        assert scanner.next_code() == b"DEMO-0001"
+
+        replug = Pty()  # allocated first, so it cannot reuse the old pts number
+        try:
+            pty.unplug()
+            wait_for(lambda: scanner.state.state == "disconnected", "disconnected state")
+            assert "disconnected" in scanner.state.message
+            assert str(by_id) in scanner.state.message
+            scanner.driver.feedback(True)  # nothing to write to: must not raise
+
+            link = tmp_path / "link.tmp"
+            link.symlink_to(replug.path)
+            os.replace(link, by_id)
+            wait_for(lambda: scanner.state.state == "connected", "reconnection")
+            assert replug.path in scanner.state.message and replug.path != pty.path
+            assert scanner.state.restarts >= 1
+            replug.send(b"DEMO-0002\r")
+            assert scanner.next_code() == b"DEMO-0002"
+        finally:
+            replug.unplug()
+
+
+def test_missing_port_is_reported_and_picked_up_when_it_appears(tmp_path, pty):
+    by_id = tmp_path / "usb-Zebra_DS2208-if00"
+    scans: queue.Queue[Scan] = queue.Queue()
+    driver = SerialScanner("counter", {"port": str(by_id)})
+    supervisor = Supervisor(driver, scans.put, initial_backoff=0.01, max_backoff=0.05)
+    supervisor.start()
+    try:
+        wait_for(lambda: "is not there" in supervisor.state.message, "the missing-port message")
+        assert supervisor.state.state == "disconnected"
+        by_id.symlink_to(pty.path)
+        wait_for(lambda: supervisor.state.state == "connected", "the port to be found")
+        pty.send(b"DEMO-0001\r")
+        assert scans.get(timeout=WAIT).code == b"DEMO-0001"
+    finally:
+        assert supervisor.stop(timeout=WAIT)
+
+
+def test_second_scanner_on_a_busy_port_gets_a_clear_error(pty):
+    with running(pty.path) as first:
+        second = SerialScanner("other", {"port": pty.path})
+        with pytest.raises(DriverError) as refused:
+            second.run(lambda scan: None, threading.Event(), DriverState("other", "serial"))
+        message = str(refused.value)
+        assert pty.path in message and "in use" in message and "stop it" in message
+        pty.send(b"DEMO-0001\r")  # the first one is unaffected
+        assert first.next_code() == b"DEMO-0001"
+
+
+def test_path_that_is_not_a_serial_port_is_a_clear_error(tmp_path):
+    not_a_tty = tmp_path / "plain-file"
+    not_a_tty.write_text("")
+    driver = SerialScanner("counter", {"port": str(not_a_tty)})
+    with pytest.raises(DriverError) as refused:
+        driver.run(lambda scan: None, threading.Event(), DriverState("counter", "serial"))
+    assert str(not_a_tty) in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("settings_", "good", "bad"),
+    [
+        ({"feedback": "raw", "good_read": b"\x06", "bad_read": b"\x15"}, b"\x06", b"\x15"),
+        ({"feedback": "honeywell"}, b"\x1b7,", b"\x1b8,"),
+        ({"feedback": "zebra-ssi"}, ssi_beep(0x00), ssi_beep(0x10)),
+    ],
+)
+def test_feedback_bytes_reach_the_scanner(pty, settings_, good, bad):
+    with running(pty.path, **settings_) as scanner:
+        scanner.driver.feedback(True)
+        assert pty.read_until(good) == good
+        scanner.driver.feedback(False)
+        assert pty.read_until(good + bad) == good + bad
+
+
+def test_zebra_ack_after_a_beep_does_not_spoil_the_next_code(pty):
+    with running(pty.path, feedback="zebra-ssi") as scanner:
+        scanner.driver.feedback(True)
+        pty.read_until(ssi_beep(0x00))
+        pty.send(SSI_ACK_REPLY + b"DEMO-0001\r")
+        assert scanner.next_code() == b"DEMO-0001"
+
+
+# ---------------------------------------------------------------- the real daemon
+
+
+def test_redeemd_run_reads_a_serial_scanner_and_beeps_good_and_bad(loaded_box, keyset, pty):
+    by_id = loaded_box.dir / "usb-Datalogic_QD2430-if00"
+    by_id.symlink_to(pty.path)
+    write_box(
+        loaded_box.dir,
+        keyset,
+        extra=f"""
+[[scanner]]
+type = "serial"
+name = "counter"
+port = "{by_id}"
+baudrate = 115200
+feedback = "raw"
+good_read = "06 07"
+bad_read = "15"
+""",
+    )
+    stderr = (loaded_box.dir / "stderr.log").open("wb")
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "daemon.cli", "-c", str(loaded_box.config_path), "run", "--json"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    lines: queue.Queue[bytes] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in daemon.stdout], daemon=True)
+    reader.start()
+    status_path = loaded_box.dir / "status.json"
+
+    def serial_state() -> str | None:
+        try:
+            drivers = json.loads(status_path.read_text())["drivers"]
+        except (OSError, ValueError, KeyError):
+            return None
+        return drivers[0]["state"] if drivers else None
+
+    try:
+        wait_for(lambda: serial_state() == "connected" or daemon.poll() is not None,
+                 "the daemon to open the serial scanner", timeout=60)  # fmt: skip
+        assert daemon.poll() is None, (loaded_box.dir / "stderr.log").read_text()
+
+        pty.send(b"DEMO-0001\r\n")
+        verdict = json.loads(lines.get(timeout=60))
+        assert verdict["verdict"] == "accepted" and verdict["source"] == "counter"
+        assert pty.read_until(b"\x06\x07") == b"\x06\x07"
+
+        pty.send(b"\xff\xfe\x00\r")
+        verdict = json.loads(lines.get(timeout=60))
+        assert (verdict["verdict"], verdict["reason"]) == ("rejected", "malformed")
+        assert pty.read_until(b"\x06\x07\x15") == b"\x06\x07\x15"
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0, (loaded_box.dir / "stderr.log").read_text()
+        stderr.close()
+
+    status = json.loads(loaded_box.cli("status", "--json").stdout)
+    [driver] = status["drivers"]
+    assert (driver["name"], driver["kind"], driver["scans"]) == ("counter", "serial", 2)
