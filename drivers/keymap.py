@@ -1,0 +1,321 @@
+"""Key events from a USB-HID keyboard-wedge scanner, turned back into the codes it read.
+
+A wedge scanner "types" each code: for every character a key press and release (with
+Shift, AltGr or Ctrl around it as its keyboard-layout setting dictates), then Enter or
+Tab. This module undoes that, as a pure function of `evdev.InputEvent` values: no device,
+no clock (time comes from the events' own timestamps), so it is tested with the exact
+sequences a scanner produces.
+
+>>> from evdev import InputEvent, ecodes as e
+>>> def tap(t, code):
+...     return [InputEvent(0, t, e.EV_KEY, code, 1), InputEvent(0, t, e.EV_SYN, 0, 0),
+...             InputEvent(0, t + 1, e.EV_KEY, code, 0), InputEvent(0, t + 1, e.EV_SYN, 0, 0)]
+>>> keys = [e.KEY_A, e.KEY_B, e.KEY_C, e.KEY_1, e.KEY_ENTER]
+>>> KeyDecoder("us").feed([ev for i, k in enumerate(keys) for ev in tap(i * 10, k)])
+[b'abc1']
+
+Characters come from libxkbcommon and the system's xkeyboard-config (keymap compiled from
+the layout name, evdev keycode + 8 = xkb keycode), so Shift, CapsLock, NumLock, AltGr and
+dead keys behave as they do on a desktop with that layout; nothing here is a hand-written
+table. On top of xkb, three things that scanners do and desktops don't care about:
+
+- GS1 group separator (0x1D) sent as Ctrl+] or as Alt + keypad 0 2 9 (Alt-code entry,
+  Windows style: with a leading 0 the number is a cp1252 character, without it cp437;
+  below 32 it is the control character itself);
+- a scan ends on Enter, keypad Enter or Tab (and Ctrl+M / Ctrl+J / Ctrl+I), or when the
+  next key comes after a gap longer than `gap` seconds; `flush(now)` ends it when the
+  gap has elapsed with no more keys;
+- reads shorter than `min_length` are dropped (a person touching a key), and
+  `SYN_DROPPED` (the kernel's buffer overflowed) discards the partial code and resets
+  the modifiers, since the release of Shift may have been among the lost events.
+
+Codes are returned as UTF-8 bytes with terminators removed and nothing else changed (AIM
+prefixes and GS pass through; `cards.normalize` deals with them for every driver).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from functools import cache
+
+from evdev import InputEvent, ecodes
+from xkbcommon import xkb
+
+# The hot path calls libxkbcommon through the package's cffi module directly: the
+# wrapper methods build an enum.IntFlag per call, which tripled the decode time.
+from xkbcommon._ffi import ffi, lib
+
+# Config name -> xkeyboard-config layout name.
+LAYOUTS = {"us": "us", "uk": "gb", "de": "de", "fr": "fr"}
+
+GS = "\x1d"
+# Longer than any code normalize accepts: past this the burst is junk, and the rest of it
+# up to the next terminator or gap is dropped too rather than delivered as a "code".
+MAX_CHARS = 4096
+
+_XKB_OFFSET = 8  # xkb keycodes are evdev keycodes + 8 (an X11 legacy)
+_DOWN = lib.XKB_KEY_DOWN
+_UP = lib.XKB_KEY_UP
+_DEPRESSED = lib.XKB_STATE_MODS_DEPRESSED
+_COMPOSING = xkb.ComposeStatus.XKB_COMPOSE_COMPOSING
+_COMPOSED = xkb.ComposeStatus.XKB_COMPOSE_COMPOSED
+_TERMINATOR_SYMS = frozenset(
+    xkb.keysym_from_name(name) for name in ("Return", "KP_Enter", "Tab", "ISO_Left_Tab")
+)
+# What xkb's Control transformation makes of Ctrl+M, Ctrl+J, Ctrl+I: scanners in
+# "control character" mode send their terminator that way.
+_TERMINATOR_TEXT = frozenset("\r\n\t")
+_KEYPAD_DIGITS = {getattr(ecodes, f"KEY_KP{digit}"): str(digit) for digit in range(10)}
+# Dead keysyms (dead_grave ... dead_currency and friends) start a compose sequence.
+_DEAD_FIRST, _DEAD_LAST = 0xFE50, 0xFE93
+_KEY_MAX = ecodes.KEY_MAX
+
+_context_lock = threading.Lock()
+
+
+@cache
+def _keymap(layout: str) -> xkb.Keymap:
+    try:
+        xkb_layout = LAYOUTS[layout]
+    except KeyError:
+        raise ValueError(
+            f"unknown keyboard layout {layout!r}; allowed: {', '.join(LAYOUTS)}"
+        ) from None
+    # A compiled keymap is immutable and may be shared by states in several threads; the
+    # context used to compile it is not thread-safe, hence the lock. The environment's
+    # XKB_DEFAULT_* must not change what a configured layout means.
+    with _context_lock:
+        context = xkb.Context(no_environment_names=True)
+        return context.keymap_new_from_names(rules="evdev", model="pc105", layout=xkb_layout)
+
+
+@cache
+def _compose_table() -> xkb.ComposeTable | None:
+    """The X11 compose table (libx11-data), for dead keys; None if the box has none."""
+    with _context_lock:
+        try:
+            return xkb.Context(no_environment_names=True).compose_table_new_from_locale("C")
+        except xkb.XKBError:
+            return None
+
+
+class KeyDecoder:
+    """Decoder state for ONE input device: its buffer, modifiers and timing.
+
+    `feed(events)` returns the codes completed by those events; `flush(now)` returns the
+    code in progress once `gap` seconds (on the events' clock) have passed since the last
+    key. Never raises on odd input: unknown keys, unmatched releases and stray event
+    types are ignored.
+    """
+
+    def __init__(
+        self, layout: str = "us", *, gap: float = 0.1, min_length: int = 3, numlock: bool = True
+    ):
+        self.layout = layout
+        self.gap = gap
+        self.min_length = min_length
+        self.numlock = numlock
+        self._keymap = _keymap(layout)
+        self._ctrl = self._keymap.mod_get_index("Control")
+        self._alt = self._keymap.mod_get_index("Mod1")  # Alt in every xkb layout
+        table = _compose_table()
+        self._compose = table.compose_state_new() if table is not None else None
+        self._utf8 = ffi.new("char[64]")
+        self._chars: list[str] = []
+        self._overflow = False
+        self._last: float | None = None
+        self._reset_keys()
+
+    def _reset_keys(self) -> None:
+        self._state_obj = self._keymap.state_new()  # owns the C state (freed with it)
+        self._state = self._state_obj._state
+        # A kiosk has nobody to press NumLock, and a scanner that types keypad digits
+        # expects them to be digits: start with it on (a NumLock key event toggles it).
+        if self.numlock:
+            lib.xkb_state_update_key(self._state, ecodes.KEY_NUMLOCK + _XKB_OFFSET, _DOWN)
+            lib.xkb_state_update_key(self._state, ecodes.KEY_NUMLOCK + _XKB_OFFSET, _UP)
+        self._pressed: set[int] = set()
+        self._alt_digits = ""
+        self._dropping = False
+        self._reset_compose()
+
+    def _reset_compose(self) -> None:
+        self._composing = False
+        if self._compose is not None:
+            self._compose.reset()
+
+    def reset(self) -> None:
+        """Forget the partial code and all modifier state (as after SYN_DROPPED)."""
+        self._chars.clear()
+        self._overflow = False
+        self._last = None
+        self._reset_keys()
+
+    @property
+    def pending(self) -> bool:
+        """True while a code is in progress."""
+        return bool(self._chars or self._overflow or self._alt_digits)
+
+    @property
+    def deadline(self) -> float | None:
+        """Event-clock time after which `flush` ends the code in progress, or None."""
+        if not self.pending or self._last is None:
+            return None
+        return self._last + self.gap
+
+    def feed(self, events: Iterable[InputEvent]) -> list[bytes]:
+        """Codes completed by these events, in order."""
+        out: list[bytes] = []
+        for event in events:
+            if event.type == ecodes.EV_KEY:
+                if not self._dropping:
+                    self._key(event, out)
+            elif event.type == ecodes.EV_SYN:
+                if event.code == ecodes.SYN_DROPPED:
+                    # The kernel lost events: the code is incomplete and a Shift release
+                    # may be among the lost ones. Ignore everything up to the next
+                    # SYN_REPORT (evdev's documented resync rule) and start clean.
+                    self.reset()
+                    self._dropping = True
+                elif event.code == ecodes.SYN_REPORT:
+                    self._dropping = False
+            # EV_MSC (scan codes), EV_LED, EV_REP ...: nothing to decode.
+        return out
+
+    def flush(self, now: float) -> list[bytes]:
+        """The code in progress if the gap has elapsed at `now` (event clock), else []."""
+        deadline = self.deadline
+        if deadline is None or now <= deadline:
+            return []
+        out: list[bytes] = []
+        self._finish(out)
+        return out
+
+    def _finish(self, out: list[bytes]) -> None:
+        if self._alt_digits:
+            char = self._alt_code()
+            if char not in _TERMINATOR_TEXT:
+                self._append(char)
+        if self._chars and not self._overflow and len(self._chars) >= self.min_length:
+            out.append("".join(self._chars).encode("utf-8"))
+        self._chars.clear()
+        self._overflow = False
+        self._alt_digits = ""
+        self._reset_compose()
+
+    def _key(self, event: InputEvent, out: list[bytes]) -> None:
+        code, value = event.code, event.value
+        if not 0 <= code <= _KEY_MAX:
+            return
+        keycode = code + _XKB_OFFSET
+        if value == 0:
+            if code in self._pressed:
+                self._pressed.discard(code)
+                lib.xkb_state_update_key(self._state, keycode, _UP)
+                self._last = event.timestamp()
+                if self._alt_digits and not self._alt_held():
+                    char = self._alt_code()
+                    if char in _TERMINATOR_TEXT:
+                        self._finish(out)
+                    else:
+                        self._append(char)
+            return
+        # value 2 is the kernel's software autorepeat, not the scanner: a scanner sends a
+        # release and a press for a doubled character. A press of a key already down
+        # (after a resync) is ignored the same way so xkb's state stays balanced.
+        if value != 1 or code in self._pressed:
+            return
+        at = event.timestamp()
+        if self._last is not None and at - self._last > self.gap and self.pending:
+            self._finish(out)
+        self._last = at
+        # Read the key's meaning before updating the state with it (xkb's convention: a
+        # modifier key does not modify itself).
+        state = self._state
+        size = lib.xkb_state_key_get_utf8(state, keycode, self._utf8, 64)
+        text = ffi.string(self._utf8, 64).decode("utf-8", "replace") if size > 0 else ""
+        sym = lib.xkb_state_key_get_one_sym(state, keycode)
+        self._pressed.add(code)
+        lib.xkb_state_update_key(state, keycode, _DOWN)
+
+        if lib.xkb_state_mod_index_is_active(state, self._alt, _DEPRESSED) == 1:
+            # Alt (not AltGr, which is another modifier in xkb) + keypad digits is
+            # Alt-code entry; the character comes when Alt is released. Alt + anything
+            # else is a shortcut, not text.
+            if code in _KEYPAD_DIGITS:
+                self._alt_digits = (self._alt_digits + _KEYPAD_DIGITS[code])[-4:]
+            return
+        if sym in _TERMINATOR_SYMS or text in _TERMINATOR_TEXT:
+            self._finish(out)
+            return
+        if (
+            code == ecodes.KEY_RIGHTBRACE
+            and lib.xkb_state_mod_index_is_active(state, self._ctrl, _DEPRESSED) == 1
+        ):
+            # Scanners send "Ctrl+]" as the HID usage of the US ] key whatever layout
+            # they are set to (on de/fr that key is + or $, whose Ctrl form is nothing).
+            text = GS
+        elif self._composing or (self._compose is not None and _DEAD_FIRST <= sym <= _DEAD_LAST):
+            text = self._composed(sym, text)
+        if text:
+            self._append(text)
+
+    def _composed(self, sym: int, text: str) -> str:
+        compose = self._compose
+        assert compose is not None
+        compose.feed(sym)
+        status = compose.get_status()
+        if status == _COMPOSING:
+            self._composing = True
+            return ""
+        result = compose.get_utf8() if status == _COMPOSED else text
+        # Cancelled (a dead key followed by a key it does not combine with) drops the
+        # dead key and keeps the key, as X11 and Wayland clients do.
+        self._reset_compose()
+        return result
+
+    def _alt_held(self) -> bool:
+        return lib.xkb_state_mod_index_is_active(self._state, self._alt, _DEPRESSED) == 1
+
+    def _alt_code(self) -> str:
+        """The character typed by Alt + keypad digits ("" for Alt+0)."""
+        digits, self._alt_digits = self._alt_digits, ""
+        number = int(digits) % 256
+        if number == 0:
+            return ""
+        if number < 32:
+            return chr(number)
+        # Windows Alt codes: with a leading zero the ANSI code page, without it the OEM one.
+        codec = "cp1252" if digits.startswith("0") else "cp437"
+        return bytes([number]).decode(codec, errors="replace")
+
+    def _append(self, text: str) -> None:
+        if self._overflow or not text:
+            return
+        self._chars.append(text)
+        if len(self._chars) > MAX_CHARS:
+            self._chars.clear()
+            self._overflow = True
+
+
+def decode(
+    events: Iterable[InputEvent],
+    layout: str = "us",
+    *,
+    gap: float = 0.1,
+    min_length: int = 3,
+    numlock: bool = True,
+) -> list[bytes]:
+    """Every code in a finished sequence of events, including one left unterminated at
+    the end (as if the gap had elapsed).
+
+    >>> from evdev import InputEvent, ecodes as e
+    >>> decode([InputEvent(0, 0, e.EV_KEY, e.KEY_Z, 1), InputEvent(0, 1, e.EV_KEY, e.KEY_Z, 0)],
+    ...        "de", min_length=1)
+    [b'y']
+    """
+    decoder = KeyDecoder(layout, gap=gap, min_length=min_length, numlock=numlock)
+    out = decoder.feed(events)
+    decoder._finish(out)
+    return out
