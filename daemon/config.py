@@ -232,6 +232,8 @@ SCANNER_SCHEMAS: dict[str, dict[str, tuple[Checker, object]]] = {
         "ffmpeg": (_string, "ffmpeg"),
         "rescan_after": (_duration, "2s"),
         "min_sightings_1d": (_positive_int, 2),
+        # ffmpeg's -input_format for V4L2 ("mjpeg", "yuyv422"); "" lets ffmpeg choose.
+        "input_format": (_text, ""),
     },
 }
 SCANNER_SCHEMA: dict[str, tuple[Checker, object]] = {

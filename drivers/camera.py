@@ -1,0 +1,387 @@
+"""Camera scanners: V4L2 webcams (or video and image files) read through ffmpeg, decoded by zbar.
+
+One `ffmpeg` subprocess turns whatever the source delivers (YUYV or MJPEG from a
+webcam, H.264 from a file, PNG/JPEG images) into raw 8-bit grayscale frames of exactly
+width x height on a pipe::
+
+    ffmpeg -f v4l2 -video_size 640x480 -framerate 10 -i /dev/video0 \\
+           -vf scale=...,pad=... -f rawvideo -pix_fmt gray -
+
+Files go through the very same pipe (only the input options differ), so what the tests
+decode from a generated video is what the box decodes from its camera. Each frame is
+read into one reused buffer, viewed as a C-contiguous 2-D uint8 numpy array without a
+copy and handed to zbar-py (which silently misses non-contiguous arrays and fails on
+3-D ones). `drivers.dedupe` turns the per-frame decodes into scans.
+
+Config (a [[scanner]] block with type = "camera"; docs/scanners.md)::
+
+    [[scanner]]
+    type = "camera"
+    name = "counter-cam"
+    device = "/dev/video0"      # or a video file, an image file or a glob of images
+    width = 640
+    height = 480
+    fps = 10
+
+`redeemd decode IMAGE...` uses `decode_images()` to show a technician what zbar finds
+in a photo taken at the counter.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import select
+import shutil
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+from cards.scan import Scan
+from drivers.dedupe import Deduper
+from drivers.supervisor import DriverError, DriverState
+
+log = logging.getLogger("redeemd.drivers.camera")
+
+INSTALL_FFMPEG = "install ffmpeg (apt install ffmpeg)"
+INSTALL_ZBAR = "install zbar-py (pip install 'redeemd[drivers]'; it bundles libzbar)"
+
+NO_FRAME_TIMEOUT = 15.0
+"""A camera that delivers no frame for this long has hung (a UVC camera can stop
+streaming after a USB glitch without its device node going away): restart it. Generous
+because some cameras take several seconds to start streaming."""
+
+STOP_POLL = 0.5
+"""How often a read waiting for a frame looks at the stop flag."""
+
+
+def is_camera(device: str) -> bool:
+    """True for a V4L2 device node; anything else is a file (video, image or glob)."""
+    return device.startswith("/dev/")
+
+
+def ffmpeg_command(
+    binary: str, device: str, width: int, height: int, fps: int, input_format: str = ""
+) -> list[str]:
+    """The ffmpeg command line that delivers `device` as raw gray frames of width x height.
+
+    >>> ffmpeg_command("ffmpeg", "/dev/video0", 640, 480, 10)[5:13]
+    ['-f', 'v4l2', '-video_size', '640x480', '-framerate', '10', '-i', '/dev/video0']
+    """
+    # -nostdin: ffmpeg would otherwise read commands ('q') from our stdin.
+    command = [binary, "-hide_banner", "-nostdin", "-loglevel", "error"]
+    if is_camera(device):
+        command += ["-f", "v4l2", "-video_size", f"{width}x{height}", "-framerate", str(fps)]
+        if input_format:
+            command += ["-input_format", input_format]
+    elif glob.has_magic(device):
+        command += ["-f", "image2", "-pattern_type", "glob", "-framerate", str(fps)]
+    command += ["-i", device]
+    # The frame size must be exactly what we read, whatever the source delivers: a V4L2
+    # driver may silently pick another resolution than the one asked for, and a file
+    # has its own. Scaling keeps the aspect ratio and pads with white, which also gives
+    # a code at the edge of a photo its quiet zone.
+    filters = (
+        f"scale={width}:{height}:force_original_aspect_ratio=decrease,"
+        f"pad={width}:{height}:(ow-iw)/2:(oh-ih)/2:white"
+    )
+    if not is_camera(device):
+        # Files decode as fast as the CPU allows, so their time is the frame index / fps:
+        # resample them to the configured rate. eof_action=pass keeps a single image,
+        # which would otherwise end before the first output tick and give no frame.
+        filters = f"fps={fps}:eof_action=pass,{filters}"
+    return [*command, "-vf", filters, "-f", "rawvideo", "-pix_fmt", "gray", "-"]
+
+
+def find_ffmpeg(binary: str = "ffmpeg") -> str:
+    path = shutil.which(binary)
+    if path is None:
+        raise DriverError(f"ffmpeg not found (looked for {binary!r}): {INSTALL_FFMPEG}")
+    return path
+
+
+def zbar_scanner():
+    """A zbar-py Scanner with every symbology enabled. Location recording is off: we
+    only need what a code says, and it saves work on every frame."""
+    try:
+        import zbar
+    except (ImportError, OSError, RuntimeError) as exc:
+        raise DriverError(f"zbar is not usable ({exc}): {INSTALL_ZBAR}") from None
+    return zbar.Scanner([("ZBAR_NONE", "ZBAR_CFG_ENABLE", 1)])
+
+
+def decode_frame(scanner, image: np.ndarray) -> set[tuple[str, bytes]]:
+    """(symbology, data) of every code zbar finds in one 2-D uint8 frame."""
+    # zbar-py reads the raw buffer: a strided view (a crop, a transposed or 3-D array)
+    # would be scanned as garbage or rejected, so insist on the layout it needs.
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    if image.ndim != 2:
+        raise ValueError(f"a frame must be 2-D grayscale, got shape {image.shape}")
+    return {(symbol.type, symbol.data) for symbol in scanner.scan(image)}
+
+
+class _StderrTail:
+    """Drains ffmpeg's stderr in a thread, keeping its last lines for error messages.
+
+    Without a reader, an ffmpeg that logs a lot (a flaky camera logs a line per corrupt
+    frame) would fill the pipe and block, and the camera would look hung."""
+
+    def __init__(self, stream: IO[bytes], keep: int = 20):
+        self.lines: deque[str] = deque(maxlen=keep)
+        self._stream = stream
+        self._thread = threading.Thread(target=self._drain, name="ffmpeg-stderr", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        for raw in self._stream:
+            line = raw.decode("utf-8", "replace").strip()
+            if line:
+                self.lines.append(line)
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def last(self) -> str:
+        return self.lines[-1] if self.lines else "(no message)"
+
+
+def _stop_process(process: subprocess.Popen, timeout: float = 2.0) -> None:
+    """Terminate ffmpeg if it still runs and always reap it: no zombie, no orphan."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            # Blocked in a driver ioctl or in open() on a FIFO: SIGTERM is not enough.
+            process.kill()
+            process.wait()
+
+
+class CameraScanner:
+    kind = "camera"
+
+    def __init__(self, name: str, settings: Mapping[str, object]):
+        self.name = name
+        self.device = str(settings["device"])
+        self.width = int(settings.get("width", 640))  # type: ignore[call-overload]
+        self.height = int(settings.get("height", 480))  # type: ignore[call-overload]
+        self.fps = int(settings.get("fps", 10))  # type: ignore[call-overload]
+        self.ffmpeg = str(settings.get("ffmpeg", "ffmpeg"))
+        self.input_format = str(settings.get("input_format", "") or "")
+        self.rescan_after = float(settings.get("rescan_after", 2.0))  # type: ignore[arg-type]
+        self.min_sightings_1d = int(settings.get("min_sightings_1d", 2))  # type: ignore[call-overload]
+        self._process: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    def command(self) -> list[str]:
+        return ffmpeg_command(
+            self.ffmpeg, self.device, self.width, self.height, self.fps, self.input_format
+        )
+
+    def run(self, emit: Callable[[Scan], None], stop: threading.Event, state: DriverState) -> None:
+        scanner = zbar_scanner()
+        command = self.command()
+        command[0] = find_ffmpeg(self.ffmpeg)
+        deduper = Deduper(self.rescan_after, self.min_sightings_1d)
+        camera = is_camera(self.device)
+        try:
+            # Own session: a Ctrl-C in the terminal reaches redeemd, which stops ffmpeg
+            # in order, instead of killing ffmpeg under a running driver. If redeemd dies
+            # outright, ffmpeg gets EPIPE on its next frame and exits by itself.
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                bufsize=0,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise DriverError(f"cannot start {command[0]}: {exc}; {INSTALL_FFMPEG}") from None
+        with self._lock:
+            self._process = process
+        assert process.stdout is not None and process.stderr is not None
+        stderr = _StderrTail(process.stderr)
+        state.message = f"waiting for the first frame from {self.device}"
+        log.debug("scanner %s: %s", self.name, " ".join(command))
+
+        # One buffer for every frame; `image` is a 2-D view of it, so reading a frame
+        # into the buffer is the only copy between the pipe and zbar.
+        frame = bytearray(self.width * self.height)
+        view = memoryview(frame)
+        image = np.frombuffer(frame, dtype=np.uint8).reshape(self.height, self.width)
+        frames = 0
+        rate_since, rate_frames = time.monotonic(), 0
+        try:
+            while not stop.is_set():
+                complete = self._read_frame(process.stdout, view, stop, camera)
+                if not complete:
+                    break
+                if frames == 0:
+                    state.state = "connected"
+                    state.message = ""
+                at = time.monotonic() if camera else frames / self.fps
+                frames += 1
+                for symbology, data in deduper.feed(decode_frame(scanner, image), at):
+                    emit(Scan(code=data, source=self.name, symbology=symbology, at=time.time()))
+                rate_frames += 1
+                elapsed = time.monotonic() - rate_since
+                if elapsed >= 10:
+                    state.message = (
+                        f"{self.device} {self.width}x{self.height}, "
+                        f"{rate_frames / elapsed:.1f} frames/s decoded"
+                    )
+                    rate_since, rate_frames = time.monotonic(), 0
+            if stop.is_set():
+                return
+            # The pipe ended: ffmpeg has exited or is about to. Its status says why.
+            try:
+                status = process.wait(5)
+            except subprocess.TimeoutExpired:
+                status = None
+            stderr.join(1.0)
+            if status == 0 and not camera:
+                log.info("scanner %s: %s: %d frames read", self.name, self.device, frames)
+                return
+            raise DriverError(self._failure(status, stderr.last))
+        finally:
+            with self._lock:
+                self._process = None
+            _stop_process(process)
+            process.stdout.close()
+            stderr.join(2.0)
+            process.stderr.close()
+
+    def _read_frame(
+        self, stream: IO[bytes], view: memoryview, stop: threading.Event, camera: bool
+    ) -> bool:
+        """Fill `view` with exactly one frame. False at the end of the stream or on stop."""
+        filled, size = 0, len(view)
+        waiting_since = time.monotonic()
+        fd = stream.fileno()
+        while filled < size:
+            # select() first so that a camera that stops sending cannot hold the thread
+            # past a stop request or unnoticed forever.
+            ready, _, _ = select.select([fd], [], [], STOP_POLL)
+            if stop.is_set():
+                return False
+            if not ready:
+                if camera and time.monotonic() - waiting_since > NO_FRAME_TIMEOUT:
+                    raise DriverError(
+                        f"camera {self.device} delivered no frame for {NO_FRAME_TIMEOUT:.0f} s; "
+                        "restarting it (check the USB cable and `redeemd devices`)"
+                    )
+                continue
+            # The pipe hands over at most 64 KiB at a time: a frame takes several reads.
+            count = stream.readinto(view[filled:])  # type: ignore[attr-defined]
+            if not count:
+                return False  # a partial frame at the end is dropped
+            filled += count
+        return True
+
+    def _failure(self, status: int | None, last_line: str) -> str:
+        if status is None:
+            what = "ffmpeg stopped sending frames"
+        elif status == 0:
+            what = "the camera stream ended"
+        else:
+            what = f"ffmpeg exited with status {status}"
+        message = f"camera {self.device}: {what}: {last_line}"
+        if "Permission denied" in last_line:
+            message += " (add the redeemd user to the 'video' group)"
+        elif "No such file or directory" in last_line and is_camera(self.device):
+            message += " (is the camera plugged in? `redeemd devices` lists cameras)"
+        elif "Inappropriate ioctl" in last_line or "Not a video capture" in last_line:
+            message += " (this node is not a capture device; a UVC camera's capture node is usually the lower /dev/videoN)"
+        return message
+
+    def feedback(self, accepted: bool) -> None:
+        pass  # a webcam has no beeper; the POS shows the verdict
+
+    def close(self) -> None:
+        # Called from the service thread. Ending ffmpeg closes the pipe, so a read in
+        # progress returns at once; run() reaps the process in its finally block.
+        with self._lock:
+            process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+
+
+def _read_exact(stream: IO[bytes], size: int) -> bytes | None:
+    data = stream.read(size)
+    return data if data is not None and len(data) == size else None
+
+
+def _read_pgm(stream: IO[bytes]) -> np.ndarray | None:
+    """One binary PGM ("P5") image from `stream`, as ffmpeg's pgm encoder writes it; None at EOF."""
+    tokens: list[bytes] = []
+    token = b""
+    while len(tokens) < 4:
+        byte = stream.read(1)
+        if not byte:
+            return None
+        if byte.isspace():
+            if token:
+                tokens.append(token)
+                token = b""
+        else:
+            token += byte
+    # The single whitespace after maxval was consumed by the loop above.
+    magic, width, height, maxval = tokens[0], int(tokens[1]), int(tokens[2]), int(tokens[3])
+    if magic != b"P5" or maxval > 255:
+        raise ValueError(f"unexpected image stream from ffmpeg: {magic!r} maxval {maxval}")
+    data = _read_exact(stream, width * height)
+    if data is None:
+        return None
+    return np.frombuffer(data, dtype=np.uint8).reshape(height, width)
+
+
+def decode_images(
+    paths: Iterable[str | os.PathLike[str]], ffmpeg: str = "ffmpeg"
+) -> Iterator[tuple[str, str, str]]:
+    """(path, symbology, text) for every distinct code found in each image (or video) file.
+
+    Images are decoded at their own size by ffmpeg (any format it reads: PNG, JPEG, BMP,
+    WebP, TIFF ...); a video file is decoded frame by frame. A file that cannot be read
+    is logged and skipped::
+
+        >>> for path, symbology, text in decode_images(["counter.png"]):  # doctest: +SKIP
+        ...     print(path, symbology, text)
+        counter.png QR-Code DEMO-0001
+    """
+    binary = find_ffmpeg(ffmpeg)
+    scanner = zbar_scanner()
+    for path in paths:
+        name = str(path)
+        if not Path(name).is_file():
+            log.warning("%s: no such file", name)
+            continue
+        process = subprocess.Popen(
+            [binary, "-hide_banner", "-nostdin", "-loglevel", "error", "-i", name,
+             "-f", "image2pipe", "-c:v", "pgm", "-pix_fmt", "gray", "-"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        assert process.stdout is not None and process.stderr is not None
+        stderr = _StderrTail(process.stderr)
+        found: set[tuple[str, bytes]] = set()
+        try:
+            while (image := _read_pgm(process.stdout)) is not None:
+                for symbology, data in sorted(decode_frame(scanner, image) - found):
+                    found.add((symbology, data))
+                    yield name, symbology, data.decode("utf-8", "replace")
+            process.wait(10)
+        finally:
+            _stop_process(process)
+            process.stdout.close()
+            stderr.join(2.0)
+            process.stderr.close()
+        if process.returncode not in (0, None) and not found:
+            log.warning("%s: ffmpeg cannot read it: %s", name, stderr.last)

@@ -1,0 +1,518 @@
+"""Camera scanners: codes generated here, decoded through the real ffmpeg pipe and real zbar.
+
+Every picture is made by the test: QR codes by segno, EAN-13 and Code 128 modules by
+python-barcode (rendered with numpy, so no Pillow is needed), then rotated, scaled and
+made noisy, written to PNG and turned into short videos by the real `ffmpeg`. The driver
+reads those files through exactly the pipe it uses for a V4L2 camera (only the input
+options differ; `test_camera_command_asks_v4l2_for_raw_gray_frames` pins those), so what
+is decoded here is what the box decodes from its camera. No camera is attached to the
+test machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, read_json_lines, write_box
+
+from cards.scan import Scan
+from drivers import camera
+from drivers.camera import CameraScanner, decode_frame, decode_images, ffmpeg_command
+from drivers.dedupe import Deduper
+from drivers.supervisor import DriverError, DriverState
+
+W, H, FPS = 320, 240, 10
+# A 320x240 gray frame is 76,800 bytes, more than a pipe hands over in one read (64 KiB):
+# every frame in these tests is assembled from several short reads.
+assert W * H > 65536
+
+EAN_A, EAN_B = "590123412345", "400638133393"  # 12 digits; zbar reports the 13th (check digit)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def camera_tools() -> None:
+    """No skipping: a box with a camera needs both, so a test machine without them fails."""
+    if shutil.which("ffmpeg") is None:
+        pytest.fail("ffmpeg is not installed: apt install ffmpeg", pytrace=False)
+    try:
+        import zbar  # noqa: F401
+    except (ImportError, OSError, RuntimeError) as exc:
+        pytest.fail(f"zbar-py is not usable ({exc}): pip install 'redeemd[drivers]'", pytrace=False)
+
+
+# --- pictures --------------------------------------------------------------------------
+
+
+def qr(text: str, module: int = 5, border: int = 4) -> np.ndarray:
+    import segno
+
+    # micro=False: segno picks a Micro QR for short texts, which zbar does not read.
+    code = segno.make(text, error="m", micro=False)
+    size = len(code.matrix)
+    dark = np.frombuffer(b"".join(code.matrix), dtype=np.uint8).reshape(size, size)
+    image = np.where(dark == 1, 0, 255).astype(np.uint8)
+    image = np.pad(image, border, constant_values=255)
+    return np.kron(image, np.ones((module, module), dtype=np.uint8))
+
+
+def linear(kind: str, text: str, module: int = 2, height: int = 60) -> np.ndarray:
+    import barcode
+
+    bars = barcode.get(kind, text).build()[0]
+    row = np.array([0 if bit == "1" else 255 for bit in bars], dtype=np.uint8)
+    row = np.pad(row, 10, constant_values=255)  # quiet zone of 10 modules
+    return np.repeat(np.tile(row, (height, 1)), module, axis=1)
+
+
+def frame(*codes: np.ndarray, noise: float = 0.0, seed: int = 0) -> np.ndarray:
+    """A W x H gray frame with the codes stacked top to bottom, centred, optionally noisy."""
+    image = np.full((H, W), 235, dtype=np.uint8)  # paper under shop lighting, not pure white
+    y = (H - sum(code.shape[0] + 8 for code in codes) + 8) // 2
+    for code in codes:
+        h, w = code.shape
+        x = (W - w) // 2
+        image[y : y + h, x : x + w] = code
+        y += h + 8
+    return noisy(image, noise, seed) if noise else image
+
+
+def noisy(image: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(image + rng.normal(0, sigma, image.shape), 0, 255).astype(np.uint8)
+
+
+def blank() -> np.ndarray:
+    return frame()
+
+
+def ffmpeg(*args: str, input: bytes | None = None) -> None:
+    done = subprocess.run(
+        ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args],
+        input=input, capture_output=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+
+
+def write_png(path: Path, image: np.ndarray, filters: str = "") -> Path:
+    h, w = image.shape
+    vf = ["-vf", filters] if filters else []
+    raw = ["-f", "rawvideo", "-pix_fmt", "gray", "-video_size", f"{w}x{h}", "-i", "-"]
+    ffmpeg(*raw, *vf, "-frames:v", "1", str(path), input=image.tobytes())
+    return path
+
+
+def write_video(path: Path, frames: list[np.ndarray], codec: str = "ffv1") -> Path:
+    """Frames at FPS into a real video file. ffv1 is lossless: what is drawn is decoded."""
+    options = ["-c:v", "ffv1"] if codec == "ffv1" else ["-c:v", codec, "-pix_fmt", "yuv420p"]
+    raw = ["-f", "rawvideo", "-pix_fmt", "gray", "-video_size", f"{W}x{H}"]
+    ffmpeg(*raw, "-framerate", str(FPS), "-i", "-", *options, str(path),
+           input=b"".join(f.tobytes() for f in frames))  # fmt: skip
+    return path
+
+
+def rotate(degrees: float) -> str:
+    angle = f"{degrees}*PI/180"
+    return f"rotate={angle}:ow=rotw({angle}):oh=roth({angle}):fillcolor=white"
+
+
+# --- running the driver ----------------------------------------------------------------
+
+
+def settings(device: Path | str, **extra: object) -> dict[str, object]:
+    return {"device": str(device), "width": W, "height": H, "fps": FPS, **extra}
+
+
+def scans_from(device: Path | str, **extra: object) -> list[Scan]:
+    """Run the driver on a file until the file ends; the scans it emitted."""
+    scans: list[Scan] = []
+    state = DriverState("cam", "camera")
+    CameraScanner("cam", settings(device, **extra)).run(scans.append, threading.Event(), state)
+    assert state.state == "connected"  # it really read frames
+    return scans
+
+
+def codes(scans: list[Scan]) -> list[tuple[str | None, bytes]]:
+    return [(s.symbology, s.code) for s in scans]
+
+
+def ffmpeg_children() -> set[int]:
+    """Pids of ffmpeg processes whose parent is this test process (zombies included)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        if fields.get("Name", "").strip() == "ffmpeg" and fields.get("PPid", "").strip() == str(
+            os.getpid()
+        ):
+            found.add(int(entry.name))
+    return found
+
+
+# --- de-duplication, pure --------------------------------------------------------------
+
+QR_CODE = ("QR-Code", b"DEMO-0001")
+EAN = ("EAN-13", b"5901234123457")
+
+
+def test_code_held_in_view_is_one_scan():
+    d = Deduper(rescan_after=2.0)
+    emitted = [d.feed({QR_CODE}, at=i / 10) for i in range(100)]
+    assert emitted[0] == [QR_CODE]
+    assert all(e == [] for e in emitted[1:])
+
+
+def test_code_scans_again_only_after_being_out_of_view_for_rescan_after():
+    d = Deduper(rescan_after=2.0)
+    assert d.feed({QR_CODE}, at=0.0) == [QR_CODE]
+    assert d.feed(set(), at=1.0) == []
+    assert d.feed({QR_CODE}, at=1.9) == []  # away 1.9 s: still the same sighting
+    assert d.feed(set(), at=4.0) == []
+    assert d.feed({QR_CODE}, at=4.1) == [QR_CODE]  # away 2.2 s: a new scan
+
+
+def test_1d_code_needs_consistent_sightings_2d_code_does_not():
+    d = Deduper(rescan_after=2.0, min_sightings_1d=2)
+    assert d.feed({EAN, QR_CODE}, at=0.0) == [QR_CODE]
+    assert d.feed({EAN, QR_CODE}, at=0.1) == [EAN]
+    assert d.feed({EAN}, at=0.2) == []
+
+
+def test_1d_code_seen_once_then_gone_never_counts():
+    d = Deduper(rescan_after=2.0, min_sightings_1d=2)
+    assert d.feed({EAN}, at=0.0) == []
+    assert d.feed(set(), at=5.0) == []
+    assert d.feed({EAN}, at=5.1) == []  # the earlier single sighting has been forgotten
+    assert d.feed({EAN}, at=5.2) == [EAN]
+
+
+def test_dedupe_memory_is_bounded_and_forgets_codes_out_of_view():
+    d = Deduper(rescan_after=2.0, max_tracked=64)
+    for i in range(10_000):
+        d.feed({("QR-Code", str(i).encode())}, at=i / 1000)
+    assert len(d) <= 64
+    d.feed(set(), at=100.0)
+    assert len(d) == 0
+
+
+# --- frames into zbar ------------------------------------------------------------------
+
+
+def test_strided_and_cropped_frames_are_decoded_as_contiguous_2d():
+    scanner = camera.zbar_scanner()
+    wide = np.full((H, 2 * W), 235, dtype=np.uint8)
+    wide[:, ::2] = frame(qr("DEMO-0001"))  # every other column: a strided view below
+    strided = wide[:, ::2]
+    assert not strided.flags.c_contiguous
+    assert decode_frame(scanner, strided) == {QR_CODE}
+    rotated = np.rot90(frame(qr("DEMO-0001")))
+    assert not rotated.flags.c_contiguous
+    assert decode_frame(scanner, rotated) == {QR_CODE}
+    with pytest.raises(ValueError, match="2-D"):
+        decode_frame(scanner, np.zeros((H, W, 3), dtype=np.uint8))
+
+
+def test_frame_is_assembled_from_short_reads(tmp_path):
+    reader, writer = os.pipe()
+    data = frame(qr("DEMO-0001")).tobytes()
+
+    def trickle() -> None:
+        for i in range(0, len(data), 1000):
+            os.write(writer, data[i : i + 1000])
+        os.close(writer)
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    buffer = bytearray(W * H)
+    with os.fdopen(reader, "rb", buffering=0) as stream:
+        driver = CameraScanner("cam", settings(tmp_path / "unused.mkv"))
+        assert driver._read_frame(stream, memoryview(buffer), threading.Event(), camera=False)
+        assert bytes(buffer) == data
+        assert not driver._read_frame(stream, memoryview(buffer), threading.Event(), False)
+    thread.join()
+
+
+def test_camera_command_asks_v4l2_for_raw_gray_frames():
+    command = ffmpeg_command("ffmpeg", "/dev/video0", 640, 480, 15, input_format="mjpeg")
+    assert command[:4] == ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel"]
+    joined = " ".join(command)
+    assert "-f v4l2 -video_size 640x480 -framerate 15 -input_format mjpeg -i /dev/video0" in joined
+    assert joined.endswith("-f rawvideo -pix_fmt gray -")
+    assert "scale=640:480" in joined
+    assert "fps=" not in joined  # a camera runs on its own clock
+
+
+# --- the real pipe: videos made by ffmpeg ----------------------------------------------
+
+
+def test_qr_held_in_view_is_one_scan_and_shown_again_after_a_gap_is_a_second(tmp_path):
+    shown = frame(qr("DEMO-0001"))
+    # 1 s nothing, 2 s the code, 3 s away (> rescan_after 2 s), 1 s the code again.
+    video = write_video(
+        tmp_path / "held.mkv", [blank()] * 10 + [shown] * 20 + [blank()] * 30 + [shown] * 10
+    )
+    scans = scans_from(video, rescan_after=2.0)
+    assert codes(scans) == [QR_CODE, QR_CODE]
+    assert {s.source for s in scans} == {"cam"}
+
+
+def test_qr_missed_for_a_few_frames_while_held_is_still_one_scan(tmp_path):
+    shown = frame(qr("DEMO-0001"))
+    # zbar misses a held code now and then (blur, glare): 0.5 s without it is not "away".
+    video = write_video(tmp_path / "flicker.mkv", [shown] * 10 + [blank()] * 5 + [shown] * 10)
+    assert codes(scans_from(video, rescan_after=2.0)) == [QR_CODE]
+
+
+def test_1d_code_in_a_single_frame_does_not_count_but_in_two_frames_does(tmp_path):
+    once = frame(linear("ean13", EAN_A))
+    twice = frame(linear("ean13", EAN_B))
+    code128 = frame(linear("code128", "DEMO-0002"))
+    frames = [blank()] * 3 + [once] + [blank()] * 30 + [twice] * 2 + [blank()] * 30 + [code128] * 2
+    video = write_video(tmp_path / "linear.mkv", frames)
+
+    assert codes(scans_from(video, min_sightings_1d=2)) == [
+        ("EAN-13", b"4006381333931"),
+        ("CODE-128", b"DEMO-0002"),
+    ]
+    # The single frame is readable: with one sighting enough it counts too.
+    assert codes(scans_from(video, min_sightings_1d=1))[0] == ("EAN-13", b"5901234123457")
+
+
+def test_frames_with_nothing_in_them_yield_nothing(tmp_path):
+    frames = [blank()] * 5 + [noisy(blank(), 60, seed) for seed in range(10)]
+    rng = np.random.default_rng(1)
+    frames += [rng.integers(0, 256, (H, W), dtype=np.uint8) for _ in range(5)]  # static
+    assert scans_from(write_video(tmp_path / "empty.mkv", frames)) == []
+
+
+def test_lossy_video_of_two_codes_in_one_frame_gives_both(tmp_path):
+    both = frame(qr("DEMO-0003", module=3), linear("code128", "DEMO-0004"))
+    video = write_video(tmp_path / "both.mp4", [blank()] * 5 + [both] * 10, codec="libx264")
+    assert sorted(codes(scans_from(video))) == [
+        ("CODE-128", b"DEMO-0004"),
+        ("QR-Code", b"DEMO-0003"),
+    ]
+
+
+def test_glob_of_images_is_read_one_image_per_frame(tmp_path):
+    write_png(tmp_path / "a.png", frame(qr("DEMO-0005")))
+    write_png(tmp_path / "b.png", blank())
+    write_png(tmp_path / "c.png", frame(qr("DEMO-0006")))
+    scans = scans_from(tmp_path / "*.png", rescan_after=0.05)
+    assert codes(scans) == [("QR-Code", b"DEMO-0005"), ("QR-Code", b"DEMO-0006")]
+
+
+# --- still images: redeemd decode ------------------------------------------------------
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> dict[str, tuple[str, str]]:
+    """Generated images -> (symbology, text) each must yield."""
+    made = {
+        "qr-rotated-30.png": (qr("DEMO-0001", module=4), rotate(30), ("QR-Code", "DEMO-0001")),
+        "qr-small-noisy.png": (noisy(qr("DEMO-0002", module=2), 35, 3), "", ("QR-Code", "DEMO-0002")),
+        "qr-scaled-0.7.jpg": (qr("DEMO-0003", module=5), "scale=iw*0.7:-1:flags=bicubic", ("QR-Code", "DEMO-0003")),
+        "ean13-rotated-90.png": (np.rot90(linear("ean13", EAN_A)).copy(), "", ("EAN-13", "5901234123457")),
+        "ean13-tilted-8.png": (linear("ean13", EAN_B, module=3), rotate(8), ("EAN-13", "4006381333931")),
+        # zbar's Code 128 decoder gives up on per-pixel noise that no lens delivers; a
+        # camera's optics and ISP smooth sensor noise, so the noisy bars are blurred too.
+        "code128-noisy-blurred-scaled.png": (noisy(linear("code128", "DEMO-0004", module=3), 30, 4), "gblur=sigma=1,scale=iw*1.5:-1", ("CODE-128", "DEMO-0004")),
+    }  # fmt: skip
+    out = {}
+    for name, (image, filters, expected) in made.items():
+        path = write_png(tmp_path / name, np.pad(image, 20, constant_values=255), filters)
+        out[str(path)] = expected
+    return out
+
+
+def test_decode_images_finds_rotated_scaled_and_noisy_codes(photos):
+    found = {path: (symbology, text) for path, symbology, text in decode_images(photos)}
+    assert found == photos
+
+
+def test_redeemd_decode_prints_the_payloads(photos, tmp_path):
+    nothing = write_png(tmp_path / "nothing.png", noisy(blank(), 40))
+    done = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "decode", *photos, str(nothing)],
+        capture_output=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    lines = done.stdout.decode().splitlines()
+    assert sorted(lines) == sorted(f"{p}: {s}: {t}" for p, (s, t) in photos.items())
+
+
+def test_redeemd_decode_says_when_nothing_is_found(tmp_path):
+    nothing = write_png(tmp_path / "nothing.png", blank())
+    done = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "decode", str(nothing), str(tmp_path / "missing.png")],
+        capture_output=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert b"missing.png: no such file" in done.stderr
+    assert b"no code found" in done.stderr
+
+
+# --- failures and stopping -------------------------------------------------------------
+
+
+def test_missing_camera_device_gives_a_clear_driver_error():
+    driver = CameraScanner("cam", settings("/dev/video-redeemd-test-missing"))
+    with pytest.raises(DriverError) as raised:
+        driver.run(lambda scan: None, threading.Event(), DriverState("cam", "camera"))
+    message = str(raised.value)
+    assert "/dev/video-redeemd-test-missing" in message
+    assert "No such file or directory" in message  # ffmpeg's own last word
+    assert not ffmpeg_children()
+
+
+def test_missing_ffmpeg_says_what_to_install(tmp_path):
+    driver = CameraScanner("cam", settings("/dev/video0", ffmpeg=str(tmp_path / "no-ffmpeg")))
+    with pytest.raises(DriverError, match=r"install ffmpeg \(apt install ffmpeg\)"):
+        driver.run(lambda scan: None, threading.Event(), DriverState("cam", "camera"))
+    with pytest.raises(DriverError, match="apt install ffmpeg"):
+        list(decode_images([tmp_path / "x.png"], ffmpeg=str(tmp_path / "no-ffmpeg")))
+
+
+def test_unreadable_file_reports_ffmpeg_last_line(tmp_path):
+    junk = tmp_path / "junk.mkv"
+    junk.write_bytes(b"\x00not a video" * 100)
+    with pytest.raises(DriverError, match="ffmpeg exited with status"):
+        scans_from(junk)
+
+
+class Y4mWriter(threading.Thread):
+    """Streams a QR as an endless 'camera' into a FIFO, as YUV4MPEG (ffmpeg probes it)."""
+
+    def __init__(self, fifo: Path):
+        super().__init__(daemon=True)
+        self.fifo = fifo
+        self.image = frame(qr("DEMO-0007")).tobytes()
+
+    def run(self) -> None:
+        try:
+            with open(self.fifo, "wb") as out:
+                out.write(f"YUV4MPEG2 W{W} H{H} F{FPS}:1 Ip A1:1 Cmono\n".encode())
+                while True:
+                    out.write(b"FRAME\n" + self.image)
+        except (BrokenPipeError, OSError):
+            pass  # ffmpeg went away: that is the point of the test
+
+
+def run_in_thread(driver: CameraScanner, stop: threading.Event, first_scan: threading.Event):
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            driver.run(lambda scan: first_scan.set(), stop, DriverState("cam", "camera"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, errors
+
+
+def test_stopping_a_streaming_driver_leaves_no_ffmpeg_child(tmp_path):
+    fifo = tmp_path / "camera.fifo"
+    os.mkfifo(fifo)
+    writer = Y4mWriter(fifo)
+    writer.start()
+    driver = CameraScanner("cam", settings(fifo))
+    stop, first_scan = threading.Event(), threading.Event()
+    thread, errors = run_in_thread(driver, stop, first_scan)
+
+    assert first_scan.wait(30), "no scan from the streaming FIFO"
+    running = ffmpeg_children()
+    assert len(running) == 1  # the check below can see ffmpeg when there is one
+
+    stop.set()
+    driver.close()  # what Supervisor.stop does
+    thread.join(30)
+    assert not thread.is_alive()
+    assert errors == []
+    assert not ffmpeg_children()  # no zombie: it was reaped
+    assert not any(Path(f"/proc/{pid}").exists() for pid in running)  # no orphan
+    writer.join(30)
+
+
+def test_stopping_a_driver_whose_ffmpeg_is_stuck_opening_its_input_reaps_it(tmp_path):
+    # A FIFO without a writer blocks ffmpeg inside open(), where SIGTERM does not end
+    # it: the driver must escalate to SIGKILL and still reap it.
+    fifo = tmp_path / "silent.fifo"
+    os.mkfifo(fifo)
+    driver = CameraScanner("cam", settings(fifo))
+    stop, first_scan = threading.Event(), threading.Event()
+    thread, errors = run_in_thread(driver, stop, first_scan)
+    for _ in range(300):
+        if ffmpeg_children():
+            break
+        threading.Event().wait(0.05)
+    running = ffmpeg_children()
+    assert len(running) == 1
+
+    stop.set()
+    driver.close()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert errors == []
+    assert not ffmpeg_children()
+    assert not any(Path(f"/proc/{pid}").exists() for pid in running)
+
+
+# --- end to end: redeemd run with a camera scanner -------------------------------------
+
+
+def test_redeemd_run_with_a_camera_accepts_a_demo_code_shown_to_it(loaded_box, tmp_path):
+    demo1, demo2 = frame(qr("DEMO-0001")), frame(qr("DEMO-0002"), noise=10)
+    video = write_video(
+        tmp_path / "counter.mp4",
+        [blank()] * 5 + [demo1] * 25 + [blank()] * 5 + [demo2] * 10 + [blank()] * 5,
+        codec="libx264",
+    )
+    box = write_box(
+        loaded_box.dir,
+        loaded_box.keyset,
+        extra=f"""
+[[scanner]]
+type = "camera"
+name = "counter-cam"
+device = "{video}"
+width = {W}
+height = {H}
+fps = {FPS}
+""",
+    )
+    assert [s.type for s in box.config.scanners] == ["camera"]  # the block parsed as a scanner
+
+    ran = box.cli("run", "--json", timeout=120)
+    assert ran.returncode == 0, ran.stderr.decode()
+    verdicts = read_json_lines(ran.stdout)
+    assert [v["verdict"] for v in verdicts] == ["accepted", "accepted"]
+    assert [v["card_id"] for v in verdicts] == [1, 1]
+    assert b"DEMO-000" not in ran.stdout  # verdicts carry digests, never the code
+
+    status = json.loads((box.dir / "status.json").read_text())
+    (driver,) = status["drivers"]
+    assert (driver["name"], driver["kind"], driver["scans"]) == ("counter-cam", "camera", 2)
+
+
+def test_docstring_examples_hold():
+    import doctest
+
+    from drivers import dedupe
+
+    for module in (dedupe, camera):
+        failed, _ = doctest.testmod(module)
+        assert failed == 0, f"{module.__name__} docstring examples fail"
