@@ -83,6 +83,7 @@ class Service:
         self.scans: queue.Queue[Scan | None] = queue.Queue(maxsize=1000)
         self.stopping = threading.Event()
         self.supervisors: dict[str, Supervisor] = {}
+        self._last_feedback: dict[str, Verdict] = {}
         self.status_path = config.box.state_dir / "status.json"
 
     def run(self) -> int:
@@ -114,6 +115,10 @@ class Service:
                 if result is not None:
                     self._show(result)
                     self._feedback(scan.source, result)
+                elif scan.source in self._last_feedback:
+                    # A debounced repeat is the same read: answer it the same way, because
+                    # scanners in host-ACK mode wait for an answer to every read.
+                    self._feedback(scan.source, self._last_feedback[scan.source])
         except KeyboardInterrupt:
             pass
         finally:
@@ -152,6 +157,7 @@ class Service:
         supervisor = self.supervisors.get(source)
         if supervisor is None or isinstance(result, PaymentCode):
             return
+        self._last_feedback[source] = result
         try:
             supervisor.driver.feedback(result.accepted)
         except Exception as exc:  # a beep that fails must not lose the next scan

@@ -21,3 +21,23 @@ def test_example_config_parses_and_documents_every_key(tmp_path: Path, keyset):
             assert f"\n{key} = " in text, f"config.example.toml does not document [{section}] {key}"
     for key in config_mod.SCANNER_SCHEMA:
         assert f"\n{key} = " in text
+    for kind, keys in config_mod.SCANNER_SCHEMAS.items():
+        assert f'type = "{kind}"' in text, f"config.example.toml has no {kind} scanner example"
+        for key in keys:
+            assert f"\n{key} = " in text or f"\n# {key} = " in text, (
+                f"config.example.toml does not document the {kind} scanner key {key}"
+            )
+
+
+def test_commented_scanner_examples_parse_when_uncommented(tmp_path: Path, keyset):
+    import re
+
+    write_box(tmp_path, keyset)
+    text = (ROOT / "config.example.toml").read_text().replace('"/var/lib/redeemd"', f'"{tmp_path}"')
+    uncommented = re.sub(r"(?m)^# (\[\[scanner\]\]|[a-z_0-9]+ = .*)$", r"\1", text)
+    path = tmp_path / "example.toml"
+    path.write_text(uncommented)
+    config = config_mod.load(str(path))
+    assert [s.type for s in config.scanners] == ["stdin", "serial", "hid", "camera"]
+    serial = config.scanners[1].settings
+    assert serial["terminator"] == "auto" and serial["good_read"] == b""

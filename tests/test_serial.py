@@ -469,6 +469,7 @@ feedback = "raw"
 good_read = "06 07"
 bad_read = "15"
 """,
+        debounce="1h",
     )
     stderr = (loaded_box.dir / "stderr.log").open("wb")
     daemon = subprocess.Popen(
@@ -502,6 +503,13 @@ bad_read = "15"
         verdict = json.loads(lines.get(timeout=60))
         assert (verdict["verdict"], verdict["reason"]) == ("rejected", "malformed")
         assert pty.read_until(b"\x06\x07\x15") == b"\x06\x07\x15"
+
+        # A double read inside the debounce window is one scan, but a scanner in
+        # host-ACK mode waits for an answer to each read: both get the good-read bytes.
+        pty.send(b"DEMO-0002\r\nDEMO-0002\r\n")
+        verdict = json.loads(lines.get(timeout=60))
+        assert verdict["verdict"] == "accepted"
+        assert pty.read_until(b"\x06\x07\x06\x07").endswith(b"\x06\x07\x06\x07")
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=60) == 0, (loaded_box.dir / "stderr.log").read_text()
@@ -509,4 +517,5 @@ bad_read = "15"
 
     status = json.loads(loaded_box.cli("status", "--json").stdout)
     [driver] = status["drivers"]
-    assert (driver["name"], driver["kind"], driver["scans"]) == ("counter", "serial", 2)
+    assert (driver["name"], driver["kind"], driver["scans"]) == ("counter", "serial", 4)
+    assert lines.empty(), "the debounced repeat must not produce a second verdict"
