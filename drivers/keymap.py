@@ -58,6 +58,18 @@ _XKB_OFFSET = 8  # xkb keycodes are evdev keycodes + 8 (an X11 legacy)
 _DOWN = lib.XKB_KEY_DOWN
 _UP = lib.XKB_KEY_UP
 _DEPRESSED = lib.XKB_STATE_MODS_DEPRESSED
+_EFFECTIVE_MODS = lib.XKB_STATE_MODS_EFFECTIVE
+_EFFECTIVE_LAYOUT = lib.XKB_STATE_LAYOUT_EFFECTIVE
+_MEMO_LIMIT = 4096
+# Bound once: attribute lookups on the cffi module cost as much as the calls themselves
+# on the per-key path.
+_update_key = lib.xkb_state_update_key
+_serialize_mods = lib.xkb_state_serialize_mods
+_serialize_layout = lib.xkb_state_serialize_layout
+_mod_is_active = lib.xkb_state_mod_index_is_active
+_EV_KEY = ecodes.EV_KEY
+_EV_SYN = ecodes.EV_SYN
+_KEY_RIGHTBRACE = ecodes.KEY_RIGHTBRACE
 _COMPOSING = xkb.ComposeStatus.XKB_COMPOSE_COMPOSING
 _COMPOSED = xkb.ComposeStatus.XKB_COMPOSE_COMPOSED
 _TERMINATOR_SYMS = frozenset(
@@ -122,6 +134,12 @@ class KeyDecoder:
         table = _compose_table()
         self._compose = table.compose_state_new() if table is not None else None
         self._utf8 = ffi.new("char[64]")
+        # What a key types depends only on the keycode, the effective modifiers and the
+        # layout group: remember it, so a press costs two state reads instead of a UTF-8
+        # conversion (scanners type the same few dozen keys over and over).
+        self._meanings: dict[tuple[int, int, int], tuple[str, int]] = {}
+        # us, gb, de and fr have one layout group; skip asking for it on every key then.
+        self._groups = lib.xkb_keymap_num_layouts(self._keymap._keymap)
         self._chars: list[str] = []
         self._overflow = False
         self._last: float | None = None
@@ -167,11 +185,13 @@ class KeyDecoder:
     def feed(self, events: Iterable[InputEvent]) -> list[bytes]:
         """Codes completed by these events, in order."""
         out: list[bytes] = []
+        key = self._key
         for event in events:
-            if event.type == ecodes.EV_KEY:
+            kind = event.type
+            if kind == _EV_KEY:
                 if not self._dropping:
-                    self._key(event, out)
-            elif event.type == ecodes.EV_SYN:
+                    key(event, out)
+            elif kind == _EV_SYN:
                 if event.code == ecodes.SYN_DROPPED:
                     # The kernel lost events: the code is incomplete and a Shift release
                     # may be among the lost ones. Ignore everything up to the next
@@ -212,8 +232,8 @@ class KeyDecoder:
         if value == 0:
             if code in self._pressed:
                 self._pressed.discard(code)
-                lib.xkb_state_update_key(self._state, keycode, _UP)
-                self._last = event.timestamp()
+                _update_key(self._state, keycode, _UP)
+                self._last = event.sec + event.usec / 1_000_000
                 if self._alt_digits and not self._alt_held():
                     char = self._alt_code()
                     if char in _TERMINATOR_TEXT:
@@ -226,20 +246,30 @@ class KeyDecoder:
         # (after a resync) is ignored the same way so xkb's state stays balanced.
         if value != 1 or code in self._pressed:
             return
-        at = event.timestamp()
+        at = event.sec + event.usec / 1_000_000
         if self._last is not None and at - self._last > self.gap and self.pending:
             self._finish(out)
         self._last = at
         # Read the key's meaning before updating the state with it (xkb's convention: a
         # modifier key does not modify itself).
         state = self._state
-        size = lib.xkb_state_key_get_utf8(state, keycode, self._utf8, 64)
-        text = ffi.string(self._utf8, 64).decode("utf-8", "replace") if size > 0 else ""
-        sym = lib.xkb_state_key_get_one_sym(state, keycode)
+        where = (
+            keycode,
+            _serialize_mods(state, _EFFECTIVE_MODS),
+            _serialize_layout(state, _EFFECTIVE_LAYOUT) if self._groups > 1 else 0,
+        )
+        meaning = self._meanings.get(where)
+        if meaning is None:
+            size = lib.xkb_state_key_get_utf8(state, keycode, self._utf8, 64)
+            text = ffi.string(self._utf8, 64).decode("utf-8", "replace") if size > 0 else ""
+            meaning = (text, lib.xkb_state_key_get_one_sym(state, keycode))
+            if len(self._meanings) < _MEMO_LIMIT:
+                self._meanings[where] = meaning
+        text, sym = meaning
         self._pressed.add(code)
-        lib.xkb_state_update_key(state, keycode, _DOWN)
+        _update_key(state, keycode, _DOWN)
 
-        if lib.xkb_state_mod_index_is_active(state, self._alt, _DEPRESSED) == 1:
+        if _mod_is_active(state, self._alt, _DEPRESSED) == 1:
             # Alt (not AltGr, which is another modifier in xkb) + keypad digits is
             # Alt-code entry; the character comes when Alt is released. Alt + anything
             # else is a shortcut, not text.
@@ -249,10 +279,7 @@ class KeyDecoder:
         if sym in _TERMINATOR_SYMS or text in _TERMINATOR_TEXT:
             self._finish(out)
             return
-        if (
-            code == ecodes.KEY_RIGHTBRACE
-            and lib.xkb_state_mod_index_is_active(state, self._ctrl, _DEPRESSED) == 1
-        ):
+        if code == _KEY_RIGHTBRACE and _mod_is_active(state, self._ctrl, _DEPRESSED) == 1:
             # Scanners send "Ctrl+]" as the HID usage of the US ] key whatever layout
             # they are set to (on de/fr that key is + or $, whose Ctrl form is nothing).
             text = GS
