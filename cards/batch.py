@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from cards import keys
+from cards import envelope, keys
 
 FILE_MAGIC = b"RDB1"
 CHUNK_MAGIC = b"RDC1"
@@ -189,9 +189,7 @@ def build(
         "key_id": delegation.key_id,
         "issuer": delegation.to_json(),
     }
-    header = keys.canonical_json(body)
-    signature = keys.sign(issuer_private, DOMAIN, header)
-    return FILE_MAGIC + _U32.pack(len(header)) + header + signature + payload
+    return envelope.seal(FILE_MAGIC, DOMAIN, body, issuer_private) + payload
 
 
 def split(batch_file: bytes) -> list[bytes]:
@@ -217,35 +215,13 @@ def read_header(data: bytes, magic: bytes, roots: dict[str, bytes]) -> tuple[Hea
     Checks: magic, sizes, JSON shape, the issuer delegation against `roots`, the
     batch signature, the issuer's merchant scope and validity at `created_at`.
     """
-    if len(data) < 8 or data[:4] != magic:
-        kind = "batch file" if magic == FILE_MAGIC else "batch chunk"
-        raise BatchError(f"not a redeemd {kind}: it does not start with {magic.decode()}")
-    (header_len,) = _U32.unpack_from(data, 4)
-    if header_len > MAX_HEADER_SIZE:
-        raise BatchError(f"header of {header_len} bytes exceeds the {MAX_HEADER_SIZE} limit")
-    end = 8 + header_len
-    if len(data) < end + 64:
-        raise BatchError("truncated: the header or its signature is cut off")
-    raw = data[8:end]
-    signature = data[end : end + 64]
+    what = "batch file" if magic == FILE_MAGIC else "batch chunk"
     try:
-        body = json.loads(raw)
-    # Parsed before the signature is checked, so any byte string must end here as a
-    # BatchError: ValueError covers over-long integers, RecursionError deep nesting.
-    except (ValueError, RecursionError) as exc:
-        raise BatchError(f"header is not JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise BatchError("header must be a JSON object")
-    if type(body.get("v")) is not int or body["v"] != 1:
-        raise BatchError(f"batch format version {body.get('v')!r} is not supported (need 1)")
-    try:
-        delegation = keys.parse_delegation(body.get("issuer"), roots)
-    except keys.TrustError as exc:
+        sealed = envelope.open_signed(data, magic, DOMAIN, roots, what)
+    except envelope.EnvelopeError as exc:
         raise BatchError(str(exc)) from None
-    if body.get("key_id") != delegation.key_id:
-        raise BatchError("header key_id does not match the issuer delegation")
-    if not keys.verify(delegation.public_key, signature, DOMAIN, raw):
-        raise BatchError(f"bad signature: header not signed by issuer key {delegation.key_id}")
+    body, delegation, raw, signature = sealed.body, sealed.delegation, sealed.raw, sealed.signature
+    end = sealed.end - 64
 
     header = _typed_header(body, delegation, raw, signature)
     if not delegation.allows(header.merchant, header.created_at):
