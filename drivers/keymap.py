@@ -247,7 +247,8 @@ class KeyDecoder:
         if value != 1 or code in self._pressed:
             return
         at = event.sec + event.usec / 1_000_000
-        if self._last is not None and at - self._last > self.gap and self.pending:
+        last = self._last
+        if last is not None and at - last > self.gap and self.pending:
             self._finish(out)
         self._last = at
         # Read the key's meaning before updating the state with it (xkb's convention: a
@@ -286,7 +287,11 @@ class KeyDecoder:
         elif self._composing or (self._compose is not None and _DEAD_FIRST <= sym <= _DEAD_LAST):
             text = self._composed(sym, text)
         if text:
-            self._append(text)
+            chars = self._chars
+            if not self._overflow and len(chars) < MAX_CHARS:
+                chars.append(text)
+            else:
+                self._append(text)
 
     def _composed(self, sym: int, text: str) -> str:
         compose = self._compose
