@@ -24,3 +24,16 @@ def code_digest(code_key: bytes, text: str) -> bytes:
 def short(digest: bytes | None) -> str:
     """The most of a digest a log line or a screen may show."""
     return digest.hex()[:8] if digest else "-"
+
+
+class CodeDigester:
+    """`code_digest` with the key's HMAC pads computed once: the scan path digests every
+    read, and re-deriving the pads costs more than hashing a short code."""
+
+    def __init__(self, code_key: bytes):
+        self._mac = hmac.new(code_key, digestmod="sha256")
+
+    def __call__(self, text: str) -> bytes:
+        mac = self._mac.copy()
+        mac.update(text.encode("utf-8"))
+        return mac.digest()[:DIGEST_SIZE]

@@ -26,7 +26,7 @@ import uuid6
 from cards import signed_code
 from cards.card import Card
 from cards.classify import payment_scheme
-from cards.digest import code_digest, short
+from cards.digest import CodeDigester, short
 from cards.normalize import MalformedCode, normalize
 from cards.rules import (
     UNLIMITED_USES,
@@ -76,6 +76,7 @@ class Engine:
         self._data_version = -1
         self._next_seq = ledger.last_seq(conn) + 1
         self._recorded = False
+        self._digest = CodeDigester(config.trust.code_key)
         self._refresh()
 
     # ------------------------------------------------------------------ state
@@ -114,7 +115,7 @@ class Engine:
             return self._write(
                 lambda: self._record_reject(Reason.MALFORMED, detail, None, None, scan), scan, None
             )
-        digest = code_digest(self.config.trust.code_key, norm.text)
+        digest = self._digest(norm.text)
         if self._debounced(scan.source, digest):
             return None
         return self._write(
@@ -129,7 +130,7 @@ class Engine:
             return Verdict(
                 Outcome.REJECTED, Action.REJECT, Reason.MALFORMED, str(exc), source=source
             )
-        digest = code_digest(self.config.trust.code_key, norm.text)
+        digest = self._digest(norm.text)
         scan = Scan(code=b"", source=source, at=self.clock())
         return self._evaluate(norm.text, digest, scan, action=Action.CHECK, record=False)
 
@@ -149,7 +150,7 @@ class Engine:
             return self._write(
                 lambda: self._record_reject(Reason.MALFORMED, detail, None, None, scan), scan, None
             )
-        digest = code_digest(self.config.trust.code_key, norm.text)
+        digest = self._digest(norm.text)
         scan = Scan(code=b"", source=source, at=self.clock())
         return self._write(
             lambda: self._evaluate(

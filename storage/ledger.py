@@ -17,7 +17,6 @@ COLUMNS = (
     "symbology", "operator", "cache_seq", "reverses",
 )  # fmt: skip
 INSERT = f"INSERT INTO ledger({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
-ENQUEUE = "INSERT INTO outbox(seq) VALUES (?)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +66,9 @@ def last_seq(conn: sqlite3.Connection) -> int:
 
 
 def append(conn: sqlite3.Connection, record: Redemption) -> None:
-    """Insert the record and queue it for sync; the caller owns the transaction."""
+    """Insert the record; the ledger_to_outbox trigger queues it for sync. The caller
+    owns the transaction."""
     conn.execute(INSERT, record.row())
-    conn.execute(ENQUEUE, (record.seq,))
 
 
 def by_id(conn: sqlite3.Connection, record_id: bytes) -> Redemption | None:

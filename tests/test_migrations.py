@@ -95,3 +95,14 @@ def test_damaged_file_is_refused_with_a_message(tmp_path):
     path.write_bytes(b"this is not a database at all" * 200)
     with pytest.raises(StorageError, match=str(path)):
         open_database(path)
+
+
+def test_every_ledger_row_enters_the_outbox_through_the_trigger(tmp_path):
+    from storage.database import open_database
+
+    conn = open_database(tmp_path / "t.db")
+    conn.execute(
+        "INSERT INTO ledger(seq, id, at_ms, box, merchant, store, action, verdict, source, "
+        "cache_seq) VALUES (1, x'00', 0, 'b', 'm', 's', 'reject', 'rejected', 'x', 0)"
+    )
+    assert conn.execute("SELECT seq FROM outbox").fetchall() == [(1,)]

@@ -234,3 +234,12 @@ def test_normalize_returns_a_frozen_value():
     assert isinstance(result, Normalized)
     with pytest.raises(AttributeError):
         result.text = "other"  # type: ignore[misc]
+
+
+def test_precomputed_digester_equals_code_digest():
+    from cards.digest import CodeDigester, code_digest
+
+    key = bytes(range(32))
+    digester = CodeDigester(key)
+    for text in ("DEMO-0001", "你好", "0107032069804988\x1d10ABC"):
+        assert digester(text) == code_digest(key, text)
