@@ -1,4 +1,4 @@
-"""`redeemd-backend`: make keys, delegate issuer keys, issue batches, mint signed codes."""
+"""`redeemd-backend`: keys, delegation, batches, signed codes; publish and collect over MQTT."""
 
 from __future__ import annotations
 
@@ -6,11 +6,18 @@ import argparse
 import csv
 import io
 import json
+import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
+from backend.collect import DEFAULT_GROUP, Collector
+from backend.connection import BrokerUrlError
 from backend.keystore import Keystore, KeystoreError
+from backend.publish import DEFAULT_PREFIX, Publisher
+from backend.store import Store, StoreError
 from cards import batch, keys, signed_code
 from cards.batch import UNLIMITED, BatchError, CodeStatus, Kind
 from cards.card import CardError, parse_card
@@ -26,6 +33,8 @@ examples:
   redeemd-backend issue --dir keys/ --merchant acme --kind cards --input cards.json --out 0001.rdb
   redeemd-backend issue --dir keys/ --merchant acme --input codes.csv --out 0002.rdb
   redeemd-backend mint --dir keys/ --card 7 --serial 1 --count 10
+  redeemd-backend publish --dir keys/ --broker mqtt://127.0.0.1:1883
+  redeemd-backend collect --dir keys/ --broker mqtt://127.0.0.1:1883
 """
 
 
@@ -41,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (KeystoreError, UsageError, BatchError, CardError, keys.TrustError, OSError) as exc:
+    except (
+        KeystoreError, UsageError, BatchError, CardError, keys.TrustError, OSError, StoreError,
+        BrokerUrlError,
+    ) as exc:  # fmt: skip
         print(f"redeemd-backend: {exc}", file=sys.stderr)
         return 1
 
@@ -90,7 +102,70 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--serial", type=int, required=True, help="first serial")
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--days", type=float, default=30.0)
+    p = command("publish", cmd_publish, "Publish batches and the signed manifest over MQTT; answer resend requests.",
+                "redeemd-backend publish --dir keys/ --broker mqtt://127.0.0.1:1883 --merchant acme")  # fmt: skip
+    p.add_argument("--broker", required=True, help="mqtt://[user:pass@]host[:port] or mqtts://...")
+    p.add_argument(
+        "--prefix", default=DEFAULT_PREFIX, help=f"topic prefix (default {DEFAULT_PREFIX})"
+    )
+    p.add_argument(
+        "--merchant",
+        action="append",
+        help="only these merchants (repeat); default all in backend.db",
+    )
+    p.add_argument(
+        "--heartbeat",
+        type=_duration,
+        default="1h",
+        help="re-sign the manifest at least this often (default 1h)",
+    )
+    p.add_argument("--poll", type=_duration, default="1s", help="how often backend.db is checked for new batches (default 1s)")  # fmt: skip
+    p = command("collect", cmd_collect, "Store box events in backend.db, ack them, flag gaps and double redemptions.",
+                "redeemd-backend collect --dir keys/ --broker mqtt://127.0.0.1:1883 --group main")  # fmt: skip
+    p.add_argument("--broker", required=True, help="mqtt://[user:pass@]host[:port] or mqtts://...")
+    p.add_argument(
+        "--prefix", default=DEFAULT_PREFIX, help=f"topic prefix (default {DEFAULT_PREFIX})"
+    )
+    p.add_argument("--group", default=DEFAULT_GROUP, help="shared subscription group; collectors in one group split the load")  # fmt: skip
     return parser
+
+
+def _duration(text: str) -> float:
+    """`90`, `90s`, `15m`, `1h`, `1d` -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (like 30s, 15m, 1h)")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+
+
+def _until_signalled(run) -> int:
+    """Run `run(stop)` until SIGINT or SIGTERM; both stop it cleanly."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    run(stop)
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    publisher = Publisher(
+        args.dir, args.broker, prefix=args.prefix, merchants=args.merchant,
+        heartbeat=args.heartbeat, poll=args.poll,
+    )  # fmt: skip
+    print(
+        f"publishing from {args.dir / 'backend.db'} to {args.broker} under {args.prefix}/",
+        flush=True,
+    )
+    return _until_signalled(publisher.run)
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    collector = Collector(args.dir, args.broker, prefix=args.prefix, group=args.group)
+    print(
+        f"collecting {collector.topic} from {args.broker} into {args.dir / 'backend.db'}",
+        flush=True,
+    )
+    return _until_signalled(collector.run)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -123,15 +198,25 @@ def cmd_issue(args: argparse.Namespace) -> int:
         entries = batch.encode_cards(templates)
     else:
         entries = _code_entries(text, kind, store.code_key())
-    seq = args.seq or store.next_seq(args.merchant)
+    private, delegation = store.private("issuer"), store.delegation()
     now = int(time.time())
-    data = batch.build(
-        store.private("issuer"), store.delegation(), merchant=args.merchant, seq=seq, kind=kind,
-        entries=entries, created_at=now, expires_at=now + int(args.expires_days * 86400),
-        chunk_size=args.chunk_size,
-    )  # fmt: skip
+
+    def sign(seq: int) -> bytes:
+        return batch.build(
+            private, delegation, merchant=args.merchant, seq=seq, kind=kind, entries=entries,
+            created_at=now, expires_at=now + int(args.expires_days * 86400),
+            chunk_size=args.chunk_size,
+        )  # fmt: skip
+
+    # backend.db allocates the sequence and keeps the batch, so `publish` can send it
+    # and answer resend requests for it.
+    backend = Store.open(args.dir)
+    try:
+        issued = backend.issue(args.merchant, kind, sign, seq=args.seq)
+    finally:
+        backend.close()
+    seq, data = issued.seq, issued.data
     args.out.write_bytes(data)
-    store.record_seq(args.merchant, seq)
     count = (
         len(json.loads(entries)) if kind is Kind.CARDS else len(entries) // batch.ENTRY_SIZES[kind]
     )

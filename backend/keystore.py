@@ -1,11 +1,13 @@
-"""The backend's key directory: root, issuer and code keys, delegation, sequences.
+"""The backend's key directory: root, issuer and code keys, delegation.
 
 Layout (all files one line of base64 or JSON):
   root.key / root.pub        root Ed25519 key; root.pub goes into every box's config
   issuer.key / issuer.pub    issuer Ed25519 key that signs batches and codes
   issuer.delegation.json     root's signature over the issuer key (from `delegate`)
   code.key                   HMAC key for code digests; copied to every box (secret)
-  sequence.json              last batch sequence issued per merchant
+  backend.db                 issued batches and box events (backend/store.py), which
+                             also allocates batch sequences; an older sequence.json is
+                             still read so sequences continue after it
 """
 
 from __future__ import annotations
@@ -71,14 +73,3 @@ class Keystore:
         text = self._read("issuer.delegation.json", "run `redeemd-backend delegate`")
         roots = {keys.key_id(self.public("root")): self.public("root")}
         return keys.parse_delegation(json.loads(text), roots)
-
-    def next_seq(self, merchant: str) -> int:
-        path = self.dir / "sequence.json"
-        sequences = json.loads(path.read_text()) if path.exists() else {}
-        return int(sequences.get(merchant, 0)) + 1
-
-    def record_seq(self, merchant: str, seq: int) -> None:
-        path = self.dir / "sequence.json"
-        sequences = json.loads(path.read_text()) if path.exists() else {}
-        sequences[merchant] = max(seq, int(sequences.get(merchant, 0)))
-        self._write("sequence.json", json.dumps(sequences, sort_keys=True), secret=False)

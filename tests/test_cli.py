@@ -148,7 +148,11 @@ def _subcommands(parser: argparse.ArgumentParser) -> list[str]:
             daemon_cli._parser,
             {"run", "check-config", "import", "check", "ledger", "status"},
         ),
-        ("backend.cli", backend_cli._parser, {"keygen", "delegate", "issue", "mint"}),
+        (
+            "backend.cli",
+            backend_cli._parser,
+            {"keygen", "delegate", "issue", "mint", "publish", "collect"},
+        ),
     ],
     ids=["redeemd", "redeemd-backend"],
 )

@@ -1,0 +1,193 @@
+"""`redeemd-backend collect`: box events into backend.db, acked only after the commit.
+
+Subscribes to `$share/{group}/{p}/+/box/+/events`: with a shared subscription the broker
+hands each message to one collector of the group, so several collectors (on one
+backend.db) can run side by side. For every message, in this order:
+
+1. parse and check the records (docs/protocol.md 16.3); a bad message is refused whole;
+2. store them in one transaction, idempotent by record id, advancing the box's
+   contiguous high-water mark, noting gaps and flagging double redemptions; a
+   double redemption also issues a consumed-elsewhere batch in the same commit;
+3. only then ack `{"v":1,"upto":N,"ids":[...]}` on `{p}/{merchant}/box/{box}/ack` (a
+   box deletes acked records from its outbox, so an ack before the commit could lose
+   them for good);
+4. publish the consumed batch and re-sign the manifest so the other boxes learn it.
+
+    >>> collector = Collector(Path("keys/"), "mqtt://127.0.0.1:1883", group="acme")
+    >>> collector.start()   # a thread; collector.run(stop_event) blocks instead
+    >>> collector.stop()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from backend import publish
+from backend.connection import Connection
+from backend.events import EventError, parse_message
+from backend.keystore import Keystore, KeystoreError
+from backend.store import IssuedBatch, Store, Stored
+from cards import batch, keys
+from cards.batch import BatchError, Kind
+
+DEFAULT_GROUP = "redeemd-collect"
+CONSUMED_EXPIRES = 30 * 86400
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+class Collector:
+    def __init__(
+        self,
+        directory: Path,
+        broker: str,
+        *,
+        prefix: str = publish.DEFAULT_PREFIX,
+        group: str = DEFAULT_GROUP,
+        say: Callable[[str], None] = _print,
+        client_id: str | None = None,
+    ):
+        self.dir = directory
+        self.prefix = prefix.rstrip("/")
+        self.group = group
+        self.say = say
+        self.keystore = Keystore(directory)
+        # Conflicts are answered with a signed batch: without the issuer key and its
+        # delegation the collector could only flag them, so refuse to start instead.
+        self.keystore.private("issuer")
+        self.keystore.delegation()
+        self.link = Connection(
+            broker,
+            client_id or f"redeemd-collect-{group}-{socket.gethostname()}-{os.getpid()}",
+            say,
+        )
+        self._inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self._unpublished: list[IssuedBatch] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def topic(self) -> str:
+        return f"$share/{self.group}/{self.prefix}/+/box/+/events"
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="collect", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+            self._thread = None
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Collect until `stop` (or `self.stop()`) is set. Owns the connection and
+        does all database work on this thread, never on paho's network thread."""
+        stop = stop or self._stop
+        store = Store.open(self.dir)
+        # Consumed batches a previous run committed but could not publish.
+        self._unpublished = [b for b in store.unpublished() if b.kind is Kind.CONSUMED]
+        self.link.subscribe(self.topic)
+        self.link.on_message(self._inbox.put)
+        self.link.start()
+        try:
+            while not stop.is_set() and not self._stop.is_set():
+                try:
+                    message = self._inbox.get(timeout=0.2)
+                except queue.Empty:
+                    message = None
+                if message is not None:
+                    self._handle(store, message)
+                if self._unpublished and self.link.connected.is_set():
+                    self._publish_consumed(store)
+        finally:
+            self.link.stop()
+            store.close()
+
+    # ------------------------------------------------------------ one message
+
+    def _handle(self, store: Store, message: mqtt.MQTTMessage) -> None:
+        parts = message.topic[len(self.prefix) + 1 :].split("/")
+        if len(parts) != 4 or parts[1] != "box" or parts[3] != "events":
+            return
+        merchant, box = parts[0], parts[2]
+        try:
+            events = parse_message(message.payload, merchant=merchant, box=box)
+        except EventError as exc:
+            self.say(f"refused events from {merchant}/{box}: {exc}")
+            return
+        if not events:
+            return
+        try:
+            stored = store.store_events(merchant, box, events, self._sign_consumed)
+        except (sqlite3.Error, KeystoreError, keys.TrustError, BatchError) as exc:
+            # Rolled back and not acked: the box keeps the records and sends them again.
+            self.say(f"could not store events from {merchant}/{box}: {exc}; not acked")
+            return
+        # Committed: now, and only now, the box may forget these records.
+        ack = {"v": 1, "upto": stored.upto, "ids": list(stored.ids)}
+        self.link.send(f"{self.prefix}/{merchant}/box/{box}/ack", json.dumps(ack).encode())
+        self._report(stored, events[0].seq, events[-1].seq)
+        if stored.consumed is not None:
+            self._unpublished.append(stored.consumed)
+            if self.link.connected.is_set():
+                self._publish_consumed(store)
+
+    def _report(self, stored: Stored, first: int, last: int) -> None:
+        where = f"{stored.merchant}/{stored.box}"
+        extra = f" and {len(stored.ids)} ids above it" if stored.ids else ""
+        self.say(
+            f"stored {where} {first}..{last}: {stored.new} new, {stored.duplicates} duplicate; "
+            f"acked upto {stored.upto}{extra}"
+        )
+        for gap in stored.gaps:
+            self.say(f"gap {where}: missing {gap.first}..{gap.last}")
+        for gap in stored.filled:
+            self.say(f"gap filled {where}: {gap.first}..{gap.last}")
+        for c in stored.conflicts:
+            self.say(
+                f"CONFLICT {c.merchant}: code {c.digest} redeemed on {c.first_box} ({c.first_id}) "
+                f"and on {c.second_box} ({c.second_id})"
+            )
+        if stored.consumed is not None:
+            b = stored.consumed
+            self.say(f"issued consumed batch {b.merchant}/{b.seq}: {b.count} entries")
+
+    def _sign_consumed(self, merchant: str, seq: int, entries: bytes) -> bytes:
+        now = int(time.time())
+        return batch.build(
+            self.keystore.private("issuer"), self.keystore.delegation(), merchant=merchant,
+            seq=seq, kind=Kind.CONSUMED, entries=entries, created_at=now,
+            expires_at=now + CONSUMED_EXPIRES,
+        )  # fmt: skip
+
+    def _publish_consumed(self, store: Store) -> None:
+        while self._unpublished:
+            issued = self._unpublished[0]
+            topic = f"{self.prefix}/{issued.merchant}/batches/{issued.seq}"
+            if not all(self.link.publish(topic, chunk) for chunk in issued.chunks()):
+                return  # retried when connected again; a running publisher may do it first
+            store.mark_published(issued.merchant, issued.seq)
+            self._unpublished.pop(0)
+            self.say(
+                f"published consumed batch {issued.merchant}/{issued.seq} "
+                f"({len(issued.chunks())} chunks)"
+            )
+            latest = store.latest_seq(issued.merchant)
+            data = publish.sign_manifest(self.keystore, issued.merchant, latest)
+            if self.link.publish(f"{self.prefix}/{issued.merchant}/manifest", data, retain=True):
+                self.say(f"manifest {issued.merchant}: latest_seq {latest}")

@@ -1,0 +1,250 @@
+"""`redeemd-backend publish`: batches and the signed manifest out to the boxes, resends on request.
+
+Downstream is pull-style (DESIGN.md section 7): Mosquitto drops queued messages for
+offline boxes, so what every box can always find is the retained manifest
+`{p}/{merchant}/manifest` naming the newest sequence. A box that lacks sequences asks on
+`{p}/{merchant}/box/{box}/request` and gets exactly those batches on its own
+`{p}/{merchant}/box/{box}/batches/{seq}`. New batches also go once to
+`{p}/{merchant}/batches/{seq}` for the boxes that are online.
+
+The publisher polls backend.db for batches issued while it runs (by `issue` or by the
+collector's consumed-elsewhere batches) and re-signs the manifest when the newest
+sequence moves, after every (re)connect (the broker may have lost its retained
+messages) and at least every heartbeat.
+
+    >>> publisher = Publisher(Path("keys/"), "mqtt://127.0.0.1:1883")
+    >>> publisher.start()   # a thread; publisher.run(stop_event) blocks instead
+    >>> publisher.stop()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from backend.connection import Connection
+from backend.keystore import Keystore, KeystoreError
+from backend.store import IssuedBatch, Store
+from cards import keys, manifest
+
+DEFAULT_PREFIX = "redeemd/v1"
+DEFAULT_HEARTBEAT = 3600.0
+MAX_RESEND = 1000
+"""At most this many batches answer one request; the box asks again for the rest."""
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+class RequestError(ValueError):
+    pass
+
+
+def parse_request(payload: bytes) -> tuple[int, int]:
+    """`{"v":1,"from":F,"to":T}` -> (F, T), docs/protocol.md 16.2.
+
+    >>> parse_request(b'{"v":1,"from":3,"to":5}')
+    (3, 5)
+    """
+    try:
+        value = json.loads(payload)
+    except (ValueError, RecursionError) as exc:
+        raise RequestError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict) or value.get("v") != 1:
+        raise RequestError('not a v1 request (expected {"v":1,"from":F,"to":T})')
+    first, last = value.get("from"), value.get("to")
+    for name, number in (("from", first), ("to", last)):
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+            raise RequestError(f"'{name}' must be an integer >= 1, got {number!r}")
+    if first > last:
+        raise RequestError(f"'from' {first} is after 'to' {last}")
+    return first, last
+
+
+def sign_manifest(
+    keystore: Keystore, merchant: str, latest: int, heartbeat: float = DEFAULT_HEARTBEAT
+) -> bytes:
+    """A manifest signed now by the issuer key (re-read, so a new delegation is used)."""
+    now = int(time.time())
+    return manifest.build(
+        keystore.private("issuer"),
+        keystore.delegation(),
+        merchant=merchant,
+        latest_seq=latest,
+        created_at=now,
+        # Stale only after several missed heartbeats: one slow round is not "cut off".
+        expires_at=now + max(60, int(3 * heartbeat)),
+    )
+
+
+class Publisher:
+    def __init__(
+        self,
+        directory: Path,
+        broker: str,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        merchants: Iterable[str] | None = None,
+        heartbeat: float = DEFAULT_HEARTBEAT,
+        poll: float = 0.5,
+        say: Callable[[str], None] = _print,
+        client_id: str | None = None,
+    ):
+        self.dir = directory
+        self.prefix = prefix.rstrip("/")
+        self.merchants = list(merchants) if merchants else None
+        self.heartbeat = heartbeat
+        self.poll = poll
+        self.say = say
+        self.keystore = Keystore(directory)
+        # Fail now, with the command that fixes it, rather than at the first manifest.
+        self.keystore.private("issuer")
+        self.keystore.delegation()
+        self.link = Connection(
+            broker,
+            client_id or f"redeemd-publish-{socket.gethostname()}-{os.getpid()}",
+            say,
+        )
+        self._requests: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self._signed: dict[str, tuple[int, float]] = {}
+        """merchant -> (latest_seq, monotonic time) of the last manifest the broker took."""
+        self._resign = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="publish", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+            self._thread = None
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Publish until `stop` (or `self.stop()`) is set. Owns the connection."""
+        stop = stop or self._stop
+        store = Store.open(self.dir)
+        for topic in self._request_topics():
+            self.link.subscribe(topic)
+        self.link.on_message(self._requests.put)
+        # After any (re)connect the retained manifest may be gone (a broker restarted
+        # without persistence): sign and publish it again.
+        self.link.on_connect(self._resign.set)
+        self.link.start()
+        try:
+            while not stop.is_set() and not self._stop.is_set():
+                if self.link.connected.is_set():
+                    try:
+                        self._tick(store)
+                    except (sqlite3.Error, KeystoreError, keys.TrustError) as exc:
+                        self.say(f"publish round failed: {exc}; retrying")
+                stop.wait(self.poll)
+        finally:
+            self.link.stop()
+            store.close()
+
+    def _request_topics(self) -> list[str]:
+        if self.merchants is None:
+            return [f"{self.prefix}/+/box/+/request"]
+        return [f"{self.prefix}/{m}/box/+/request" for m in self.merchants]
+
+    # ------------------------------------------------------------ one round
+
+    def _tick(self, store: Store) -> None:
+        while True:
+            try:
+                message = self._requests.get_nowait()
+            except queue.Empty:
+                break
+            self._answer(store, message)
+        for issued in store.unpublished(self.merchants):
+            if not self._publish_batch(issued, f"{self.prefix}/{issued.merchant}/batches"):
+                return
+            store.mark_published(issued.merchant, issued.seq)
+            self.say(
+                f"published {issued.kind} batch {issued.merchant}/{issued.seq} "
+                f"({issued.count} entries, {len(issued.chunks())} chunks)"
+            )
+        resign = self._resign.is_set()
+        self._resign.clear()
+        for merchant in self.merchants or store.merchants():
+            latest = store.latest_seq(merchant)
+            signed = self._signed.get(merchant)
+            due = signed is None or time.monotonic() - signed[1] >= self.heartbeat
+            if resign or due or signed[0] != latest:
+                self._publish_manifest(merchant, latest)
+
+    def _publish_batch(self, issued: IssuedBatch, topic: str) -> bool:
+        return all(self.link.publish(f"{topic}/{issued.seq}", chunk) for chunk in issued.chunks())
+
+    def _publish_manifest(self, merchant: str, latest: int) -> None:
+        data = sign_manifest(self.keystore, merchant, latest, self.heartbeat)
+        if self.link.publish(f"{self.prefix}/{merchant}/manifest", data, retain=True):
+            self._signed[merchant] = (latest, time.monotonic())
+            self.say(f"manifest {merchant}: latest_seq {latest}")
+
+    def _answer(self, store: Store, message: mqtt.MQTTMessage) -> None:
+        parts = message.topic[len(self.prefix) + 1 :].split("/")
+        if len(parts) != 4 or parts[1] != "box" or parts[3] != "request":
+            return
+        merchant, box = parts[0], parts[2]
+        try:
+            first, last = parse_request(message.payload)
+        except RequestError as exc:
+            self.say(f"refused request from {merchant}/{box}: {exc}")
+            return
+        latest = store.latest_seq(merchant)
+        if first > latest:
+            self.say(
+                f"request from {merchant}/{box} for {first}..{last}: nothing issued after {latest}"
+            )
+            return
+        last = min(last, latest, first + MAX_RESEND - 1)
+        batches = store.batches(merchant, first, last)
+        missing = sorted(set(range(first, last + 1)) - {b.seq for b in batches})
+        if missing:
+            self.say(
+                f"cannot resend {merchant} {_ranges(missing)} to {box}: not in backend.db "
+                "(issued before it existed); issue a snapshot"
+            )
+        topic = f"{self.prefix}/{merchant}/box/{box}/batches"
+        chunks = 0
+        for issued in batches:
+            if not self._publish_batch(issued, topic):
+                self.say(
+                    f"resend to {merchant}/{box} interrupted at {issued.seq}; box will ask again"
+                )
+                return
+            chunks += len(issued.chunks())
+        if batches:
+            self.say(
+                f"resent {merchant} {batches[0].seq}..{batches[-1].seq} to {box} "
+                f"({len(batches)} batches, {chunks} chunks)"
+            )
+
+
+def _ranges(numbers: list[int]) -> str:
+    out = []
+    start = prev = numbers[0]
+    for n in numbers[1:] + [None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        out.append(f"{start}" if start == prev else f"{start}..{prev}")
+        if n is not None:
+            start = prev = n
+    return ", ".join(out)

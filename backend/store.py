@@ -1,0 +1,540 @@
+"""The backend's own database, `{dir}/backend.db`: issued batches, box events, gaps, conflicts.
+
+It is the single allocator of batch sequence numbers: `issue`, the collector's
+consumed-elsewhere batches and anything else that signs a batch take the next sequence
+inside one `BEGIN IMMEDIATE` transaction together with storing the batch, so two
+processes can never sign two different batches with the same sequence (a box would
+refuse the second one as a conflict, docs/protocol.md section 11).
+
+Events are stored idempotently by record id; per box the store keeps the contiguous
+high-water mark (every seq <= upto is stored) that the collector acks, the gaps it has
+seen and the double redemptions (conflicts) it has found.
+
+    >>> store = Store.open(Path("keys/"))
+    >>> issued = store.issue("acme", Kind.REVOKE, lambda seq: batch.build(..., seq=seq, ...))
+    >>> issued.seq, store.latest_seq("acme")
+    (3, 3)
+
+Several processes (publish, one or more collectors, `issue`) open the same file; WAL
+lets readers run beside the one writer, and synchronous=FULL makes every commit durable
+before the collector acks it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import sqlite3
+import struct
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+from backend.events import Event
+from cards import batch
+from cards.batch import Kind
+
+FILENAME = "backend.db"
+LEGACY_SEQUENCES = "sequence.json"
+
+migrations = Migrations("redeemd-backend")
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    db.executescript(
+        """
+        -- Every batch ever signed, in file form: publish sends it, resends answer
+        -- requests from it. (merchant, seq) is the allocator's uniqueness guarantee.
+        CREATE TABLE batches (
+            merchant TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            count INTEGER NOT NULL,
+            created_at INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            data BLOB NOT NULL,
+            issued_at INTEGER NOT NULL,
+            published_at INTEGER,
+            PRIMARY KEY (merchant, seq)
+        );
+
+        -- Box ledger records; the record id is the idempotency key.
+        CREATE TABLE events (
+            id TEXT PRIMARY KEY,
+            merchant TEXT NOT NULL,
+            box TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            at_ms INTEGER NOT NULL,
+            digest TEXT,
+            card_id INTEGER,
+            action TEXT NOT NULL,
+            verdict TEXT NOT NULL,
+            uses INTEGER,
+            amount INTEGER,
+            uses_left INTEGER,
+            balance INTEGER,
+            reverses TEXT,
+            raw TEXT NOT NULL,
+            stored_at INTEGER NOT NULL,
+            -- the consumed-elsewhere batch that told the other boxes about this record
+            consumed_seq INTEGER
+        ) WITHOUT ROWID;
+        CREATE INDEX events_box_seq ON events(merchant, box, seq);
+        CREATE INDEX events_digest ON events(merchant, digest) WHERE digest IS NOT NULL;
+        CREATE INDEX events_reverses ON events(reverses) WHERE reverses IS NOT NULL;
+
+        -- Per box: every seq <= upto is stored (what the collector acks as upto).
+        CREATE TABLE boxes (
+            merchant TEXT NOT NULL,
+            box TEXT NOT NULL,
+            upto INTEGER NOT NULL DEFAULT 0,
+            max_seq INTEGER NOT NULL DEFAULT 0,
+            last_stored_at INTEGER,
+            PRIMARY KEY (merchant, box)
+        );
+
+        -- Missing ranges of a box's sequence, as first detected; filled_at when complete.
+        CREATE TABLE gaps (
+            merchant TEXT NOT NULL,
+            box TEXT NOT NULL,
+            first INTEGER NOT NULL,
+            last INTEGER NOT NULL,
+            detected_at INTEGER NOT NULL,
+            filled_at INTEGER,
+            PRIMARY KEY (merchant, box, first, last)
+        );
+
+        -- The same single-use code redeemed on two boxes (a pair of accepted records).
+        CREATE TABLE conflicts (
+            merchant TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            first_id TEXT NOT NULL,
+            first_box TEXT NOT NULL,
+            second_id TEXT NOT NULL,
+            second_box TEXT NOT NULL,
+            detected_at INTEGER NOT NULL,
+            consumed_seq INTEGER,
+            PRIMARY KEY (first_id, second_id)
+        );
+        """
+    )
+
+
+class StoreError(RuntimeError):
+    """The backend database refuses an operation; the message says why."""
+
+
+@dataclass(frozen=True)
+class IssuedBatch:
+    merchant: str
+    seq: int
+    kind: Kind
+    count: int
+    created_at: int
+    expires_at: int
+    sha256: str
+    data: bytes
+
+    def chunks(self) -> list[bytes]:
+        """The batch's chunk messages (RDC1), as published over MQTT."""
+        return batch.split(self.data)
+
+
+@dataclass(frozen=True)
+class Gap:
+    merchant: str
+    box: str
+    first: int
+    last: int
+
+
+@dataclass(frozen=True)
+class Conflict:
+    merchant: str
+    digest: str
+    first_box: str
+    first_id: str
+    second_box: str
+    second_id: str
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What one `store_events` call committed, and what the collector must say and ack."""
+
+    merchant: str
+    box: str
+    new: int
+    duplicates: int
+    upto: int
+    ids: tuple[str, ...]
+    """Ids of this message's records above `upto` (stored, but not yet contiguous)."""
+    gaps: tuple[Gap, ...]
+    filled: tuple[Gap, ...]
+    conflicts: tuple[Conflict, ...]
+    consumed: IssuedBatch | None
+
+
+SignConsumed = Callable[[str, int, bytes], bytes]
+"""(merchant, seq, consumed entries) -> signed batch file."""
+
+_COLUMNS = "merchant, seq, kind, count, created_at, expires_at, sha256, data"
+
+
+class Store:
+    def __init__(self, conn: sqlite3.Connection, directory: Path):
+        self.conn = conn
+        self.dir = directory
+
+    @classmethod
+    def open(cls, directory: Path) -> Store:
+        """Open (creating and migrating if needed) `{directory}/backend.db`."""
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / FILENAME
+        # Processes starting together (publish, collectors) would race to switch to WAL and
+        # migrate; SQLite answers a read lock upgrading to a write lock with an immediate
+        # "database is locked", not a wait. One opener at a time, then.
+        with open(directory / f"{FILENAME}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                # Several processes share the file; a writer waits for another's commit.
+                conn.execute("PRAGMA busy_timeout = 30000")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = FULL")
+                migrations.apply(Database(conn, recursive_triggers=False, execute_plugins=False))
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open backend database {path}: {exc}") from None
+        return cls(conn, directory)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _transaction(self):
+        return _Immediate(self.conn)
+
+    # ------------------------------------------------------------ batches
+
+    def _legacy_last_seq(self, merchant: str) -> int:
+        # Before backend.db, `issue` kept the last sequence per merchant in sequence.json.
+        # Those batches are not in the store (they cannot be resent), but their sequences
+        # are taken: the allocator continues after them.
+        path = self.dir / LEGACY_SEQUENCES
+        try:
+            return int(json.loads(path.read_text()).get(merchant, 0))
+        except (FileNotFoundError, ValueError, AttributeError):
+            return 0
+
+    def issue(
+        self,
+        merchant: str,
+        kind: Kind,
+        make: Callable[[int], bytes],
+        seq: int | None = None,
+    ) -> IssuedBatch:
+        """Allocate the next sequence, call `make(seq)` for the signed batch file, store it.
+
+        With `seq` given, that sequence is used if no batch has it yet. The allocation
+        and the insert are one transaction, so the sequence is never handed out twice.
+        """
+        with self._transaction():
+            if seq is None:
+                seq = max(self.latest_seq(merchant), self._legacy_last_seq(merchant)) + 1
+            elif self.conn.execute(
+                "SELECT 1 FROM batches WHERE merchant = ? AND seq = ?", (merchant, seq)
+            ).fetchone():
+                raise StoreError(
+                    f"batch {merchant}/{seq} was already issued; boxes would refuse a different "
+                    "batch with the same sequence (leave out --seq to take the next one)"
+                )
+            issued = _issued(make(seq))
+            if (issued.merchant, issued.seq, issued.kind) != (merchant, seq, kind):
+                raise StoreError("the batch built does not carry the allocated merchant/seq/kind")
+            self.conn.execute(
+                f"INSERT INTO batches({_COLUMNS}, issued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    merchant, seq, kind.value, issued.count, issued.created_at,
+                    issued.expires_at, issued.sha256, issued.data, int(time.time()),
+                ),
+            )  # fmt: skip
+        return issued
+
+    def latest_seq(self, merchant: str) -> int:
+        row = self.conn.execute(
+            "SELECT COALESCE(MAX(seq), 0) FROM batches WHERE merchant = ?", (merchant,)
+        ).fetchone()
+        return row[0]
+
+    def merchants(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT merchant FROM batches ORDER BY 1")]
+
+    def batches(self, merchant: str, first: int, last: int) -> list[IssuedBatch]:
+        """The stored batches of `merchant` with first <= seq <= last, in order."""
+        rows = self.conn.execute(
+            f"SELECT {_COLUMNS} FROM batches WHERE merchant = ? AND seq BETWEEN ? AND ? "
+            "ORDER BY seq",
+            (merchant, first, last),
+        )
+        return [_row_batch(r) for r in rows]
+
+    def unpublished(self, merchants: Iterable[str] | None = None) -> list[IssuedBatch]:
+        rows = self.conn.execute(
+            f"SELECT {_COLUMNS} FROM batches WHERE published_at IS NULL ORDER BY merchant, seq"
+        )
+        wanted = None if merchants is None else set(merchants)
+        return [_row_batch(r) for r in rows if wanted is None or r[0] in wanted]
+
+    def mark_published(self, merchant: str, seq: int) -> None:
+        self.conn.execute(
+            "UPDATE batches SET published_at = ? WHERE merchant = ? AND seq = ?",
+            (int(time.time()), merchant, seq),
+        )
+
+    # ------------------------------------------------------------ events
+
+    def store_events(
+        self,
+        merchant: str,
+        box: str,
+        events: list[Event],
+        sign_consumed: SignConsumed | None = None,
+    ) -> Stored:
+        """Store one message's records in one transaction; duplicates are ignored.
+
+        Also advances the box's high-water mark, records new and filled gaps, flags
+        conflicts among the new records and, with `sign_consumed`, issues the
+        consumed-elsewhere batch for them, all in the same commit.
+        """
+        now = int(time.time())
+        with self._transaction():
+            new: list[Event] = []
+            for event in events:
+                cursor = self.conn.execute(
+                    "INSERT OR IGNORE INTO events(id, merchant, box, seq, at_ms, digest, card_id, "
+                    "action, verdict, uses, amount, uses_left, balance, reverses, raw, stored_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        event.id, merchant, box, event.seq, event.at_ms, event.digest,
+                        event.card_id, event.action, event.verdict, event.uses, event.amount,
+                        event.uses_left, event.balance, event.reverses, event.raw, now,
+                    ),
+                )  # fmt: skip
+                if cursor.rowcount == 1:
+                    new.append(event)
+            upto, gaps, filled = self._advance(merchant, box, now)
+            conflicts = self._conflicts(merchant, new, now)
+            consumed = None
+            if conflicts and sign_consumed is not None:
+                consumed = self._consumed_batch(merchant, conflicts, sign_consumed)
+        return Stored(
+            merchant=merchant,
+            box=box,
+            new=len(new),
+            duplicates=len(events) - len(new),
+            upto=upto,
+            ids=tuple(e.id for e in events if e.seq > upto),
+            gaps=gaps,
+            filled=filled,
+            conflicts=conflicts,
+            consumed=consumed,
+        )
+
+    def _advance(
+        self, merchant: str, box: str, now: int
+    ) -> tuple[int, tuple[Gap, ...], tuple[Gap, ...]]:
+        self.conn.execute(
+            "INSERT OR IGNORE INTO boxes(merchant, box) VALUES (?, ?)", (merchant, box)
+        )
+        (upto,) = self.conn.execute(
+            "SELECT upto FROM boxes WHERE merchant = ? AND box = ?", (merchant, box)
+        ).fetchone()
+        while self.conn.execute(
+            "SELECT 1 FROM events WHERE merchant = ? AND box = ? AND seq = ?",
+            (merchant, box, upto + 1),
+        ).fetchone():
+            upto += 1
+        above = [
+            r[0]
+            for r in self.conn.execute(
+                "SELECT seq FROM events WHERE merchant = ? AND box = ? AND seq > ? ORDER BY seq",
+                (merchant, box, upto),
+            )
+        ]
+        self.conn.execute(
+            "UPDATE boxes SET upto = ?, max_seq = MAX(max_seq, ?), last_stored_at = ? "
+            "WHERE merchant = ? AND box = ?",
+            (upto, above[-1] if above else upto, now, merchant, box),
+        )
+        missing = []
+        previous = upto
+        for seq in above:
+            if seq > previous + 1:
+                missing.append((previous + 1, seq - 1))
+            previous = seq
+        open_gaps = self.conn.execute(
+            "SELECT first, last FROM gaps WHERE merchant = ? AND box = ? AND filled_at IS NULL",
+            (merchant, box),
+        ).fetchall()
+        filled = []
+        for first, last in open_gaps:
+            if not any(a <= last and b >= first for a, b in missing):
+                self.conn.execute(
+                    "UPDATE gaps SET filled_at = ? WHERE merchant = ? AND box = ? AND first = ? "
+                    "AND last = ?",
+                    (now, merchant, box, first, last),
+                )
+                filled.append(Gap(merchant, box, first, last))
+        detected = []
+        for a, b in missing:
+            if not any(first <= a and b <= last for first, last in open_gaps):
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO gaps(merchant, box, first, last, detected_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (merchant, box, a, b, now),
+                )
+                detected.append(Gap(merchant, box, a, b))
+        return upto, tuple(detected), tuple(filled)
+
+    def _conflicts(self, merchant: str, new: list[Event], now: int) -> tuple[Conflict, ...]:
+        # A single-use code: the redemption left no uses (uses_left 0) on a use-counted
+        # card. Two boxes that each consumed the last use, offline, is a double redemption.
+        # A redemption undone by an accepted reversal does not count.
+        found = []
+        for event in new:
+            if not _consumes_last_use(event):
+                continue
+            rows = self.conn.execute(
+                "SELECT id, box FROM events e WHERE merchant = ? AND digest = ? AND box != ? "
+                "AND action = 'redeem' AND verdict = 'accepted' AND uses_left = 0 "
+                "AND balance IS NULL AND NOT EXISTS (SELECT 1 FROM events r WHERE "
+                "r.reverses = e.id AND r.action = 'reverse' AND r.verdict = 'accepted') "
+                "ORDER BY at_ms, id",
+                (merchant, event.digest, event.box),
+            ).fetchall()
+            for other_id, other_box in rows:
+                cursor = self.conn.execute(
+                    "INSERT OR IGNORE INTO conflicts(merchant, digest, first_id, first_box, "
+                    "second_id, second_box, detected_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (merchant, event.digest, other_id, other_box, event.id, event.box, now),
+                )
+                if cursor.rowcount == 1:
+                    found.append(
+                        Conflict(merchant, event.digest, other_box, other_id, event.box, event.id)
+                    )
+        return tuple(found)
+
+    def _consumed_batch(
+        self, merchant: str, conflicts: tuple[Conflict, ...], sign: SignConsumed
+    ) -> IssuedBatch:
+        # Both sides of every conflict go in: each box ignores its own record id
+        # (section 11) and learns the other's; every other box learns both.
+        ids = []
+        for c in conflicts:
+            ids += [c.first_id, c.second_id]
+        marks = ",".join("?" * len(ids))
+        rows = self.conn.execute(
+            f"SELECT id, digest, uses, amount FROM events WHERE id IN ({marks}) "
+            "AND consumed_seq IS NULL ORDER BY at_ms, id",
+            ids,
+        ).fetchall()
+        entries = batch.encode_consumed(
+            (bytes.fromhex(digest), uuid.UUID(record_id).bytes, uses or 0, amount or 0)
+            for record_id, digest, uses, amount in rows
+        )
+        # Already inside the events transaction: allocate exactly like issue() does.
+        seq = max(self.latest_seq(merchant), self._legacy_last_seq(merchant)) + 1
+        issued = _issued(sign(merchant, seq, entries))
+        self.conn.execute(
+            f"INSERT INTO batches({_COLUMNS}, issued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                merchant, seq, Kind.CONSUMED.value, issued.count, issued.created_at,
+                issued.expires_at, issued.sha256, issued.data, int(time.time()),
+            ),
+        )  # fmt: skip
+        self.conn.executemany(
+            "UPDATE events SET consumed_seq = ? WHERE id = ?", [(seq, r[0]) for r in rows]
+        )
+        self.conn.executemany(
+            "UPDATE conflicts SET consumed_seq = ? WHERE first_id = ? AND second_id = ?",
+            [(seq, c.first_id, c.second_id) for c in conflicts],
+        )
+        return issued
+
+    # ------------------------------------------------------------ reading back
+
+    def high_water(self, merchant: str, box: str) -> int:
+        row = self.conn.execute(
+            "SELECT upto FROM boxes WHERE merchant = ? AND box = ?", (merchant, box)
+        ).fetchone()
+        return row[0] if row else 0
+
+    def open_gaps(self) -> list[Gap]:
+        rows = self.conn.execute(
+            "SELECT merchant, box, first, last FROM gaps WHERE filled_at IS NULL "
+            "ORDER BY merchant, box, first"
+        )
+        return [Gap(*r) for r in rows]
+
+    def conflicts(self) -> list[Conflict]:
+        rows = self.conn.execute(
+            "SELECT merchant, digest, first_box, first_id, second_box, second_id FROM conflicts "
+            "ORDER BY detected_at, first_id, second_id"
+        )
+        return [Conflict(*r) for r in rows]
+
+    def event_count(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+
+
+def _consumes_last_use(event: Event) -> bool:
+    return (
+        event.action == "redeem"
+        and event.verdict == "accepted"
+        and event.digest is not None
+        and event.uses_left == 0
+        and event.balance is None
+    )
+
+
+class _Immediate:
+    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error): take the write lock up front, so
+    reading the next sequence and inserting it cannot interleave with another writer."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def __enter__(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _issued(data: bytes) -> IssuedBatch:
+    # Our own freshly built batch: read the header without verifying it again.
+    (length,) = struct.unpack_from(">I", data, 4)
+    raw = data[8 : 8 + length]
+    header = json.loads(raw)
+    return IssuedBatch(
+        merchant=header["merchant"],
+        seq=header["seq"],
+        kind=Kind(header["kind"]),
+        count=header["count"],
+        created_at=header["created_at"],
+        expires_at=header["expires_at"],
+        sha256=hashlib.sha256(raw).hexdigest(),
+        data=data,
+    )
+
+
+def _row_batch(row: tuple) -> IssuedBatch:
+    merchant, seq, kind, count, created_at, expires_at, sha256, data = row
+    return IssuedBatch(merchant, seq, Kind(kind), count, created_at, expires_at, sha256, data)

@@ -1,0 +1,219 @@
+"""`redeemd-backend publish` against a real Mosquitto, with plain paho clients as boxes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from backend_helpers import PREFIX, CliProcess, FakeBox, issue, make_backend, roots, wait_until
+from broker import broker  # noqa: F401  (fixture)
+from conftest import ROOT
+
+from backend.keystore import Keystore
+from backend.publish import Publisher
+from cards import batch, manifest
+from cards.batch import ChunkAssembler, Kind
+
+MANIFEST = f"{PREFIX}/demo/manifest"
+BATCHES = f"{PREFIX}/demo/batches/+"
+
+
+@pytest.fixture
+def backend_dir(tmp_path):
+    directory = tmp_path / "backend"
+    make_backend(directory)
+    return directory
+
+
+@pytest.fixture
+def boxes(broker):  # noqa: F811
+    made: list[FakeBox] = []
+
+    def make(name: str, extra: tuple[str, ...] = ()) -> FakeBox:
+        made.append(FakeBox(broker.port, name, extra=extra))
+        return made[-1]
+
+    yield make
+    for box in made:
+        box.close()
+
+
+@pytest.fixture
+def publisher(backend_dir, broker):  # noqa: F811
+    lines: list[str] = []
+    started: list[Publisher] = []
+
+    def start(**options) -> Publisher:
+        instance = Publisher(backend_dir, broker.url, say=lines.append, poll=0.05, **options)
+        instance.lines = lines
+        instance.start()
+        started.append(instance)
+        return instance
+
+    yield start
+    for instance in started:
+        instance.stop()
+
+
+def manifests(box: FakeBox, keystore_roots) -> list[manifest.Manifest]:
+    return [
+        manifest.open_manifest(p, keystore_roots) for _, p in box.messages(lambda t: t == MANIFEST)
+    ]
+
+
+def assembled(box: FakeBox, topic_prefix: str, keystore_roots) -> dict[int, batch.Batch]:
+    """Every complete batch received under `topic_prefix`/{seq}, by seq."""
+    out = {}
+    by_seq: dict[int, list[bytes]] = {}
+    for topic, payload in box.messages(lambda t: t.startswith(topic_prefix + "/")):
+        by_seq.setdefault(int(topic.rsplit("/", 1)[1]), []).append(payload)
+    for seq, payloads in by_seq.items():
+        assembler = ChunkAssembler(keystore_roots)
+        for payload in payloads:
+            done = assembler.add(payload)
+            if done is not None:
+                out[seq] = done
+    return out
+
+
+def test_manifest_is_retained_and_verifies(publisher, backend_dir, boxes):
+    issue(backend_dir)
+    issue(backend_dir)
+    running = publisher()
+    wait_until(lambda: "manifest demo: latest_seq 2" in running.lines, "manifest published")
+    late = boxes("box-1", extra=(MANIFEST,))  # subscribes after: gets the retained copy
+    [signed] = wait_until(lambda: manifests(late, roots(running.keystore)), "retained manifest")
+    assert (signed.merchant, signed.latest_seq) == ("demo", 2)
+    assert signed.expires_at > signed.created_at
+
+
+def test_batches_are_published_as_chunks_that_reassemble_to_the_issued_batch(
+    publisher, backend_dir, boxes
+):
+    online = boxes("box-1", extra=(BATCHES,))
+    small = issue(backend_dir, count=200, chunk_size=512)  # several chunks
+    single = issue(backend_dir, count=1)
+    running = publisher()
+    keystore_roots = roots(running.keystore)
+    got = wait_until(
+        lambda: (
+            (b := assembled(online, f"{PREFIX}/demo/batches", keystore_roots)) and len(b) == 2 and b
+        ),
+        "both batches reassembled",
+    )
+    assert len(small.chunks()) > 1
+    for issued in (small, single):
+        expected = batch.open_file(issued.data, keystore_roots)
+        assert got[issued.seq].header.raw == expected.header.raw
+        assert got[issued.seq].entries == expected.entries
+    assert (
+        f"published revoke batch demo/{small.seq} (200 entries, {len(small.chunks())} chunks)"
+        in (running.lines)
+    )
+
+
+def test_a_request_gets_exactly_the_requested_range_on_the_box_own_topic(
+    publisher, backend_dir, boxes
+):
+    issued = [issue(backend_dir, count=5, chunk_size=64) for _ in range(5)]
+    running = publisher()
+    wait_until(lambda: "manifest demo: latest_seq 5" in running.lines, "manifest")
+    keystore_roots = roots(running.keystore)
+    asking, other = boxes("box-2"), boxes("box-3")
+    asking.request(2, 4)
+    own = f"{PREFIX}/demo/box/box-2/batches"
+    wait_until(lambda: len(assembled(asking, own, keystore_roots)) == 3, "batches 2..4")
+    # A second request is answered after the first on the same connection: once its
+    # batch is complete, nothing more from the first answer can still be on the way.
+    asking.request(5, 5)
+    got = wait_until(
+        lambda: (b := assembled(asking, own, keystore_roots)) and 5 in b and b, "batch 5"
+    )
+    assert sorted(got) == [2, 3, 4, 5]
+    for seq in (2, 3, 4):
+        assert (
+            got[seq].header.raw == batch.open_file(issued[seq - 1].data, keystore_roots).header.raw
+        )
+        chunk_count = len(issued[seq - 1].chunks())
+        assert len(asking.messages(lambda t, seq=seq: t == f"{own}/{seq}")) == chunk_count
+    assert all(t.startswith(f"{PREFIX}/demo/box/box-2/") for t, _ in asking.received)
+    assert other.received == []
+    assert "resent demo 2..4 to box-2 (3 batches, " in "\n".join(running.lines)
+
+
+def test_a_malformed_request_is_refused_and_the_publisher_carries_on(publisher, backend_dir, boxes):
+    issue(backend_dir)
+    running = publisher()
+    wait_until(lambda: "manifest demo: latest_seq 1" in running.lines, "manifest")
+    box = boxes("box-1")
+    box.client.publish(f"{box.own}/request", b'{"v":1,"from":3,"to":1}', qos=1).wait_for_publish(10)
+    wait_until(
+        lambda: any("refused request from demo/box-1" in x for x in running.lines), "refusal"
+    )
+    box.request(1, 1)
+    wait_until(lambda: box.messages(lambda t: t.endswith("/box/box-1/batches/1")), "batch 1")
+
+
+def test_a_batch_issued_by_the_cli_while_publishing_is_picked_up_and_the_manifest_moves(
+    publisher, backend_dir, boxes, tmp_path
+):
+    issue(backend_dir, kind=Kind.BLOCK)
+    online = boxes("box-1", extra=(BATCHES, MANIFEST))
+    running = publisher()
+    keystore_roots = roots(running.keystore)
+    wait_until(lambda: any(m.latest_seq == 1 for m in manifests(online, keystore_roots)), "seq 1")
+    result = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "issue", "--dir", str(backend_dir), "--merchant",
+         "demo", "--kind", "revoke", "--input", "-", "--out", str(tmp_path / "0002.rdb")],
+        input="code\nDEMO-0002\n", capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "revoke batch demo/2" in result.stdout
+    got = wait_until(
+        lambda: (b := assembled(online, f"{PREFIX}/demo/batches", keystore_roots)) and 2 in b and b,
+        "batch 2 published",
+    )
+    assert (
+        got[2].entries
+        == batch.open_file((tmp_path / "0002.rdb").read_bytes(), keystore_roots).entries
+    )
+    wait_until(lambda: any(m.latest_seq == 2 for m in manifests(online, keystore_roots)), "seq 2")
+
+
+def test_manifest_is_resigned_every_heartbeat(publisher, backend_dir, boxes):
+    issue(backend_dir)
+    online = boxes("box-1", extra=(MANIFEST,))
+    running = publisher(heartbeat=1)
+    keystore_roots = roots(running.keystore)
+    first = wait_until(lambda: manifests(online, keystore_roots), "first manifest")[0]
+    wait_until(
+        lambda: any(m.created_at > first.created_at for m in manifests(online, keystore_roots)),
+        "a re-signed manifest",
+    )
+
+
+def test_publish_cli_republishes_after_a_broker_restart_and_answers_requests(
+    backend_dir,
+    broker,  # noqa: F811
+    boxes,
+):
+    issue(backend_dir)
+    issue(backend_dir)
+    process = CliProcess("publish", "--dir", str(backend_dir), "--broker", broker.url)
+    try:
+        process.wait_line(lambda x: x == "manifest demo: latest_seq 2", "manifest")
+        # Without persistence the restarted broker has lost the retained manifest.
+        broker.restart(persistence=False)
+        after = len(process.lines)
+        process.wait_line(lambda x: x.startswith("reconnected to"), "reconnected", after)
+        process.wait_line(lambda x: x == "manifest demo: latest_seq 2", "manifest again", after)
+        box = boxes("box-1", extra=(MANIFEST,))
+        keystore_roots = roots(Keystore(backend_dir))
+        wait_until(lambda: manifests(box, keystore_roots), "retained manifest after restart")
+
+        box.request(1, 2)
+        own = f"{PREFIX}/demo/box/box-1/batches"
+        wait_until(lambda: len(assembled(box, own, keystore_roots)) == 2, "resent batches")
+    finally:
+        assert process.stop() == 0
