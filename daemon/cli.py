@@ -241,8 +241,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
     else:
         drivers = info.pop("drivers")
+        sync = info.pop("sync") or {}
         for key, value in info.items():
             print(f"{key:>20}: {value}")
+        for key, value in sync.items():
+            print(f"{'sync ' + key:>20}: {value}")
         for d in drivers:
             seen = (
                 "never"
@@ -263,7 +266,7 @@ def _live_status(config: Config) -> dict[str, object]:
     try:
         live = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {"daemon": "not running (no status.json)", "drivers": []}
+        return {"daemon": "not running (no status.json)", "drivers": [], "sync": None}
     age = time.time() - float(live.get("updated_at", 0))
     running = age < 10
     try:
@@ -274,6 +277,7 @@ def _live_status(config: Config) -> dict[str, object]:
         "daemon": f"running, pid {live.get('pid')}" if running else "not running",
         "alarm": live.get("alarm"),
         "drivers": live.get("drivers", []),
+        "sync": live.get("sync") if running else None,
     }
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cards import keys
@@ -69,12 +70,35 @@ class ScannerConfig:
 
 
 @dataclass(frozen=True)
+class SyncConfig:
+    """[sync]: the MQTT link to the backend (docs/protocol.md section 16)."""
+
+    enabled: bool = False
+    broker: str = "mqtt://127.0.0.1:1883"
+    host: str = "127.0.0.1"
+    port: int = 1883
+    tls: bool = False
+    topic_prefix: str = "redeemd/v1"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive: int = 60
+    max_inflight: int = 8
+    max_records: int = 200
+    status_every: float = 60.0
+    request_retry: float = 30.0
+
+
+@dataclass(frozen=True)
 class Config:
     source: str
     box: BoxConfig
     trust: TrustConfig
     scan: ScanConfig
     scanners: tuple[ScannerConfig, ...]
+    sync: SyncConfig = SyncConfig()
 
 
 # section -> key -> (checker, default). A checker returns the typed value or raises
@@ -142,6 +166,33 @@ def _boolean(value: object) -> bool:
     return value
 
 
+def _optional(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError('a string ("" for none)')
+    return value.strip()
+
+
+def _broker_url(value: object) -> str:
+    parts = urlsplit(_string(value).strip())
+    try:
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        parts = urlsplit("")
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or parts.path not in ("", "/"):
+        raise ValueError('a URL such as "mqtt://127.0.0.1:1883" or "mqtts://broker.example:8883"')
+    return value.strip()  # type: ignore[union-attr]
+
+
+def _topic_prefix(value: object) -> str:
+    if (
+        not isinstance(value, str)
+        or not re.fullmatch(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*", value)
+        or value.startswith("$")
+    ):
+        raise ValueError('topic levels of A-Z a-z 0-9 _ . - separated by "/", e.g. "redeemd/v1"')
+    return value
+
+
 SCHEMA: dict[str, dict[str, tuple[Checker, object]]] = {
     "box": {
         "id": (_identifier, "demo-box"),
@@ -166,6 +217,18 @@ SCHEMA: dict[str, dict[str, tuple[Checker, object]]] = {
     },
     "sync": {
         "enabled": (_boolean, False),
+        "broker": (_broker_url, "mqtt://127.0.0.1:1883"),
+        "topic_prefix": (_topic_prefix, "redeemd/v1"),
+        "username": (_optional, ""),
+        "password_file": (_optional, ""),
+        "ca_file": (_optional, ""),
+        "cert_file": (_optional, ""),
+        "key_file": (_optional, ""),
+        "keepalive": (_duration, "60s"),
+        "max_inflight": (_positive_int, 8),
+        "max_records": (_positive_int, 200),
+        "status_every": (_duration, "60s"),
+        "request_retry": (_duration, "30s"),
     },
 }
 
@@ -299,6 +362,7 @@ def parse(data: dict, source: str) -> Config:
     scanners = _scanners(data.get("scanner"), problems)
     root_keys = _root_keys(values["trust"], expand, problems)
     code_key = _code_key(expand(str(values["trust"]["code_key_file"])), problems)
+    sync = _sync(values["sync"], expand, problems)
 
     if problems:
         raise ConfigError(source, problems)
@@ -322,6 +386,7 @@ def parse(data: dict, source: str) -> Config:
         ),  # type: ignore[arg-type]
         scan=ScanConfig(**scan),  # type: ignore[arg-type]
         scanners=scanners,
+        sync=sync,
     )
 
 
@@ -421,3 +486,53 @@ def _code_key(path: Path, problems: list[str]) -> bytes:
     if len(key) < 16:
         problems.append(f"[trust] code_key_file: {path}: key is {len(key)} bytes; need at least 16")
     return key
+
+
+def _sync(sync: dict, expand: Callable[[str], Path], problems: list[str]) -> SyncConfig:
+    url = urlsplit(str(sync["broker"]))
+    tls = url.scheme == "mqtts"
+    files: dict[str, Path | None] = {}
+    for key in ("password_file", "ca_file", "cert_file", "key_file"):
+        files[key] = expand(str(sync[key])) if sync[key] else None
+        if files[key] is not None and not files[key].is_file():  # type: ignore[union-attr]
+            problems.append(f"[sync] {key} = {sync[key]!r}: {files[key]} does not exist")
+    password = None
+    if files["password_file"] is not None and files["password_file"].is_file():
+        try:
+            password = files["password_file"].read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"[sync] password_file: cannot read {files['password_file']}: {exc}")
+    if url.password:
+        problems.append(
+            "[sync] broker: do not put a password in the URL (it shows in logs and status); "
+            "use password_file"
+        )
+    if not tls and any(files[k] for k in ("ca_file", "cert_file", "key_file")):
+        problems.append(
+            "[sync] ca_file / cert_file / key_file: TLS files need an mqtts:// broker URL"
+        )
+    if bool(files["cert_file"]) != bool(files["key_file"]):
+        problems.append(
+            "[sync] cert_file and key_file: give both (a client certificate and its key)"
+        )
+    keepalive = int(sync["keepalive"])  # type: ignore[call-overload]
+    if sync["keepalive"] and not 5 <= keepalive <= 65535:
+        problems.append(f"[sync] keepalive = {keepalive}: must be between 5 s and 65535 s")
+    return SyncConfig(
+        enabled=sync["enabled"],  # type: ignore[arg-type]
+        broker=str(sync["broker"]),
+        host=url.hostname or "",
+        port=url.port or (8883 if tls else 1883),
+        tls=tls,
+        topic_prefix=sync["topic_prefix"],  # type: ignore[arg-type]
+        username=(sync["username"] or (unquote(url.username) if url.username else None)) or None,  # type: ignore[arg-type]
+        password=password,
+        ca_file=files["ca_file"],
+        cert_file=files["cert_file"],
+        key_file=files["key_file"],
+        keepalive=keepalive,
+        max_inflight=sync["max_inflight"],  # type: ignore[arg-type]
+        max_records=sync["max_records"],  # type: ignore[arg-type]
+        status_every=sync["status_every"],  # type: ignore[arg-type]
+        request_retry=sync["request_retry"],  # type: ignore[arg-type]
+    )

@@ -23,6 +23,7 @@ from daemon.config import Config, ScannerConfig
 from daemon.engine import Engine, PaymentCode
 from drivers.supervisor import Driver, Supervisor
 from storage.database import open_database
+from sync.worker import Sync
 
 log = logging.getLogger("redeemd")
 
@@ -85,6 +86,7 @@ class Service:
         self.supervisors: dict[str, Supervisor] = {}
         self._last_feedback: dict[str, Verdict] = {}
         self.status_path = config.box.state_dir / "status.json"
+        self.sync: Sync | None = None
 
     def run(self) -> int:
         conn = open_database(self.config.box.database)
@@ -96,6 +98,7 @@ class Service:
         )  # fmt: skip
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         self._start_drivers()
+        self._start_sync()
         last_status = 0.0
         try:
             while not self.stopping.is_set():
@@ -123,6 +126,8 @@ class Service:
             pass
         finally:
             self._stop_drivers()
+            if self.sync is not None and not self.sync.stop(timeout=5.0):
+                log.warning("sync did not stop within 5 s")
             self._write_status(engine)
             conn.close()
         log.info("stopped")
@@ -137,6 +142,19 @@ class Service:
             )
             self.supervisors[scanner.name] = supervisor
             supervisor.start()
+
+    def _start_sync(self) -> None:
+        """MQTT sync in its own thread, after the engine: offline is normal, so the
+        scan loop never waits for it."""
+        if not self.config.sync.enabled:
+            return
+        box, trust = self.config.box, self.config.trust
+        self.sync = Sync(
+            self.config.sync, box=box.id, merchant=box.merchant, database=box.database,
+            roots=trust.root_keys, max_batch_bytes=trust.max_batch_bytes,
+            drivers=lambda: [s.state.to_json() for s in list(self.supervisors.values())],
+        )  # fmt: skip
+        self.sync.start()
 
     def _drive(self, supervisor: Supervisor) -> None:
         try:
@@ -170,6 +188,7 @@ class Service:
             "updated_at": time.time(),
             "alarm": engine.alarm,
             "drivers": [s.state.to_json() for s in self.supervisors.values()],
+            "sync": self.sync.state() if self.sync is not None else {"enabled": False},
         }
         tmp = self.status_path.with_suffix(".tmp")
         try:

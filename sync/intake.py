@@ -1,0 +1,272 @@
+"""Batch intake, pull-style: manifest -> request what is missing -> chunks -> apply.
+
+Mosquitto drops messages queued for an offline client past `max_queued_messages`, so
+the box does not rely on being sent everything: the backend keeps a retained, signed
+manifest of its latest sequence, and the box asks for the range it lacks on its
+`request` topic, again with backoff until the batches arrive (docs/protocol.md 16.1,
+16.2). Chunks are verified against their signed header on arrival (cards.batch), a
+complete batch is applied with storage.batch_import on this thread's own SQLite
+connection (the engine notices through PRAGMA data_version), in sequence order: a batch
+that arrives before its predecessors waits, within bounds on how far ahead and how many
+bytes. Anything forged, replayed, truncated, oversized or malformed is refused and
+reported; nothing from it is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+
+from cards.batch import CHUNK_MAGIC, Batch, BatchError, ChunkAssembler, Kind, read_header
+from cards.manifest import Manifest, ManifestError, open_manifest
+from storage import batch_import, trust
+from storage.batch_import import MAX_CLOCK_AHEAD, ImportRefused, SequenceGap
+
+log = logging.getLogger("redeemd.sync")
+
+# How far beyond the applied sequence a batch may be kept waiting, and how many bytes
+# of chunks and complete batches may wait in memory altogether. Whatever is dropped for
+# these limits is requested again later.
+MAX_AHEAD = 64
+MAX_WAITING_BYTES = 64 << 20
+MAX_MESSAGE = 16 << 20
+RETRY_BACKOFF_MAX = 8
+
+
+class Intake:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        merchant: str,
+        roots: dict[str, bytes],
+        max_batch_bytes: int,
+        request_topic: str,
+        publish: Callable[[str, bytes], tuple[int, int] | None],
+        retry: float,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.conn = conn
+        self.merchant = merchant
+        self.roots = roots
+        self.max_batch_bytes = max_batch_bytes
+        self.request_topic = request_topic
+        self._publish = publish
+        self.retry = retry
+        self.clock = clock
+        self.manifest: Manifest | None = None
+        self.assemblers: dict[int, ChunkAssembler] = {}
+        self.complete: dict[int, Batch] = {}
+        self.want_to = 0
+        """Highest sequence known to exist (from the manifest or a batch that arrived)."""
+        self.requested: tuple[int, int] | None = None
+        self._next_request = 0.0
+        self._tries = 0
+        self.applied = 0
+        self.refused = 0
+        self.last_refused: str | None = None
+        self.last_applied: str | None = None
+        self.last_seq = trust.state(conn, merchant).last_seq
+
+    # ------------------------------------------------------------------ time
+
+    def _times(self) -> tuple[int, int]:
+        wall = int(self.clock())
+        return wall, max(wall, trust.time_floor(self.conn))
+
+    # ------------------------------------------------------------------ reports
+
+    def refuse(self, topic: str, why: str) -> None:
+        self.refused += 1
+        self.last_refused = f"{topic}: {why}"
+        log.warning("sync: refused %s: %s", topic, why)
+
+    # ------------------------------------------------------------------ manifest
+
+    def on_manifest(self, topic: str, payload: bytes) -> None:
+        if len(payload) > MAX_MESSAGE:
+            return self.refuse(topic, f"oversized manifest ({len(payload)} bytes)")
+        try:
+            manifest = open_manifest(payload, self.roots)
+        except ManifestError as exc:
+            return self.refuse(topic, f"manifest: {exc}")
+        if manifest.merchant != self.merchant:
+            return self.refuse(topic, f"manifest is for merchant {manifest.merchant!r}")
+        wall, now = self._times()
+        floor = trust.time_floor(self.conn)
+        if wall >= floor and manifest.created_at > wall + MAX_CLOCK_AHEAD:
+            return self.refuse(
+                topic, f"manifest signed at {manifest.created_at}, more than a day ahead of {wall}"
+            )
+        if manifest.expires_at < now:
+            return self.refuse(topic, f"stale manifest (expired at {manifest.expires_at})")
+        if self.manifest is not None and manifest.created_at < self.manifest.created_at:
+            log.debug("sync: ignoring an older manifest")
+            return None
+        self.manifest = manifest
+        if manifest.created_at > floor:
+            # A verified signed time: a box without a clock stays close to the truth
+            # even when no batch arrives (protocol.md section 12).
+            self._raise_floor(manifest.created_at, now)
+        self.want_to = max(self.want_to, manifest.latest_seq)
+        return None
+
+    # ------------------------------------------------------------------ batches
+
+    def on_chunk(self, topic: str, seq: int, payload: bytes) -> None:
+        if len(payload) > MAX_MESSAGE:
+            return self.refuse(topic, f"oversized chunk ({len(payload)} bytes)")
+        try:
+            header, _ = read_header(payload, CHUNK_MAGIC, self.roots)
+        except BatchError as exc:
+            return self.refuse(topic, str(exc))
+        if header.seq != seq:
+            return self.refuse(topic, f"chunk of batch {header.seq} on the topic of batch {seq}")
+        if header.merchant != self.merchant:
+            return self.refuse(topic, f"batch is for merchant {header.merchant!r}")
+        if header.seq <= self.last_seq:
+            applied = self.conn.execute(
+                "SELECT sha256 FROM batches WHERE merchant = ? AND seq = ?",
+                (self.merchant, header.seq),
+            ).fetchone()
+            if applied and applied[0] == header.sha256:
+                log.debug("sync: batch %d already applied (replay)", header.seq)
+                return None
+            return self.refuse(
+                topic, f"batch {header.seq} is not newer than the applied {self.last_seq}"
+            )
+        if header.seq in self.complete:
+            return None
+        if header.seq > self.last_seq + MAX_AHEAD and header.kind is not Kind.SNAPSHOT:
+            log.info("sync: batch %d is too far ahead; it will be requested later", header.seq)
+            self.want_to = max(self.want_to, header.seq)
+            return None
+        assembler = self.assemblers.get(seq)
+        if assembler is not None and assembler.header and assembler.header.raw != header.raw:
+            # Two authentic versions of one batch (the backend re-signed it): the newer
+            # signature wins and the older partial batch is dropped.
+            if header.created_at < assembler.header.created_at:
+                return self.refuse(topic, f"an older signing of batch {seq} than the one arriving")
+            assembler = None
+        if assembler is None:
+            assembler = self.assemblers[seq] = ChunkAssembler(self.roots, self.max_batch_bytes)
+        try:
+            batch = assembler.add(payload)
+        except BatchError as exc:
+            if not assembler.pieces or len(assembler.pieces) == len(header.chunks):
+                del self.assemblers[seq]  # nothing kept, or complete and refused as a whole
+            return self.refuse(topic, str(exc))
+        self.want_to = max(self.want_to, header.seq)
+        if batch is None:
+            self._bound_memory()
+            return None
+        del self.assemblers[seq]
+        self.complete[seq] = batch
+        self._bound_memory()
+        self.apply_ready(topic)
+        return None
+
+    def apply_ready(self, topic: str = "batches") -> None:
+        """Apply every waiting batch that is next in sequence (or a snapshot)."""
+        while True:
+            for seq in [s for s in self.complete if s <= self.last_seq]:
+                del self.complete[seq]
+            batch = self.complete.get(self.last_seq + 1)
+            if batch is None:
+                snapshots = [s for s, b in self.complete.items() if b.header.kind is Kind.SNAPSHOT]
+                if not snapshots:
+                    return
+                batch = self.complete[max(snapshots)]
+            seq = batch.header.seq
+            del self.complete[seq]
+            wall, now = self._times()
+            try:
+                result = batch_import.apply(
+                    self.conn, batch, merchant=self.merchant, now=now, wall=wall
+                )
+            except SequenceGap as exc:
+                self.want_to = max(self.want_to, exc.last_missing)
+                self.complete[seq] = batch
+                return
+            except ImportRefused as exc:
+                self.refuse(f"{topic} (batch {seq})", str(exc))
+                continue
+            except sqlite3.Error as exc:
+                self.refuse(f"{topic} (batch {seq})", f"cannot write the cache: {exc}")
+                return
+            self.last_seq = trust.state(self.conn, self.merchant).last_seq
+            self.applied += 1
+            self.last_applied = result.describe()
+            self._tries = 0
+            self._next_request = self.clock() + self.retry
+            log.info("sync: %s", self.last_applied)
+
+    def _bound_memory(self) -> None:
+        def size() -> int:
+            waiting = sum(len(b.entries) for b in self.complete.values())
+            return waiting + sum(
+                len(p) for a in self.assemblers.values() for p in a.pieces.values()
+            )
+
+        while size() > MAX_WAITING_BYTES:
+            # Drop the batch furthest ahead: it is needed last and will be requested again.
+            victims = [*self.assemblers, *self.complete]
+            far = max(victims)
+            self.assemblers.pop(far, None)
+            self.complete.pop(far, None)
+            log.info("sync: too much waiting in memory; dropped batch %d for now", far)
+
+    # ------------------------------------------------------------------ requests
+
+    def tick(self) -> None:
+        """Ask for the missing range when it is time (with backoff while nothing comes)."""
+        self.last_seq = trust.state(self.conn, self.merchant).last_seq
+        if self.want_to <= self.last_seq:
+            self.requested = None
+            return
+        first = self.last_seq + 1
+        last = min(self.want_to, self.last_seq + MAX_AHEAD)
+        while last >= first and last in self.complete:
+            last -= 1
+        if last < first:
+            return
+        now = self.clock()
+        if self.requested is not None and first <= self.requested[1] and now < self._next_request:
+            return  # what was asked for is probably still on its way
+        payload = json.dumps({"v": 1, "from": first, "to": last}, separators=(",", ":")).encode()
+        if self._publish(self.request_topic, payload) is None:
+            return
+        log.info("sync: requested batches %d..%d", first, last)
+        self.requested = (first, last)
+        self._next_request = now + self.retry * min(2**self._tries, RETRY_BACKOFF_MAX)
+        self._tries += 1
+
+    def reconnected(self) -> None:
+        self._next_request = 0.0
+        self._tries = 0
+
+    # ------------------------------------------------------------------ status
+
+    def cache_age(self, now: float) -> int | None:
+        """now - created_at of the newest manifest whose latest_seq is applied (16.1),
+        else of the newest applied batch."""
+        newest = trust.newest_batch_time(self.conn, self.merchant)
+        if self.manifest is not None and self.manifest.latest_seq <= self.last_seq:
+            newest = max(newest or 0, self.manifest.created_at)
+        return None if newest is None else int(now - newest)
+
+    def _raise_floor(self, signed_at: int, now: int) -> None:
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            # Read under the write lock: `redeemd import` may have applied a batch from
+            # another process, and save_state writes last_seq too.
+            last = trust.state(self.conn, self.merchant).last_seq
+            trust.save_state(self.conn, self.merchant, last, signed_at, now)
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            log.warning("sync: cannot save the manifest's signed time: %s", exc)

@@ -1,0 +1,276 @@
+"""The sync thread: one owner for the session, the pump, the intake and the status.
+
+The service starts it after the engine and stops it on shutdown within a bounded time.
+paho's network thread only hands events over through a queue; everything that touches
+SQLite happens here, on this thread's own connection, so the scan path never waits for
+the network and the engine stays the only writer of scans (it notices applied batches
+through PRAGMA data_version).
+
+    >>> sync = Sync(config.sync, box="box-1", merchant="demo", database=path,
+    ...             roots=config.trust.root_keys, max_batch_bytes=512 << 20)
+    >>> sync.start()
+    >>> sync.state()["connected"]
+    True
+    >>> sync.stop()      # publishes "offline", disconnects cleanly, joins both threads
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from storage import outbox
+from storage.database import connect
+from sync import acks, status
+from sync.intake import Intake
+from sync.pump import Pump
+from sync.session import Down, Event, LinkSettings, Message, Published, Session, Up
+from sync.topics import Topics
+
+log = logging.getLogger("redeemd.sync")
+
+TICK = 0.2
+MAX_QUEUED_MESSAGES = 1000
+
+
+class SyncSettings(LinkSettings, Protocol):
+    topic_prefix: str
+    max_records: int
+    status_every: float
+    request_retry: float
+
+
+class Sync:
+    def __init__(
+        self,
+        settings: SyncSettings,
+        *,
+        box: str,
+        merchant: str,
+        database: Path,
+        roots: dict[str, bytes],
+        max_batch_bytes: int,
+        drivers: Callable[[], list[dict]] = list,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.settings = settings
+        self.box = box
+        self.merchant = merchant
+        self.database = database
+        self.roots = roots
+        self.max_batch_bytes = max_batch_bytes
+        self.drivers = drivers
+        self.clock = clock
+        self.topics = Topics(settings.topic_prefix, merchant, box)
+        self.events: queue.Queue[Event] = queue.Queue()
+        self.session = Session(
+            settings,
+            box,
+            will=(self.topics.status, status.will_payload(box)),
+            subscriptions=self.topics.subscriptions(),
+            events=self._enqueue,
+        )
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="sync", daemon=True)
+        self.pump: Pump | None = None
+        self.intake: Intake | None = None
+        self.error: str | None = None
+        self.dropped = 0
+        self._state: dict[str, object] = {"enabled": True, "connected": False}
+
+    # ------------------------------------------------------------------ owner API
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Publish "offline", disconnect and wait for the threads; True if all ended."""
+        self._stop.set()
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    def state(self) -> dict[str, object]:
+        """For status.json and `redeemd status` (a copy, safe from any thread)."""
+        return dict(self._state)
+
+    # ------------------------------------------------------------------ network thread side
+
+    def _enqueue(self, event: Event) -> None:
+        # A flood of downstream messages must not grow memory without bound; what is
+        # dropped here is requested again (batches) or sent again (acks are repeated
+        # for duplicates). Control events are never dropped.
+        if isinstance(event, Message) and self.events.qsize() >= MAX_QUEUED_MESSAGES:
+            self.dropped += 1
+            return
+        self.events.put(event)
+
+    # ------------------------------------------------------------------ sync thread
+
+    def _run(self) -> None:
+        try:
+            conn = connect(self.database)
+        except Exception as exc:
+            self.error = f"cannot open the database for sync: {exc}"
+            log.error("sync: %s", self.error)
+            self._state = {"enabled": True, "connected": False, "last_error": self.error}
+            return
+        try:
+            self._serve(conn)
+        finally:
+            self._shutdown(conn)
+            conn.close()
+
+    def _serve(self, conn: sqlite3.Connection) -> None:
+        s = self.settings
+        self.pump = Pump(
+            conn,
+            box=self.box,
+            topic=self.topics.events,
+            publish=self._publish,
+            max_inflight=s.max_inflight,
+            max_records=s.max_records,
+            retry=s.request_retry,
+        )
+        self.intake = Intake(
+            conn,
+            merchant=self.merchant,
+            roots=self.roots,
+            max_batch_bytes=self.max_batch_bytes,
+            request_topic=self.topics.request,
+            publish=self._publish,
+            retry=s.request_retry,
+            clock=self.clock,
+        )
+        self.session.start()
+        next_status = float("inf")
+        while not self._stop.is_set():
+            try:
+                event: Event | None = self.events.get(timeout=TICK)
+            except queue.Empty:
+                event = None
+            now = self.clock()
+            try:
+                while event is not None:
+                    if isinstance(event, Up):
+                        self.pump.connected(now)
+                        self.intake.reconnected()
+                        next_status = now  # tell the world at once
+                    self._handle(conn, event, now)
+                    try:
+                        event = self.events.get_nowait()
+                    except queue.Empty:
+                        event = None
+                if self.session.connected:
+                    self.intake.tick()
+                    self.pump.fill(now)
+                    if now >= next_status:
+                        self._publish_status(conn, "online", now)
+                        next_status = now + s.status_every
+                self.error = None
+            except sqlite3.Error as exc:
+                # Disk full, locked too long: report, keep the link, try again next tick.
+                self.error = f"database error in sync: {exc}"
+                log.warning("sync: %s", self.error)
+                self._stop.wait(1.0)
+            except Exception as exc:  # a sync bug must never take the daemon down
+                self.error = f"{type(exc).__name__}: {exc}"
+                log.exception("sync: unexpected error; continuing")
+                self._stop.wait(1.0)
+            self._update_state(conn, now)
+
+    def _handle(self, conn: sqlite3.Connection, event: Event, now: float) -> None:
+        assert self.pump is not None and self.intake is not None
+        if isinstance(event, Down):
+            self.pump.disconnected()
+        elif isinstance(event, Published):
+            self.pump.published((event.generation, event.mid), event.reason, event.reason_text, now)
+        elif isinstance(event, Message):
+            self._on_message(conn, event)
+
+    def _on_message(self, conn: sqlite3.Connection, message: Message) -> None:
+        assert self.pump is not None and self.intake is not None
+        topic = message.topic
+        if topic == self.topics.ack:
+            try:
+                ack = acks.parse(message.payload)
+            except acks.AckError as exc:
+                self.intake.refuse(topic, str(exc))
+                return
+            removed = acks.apply(conn, ack, self.pump.sent_upto)
+            if removed:
+                log.debug("sync: backend acknowledged %d record(s)", removed)
+        elif topic == self.topics.manifest:
+            self.intake.on_manifest(topic, message.payload)
+        else:
+            seq = self.topics.batch_seq(topic)
+            if seq is None:
+                self.intake.refuse(topic, "not a topic redeemd subscribes to")
+            else:
+                self.intake.on_chunk(topic, seq, message.payload)
+
+    def _publish(self, topic: str, payload: bytes) -> tuple[int, int] | None:
+        return self.session.publish(topic, payload)
+
+    def _status_payload(self, conn: sqlite3.Connection, state: str, now: float) -> bytes:
+        assert self.pump is not None and self.intake is not None
+        oldest = outbox.oldest_ms(conn)
+        return status.status_payload(
+            box=self.box,
+            state=state,
+            at=int(now),
+            cache_seq=self.intake.last_seq,
+            cache_age_s=self.intake.cache_age(now),
+            outbox_depth=outbox.depth(conn),
+            outbox_oldest_age_s=None if oldest is None else int(now - oldest[0] / 1000),
+            publish_error=self.pump.publish_error,
+            drivers=self.drivers(),
+        )
+
+    def _publish_status(self, conn: sqlite3.Connection, state: str, now: float) -> None:
+        self.session.publish(
+            self.topics.status, self._status_payload(conn, state, now), retain=True
+        )
+
+    def _update_state(self, conn: sqlite3.Connection, now: float) -> None:
+        assert self.pump is not None and self.intake is not None
+        try:
+            depth = outbox.depth(conn)
+        except sqlite3.Error:
+            depth = None
+        intake, pump = self.intake, self.pump
+        self._state = {
+            "enabled": True,
+            "broker": self.settings.broker,
+            "connected": self.session.connected,
+            "last_error": self.error or self.session.last_error,
+            "publish_error": pump.publish_error,
+            "outbox_depth": depth,
+            "in_flight": len(pump.inflight),
+            "sent_upto": pump.sent_upto,
+            "events_messages": pump.messages,
+            "cache_seq": intake.last_seq,
+            "manifest_seq": intake.manifest.latest_seq if intake.manifest else None,
+            "requested": list(intake.requested) if intake.requested else None,
+            "batches_applied": intake.applied,
+            "last_applied": intake.last_applied,
+            "refused": intake.refused,
+            "last_refused": intake.last_refused,
+            "dropped": self.dropped,
+        }
+
+    def _shutdown(self, conn: sqlite3.Connection) -> None:
+        if self.pump is not None and self.session.connected:
+            try:
+                payload = self._status_payload(conn, "offline", self.clock())
+                self.session.wait_published(self.topics.status, payload, 2.0, retain=True)
+            except Exception:
+                log.debug("sync: could not publish the offline status", exc_info=True)
+        if not self.session.stop(timeout=2.0):
+            log.warning("sync: the network thread did not stop within 2 s")
+        self._state = {**self._state, "connected": False}
