@@ -38,6 +38,9 @@ class Broker:
         self.process: subprocess.Popen | None = None
         self.persistence = True
         self.acl: str | None = None
+        # Mosquitto's default: past this many, messages queued for an offline client
+        # are dropped silently (DESIGN.md section 7); tests lower it to prove we pull.
+        self.max_queued = 1000
         self.log = self.dir / "mosquitto.log"
 
     @property
@@ -54,7 +57,7 @@ class Broker:
             "log_type error",
             "log_type warning",
             "log_type notice",
-            "max_queued_messages 1000",
+            f"max_queued_messages {self.max_queued}",
             # Started as root, mosquitto drops to user "mosquitto", which cannot write
             # the test's directory; stay the user running the tests.
             f"user {getpass.getuser()}",

@@ -1,0 +1,430 @@
+"""A fleet against a real broker that fails: nothing lost, nothing counted twice.
+
+Everything here is the real thing: a Mosquitto started for the test (stopped, restarted
+without persistence, with a small `max_queued_messages`), `redeemd run` daemon processes
+fed scans on stdin, and the reference backend's `redeemd-backend publish` and `collect`
+processes on one backend directory, which also issued every batch the boxes hold. A
+small TCP proxy (tests/tcp_proxy.py) sits between a box and the broker where a test
+cuts the line. The checks read the boxes' databases and backend.db directly.
+Nothing waits for a fixed time: every check waits for a condition, generously.
+"""
+
+# ruff: noqa: F811  (the broker fixture is imported, then named as a parameter)
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from backend_helpers import CliProcess, make_backend
+from broker import broker  # noqa: F401  (fixture)
+from conftest import ROOT
+from tcp_proxy import TcpProxy
+
+WAIT = 120.0
+CODES = 1200
+
+
+def wait_for(condition, what: str, timeout: float = WAIT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def backend_cli(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "backend.cli", *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+class Daemon:
+    """`redeemd run --json` as a real process: scans in on stdin, verdict lines out."""
+
+    def __init__(self, box: FleetBox):
+        self.box = box
+        self.verdicts: list[dict] = []
+        self.stderr = open(box.dir / "stderr.txt", "ab")  # noqa: SIM115 (closed in wait)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "-c", str(box.config), "run", "--json"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            if line.strip():
+                self.verdicts.append(json.loads(line))
+
+    def scan(self, *codes: str) -> None:
+        self.process.stdin.write(b"".join(c.encode() + b"\n" for c in codes))
+        self.process.stdin.flush()
+
+    def wait_verdicts(self, n: int) -> list[dict]:
+        def enough():
+            if self.process.poll() is not None:
+                raise AssertionError(f"{self.box.id} exited: {self.box.stderr()[-2000:]}")
+            return len(self.verdicts) >= n
+
+        wait_for(enough, f"{n} verdicts from {self.box.id}")
+        return self.verdicts
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self._wait()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self._wait()
+
+    def _wait(self) -> int:
+        code = self.process.wait(WAIT)
+        self._reader.join(10)
+        self.stderr.close()
+        return code
+
+
+class FleetBox:
+    """One box's directory: its config (trusting the fleet's backend) and database."""
+
+    def __init__(self, directory: Path, backend: Path, box_id: str, broker_url: str):
+        self.dir = directory
+        self.id = box_id
+        self.database = directory / "redeemd.db"
+        self.config = directory / "config.toml"
+        directory.mkdir(parents=True)
+        self.config.write_text(
+            f"""
+[box]
+id = "{box_id}"
+merchant = "demo"
+store = "store-1"
+state_dir = "{directory}"
+timezone = "UTC"
+
+[trust]
+root_key_files = ["{backend}/root.pub"]
+code_key_file = "{backend}/code.key"
+
+[sync]
+enabled = true
+broker = "{broker_url}"
+keepalive = "5s"
+status_every = "1s"
+request_retry = "2s"
+"""
+        )
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "daemon.cli", "-c", str(self.config), *args],
+            capture_output=True, text=True, cwd=ROOT, timeout=120,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+
+    def query(self, sql: str, *args) -> list[tuple]:
+        conn = sqlite3.connect(self.database, timeout=30)
+        try:
+            return conn.execute(sql, args).fetchall()
+        finally:
+            conn.close()
+
+    def ledger(self) -> list[tuple[int, str]]:
+        """(box sequence, record id) of every ledger row, in order."""
+        rows = self.query("SELECT seq, id FROM ledger ORDER BY seq")
+        return [(seq, str(uuid.UUID(bytes=rid))) for seq, rid in rows]
+
+    def outbox(self) -> int:
+        return self.query("SELECT COUNT(*) FROM outbox")[0][0]
+
+    def cache_seq(self) -> int:
+        rows = self.query("SELECT last_seq FROM trust WHERE merchant = 'demo'")
+        return rows[0][0] if rows else 0
+
+    def stderr(self) -> str:
+        path = self.dir / "stderr.txt"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+class Fleet:
+    """A backend directory (keys, backend.db with cards and codes issued) and its boxes."""
+
+    def __init__(self, directory: Path, broker):
+        self.dir = directory
+        self.broker = broker
+        self.backend = directory / "backend"
+        make_backend(self.backend)
+        codes = directory / "codes.csv"
+        codes.write_text(
+            "code,card_id\n" + "".join(f"FLEET-{i:04d},1\n" for i in range(1, CODES + 1))
+        )
+        for kind, source in (("cards", ROOT / "backend/demo/cards.json"), ("issue", codes)):
+            self.issue(kind, source)
+        self.processes: list[CliProcess] = []
+        self.daemons: list[Daemon] = []
+
+    def issue(self, kind: str, source: Path, *extra: str) -> Path:
+        seq = self.latest_seq() + 1
+        out = self.backend / f"{seq:04d}-{kind}.rdb"
+        backend_cli(
+            "issue", "--dir", str(self.backend), "--merchant", "demo", "--kind", kind,
+            "--input", str(source), "--out", str(out), *extra,
+        )  # fmt: skip
+        return out
+
+    def box(self, box_id: str, broker_url: str | None = None) -> FleetBox:
+        """A box with the cards and codes imported from files, as a technician would."""
+        box = FleetBox(self.dir / box_id, self.backend, box_id, broker_url or self.broker.url)
+        files = sorted(str(p) for p in self.backend.glob("000[12]-*.rdb"))
+        result = box.cli("import", *files)
+        assert result.returncode == 0, result.stderr
+        return box
+
+    def run(self, box: FleetBox) -> Daemon:
+        daemon = Daemon(box)
+        self.daemons.append(daemon)
+        return daemon
+
+    def collector(self) -> CliProcess:
+        return self._start("collect", "--dir", str(self.backend), "--broker", self.broker.url)
+
+    def publisher(self) -> CliProcess:
+        return self._start(
+            "publish", "--dir", str(self.backend), "--broker", self.broker.url, "--poll", "0.2s"
+        )
+
+    def _start(self, *args: str) -> CliProcess:
+        process = CliProcess(*args)
+        self.processes.append(process)
+        return process
+
+    def query(self, sql: str, *args) -> list[tuple]:
+        conn = sqlite3.connect(self.backend / "backend.db", timeout=30)
+        try:
+            return conn.execute(sql, args).fetchall()
+        finally:
+            conn.close()
+
+    def latest_seq(self) -> int:
+        path = self.backend / "backend.db"
+        if not path.exists():
+            return 0
+        return self.query("SELECT COALESCE(MAX(seq), 0) FROM batches")[0][0]
+
+    def collected(self, box: FleetBox) -> list[tuple[int, str]]:
+        return self.query("SELECT seq, id FROM events WHERE box = ? ORDER BY seq", box.id)
+
+    def all_collected(self, box: FleetBox) -> bool:
+        """Every ledger row of the box is in backend.db and its outbox is empty."""
+        return box.outbox() == 0 and self.collected(box) == box.ledger()
+
+    def close(self) -> None:
+        for daemon in self.daemons:
+            if daemon.process.poll() is None:
+                daemon.process.kill()
+                daemon._wait()
+        for process in self.processes:
+            process.stop()
+
+
+@pytest.fixture
+def fleet(tmp_path, broker):
+    instance = Fleet(tmp_path, broker)
+    yield instance
+    instance.close()
+
+
+def codes(first: int, last: int) -> list[str]:
+    return [f"FLEET-{i:04d}" for i in range(first, last + 1)]
+
+
+# ---------------------------------------------------------------------- scenarios
+
+
+def test_scans_on_two_boxes_reach_the_collector_acked_and_both_outboxes_empty(fleet):
+    collector = fleet.collector()
+    collector.wait_line(lambda line: line.startswith("connected"), "collector connected")
+    a, b = fleet.box("box-a"), fleet.box("box-b")
+    run_a, run_b = fleet.run(a), fleet.run(b)
+    run_a.scan(*codes(1, 10), "NOPE-0001")
+    run_b.scan(*codes(11, 20))
+    verdicts_a, verdicts_b = run_a.wait_verdicts(11), run_b.wait_verdicts(10)
+    assert [v["verdict"] for v in verdicts_a] == ["accepted"] * 10 + ["rejected"]
+    assert all(v["verdict"] == "accepted" for v in verdicts_b)
+
+    for box in (a, b):
+        wait_for(lambda box=box: fleet.all_collected(box), f"{box.id} collected and acked")
+    assert [seq for seq, _ in fleet.collected(a)] == list(range(1, 12))
+    assert [seq for seq, _ in fleet.collected(b)] == list(range(1, 11))
+    printed = {v["record_id"] for v in verdicts_a + verdicts_b}
+    stored = {rid for box in (a, b) for _, rid in fleet.collected(box)}
+    assert printed == stored
+    assert fleet.query("SELECT COUNT(*) FROM gaps") == [(0,)]
+    wait_for(
+        lambda: any(f"stored demo/{b.id}" in line for line in collector.lines),
+        "the collector saying what it stored",
+    )
+
+
+def test_a_thousand_scans_while_the_broker_is_down_all_arrive_once_and_in_order(fleet):
+    collector = fleet.collector()
+    collector.wait_line(lambda line: line.startswith("connected"), "collector connected")
+    box = fleet.box("box-a")
+    daemon = fleet.run(box)
+    wait_for(lambda: fleet.query("SELECT COUNT(*) FROM boxes") == [(0,)], "backend up")
+    fleet.broker.stop()
+    rng = random.Random(4)
+    scans = codes(1, 600) + [f"NOPE-{i:04d}" for i in range(400)]
+    rng.shuffle(scans)
+    daemon.scan(*scans)
+    verdicts = daemon.wait_verdicts(1000)
+    assert sum(v["verdict"] == "accepted" for v in verdicts) == 600
+    assert box.outbox() == 1000, "the outbox keeps every record while the broker is down"
+
+    fleet.broker.start()
+    wait_for(lambda: fleet.all_collected(box), "all 1000 records collected and acked")
+    assert [seq for seq, _ in fleet.collected(box)] == list(range(1, 1001))
+    # The collector opens a gap whenever a record arrives above a hole: none means every
+    # record came in box-sequence order.
+    assert fleet.query("SELECT COUNT(*) FROM gaps") == [(0,)]
+    assert fleet.query("SELECT upto, max_seq FROM boxes WHERE box = 'box-a'") == [(1000, 1000)]
+
+
+def test_cut_connections_a_broker_restart_without_persistence_and_kill_9_lose_nothing(fleet):
+    collector = fleet.collector()
+    collector.wait_line(lambda line: line.startswith("connected"), "collector connected")
+    proxy = TcpProxy(fleet.broker.port).start()
+    try:
+        box = fleet.box("box-a", broker_url=proxy.url)
+        daemon = fleet.run(box)
+        printed: list[dict] = []
+        stream = iter(codes(1, CODES))
+        rng = random.Random(9)
+
+        def scan_burst(n: int) -> None:
+            daemon.scan(*(next(stream) for _ in range(n)))
+            time.sleep(rng.uniform(0.05, 0.3))
+
+        # Connections cut again and again while scans stream and records go up.
+        for _ in range(8):
+            wait_for(proxy.open_connections, "the box connecting through the proxy")
+            scan_burst(15)
+            proxy.cut()
+        scan_burst(60)
+        daemon.wait_verdicts(180)
+        # The broker restarted without persistence in the middle of the stream: whatever
+        # it held for the collector is gone; the outbox still has it.
+        scan_burst(20)
+        fleet.broker.restart(persistence=False)
+        scan_burst(20)
+        daemon.wait_verdicts(220)
+        # kill -9 while the pump is publishing: a burst, then the kill at once.
+        scan_burst(40)
+        daemon.kill()
+        printed += daemon.verdicts
+        daemon = fleet.run(box)
+        scan_burst(30)
+        daemon.wait_verdicts(30)
+        printed += daemon.verdicts
+
+        wait_for(lambda: fleet.all_collected(box), "every ledger record collected after it all")
+        ledger = box.ledger()
+        assert [seq for seq, _ in ledger] == list(range(1, len(ledger) + 1)), "no gaps"
+        assert len(ledger) >= 250
+        stored = {rid for _, rid in fleet.collected(box)}
+        accepted = {v["record_id"] for v in printed if v["verdict"] == "accepted"}
+        assert accepted <= stored, "every accepted verdict shown reached the backend"
+        assert fleet.query("SELECT COUNT(*) FROM events WHERE box = 'box-a'") == [(len(ledger),)], (
+            "each record stored once"
+        )
+        assert fleet.query("SELECT COUNT(*) FROM gaps WHERE filled_at IS NULL") == [(0,)]
+        assert proxy.cuts >= 8
+    finally:
+        proxy.stop()
+
+
+def test_a_box_offline_while_three_batches_are_issued_catches_up_through_the_manifest(fleet):
+    # The broker would queue at most 2 messages for a client that is away; the three
+    # batches are 3 x several chunks. The box must pull them, not wait to be sent them.
+    fleet.broker.max_queued = 2
+    fleet.broker.restart()
+    publisher = fleet.publisher()
+    publisher.wait_line(lambda line: "manifest demo: latest_seq 2" in line, "manifest 2")
+    box = fleet.box("box-a")
+    daemon = fleet.run(box)
+    wait_for(lambda: "connected" in box.cli("status").stdout, "the box online")
+    assert daemon.stop() == 0
+
+    revoke, block = fleet.dir / "revoke.csv", fleet.dir / "block.csv"
+    revoke.write_text("code\nFLEET-0001\n")
+    block.write_text("code\nFLEET-0002\n")
+    fresh = fleet.dir / "fresh.csv"
+    fresh.write_text("code,card_id\n" + "".join(f"FRESH-{i:04d},1\n" for i in range(300)))
+    fleet.issue("revoke", revoke)
+    fleet.issue("block", block)
+    fleet.issue("issue", fresh, "--chunk-size", "2048")
+    publisher.wait_line(lambda line: "manifest demo: latest_seq 5" in line, "manifest 5")
+
+    daemon = fleet.run(box)
+    wait_for(lambda: box.cache_seq() == 5, "the box catching up to batch 5")
+    publisher.wait_line(lambda line: "resent demo 3..5 to box-a" in line, "the resend")
+    daemon.scan("FLEET-0001", "FLEET-0002", "FRESH-0123", "FLEET-0003")
+    verdicts = daemon.wait_verdicts(4)
+    assert [v.get("reason", v["verdict"]) for v in verdicts] == [
+        "revoked",
+        "blocked",
+        "accepted",
+        "accepted",
+    ]
+
+
+def test_one_code_redeemed_on_two_offline_boxes_is_flagged_and_every_box_learns_it(fleet):
+    collector, publisher = fleet.collector(), fleet.publisher()
+    collector.wait_line(lambda line: line.startswith("connected"), "collector connected")
+    publisher.wait_line(lambda line: "manifest demo: latest_seq 2" in line, "manifest 2")
+    fleet.broker.stop()
+    a, b, c = fleet.box("box-a"), fleet.box("box-b"), fleet.box("box-c")
+    run_a, run_b, run_c = fleet.run(a), fleet.run(b), fleet.run(c)
+    run_a.scan("FLEET-0007")
+    run_b.scan("FLEET-0007")
+    first_a, first_b = run_a.wait_verdicts(1)[0], run_b.wait_verdicts(1)[0]
+    assert first_a["verdict"] == first_b["verdict"] == "accepted", "offline, both accept"
+
+    fleet.broker.start()
+    conflict = wait_for(
+        lambda: fleet.query("SELECT first_box, second_box, consumed_seq FROM conflicts"),
+        "the conflict flagged",
+    )[0]
+    assert sorted(conflict[:2]) == ["box-a", "box-b"]
+    collector.wait_line(lambda line: line.startswith("CONFLICT demo"), "the CONFLICT line")
+    for box in (a, b, c):
+        wait_for(lambda box=box: box.cache_seq() == conflict[2], f"{box.id} applied the batch")
+
+    # Each of the two boxes has recorded the other's redemption; the third box refuses it.
+    def seen(box: FleetBox) -> set[str]:
+        return {str(uuid.UUID(bytes=r)) for (r,) in box.query("SELECT * FROM consumed_seen")}
+
+    assert first_b["record_id"] in seen(a) and first_a["record_id"] in seen(b)
+    run_c.scan("FLEET-0007")
+    assert run_c.wait_verdicts(1)[0]["reason"] == "already_redeemed"
+    for box in (a, b):
+        wait_for(lambda box=box: fleet.all_collected(box), f"{box.id} records acked")
