@@ -67,59 +67,63 @@ def parse_message(payload: bytes, *, merchant: str, box: str) -> list[Event]:
     return [_record(r, merchant, box, i) for i, r in enumerate(records)]
 
 
+# The typed fields of a record: (name, type, may be null). `type(v) is t` rather than
+# isinstance, so that JSON true/false never pass for integers.
+_FIELDS = (
+    ("at_ms", int, False), ("card_id", int, True), ("action", str, False),
+    ("verdict", str, False), ("uses", int, True), ("amount", int, True),
+    ("uses_left", int, True), ("balance", int, True),
+)  # fmt: skip
+
+
 def _record(value: object, merchant: str, box: str, index: int) -> Event:
     if not isinstance(value, dict):
         raise EventError(f"record {index} is not an object")
-
-    def need(name: str, kind: type, nullable: bool = False):
-        v = value.get(name)
-        if v is None and nullable:
-            return None
-        if isinstance(v, bool) or not isinstance(v, kind):
+    get = value.get
+    for name, kind, nullable in _FIELDS:
+        v = get(name)
+        if type(v) is not kind and not (v is None and nullable):
             raise EventError(f"record {index}: '{name}' must be {kind.__name__}, got {v!r}")
-        return v
-
-    record_id = need("id", str)
+    record_id = get("id")
     try:
         record_id = str(uuid.UUID(record_id))
-    except ValueError:
+    except (TypeError, ValueError, AttributeError):
         raise EventError(f"record {index}: id {record_id!r} is not a UUID") from None
-    seq = need("seq", int)
-    if seq < 1:
-        raise EventError(f"record {index}: seq must be >= 1, got {seq}")
-    if need("box", str) != box or need("merchant", str) != merchant:
+    seq = get("seq")
+    if type(seq) is not int or seq < 1:
+        raise EventError(f"record {index}: seq must be an integer >= 1, got {seq!r}")
+    if get("box") != box or get("merchant") != merchant:
         raise EventError(
-            f"record {index} claims {value.get('merchant')}/{value.get('box')} "
-            f"on the topic of {merchant}/{box}"
+            f"record {index} claims {get('merchant')}/{get('box')} on the topic of {merchant}/{box}"
         )
-    digest = need("digest", str, nullable=True)
+    digest = get("digest")
     if digest is not None:
         try:
-            if len(bytes.fromhex(digest)) != 16:
+            if type(digest) is not str or len(bytes.fromhex(digest)) != 16:
                 raise ValueError
         except ValueError:
             raise EventError(f"record {index}: digest must be 32 hex digits") from None
         digest = digest.lower()
-    reverses = need("reverses", str, nullable=True)
+    reverses = get("reverses")
     if reverses is not None:
         try:
             reverses = str(uuid.UUID(reverses))
-        except ValueError:
+        except (TypeError, ValueError, AttributeError):
             raise EventError(f"record {index}: reverses {reverses!r} is not a UUID") from None
     return Event(
         id=record_id,
         seq=seq,
         box=box,
         merchant=merchant,
-        at_ms=need("at_ms", int),
+        at_ms=value["at_ms"],
         digest=digest,
-        card_id=need("card_id", int, nullable=True),
-        action=need("action", str),
-        verdict=need("verdict", str),
-        uses=need("uses", int, nullable=True),
-        amount=need("amount", int, nullable=True),
-        uses_left=need("uses_left", int, nullable=True),
-        balance=need("balance", int, nullable=True),
+        card_id=value.get("card_id"),
+        action=value["action"],
+        verdict=value["verdict"],
+        uses=get("uses"),
+        amount=get("amount"),
+        uses_left=get("uses_left"),
+        balance=get("balance"),
         reverses=reverses,
         raw=json.dumps(value, sort_keys=True, separators=(",", ":")),
     )

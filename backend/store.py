@@ -307,33 +307,61 @@ class Store:
         events: list[Event],
         sign_consumed: SignConsumed | None = None,
     ) -> Stored:
-        """Store one message's records in one transaction; duplicates are ignored.
+        """Store one message's records in one transaction; duplicates are ignored."""
+        return self.store_messages([(merchant, box, events)], sign_consumed)[0]
 
-        Also advances the box's high-water mark, records new and filled gaps, flags
-        conflicts among the new records and, with `sign_consumed`, issues the
-        consumed-elsewhere batch for them, all in the same commit.
+    def store_messages(
+        self,
+        messages: list[tuple[str, str, list[Event]]],
+        sign_consumed: SignConsumed | None = None,
+    ) -> list[Stored]:
+        """Store several messages' records, (merchant, box, events) each, in ONE commit.
+
+        One commit is one fsync, which costs more than storing a few hundred records:
+        the collector takes every message already waiting and commits them together
+        (group commit), then acks each. Per message this also advances the box's
+        high-water mark, records new and filled gaps, flags conflicts among the new
+        records and, with `sign_consumed`, issues the consumed-elsewhere batch for
+        them, all in the same commit.
         """
         now = int(time.time())
         with self._transaction():
-            new: list[Event] = []
-            for event in events:
-                cursor = self.conn.execute(
-                    "INSERT OR IGNORE INTO events(id, merchant, box, seq, at_ms, digest, card_id, "
-                    "action, verdict, uses, amount, uses_left, balance, reverses, raw, stored_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        event.id, merchant, box, event.seq, event.at_ms, event.digest,
-                        event.card_id, event.action, event.verdict, event.uses, event.amount,
-                        event.uses_left, event.balance, event.reverses, event.raw, now,
-                    ),
-                )  # fmt: skip
-                if cursor.rowcount == 1:
-                    new.append(event)
-            upto, gaps, filled = self._advance(merchant, box, now)
-            conflicts = self._conflicts(merchant, new, now)
-            consumed = None
-            if conflicts and sign_consumed is not None:
-                consumed = self._consumed_batch(merchant, conflicts, sign_consumed)
+            return [
+                self._store(merchant, box, events, sign_consumed, now)
+                for merchant, box, events in messages
+            ]
+
+    def _store(
+        self,
+        merchant: str,
+        box: str,
+        events: list[Event],
+        sign_consumed: SignConsumed | None,
+        now: int,
+    ) -> Stored:
+        seen = self._existing_ids([e.id for e in events])
+        new: list[Event] = []
+        for event in events:
+            if event.id not in seen:
+                seen.add(event.id)
+                new.append(event)
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO events(id, merchant, box, seq, at_ms, digest, card_id, "
+            "action, verdict, uses, amount, uses_left, balance, reverses, raw, stored_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    e.id, merchant, box, e.seq, e.at_ms, e.digest, e.card_id, e.action,
+                    e.verdict, e.uses, e.amount, e.uses_left, e.balance, e.reverses, e.raw, now,
+                )
+                for e in new
+            ],
+        )  # fmt: skip
+        upto, gaps, filled = self._advance(merchant, box, now)
+        conflicts = self._conflicts(merchant, new, now)
+        consumed = None
+        if conflicts and sign_consumed is not None:
+            consumed = self._consumed_batch(merchant, conflicts, sign_consumed)
         return Stored(
             merchant=merchant,
             box=box,
@@ -347,6 +375,15 @@ class Store:
             consumed=consumed,
         )
 
+    def _existing_ids(self, ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            marks = ",".join("?" * len(part))
+            rows = self.conn.execute(f"SELECT id FROM events WHERE id IN ({marks})", part)
+            found.update(r[0] for r in rows)
+        return found
+
     def _advance(
         self, merchant: str, box: str, now: int
     ) -> tuple[int, tuple[Gap, ...], tuple[Gap, ...]]:
@@ -356,18 +393,17 @@ class Store:
         (upto,) = self.conn.execute(
             "SELECT upto FROM boxes WHERE merchant = ? AND box = ?", (merchant, box)
         ).fetchone()
-        while self.conn.execute(
-            "SELECT 1 FROM events WHERE merchant = ? AND box = ? AND seq = ?",
-            (merchant, box, upto + 1),
-        ).fetchone():
-            upto += 1
-        above = [
-            r[0]
-            for r in self.conn.execute(
-                "SELECT seq FROM events WHERE merchant = ? AND box = ? AND seq > ? ORDER BY seq",
-                (merchant, box, upto),
-            )
-        ]
+        # Every stored seq above the old mark, in order: the contiguous run raises the
+        # mark, whatever lies beyond a hole is "above".
+        above: list[int] = []
+        for (seq,) in self.conn.execute(
+            "SELECT seq FROM events WHERE merchant = ? AND box = ? AND seq > ? ORDER BY seq",
+            (merchant, box, upto),
+        ):
+            if not above and seq <= upto + 1:
+                upto = seq
+            else:
+                above.append(seq)
         self.conn.execute(
             "UPDATE boxes SET upto = ?, max_seq = MAX(max_seq, ?), last_stored_at = ? "
             "WHERE merchant = ? AND box = ?",
@@ -407,19 +443,27 @@ class Store:
         # A single-use code: the redemption left no uses (uses_left 0) on a use-counted
         # card. Two boxes that each consumed the last use, offline, is a double redemption.
         # A redemption undone by an accepted reversal does not count.
-        found = []
-        for event in new:
-            if not _consumes_last_use(event):
-                continue
+        candidates = [e for e in new if _consumes_last_use(e)]
+        # Every such stored record of these digests, in one query per 500 digests.
+        by_digest: dict[str, list[tuple[str, str]]] = {}
+        digests = sorted({e.digest for e in candidates})
+        for i in range(0, len(digests), 500):
+            part = digests[i : i + 500]
             rows = self.conn.execute(
-                "SELECT id, box FROM events e WHERE merchant = ? AND digest = ? AND box != ? "
-                "AND action = 'redeem' AND verdict = 'accepted' AND uses_left = 0 "
-                "AND balance IS NULL AND NOT EXISTS (SELECT 1 FROM events r WHERE "
-                "r.reverses = e.id AND r.action = 'reverse' AND r.verdict = 'accepted') "
+                "SELECT digest, id, box FROM events e WHERE merchant = ? AND digest IN "
+                f"({','.join('?' * len(part))}) AND action = 'redeem' AND verdict = 'accepted' "
+                "AND uses_left = 0 AND balance IS NULL AND NOT EXISTS (SELECT 1 FROM events r "
+                "WHERE r.reverses = e.id AND r.action = 'reverse' AND r.verdict = 'accepted') "
                 "ORDER BY at_ms, id",
-                (merchant, event.digest, event.box),
-            ).fetchall()
-            for other_id, other_box in rows:
+                (merchant, *part),
+            )
+            for digest, other_id, other_box in rows:
+                by_digest.setdefault(digest, []).append((other_id, other_box))
+        found = []
+        for event in candidates:
+            for other_id, other_box in by_digest.get(event.digest, ()):
+                if other_box == event.box:
+                    continue
                 cursor = self.conn.execute(
                     "INSERT OR IGNORE INTO conflicts(merchant, digest, first_id, first_box, "
                     "second_id, second_box, detected_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
