@@ -232,7 +232,13 @@ class Engine:
             if scheme:
                 if self.config.scan.payment_codes == "pass":
                     return PaymentCode(scheme, text, scan.source)
-                return reject(Reason.PAYMENT_CODE, f"{scheme} payment codes are not accepted here")
+                # Payment codes are never stored: the refusal is recorded (the backend
+                # sees it) but without the code's digest, which would identify it.
+                detail = f"{scheme} payment codes are not accepted here"
+                if not record:
+                    return Verdict(Outcome.REJECTED, Action.REJECT, Reason.PAYMENT_CODE, detail,
+                                   source=scan.source)  # fmt: skip
+                return self._record_reject(Reason.PAYMENT_CODE, detail, None, None, scan)
             return reject(Reason.UNKNOWN_CODE, "code is not in the cache")
         else:
             card = self.cards.get(row.card_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import uuid
 
@@ -314,6 +315,38 @@ def test_payment_code_is_passed_on_and_not_recorded(engine, code, scheme):
     assert "code" not in result.to_json()  # the event itself never carries the number
     assert ledger_rows(engine) == []
     assert outbox.depth(engine.conn) == 0
+
+
+@pytest.fixture
+def rejecting(loaded_box, clock) -> Engine:
+    """An engine configured with `[scan] payment_codes = "reject"`."""
+    write_box(loaded_box.dir, loaded_box.keyset, extra='payment_codes = "reject"', debounce="0s")
+    return Engine(open_database(loaded_box.database), loaded_box.config, clock=clock)
+
+
+def test_rejected_payment_code_is_recorded_without_its_digest(loaded_box, rejecting):
+    code = "134567890123456789"
+    result = rejecting.handle(scan(code))
+    assert reason(result) == "payment_code" and result.box_seq == 1
+    digest = code_digest(rejecting.config.trust.code_key, code)
+    assert digest.hex()[:8] not in json.dumps(result.to_json())
+    (row,) = ledger_rows(rejecting)
+    assert row.reason == "payment_code" and row.action == "reject"
+    assert row.digest is None and row.card_id is None
+    assert outbox.depth(rejecting.conn) == 1  # the refusal itself still syncs
+    blobs = b"".join(
+        path.read_bytes() for path in loaded_box.dir.iterdir() if path.name.startswith("redeemd.db")
+    )
+    assert digest not in blobs and code.encode() not in blobs
+
+
+def test_checked_payment_code_verdict_carries_no_digest(rejecting):
+    code = "134567890123456789"
+    result = rejecting.check(code)
+    digest = code_digest(rejecting.config.trust.code_key, code)
+    assert reason(result) == "payment_code"
+    assert digest.hex()[:8] not in json.dumps(result.to_json())
+    assert ledger_rows(rejecting) == []
 
 
 # ---------------------------------------------------------------- clock and time floor
