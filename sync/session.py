@@ -39,6 +39,16 @@ BACKOFF_CAP = 60.0
 # The broker is told not to send us anything bigger (MQTT v5 Maximum Packet Size), so a
 # hostile or broken publisher cannot make the box read a huge message into memory.
 MAX_PACKET = 16 << 20
+# What a technician can do about a CONNACK refusal (MQTT v5 reason codes).
+_CREDENTIALS = "; check [sync] username and password_file against the broker's password list"
+REFUSAL_HINTS = {
+    0x85: "; [box] id is the MQTT client id: the broker does not accept it",
+    0x86: _CREDENTIALS,
+    0x87: _CREDENTIALS + " (and that the broker lets this user connect)",
+    0x8A: "; the broker has banned this client",
+    0x88: "; the broker is up but not serving; it is retried",
+    0x89: "; the broker is busy; it is retried",
+}
 
 
 @dataclass(frozen=True)
@@ -208,6 +218,12 @@ class Session:
                     clean_start=True,
                     properties=properties,
                 )
+            except ssl.SSLCertVerificationError as exc:
+                self._fail(
+                    f"cannot connect to {self.settings.broker}: {exc}; the broker's certificate "
+                    "must be signed by [sync] ca_file (or a system CA when it is empty) and "
+                    "name the host in [sync] broker"
+                )
             except (OSError, ssl.SSLError, ValueError) as exc:
                 self._fail(f"cannot connect to {self.settings.broker}: {exc}")
             else:
@@ -251,9 +267,10 @@ class Session:
         if reason_code.is_failure:
             # Wrong credentials, client id refused, not authorised: the broker closes
             # the connection next; the run loop backs off and tries again.
+            hint = REFUSAL_HINTS.get(reason_code.value, "")
             self._refusal = (
                 f"broker {self.settings.broker} refused the connection: {reason_code} "
-                f"(0x{reason_code.value:02x})"
+                f"(0x{reason_code.value:02x}){hint}"
             )
             return
         for topic in self.subscriptions:

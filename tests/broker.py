@@ -41,6 +41,10 @@ class Broker:
         # Mosquitto's default: past this many, messages queued for an offline client
         # are dropped silently (DESIGN.md section 7); tests lower it to prove we pull.
         self.max_queued = 1000
+        # Lines for the listener (TLS files ...) and global lines (password_file ...).
+        self.listener_options: list[str] = []
+        self.options: list[str] = []
+        self.anonymous = True
         self.log = self.dir / "mosquitto.log"
 
     @property
@@ -50,7 +54,9 @@ class Broker:
     def _config(self) -> Path:
         lines = [
             f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
+            *self.listener_options,
+            f"allow_anonymous {'true' if self.anonymous else 'false'}",
+            *self.options,
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.dir}/",
             "log_dest stderr",
@@ -79,6 +85,7 @@ class Broker:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.process = None
                 pytest.fail(f"mosquitto exited at start: {self.log.read_text()[-2000:]}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
