@@ -6,7 +6,9 @@ the code encodes compactly, and it is plain ASCII, which zbar returns unmangled.
 
 Payload, big-endian: key id (8 bytes) | card id (u32) | serial (u64) |
 not_before (u32, Unix seconds) | not_after (u32). The signature covers
-`redeemd-code-v1\\0` + payload. See docs/protocol.md for a test vector.
+`redeemd-code-v1\\0` + payload. A time field of 0 means "use the card's window"; the
+window a box applies is always inside the issuer's delegation (`window`). See
+docs/protocol.md section 8 for the rules and a test vector.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import struct
 from dataclasses import dataclass
 
 from cards import keys
+from cards.card import Card
 
 PREFIX = "RD1"
 DOMAIN = b"redeemd-code-v1\x00"
@@ -84,3 +87,29 @@ def parse(text: str) -> SignedCode:
 
 def verify(code: SignedCode, issuer_public: bytes) -> bool:
     return keys.verify(issuer_public, code.signature, DOMAIN, code.payload)
+
+
+def inside_delegation(code: SignedCode, delegation: keys.Delegation) -> bool:
+    """True when the code's non-zero time fields lie inside the delegation's window: a
+    leaked issuer key must not mint codes valid before or after it was trusted to sign."""
+    return (not code.not_before or code.not_before >= delegation.not_before) and (
+        not code.not_after or code.not_after <= delegation.not_after
+    )
+
+
+def window(code: SignedCode, card: Card, delegation: keys.Delegation) -> tuple[int, int]:
+    """The (not_before, not_after) a box applies to `code`, both inclusive, always inside
+    the delegation's window (check `inside_delegation` first for non-zero fields).
+
+    A field of 0 stands for the card's `valid_from` / `valid_until`, clipped to the
+    delegation's window; a card without that bound gets the delegation's, so a code
+    with `not_after = 0` still ends when its issuer key's delegation does.
+    """
+    not_before = max(code.not_before or card.valid_from or 0, delegation.not_before)
+    if code.not_after:
+        not_after = min(code.not_after, delegation.not_after)
+    elif card.valid_until is None:
+        not_after = delegation.not_after
+    else:
+        not_after = min(card.valid_until, delegation.not_after)
+    return not_before, not_after

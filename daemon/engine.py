@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TypeVar
 from zoneinfo import ZoneInfo
@@ -207,7 +207,7 @@ class Engine:
                 return reject(Reason.BAD_SIGNATURE, f"issuer key {signed.key_id} is not known here")
             if not signed_code.verify(signed, issuer.public_key):
                 return reject(Reason.BAD_SIGNATURE, "signature does not verify")
-            if signed.not_before < issuer.not_before or signed.not_after > issuer.not_after:
+            if not signed_code.inside_delegation(signed, issuer):
                 # A leaked issuer key cannot mint codes that outlive its delegation.
                 return reject(
                     Reason.BAD_SIGNATURE, "code is valid beyond its issuer key's delegation"
@@ -219,13 +219,18 @@ class Engine:
                 return reject(
                     Reason.BAD_SIGNATURE, "issuer key may not sign for this card's merchant"
                 )
-            state = resolve(
-                card,
-                row.status if row else 0,
-                signed.not_before,
-                signed.not_after,
-                row.uses_left if row else None,
-                row.balance if row else None,
+            not_before, not_after = signed_code.window(signed, card, issuer)
+            state = replace(
+                resolve(
+                    card,
+                    row.status if row else 0,
+                    None,
+                    None,
+                    row.uses_left if row else None,
+                    row.balance if row else None,
+                ),
+                not_before=not_before,
+                not_after=not_after,
             )
         elif row is None:
             scheme = payment_scheme(text)

@@ -7,7 +7,7 @@ import sqlite3
 import uuid
 
 import pytest
-from conftest import CREATED, write_box
+from conftest import CREATED, DEMO_CARDS, FAR, Box, make_keyset, write_box
 
 from cards import batch, keys, signed_code
 from cards.batch import UNLIMITED, CodeStatus, Kind
@@ -299,6 +299,82 @@ def test_signed_code_outside_its_window_is_refused(loaded_box, engine, clock):
     code = signed_code.mint(loaded_box.keyset.issuer_private, 1, 5, CREATED, CREATED + 100)
     clock.now = CREATED + 101
     assert reason(engine.handle(scan(code))) == "expired"
+
+
+# A delegation that starts before CREATED and ends a day after it.
+DELEGATED_FROM = CREATED - 1000
+DELEGATED_UNTIL = CREATED + 86400
+
+
+@pytest.fixture
+def delegated(tmp_path, clock) -> tuple[Box, Engine]:
+    """A box whose issuer key is delegated for [DELEGATED_FROM, DELEGATED_UNTIL], with
+    card 1 unbounded, card 6 valid from an hour after CREATED and card 7 valid for
+    ever (valid_until far past the delegation)."""
+    keyset = make_keyset(not_before=DELEGATED_FROM, not_after=DELEGATED_UNTIL)
+    box = write_box(tmp_path, keyset, debounce="0s")
+    cards = [
+        *DEMO_CARDS,
+        {"id": 6, "merchant": "demo", "kind": "coupon", "valid_from": CREATED + 3600},
+        {"id": 7, "merchant": "demo", "kind": "coupon", "valid_until": FAR},
+    ]
+    apply(box, keyset.cards_batch(1, cards=cards))
+    return box, Engine(open_database(box.database), box.config, clock=clock)
+
+
+def test_signed_code_without_an_end_expires_with_its_issuer_delegation(delegated, clock):
+    box, engine = delegated
+    code = signed_code.mint(box.keyset.issuer_private, 1, 1, CREATED - 10, 0)
+    assert engine.check(code).accepted
+    clock.now = DELEGATED_UNTIL + 1
+    result = engine.handle(scan(code))
+    assert reason(result) == "expired" and str(DELEGATED_UNTIL) in result.detail
+
+
+def test_signed_code_using_the_card_end_is_clipped_to_its_issuer_delegation(delegated, clock):
+    box, engine = delegated
+    code = signed_code.mint(box.keyset.issuer_private, 7, 1, CREATED - 10, 0)
+    clock.now = DELEGATED_UNTIL
+    assert engine.check(code).accepted
+    clock.now = DELEGATED_UNTIL + 1
+    assert reason(engine.handle(scan(code))) == "expired"
+
+
+def test_signed_code_without_a_start_is_accepted_inside_its_issuer_delegation(delegated):
+    box, engine = delegated
+    code = signed_code.mint(box.keyset.issuer_private, 1, 1, 0, CREATED + 600)
+    result = engine.handle(scan(code))
+    assert result.accepted and result.card_id == 1
+
+
+def test_signed_code_without_a_start_uses_the_card_start(delegated, clock):
+    box, engine = delegated
+    code = signed_code.mint(box.keyset.issuer_private, 6, 1, 0, CREATED + 7200)
+    assert reason(engine.handle(scan(code))) == "not_yet_valid"
+    clock.now = CREATED + 3600
+    assert engine.handle(scan(code)).accepted
+
+
+def test_signed_code_with_both_times_zero_is_valid_only_while_delegated(delegated, clock):
+    box, engine = delegated
+    code = signed_code.mint(box.keyset.issuer_private, 1, 1, 0, 0)
+    assert engine.check(code).accepted
+    clock.now = DELEGATED_UNTIL + 1
+    assert reason(engine.check(code)) == "expired"
+
+
+@pytest.mark.parametrize(
+    ("not_before", "not_after"),
+    [(DELEGATED_FROM - 1, 0), (0, DELEGATED_UNTIL + 1), (DELEGATED_FROM, DELEGATED_UNTIL + 1)],
+    ids=["starts-before", "ends-after", "both-set-ends-after"],
+)
+def test_signed_code_naming_a_time_outside_its_delegation_is_bad_signature(
+    delegated, not_before, not_after
+):
+    box, engine = delegated
+    code = signed_code.mint(box.keyset.issuer_private, 1, 1, not_before, not_after)
+    result = engine.handle(scan(code))
+    assert reason(result) == "bad_signature" and "delegation" in result.detail
 
 
 # ---------------------------------------------------------------- payment codes

@@ -8,6 +8,7 @@ import string
 import pytest
 
 from cards import keys, signed_code
+from cards.card import Card, parse_card
 from cards.classify import CodeFamily, family, payment_scheme
 from cards.signed_code import PREFIX, TEXT_LENGTH
 
@@ -198,3 +199,56 @@ def test_payment_pattern_needs_a_full_match():
     text = "101234567890123456"
     assert family(text + "X") is CodeFamily.LISTED
     assert family(" " + text) is CodeFamily.LISTED
+
+
+# ---------------------------------------------------------------- window inside the delegation
+
+
+def _delegation(not_before: int = NOT_BEFORE, not_after: int = NOT_AFTER) -> keys.Delegation:
+    root = keys.new_private_key()
+    return keys.delegate(root, keys.public_of(ISSUER), ("demo",), not_before, not_after)
+
+
+def _code(not_before: int, not_after: int) -> signed_code.SignedCode:
+    return signed_code.parse(signed_code.mint(ISSUER, 1, 1, not_before, not_after))
+
+
+def _card(**window) -> Card:
+    return parse_card({"id": 1, "merchant": "demo", "kind": "coupon", **window})
+
+
+def test_window_of_a_code_with_both_times_is_its_own():
+    code = _code(NOT_BEFORE + 10, NOT_AFTER - 10)
+    assert signed_code.window(code, _card(), _delegation()) == (NOT_BEFORE + 10, NOT_AFTER - 10)
+
+
+def test_zero_times_with_an_unbounded_card_take_the_delegation_window():
+    assert signed_code.window(_code(0, 0), _card(), _delegation()) == (NOT_BEFORE, NOT_AFTER)
+
+
+def test_zero_times_take_the_card_window_when_it_lies_inside_the_delegation():
+    card = _card(valid_from=NOT_BEFORE + 5, valid_until=NOT_AFTER - 5)
+    assert signed_code.window(_code(0, 0), card, _delegation()) == (NOT_BEFORE + 5, NOT_AFTER - 5)
+
+
+def test_zero_times_clip_a_card_window_wider_than_the_delegation():
+    card = _card(valid_from=NOT_BEFORE - 5, valid_until=NOT_AFTER + 5)
+    assert signed_code.window(_code(0, 0), card, _delegation()) == (NOT_BEFORE, NOT_AFTER)
+
+
+@pytest.mark.parametrize(
+    ("not_before", "not_after", "inside"),
+    [
+        (NOT_BEFORE, NOT_AFTER, True),
+        (0, 0, True),
+        (0, NOT_AFTER, True),
+        (NOT_BEFORE, 0, True),
+        (NOT_BEFORE - 1, 0, False),
+        (0, NOT_AFTER + 1, False),
+        (NOT_BEFORE - 1, NOT_AFTER, False),
+        (NOT_BEFORE, NOT_AFTER + 1, False),
+    ],
+)
+def test_only_nonzero_times_outside_the_delegation_are_refused(not_before, not_after, inside):
+    code = _code(not_before, not_after)
+    assert signed_code.inside_delegation(code, _delegation()) is inside
