@@ -60,7 +60,7 @@ _UP = lib.XKB_KEY_UP
 _DEPRESSED = lib.XKB_STATE_MODS_DEPRESSED
 _EFFECTIVE_MODS = lib.XKB_STATE_MODS_EFFECTIVE
 _EFFECTIVE_LAYOUT = lib.XKB_STATE_LAYOUT_EFFECTIVE
-_MEMO_LIMIT = 4096
+_TABLE_LIMIT = 64  # modifier states remembered per decoder
 # Bound once: attribute lookups on the cffi module cost as much as the calls themselves
 # on the per-key path.
 _update_key = lib.xkb_state_update_key
@@ -69,6 +69,8 @@ _serialize_layout = lib.xkb_state_serialize_layout
 _mod_is_active = lib.xkb_state_mod_index_is_active
 _EV_KEY = ecodes.EV_KEY
 _EV_SYN = ecodes.EV_SYN
+_SYN_REPORT = ecodes.SYN_REPORT
+_SYN_DROPPED = ecodes.SYN_DROPPED
 _KEY_RIGHTBRACE = ecodes.KEY_RIGHTBRACE
 _COMPOSING = xkb.ComposeStatus.XKB_COMPOSE_COMPOSING
 _COMPOSED = xkb.ComposeStatus.XKB_COMPOSE_COMPOSED
@@ -84,6 +86,10 @@ _DEAD_FIRST, _DEAD_LAST = 0xFE50, 0xFE93
 _KEY_MAX = ecodes.KEY_MAX
 
 _context_lock = threading.Lock()
+
+# Per modifier state: keycode -> text it adds, keycode -> (text, keysym), Alt held,
+# Ctrl held (see KeyDecoder.__init__).
+_StateTables = tuple[dict[int, str], dict[int, tuple[str, int]], bool, bool]
 
 
 @cache
@@ -134,11 +140,15 @@ class KeyDecoder:
         table = _compose_table()
         self._compose = table.compose_state_new() if table is not None else None
         self._utf8 = ffi.new("char[64]")
-        # What a key types depends only on the keycode, the effective modifiers and the
-        # layout group: remember it, so a press costs two state reads instead of a UTF-8
-        # conversion (scanners type the same few dozen keys over and over).
-        self._meanings: dict[tuple[int, int, int], tuple[str, int]] = {}
-        # us, gb, de and fr have one layout group; skip asking for it on every key then.
+        # What a key types depends only on the keycode and the state's modifiers and
+        # layout group, and a scanner types the same few dozen keys in two or three
+        # modifier states (none, Shift): so per modifier state, tables filled as keys
+        # are first seen. `_meanings`: keycode -> (text, keysym) for every key seen in
+        # the state; `_texts`: keycode -> text for the keys whose press does nothing but
+        # add that text. The current state's tables are swapped in only when xkb reports
+        # a change, so an ordinary character costs one dict lookup and one xkb update.
+        self._tables: dict[tuple[int, int, int], _StateTables] = {}
+        # us, gb, de and fr have one layout group; skip asking for it on every change then.
         self._groups = lib.xkb_keymap_num_layouts(self._keymap._keymap)
         self._chars: list[str] = []
         self._overflow = False
@@ -151,12 +161,35 @@ class KeyDecoder:
         # A kiosk has nobody to press NumLock, and a scanner that types keypad digits
         # expects them to be digits: start with it on (a NumLock key event toggles it).
         if self.numlock:
-            lib.xkb_state_update_key(self._state, ecodes.KEY_NUMLOCK + _XKB_OFFSET, _DOWN)
-            lib.xkb_state_update_key(self._state, ecodes.KEY_NUMLOCK + _XKB_OFFSET, _UP)
+            _update_key(self._state, ecodes.KEY_NUMLOCK + _XKB_OFFSET, _DOWN)
+            _update_key(self._state, ecodes.KEY_NUMLOCK + _XKB_OFFSET, _UP)
+        self._state_changed()
         self._pressed: set[int] = set()
         self._alt_digits = ""
         self._dropping = False
         self._reset_compose()
+
+    def _state_changed(self) -> None:
+        """Swap in the tables for xkb's new modifier state (after any change to it)."""
+        state = self._state
+        where = (
+            _serialize_mods(state, _DEPRESSED),
+            _serialize_mods(state, _EFFECTIVE_MODS),
+            _serialize_layout(state, _EFFECTIVE_LAYOUT) if self._groups > 1 else 0,
+        )
+        tables = self._tables.get(where)
+        if tables is None:
+            tables = (
+                {},
+                {},
+                _mod_is_active(state, self._alt, _DEPRESSED) == 1,
+                _mod_is_active(state, self._ctrl, _DEPRESSED) == 1,
+            )
+            # Junk input can visit many states; past the limit a state's tables live
+            # only while it lasts (each holds at most KEY_MAX + 1 keys).
+            if len(self._tables) < _TABLE_LIMIT:
+                self._tables[where] = tables
+        self._texts, self._meanings, self._alt_down, self._ctrl_down = tables
 
     def _reset_compose(self) -> None:
         self._composing = False
@@ -185,21 +218,80 @@ class KeyDecoder:
     def feed(self, events: Iterable[InputEvent]) -> list[bytes]:
         """Codes completed by these events, in order."""
         out: list[bytes] = []
-        key = self._key
+        # One loop with the common cases inline: a scanner sends three events per key
+        # change (MSC_SCAN, the key, SYN_REPORT) and a method call per event would cost
+        # more than the decoding itself.
         for event in events:
             kind = event.type
             if kind == _EV_KEY:
-                if not self._dropping:
-                    key(event, out)
+                if self._dropping:
+                    continue
+                code = event.code
+                value = event.value
+                if value == 1:
+                    # A press of a key already down (after a resync) is ignored so xkb's
+                    # state stays balanced.
+                    if code in self._pressed:
+                        continue
+                    text = self._texts.get(code)
+                    if text is None and not 0 <= code <= _KEY_MAX:
+                        continue
+                    at = event.sec + event.usec / 1_000_000
+                    last = self._last
+                    if (
+                        last is not None
+                        and at - last > self.gap
+                        and (self._chars or self._overflow or self._alt_digits)
+                    ):
+                        self._finish(out)
+                    self._last = at
+                    self._pressed.add(code)
+                    # Every key goes through xkb, even one whose text is known: xkb keeps
+                    # per-key state (a latch broken by the next key, Shift's clearLocks
+                    # cancelled by a key pressed while it is held) that skipping would
+                    # get wrong. Its answer says whether the modifier state changed.
+                    if text is not None and not self._composing:
+                        if _update_key(self._state, code + _XKB_OFFSET, _DOWN) == 0:
+                            chars = self._chars
+                            if not self._overflow and len(chars) < MAX_CHARS:
+                                chars.append(text)
+                            else:
+                                self._append(text)
+                            continue
+                        # A key that types and also changes the state: the text was read
+                        # before the change, what it means is decided after it.
+                        meaning = self._meanings[code]
+                        self._state_changed()
+                    else:
+                        # Read the key's meaning before updating the state with it (xkb's
+                        # convention: a modifier key does not modify itself).
+                        meaning = self._meanings.get(code) or self._learn(code)
+                        if _update_key(self._state, code + _XKB_OFFSET, _DOWN):
+                            self._state_changed()
+                    self._press(code, meaning, out)
+                elif value == 0 and code in self._pressed:
+                    self._pressed.discard(code)
+                    if _update_key(self._state, code + _XKB_OFFSET, _UP):
+                        self._state_changed()
+                    self._last = event.sec + event.usec / 1_000_000
+                    if self._alt_digits and not self._alt_down:
+                        char = self._alt_code()
+                        if char in _TERMINATOR_TEXT:
+                            self._finish(out)
+                        else:
+                            self._append(char)
+                # value 2 is the kernel's software autorepeat, not the scanner: a scanner
+                # sends a release and a press for a doubled character.
             elif kind == _EV_SYN:
-                if event.code == ecodes.SYN_DROPPED:
+                code = event.code
+                if code == _SYN_REPORT:
+                    self._dropping = False
+                elif code == _SYN_DROPPED:
                     # The kernel lost events: the code is incomplete and a Shift release
                     # may be among the lost ones. Ignore everything up to the next
                     # SYN_REPORT (evdev's documented resync rule) and start clean.
                     self.reset()
                     self._dropping = True
-                elif event.code == ecodes.SYN_REPORT:
-                    self._dropping = False
             # EV_MSC (scan codes), EV_LED, EV_REP ...: nothing to decode.
         return out
 
@@ -224,53 +316,27 @@ class KeyDecoder:
         self._alt_digits = ""
         self._reset_compose()
 
-    def _key(self, event: InputEvent, out: list[bytes]) -> None:
-        code, value = event.code, event.value
-        if not 0 <= code <= _KEY_MAX:
-            return
-        keycode = code + _XKB_OFFSET
-        if value == 0:
-            if code in self._pressed:
-                self._pressed.discard(code)
-                _update_key(self._state, keycode, _UP)
-                self._last = event.sec + event.usec / 1_000_000
-                if self._alt_digits and not self._alt_held():
-                    char = self._alt_code()
-                    if char in _TERMINATOR_TEXT:
-                        self._finish(out)
-                    else:
-                        self._append(char)
-            return
-        # value 2 is the kernel's software autorepeat, not the scanner: a scanner sends a
-        # release and a press for a doubled character. A press of a key already down
-        # (after a resync) is ignored the same way so xkb's state stays balanced.
-        if value != 1 or code in self._pressed:
-            return
-        at = event.sec + event.usec / 1_000_000
-        last = self._last
-        if last is not None and at - last > self.gap and self.pending:
-            self._finish(out)
-        self._last = at
-        # Read the key's meaning before updating the state with it (xkb's convention: a
-        # modifier key does not modify itself).
-        state = self._state
-        where = (
-            keycode,
-            _serialize_mods(state, _EFFECTIVE_MODS),
-            _serialize_layout(state, _EFFECTIVE_LAYOUT) if self._groups > 1 else 0,
-        )
-        meaning = self._meanings.get(where)
-        if meaning is None:
-            size = lib.xkb_state_key_get_utf8(state, keycode, self._utf8, 64)
-            text = ffi.string(self._utf8, 64).decode("utf-8", "replace") if size > 0 else ""
-            meaning = (text, lib.xkb_state_key_get_one_sym(state, keycode))
-            if len(self._meanings) < _MEMO_LIMIT:
-                self._meanings[where] = meaning
-        text, sym = meaning
-        self._pressed.add(code)
-        _update_key(state, keycode, _DOWN)
+    def _learn(self, code: int) -> tuple[str, int]:
+        """What `code` types in the current state, remembered in the state's tables."""
+        state, keycode = self._state, code + _XKB_OFFSET
+        size = lib.xkb_state_key_get_utf8(state, keycode, self._utf8, 64)
+        text = ffi.string(self._utf8, 64).decode("utf-8", "replace") if size > 0 else ""
+        sym = lib.xkb_state_key_get_one_sym(state, keycode)
+        self._meanings[code] = (text, sym)
+        # What `_press` would do with this key in this state, when the press leaves
+        # the state as it is: plain text for `feed` to add without asking.
+        if self._alt_down or sym in _TERMINATOR_SYMS or text in _TERMINATOR_TEXT:
+            return text, sym
+        if code == _KEY_RIGHTBRACE and self._ctrl_down:
+            self._texts[code] = GS
+        elif text and not (self._compose is not None and _DEAD_FIRST <= sym <= _DEAD_LAST):
+            self._texts[code] = text
+        return text, sym
 
-        if _mod_is_active(state, self._alt, _DEPRESSED) == 1:
+    def _press(self, code: int, meaning: tuple[str, int], out: list[bytes]) -> None:
+        """A key press, xkb's state already updated with it; `meaning` read before."""
+        text, sym = meaning
+        if self._alt_down:
             # Alt (not AltGr, which is another modifier in xkb) + keypad digits is
             # Alt-code entry; the character comes when Alt is released. Alt + anything
             # else is a shortcut, not text.
@@ -280,18 +346,13 @@ class KeyDecoder:
         if sym in _TERMINATOR_SYMS or text in _TERMINATOR_TEXT:
             self._finish(out)
             return
-        if code == _KEY_RIGHTBRACE and _mod_is_active(state, self._ctrl, _DEPRESSED) == 1:
+        if code == _KEY_RIGHTBRACE and self._ctrl_down:
             # Scanners send "Ctrl+]" as the HID usage of the US ] key whatever layout
             # they are set to (on de/fr that key is + or $, whose Ctrl form is nothing).
             text = GS
         elif self._composing or (self._compose is not None and _DEAD_FIRST <= sym <= _DEAD_LAST):
             text = self._composed(sym, text)
-        if text:
-            chars = self._chars
-            if not self._overflow and len(chars) < MAX_CHARS:
-                chars.append(text)
-            else:
-                self._append(text)
+        self._append(text)
 
     def _composed(self, sym: int, text: str) -> str:
         compose = self._compose
@@ -306,9 +367,6 @@ class KeyDecoder:
         # dead key and keeps the key, as X11 and Wayland clients do.
         self._reset_compose()
         return result
-
-    def _alt_held(self) -> bool:
-        return lib.xkb_state_mod_index_is_active(self._state, self._alt, _DEPRESSED) == 1
 
     def _alt_code(self) -> str:
         """The character typed by Alt + keypad digits ("" for Alt+0)."""
