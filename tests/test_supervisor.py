@@ -79,3 +79,107 @@ def test_status_shows_the_stdin_scanner_after_a_run(loaded_box):
     [driver] = status["drivers"]
     assert (driver["name"], driver["kind"], driver["state"]) == ("stdin", "stdin", "ended")
     assert driver["scans"] == 2
+
+
+class CrashingDriver(FlakyDriver):
+    """A driver with a bug: each run hands the scanner beside it a code to deliver, then
+    raises; after `crashes` runs it waits for stop without ever connecting."""
+
+    def __init__(self, crashes: int, beside: HealthyDriver):
+        super().__init__([])
+        self.name = "crashing"
+        self.crashes = crashes
+        self.beside = beside
+        self.settled = threading.Event()
+
+    def run(self, emit, stop, state):
+        self.runs += 1
+        if self.runs > self.crashes:
+            self.settled.set()
+            stop.wait()
+            return
+        self.beside.codes.put(f"DURING-CRASH-{self.runs}".encode())
+        raise RuntimeError(f"zbar returned a 3-D array (run {self.runs})")
+
+
+class HealthyDriver(FlakyDriver):
+    """Delivers every code put in `codes`, until closed."""
+
+    def __init__(self):
+        super().__init__([])
+        self.name = "healthy"
+        self.codes: queue.Queue[bytes | None] = queue.Queue()
+
+    def run(self, emit, stop, state):
+        self.runs += 1
+        state.state = "connected"
+        while (code := self.codes.get()) is not None:
+            emit(Scan(code, self.name, at=2.0))
+
+    def close(self) -> None:
+        super().close()
+        self.codes.put(None)
+
+
+class RecordedBackoff:
+    """Stands in for the supervisor's `random`: notes each backoff's upper bound and
+    waits 0 s, so the backoff sequence is checked without measuring time."""
+
+    def __init__(self):
+        self.bounds: list[float] = []
+
+    def uniform(self, low: float, high: float) -> float:
+        self.bounds.append(high)
+        return low
+
+
+def test_driver_bug_shows_error_with_its_message_and_restarts_with_backoff_beside_a_healthy_driver(
+    monkeypatch,
+):
+    backoff = RecordedBackoff()
+    monkeypatch.setattr("drivers.supervisor.random", backoff)
+    scans: queue.Queue[Scan] = queue.Queue()
+    healthy = HealthyDriver()
+    crashing = CrashingDriver(3, beside=healthy)
+    supervisors = [
+        Supervisor(healthy, scans.put, initial_backoff=0.01, max_backoff=0.03),
+        Supervisor(crashing, scans.put, initial_backoff=0.01, max_backoff=0.03),
+    ]
+    for supervisor in supervisors:
+        supervisor.start()
+    healthy_status, crashing_status = (s.state for s in supervisors)
+    try:
+        assert crashing.settled.wait(10)
+        # Running again after the third crash, not connected yet: status still shows the
+        # last failure, with the exception's type and message.
+        assert crashing_status.to_json() == {
+            "name": "crashing",
+            "kind": "test",
+            "state": "error",
+            "message": "RuntimeError: zbar returned a 3-D array (run 3)",
+            "last_scan": None,
+            "scans": 0,
+            "restarts": 3,
+        }
+        # Full-jitter backoff: a random wait up to a bound that doubles, up to the maximum.
+        assert backoff.bounds == [0.01, 0.02, 0.03]
+
+        delivered = [scans.get(timeout=10) for _ in range(3)]
+        healthy.codes.put(b"AFTER-CRASHES")
+        delivered.append(scans.get(timeout=10))
+        assert [(s.source, s.code) for s in delivered] == [
+            ("healthy", b"DURING-CRASH-1"),
+            ("healthy", b"DURING-CRASH-2"),
+            ("healthy", b"DURING-CRASH-3"),
+            ("healthy", b"AFTER-CRASHES"),
+        ]
+        assert (healthy_status.state, healthy_status.scans, healthy_status.restarts) == (
+            "connected",
+            4,
+            0,
+        )
+        assert healthy.runs == 1
+    finally:
+        for supervisor in supervisors:
+            assert supervisor.stop(timeout=5)
+    assert crashing_status.state == healthy_status.state == "stopped"
