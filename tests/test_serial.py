@@ -16,6 +16,7 @@ import select
 import signal
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -75,6 +76,17 @@ class Pty:
             if ready:
                 self.received += os.read(self.master, 4096)
         return bytes(self.received)
+
+    def line_settings(self) -> list:
+        """The slave's termios settings, as the driver left them on the port."""
+        return termios.tcgetattr(self._slave)
+
+    def set_line(self, speed: int, cflag_on: int) -> None:
+        """Put the port in another state first, so what the driver sets is visible."""
+        iflag, oflag, cflag, lflag, _, _, cc = termios.tcgetattr(self._slave)
+        termios.tcsetattr(
+            self._slave, termios.TCSANOW, [iflag, oflag, cflag | cflag_on, lflag, speed, speed, cc]
+        )
 
     def unplug(self) -> None:
         # Once only: a closed descriptor number may already belong to someone else.
@@ -338,6 +350,42 @@ def test_scanner_without_terminator_ends_a_read_on_the_idle_gap(pty):
         assert scanner.next_code() == b"DEMO-0001"
         pty.send(b"DEMO-0002")
         assert scanner.next_code() == b"DEMO-0002"
+
+
+# Linux ptys force 8 data bits and no parity whatever is asked for (pty_set_termios
+# clears CSIZE and PARENB and sets CS8), so bytesize and parity cannot be checked here.
+@pytest.mark.parametrize(
+    ("settings_", "before", "speed", "two_stop_bits", "rtscts"),
+    [
+        (
+            {"baudrate": 115200, "stopbits": 2, "flow": "rtscts"},
+            (termios.B9600, 0),
+            termios.B115200,
+            True,
+            True,
+        ),
+        (
+            {},  # 9600, 1 stop bit, no flow control: the defaults are set, not assumed
+            (termios.B115200, termios.CSTOPB | termios.CRTSCTS),
+            termios.B9600,
+            False,
+            False,
+        ),
+    ],
+    ids=["115200-2-stop-bits-rtscts", "defaults-9600-1-stop-bit-no-flow-control"],
+)
+def test_baud_rate_stop_bits_and_rtscts_from_the_config_reach_the_port(
+    pty, settings_, before, speed, two_stop_bits, rtscts
+):
+    pty.set_line(*before)
+    with running(pty.path, **settings_) as scanner:
+        _, _, cflag, _, ispeed, ospeed, _ = pty.line_settings()
+        assert (ispeed, ospeed) == (speed, speed)
+        assert bool(cflag & termios.CSTOPB) is two_stop_bits
+        assert bool(cflag & termios.CRTSCTS) is rtscts
+        # The line as configured still carries the scanner's codes.
+        pty.send(b"DEMO-0001\r")
+        assert scanner.next_code() == b"DEMO-0001"
 
 
 def test_garbage_arrives_as_a_malformed_scan_and_the_driver_keeps_reading(pty):
