@@ -30,7 +30,12 @@ from paho.mqtt.properties import Properties
 BACKOFF_FIRST = 0.5
 BACKOFF_CAP = 30.0
 PUBLISH_TIMEOUT = 30.0
-SESSION_EXPIRY = 3600
+# The broker keeps a backend client's session (and queues its messages) this long after
+# the connection drops, so a blip loses nothing. It must stay short: the broker keeps
+# handing a shared subscription's share of messages to a session whose collector is
+# gone, until the session expires. A clean stop ends the session at once (below);
+# after a crash the boxes resend what was not acked (their `request_retry`).
+SESSION_EXPIRY = 30
 
 
 class BrokerUrlError(ValueError):
@@ -174,7 +179,11 @@ class Connection:
             attempt += 1
             self._stop.wait(random.uniform(0, min(BACKOFF_CAP, BACKOFF_FIRST * 2**attempt)))
         if self.connected.is_set():
-            self.client.disconnect()
+            # Session expiry 0 on DISCONNECT: the broker forgets this session and its
+            # place in shared subscriptions now, instead of queueing for it.
+            goodbye = Properties(PacketTypes.DISCONNECT)
+            goodbye.SessionExpiryInterval = 0
+            self.client.disconnect(properties=goodbye)
             # Let the loop write the DISCONNECT packet before the socket closes.
             for _ in range(10):
                 if self.client.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS:

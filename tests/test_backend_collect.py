@@ -170,6 +170,33 @@ def test_two_collectors_on_one_shared_subscription_split_the_load_and_store_each
             c.stop()
 
 
+def test_a_collector_that_stopped_leaves_no_share_of_the_group_behind(
+    backend_dir,
+    broker,  # noqa: F811
+    boxes,
+):
+    # A shared subscription hands each message to one session of the group, offline
+    # ones included: a stopped collector whose session lived on would take every
+    # other message into a queue nobody reads.
+    gone = Collector(backend_dir, broker.url, group="main", say=lambda line: None, client_id="a")
+    gone.start()
+    wait_until(gone.link.connected.is_set, "the first collector connected")
+    gone.stop()
+    lines: list[str] = []
+    live = Collector(backend_dir, broker.url, group="main", say=lines.append, client_id="b")
+    live.start()
+    try:
+        wait_until(live.link.connected.is_set, "the second collector connected")
+        box = boxes("box-1")
+        for seq in range(1, 21):
+            box.send([record(seq, "box-1")])
+        # FakeBox never resends: everything must reach the live collector the first time.
+        wait_until(lambda: any(a["upto"] == 20 for a in box.acks()), "all 20 records acked")
+        assert len(stored(backend_dir)) == 20
+    finally:
+        live.stop()
+
+
 def test_same_code_redeemed_on_two_boxes_is_flagged_and_a_consumed_batch_is_published(
     collector,
     boxes,
