@@ -246,9 +246,15 @@ def run_floor(port: int, messages: int, size: int) -> float:
     done = threading.Event()
     acked = 0
 
+    # paho's message ids are 16 bits: with more than 65,535 messages queued at once
+    # they collide and PUBACKs go missing. A plain publisher keeps a bounded backlog;
+    # 1000 is far above paho's in-flight window (20), so the link never waits for us.
+    backlog = threading.Semaphore(1000)
+
     def on_publish(client, userdata, mid, reason_code, properties) -> None:
         nonlocal acked
         acked += 1
+        backlog.release()
         if acked == messages:
             done.set()
 
@@ -268,6 +274,7 @@ def run_floor(port: int, messages: int, size: int) -> float:
     topic = f"{PREFIX}/demo/box/floor/events"
     started = time.perf_counter()
     for _ in range(messages):
+        backlog.acquire()
         client.publish(topic, payload, qos=1)
     if not done.wait(600):
         sys.exit(f"floor: only {acked} of {messages} PUBACKs arrived")
