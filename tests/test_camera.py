@@ -123,6 +123,22 @@ def rotate(degrees: float) -> str:
     return f"rotate={angle}:ow=rotw({angle}):oh=roth({angle}):fillcolor=white"
 
 
+def transformed(image: np.ndarray, filters: str) -> np.ndarray:
+    """`image` after an ffmpeg filter chain (rotate, scale ...), as gray pixels."""
+    h, w = image.shape
+    raw = ["-f", "rawvideo", "-pix_fmt", "gray", "-video_size", f"{w}x{h}", "-i", "-"]
+    done = subprocess.run(
+        ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", *raw, "-vf", filters,
+         "-frames:v", "1", "-f", "image2pipe", "-c:v", "pgm", "-"],
+        input=image.tobytes(), capture_output=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    # A PGM: "P5\n<width> <height>\n255\n" then the pixels, one byte each.
+    _, width, height = done.stdout.split(maxsplit=3)[:3]
+    size = int(width) * int(height)
+    return np.frombuffer(done.stdout[-size:], dtype=np.uint8).reshape(int(height), int(width))
+
+
 # --- running the driver ----------------------------------------------------------------
 
 
@@ -304,6 +320,17 @@ def test_lossy_video_of_two_codes_in_one_frame_gives_both(tmp_path):
         ("CODE-128", b"DEMO-0004"),
         ("QR-Code", b"DEMO-0003"),
     ]
+
+
+def test_rotated_qr_and_scaled_ean13_in_a_noisy_video_are_read_through_the_pipe(tmp_path):
+    rotated_qr = transformed(qr("DEMO-0007", module=3), rotate(25))
+    scaled_ean = transformed(linear("ean13", EAN_A), "scale=iw*1.3:-1:flags=bicubic")
+    # Sensor noise differs from frame to frame, so no two frames of the code are alike.
+    shown = [noisy(frame(rotated_qr, scaled_ean), 20, seed) for seed in range(15)]
+    video = write_video(tmp_path / "rotated-scaled-noisy.mkv", [blank()] * 3 + shown)
+    scans = scans_from(video)
+    assert sorted(codes(scans)) == [("EAN-13", b"5901234123457"), ("QR-Code", b"DEMO-0007")]
+    assert all(isinstance(s, Scan) and s.source == "cam" for s in scans)
 
 
 def test_glob_of_images_is_read_one_image_per_frame(tmp_path):
