@@ -104,10 +104,11 @@ def _parser() -> argparse.ArgumentParser:
             "redeemd devices")  # fmt: skip
     p = command("decode", cmd_decode, "Print the codes found in image files (camera check).",
                 "redeemd decode shelf-photo.png qr.jpg")  # fmt: skip
-    p.add_argument("images", nargs="+", type=Path)
-    p = command(
-        "status", cmd_status, "Show cache, trust and outbox state.", "redeemd status --json"
-    )
+    p.add_argument("images", nargs="+", type=Path,
+                   help="image (or video) files, any format ffmpeg reads: PNG, JPEG ...")  # fmt: skip
+    p = command("status", cmd_status,
+                "Show cache, trust and outbox state, and each scanner's driver state "
+                "(connected, disconnected, error ...).", "redeemd status --json")  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
