@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (
         KeystoreError, UsageError, BatchError, CardError, keys.TrustError, OSError, StoreError,
-        BrokerUrlError,
+        BrokerUrlError, signed_code.SignedCodeError,
     ) as exc:  # fmt: skip
         print(f"redeemd-backend: {exc}", file=sys.stderr)
         return 1
@@ -192,7 +192,13 @@ def cmd_delegate(args: argparse.Namespace) -> int:
 def cmd_issue(args: argparse.Namespace) -> int:
     store = Keystore(args.dir)
     kind = Kind(args.kind)
-    text = sys.stdin.read() if args.input == "-" else Path(args.input).read_text(encoding="utf-8")
+    # Checked before anything is read or allocated: boxes refuse both (protocol.md 9).
+    if args.seq is not None and not 1 <= args.seq <= batch.MAX_SEQ:
+        raise UsageError(f"--seq {args.seq} is out of range: allowed 1..{batch.MAX_SEQ}")
+    if args.chunk_size < 1:
+        raise UsageError(f"--chunk-size {args.chunk_size} is out of range: allowed 1 or more bytes")
+    expires_in = _seconds(args.expires_days, "--expires-days")
+    text = _read_text(args.input)
     if kind is Kind.CARDS:
         templates = _cards(text, args.merchant)
         entries = batch.encode_cards(templates)
@@ -204,7 +210,7 @@ def cmd_issue(args: argparse.Namespace) -> int:
     def sign(seq: int) -> bytes:
         return batch.build(
             private, delegation, merchant=args.merchant, seq=seq, kind=kind, entries=entries,
-            created_at=now, expires_at=now + int(args.expires_days * 86400),
+            created_at=now, expires_at=now + expires_in,
             chunk_size=args.chunk_size,
         )  # fmt: skip
 
@@ -226,14 +232,39 @@ def cmd_issue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_text(name: str) -> str:
+    """The --input file (or stdin for -) as UTF-8 text."""
+    data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        source = "standard input" if name == "-" else name
+        raise UsageError(
+            f"{source} is not valid UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start}; "
+            "save the file as UTF-8"
+        ) from None
+
+
+def _seconds(days: float, flag: str) -> int:
+    if not 0 < days <= 36500:  # also refuses nan
+        raise UsageError(f"{flag} {days} is out of range: allowed more than 0, up to 36500")
+    return int(days * 86400)
+
+
 def _cards(text: str, merchant: str) -> list[dict]:
     try:
         templates = json.loads(text)
-    except json.JSONDecodeError as exc:
+    # ValueError: integers over Python's 4300-digit limit; RecursionError: deep nesting.
+    except (ValueError, RecursionError) as exc:
         raise UsageError(f"cards input is not JSON: {exc}") from None
     if not isinstance(templates, list):
         raise UsageError("cards input must be a JSON array of card templates")
-    for template in templates:
+    for number, template in enumerate(templates, start=1):
+        if not isinstance(template, dict):
+            raise UsageError(
+                f"cards input element {number} is {json.dumps(template)[:40]}: "
+                "each element must be a JSON object (a card template)"
+            )
         template.setdefault("merchant", merchant)
         parse_card(template)
     return templates
@@ -263,6 +294,18 @@ def _code_entries(text: str, kind: Kind, code_key: bytes) -> bytes:
             if not fields:
                 raise UsageError(f"line {number}: needs at least code,card_id")
             card_id, not_before, not_after, uses, balance = (fields + [0] * 5)[:5]
+            for name, value, largest in (
+                ("card_id", card_id, UNLIMITED),
+                ("not_before", not_before, UNLIMITED),
+                ("not_after", not_after, UNLIMITED),
+                ("uses", uses, UNLIMITED),
+                ("balance", balance, batch.MAX_BALANCE),
+            ):
+                # A negative uses is the CSV's way to say unlimited (0xFFFFFFFF).
+                if value > largest or (value < 0 and name != "uses"):
+                    raise UsageError(
+                        f"line {number}: {name} {value} is out of range: allowed 0..{largest}"
+                    )
             uses = UNLIMITED if uses < 0 else uses
             issued.append(
                 (digest, card_id, not_before, not_after, uses, balance, CodeStatus.ACTIVE)
@@ -280,8 +323,18 @@ def cmd_mint(args: argparse.Namespace) -> int:
     store = Keystore(args.dir)
     private = store.private("issuer")
     delegation = store.delegation()
+    if args.count < 1:
+        raise UsageError(f"--count {args.count} is out of range: allowed 1 or more")
+    last = args.serial + args.count - 1
+    if args.serial >= 0 and last > signed_code.MAX_SERIAL:
+        # Checked before printing, so no partial run of codes is handed out.
+        raise UsageError(
+            f"--serial {args.serial} with --count {args.count} ends at serial {last}: "
+            f"allowed 0..{signed_code.MAX_SERIAL}"
+        )
+    lifetime = _seconds(args.days, "--days")
     now = int(time.time())
-    not_before, not_after = max(now - 60, delegation.not_before), now + int(args.days * 86400)
+    not_before, not_after = max(now - 60, delegation.not_before), now + lifetime
     if not_after > delegation.not_after:
         # Boxes refuse codes that outlive the key's delegation; end them with it instead.
         not_after = delegation.not_after

@@ -32,6 +32,9 @@ MAX_HEADER_SIZE = 1 << 20
 DEFAULT_CHUNK_SIZE = 256 * 1024
 DEFAULT_MAX_ENTRIES_SIZE = 512 << 20
 _U32 = struct.Struct(">I")
+# Sequences start at 1 and stay below 2^63 (SQLite's INTEGER on the box).
+MAX_SEQ = (1 << 63) - 1
+MAX_BALANCE = (1 << 63) - 1
 
 
 class Kind(StrEnum):
@@ -133,8 +136,18 @@ class Batch:
 
 
 def encode_issue(rows: Iterable[tuple[bytes, int, int, int, int, int, int]]) -> bytes:
-    """Entries for an issue or snapshot batch, sorted by digest (dense B-tree pages)."""
-    return b"".join(ISSUE_ENTRY.pack(*row) for row in sorted(rows, key=lambda r: r[0]))
+    """Entries for an issue or snapshot batch, sorted by digest (dense B-tree pages).
+
+    Raises BatchError for a field that does not fit its entry (u32 card id, times and
+    uses; i64 balance).
+    """
+    try:
+        return b"".join(ISSUE_ENTRY.pack(*row) for row in sorted(rows, key=lambda r: r[0]))
+    except struct.error as exc:
+        raise BatchError(
+            f"an issue entry has a field out of range ({exc}); card id, not_before, "
+            f"not_after and uses must be 0..{UNLIMITED}, balance 0..{MAX_BALANCE}"
+        ) from None
 
 
 def encode_digests(digests: Iterable[bytes]) -> bytes:
@@ -161,7 +174,14 @@ def build(
     expires_at: int,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> bytes:
-    """A signed batch in file form. `entries` comes from one of the encode_* helpers."""
+    """A signed batch in file form. `entries` comes from one of the encode_* helpers.
+
+    Raises BatchError for a sequence or chunk size every box would refuse.
+    """
+    if not 1 <= seq <= MAX_SEQ:
+        raise BatchError(f"sequence {seq} is out of range: allowed 1..{MAX_SEQ}")
+    if chunk_size < 1:
+        raise BatchError(f"chunk size {chunk_size} is out of range: allowed 1 or more bytes")
     size = ENTRY_SIZES[kind]
     if size:
         if len(entries) % size:

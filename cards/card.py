@@ -68,6 +68,8 @@ def parse_card(value: dict) -> Card:
         "id", "merchant", "kind", "title", "uses", "balance", "stores", "weekdays",
         "hours", "valid_from", "valid_until", "two_phase", "reversal_window",
     }  # fmt: skip
+    if not isinstance(value, dict):
+        raise CardError(f"a card template must be a JSON object, got {value!r}")
     unknown = set(value) - known
     if unknown:
         raise CardError(f"card has unknown fields {sorted(unknown)}; allowed: {sorted(known)}")

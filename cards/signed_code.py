@@ -29,6 +29,15 @@ TEXT_LENGTH = len(PREFIX) + (_RAW_SIZE * 8 + 4) // 5
 _ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
 
 
+MAX_CARD_ID = 0xFFFFFFFF
+MAX_SERIAL = 0xFFFFFFFFFFFFFFFF
+MAX_TIME = 0xFFFFFFFF
+
+
+class SignedCodeError(ValueError):
+    """A signed code cannot be minted or parsed; the message says which field and why."""
+
+
 @dataclass(frozen=True)
 class SignedCode:
     key_id: str
@@ -52,7 +61,19 @@ def mint(
     not_before: int,
     not_after: int,
 ) -> str:
-    """A signed code for `card_id`/`serial`, valid in [not_before, not_after]."""
+    """A signed code for `card_id`/`serial`, valid in [not_before, not_after].
+
+    Raises SignedCodeError when a field does not fit the payload (u32 card id and
+    times, u64 serial).
+    """
+    for name, value, largest in (
+        ("card id", card_id, MAX_CARD_ID),
+        ("serial", serial, MAX_SERIAL),
+        ("not_before", not_before, MAX_TIME),
+        ("not_after", not_after, MAX_TIME),
+    ):
+        if not 0 <= value <= largest:
+            raise SignedCodeError(f"{name} {value} is out of range: allowed 0..{largest}")
     kid = bytes.fromhex(keys.key_id(keys.public_of(issuer_private)))
     payload = _PAYLOAD.pack(kid, card_id, serial, not_before, not_after)
     signature = keys.sign(issuer_private, DOMAIN, payload)
@@ -62,17 +83,17 @@ def mint(
 def parse(text: str) -> SignedCode:
     """Decode a signed code's fields; the signature is checked by `verify`."""
     if not looks_signed(text):
-        raise ValueError(f"not a {PREFIX} signed code (wrong prefix or length)")
+        raise SignedCodeError(f"not a {PREFIX} signed code (wrong prefix or length)")
     body = text[len(PREFIX) :]
     if not _ALPHABET.issuperset(body):
-        raise ValueError("signed code contains characters outside base32")
+        raise SignedCodeError("signed code contains characters outside base32")
     try:
         raw = base64.b32decode(body + "=" * (-len(body) % 8))
     except binascii.Error:
-        raise ValueError("signed code is not valid base32") from None
+        raise SignedCodeError("signed code is not valid base32") from None
     # Only one text may stand for one code: refuse non-zero padding bits.
     if len(raw) != _RAW_SIZE or base64.b32encode(raw).decode().rstrip("=") != body:
-        raise ValueError("signed code is not in canonical form")
+        raise SignedCodeError("signed code is not in canonical form")
     kid, card_id, serial, not_before, not_after = _PAYLOAD.unpack(raw[: _PAYLOAD.size])
     return SignedCode(
         key_id=kid.hex(),

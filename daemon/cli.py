@@ -172,6 +172,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     from daemon.engine import Engine
     from daemon.service import describe
 
+    try:
+        # argv holds undecodable bytes as lone surrogates (PEP 383); a code is text.
+        args.code.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        point = ord(args.code[exc.start])
+        what = f"byte 0x{point - 0xDC00:02x}" if 0xDC80 <= point <= 0xDCFF else f"U+{point:04X}"
+        raise CommandError(
+            f"the code is not valid UTF-8: {what} at position {exc.start}; "
+            "type the code as text (scanners' bytes are checked by `redeemd run`)"
+        ) from None
     config = _config(args)
     conn = open_database(config.box.database)
     print(describe(Engine(conn, config).check(args.code)))

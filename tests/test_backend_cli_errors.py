@@ -1,0 +1,170 @@
+"""Bad input to `redeemd-backend issue` / `mint` and `redeemd check`, run as real processes:
+each is one line on stderr naming the value and what is allowed, a non-zero exit, no
+traceback, and nothing written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+
+def backend(*args: str, keys_dir: Path, input: bytes = b"") -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k != "REDEEMD_CONFIG"}
+    environment["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "backend.cli", *args, "--dir", str(keys_dir)],
+        input=input, capture_output=True, timeout=60, cwd=keys_dir.parent, env=environment,
+    )  # fmt: skip
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    err = result.stderr.decode()
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def delegated_keys(tmp_path_factory) -> Path:
+    """A backend key directory with keys and a delegation for merchant demo."""
+    keys_dir = tmp_path_factory.mktemp("template") / "keys"
+    assert backend("keygen", keys_dir=keys_dir).returncode == 0
+    assert backend("delegate", "--merchant", "demo", keys_dir=keys_dir).returncode == 0
+    return keys_dir
+
+
+@pytest.fixture
+def keys_dir(delegated_keys, tmp_path) -> Path:
+    """A fresh copy of the delegated keys, with its own backend.db."""
+    return Path(shutil.copytree(delegated_keys, tmp_path / "keys"))
+
+
+def issued_batches(keys_dir: Path) -> list[tuple[str, int]]:
+    path = keys_dir / "backend.db"
+    if not path.exists():
+        return []
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT merchant, seq FROM batches ORDER BY seq").fetchall()
+    except sqlite3.OperationalError:  # no table yet: nothing was ever issued
+        return []
+    finally:
+        conn.close()
+
+
+def issue(keys_dir: Path, *extra: str, input: bytes) -> subprocess.CompletedProcess:
+    out = keys_dir.parent / "out.rdb"
+    return backend(
+        "issue", "--merchant", "demo", "--input", "-", "--out", str(out), *extra,
+        keys_dir=keys_dir, input=input,
+    )  # fmt: skip
+
+
+def assert_nothing_issued(keys_dir: Path) -> None:
+    assert not (keys_dir.parent / "out.rdb").exists()
+    assert issued_batches(keys_dir) == []
+
+
+# ---------------------------------------------------------------- issue --kind cards
+
+
+@pytest.mark.parametrize(
+    ("cards", "element"),
+    [(b"[1]", "element 1 is 1"), (b'[{"id": 1, "kind": "coupon"}, "x"]', 'element 2 is "x"')],
+    ids=["number", "string-after-a-card"],
+)
+def test_cards_array_element_that_is_not_an_object_is_one_clear_line(keys_dir, cards, element):
+    line = one_line_error(issue(keys_dir, "--kind", "cards", input=cards))
+    assert element in line and "must be a JSON object" in line
+    assert_nothing_issued(keys_dir)
+
+
+# ---------------------------------------------------------------- issue from CSV
+
+
+@pytest.mark.parametrize("card_id", ["99999999999", "-1"])
+def test_csv_card_id_outside_u32_is_one_clear_line(keys_dir, card_id):
+    line = one_line_error(
+        issue(keys_dir, input=f"code,card_id\nGOOD-1,1\nBAD-1,{card_id}\n".encode())
+    )
+    assert line == (
+        f"redeemd-backend: line 2: card_id {card_id} is out of range: allowed 0..4294967295"
+    )
+    assert_nothing_issued(keys_dir)
+
+
+@pytest.mark.parametrize(
+    ("row", "field"),
+    [("X,1,4294967296", "not_before"), ("X,1,0,-3", "not_after"), ("X,1,0,0,1,-5", "balance")],
+)
+def test_csv_time_or_balance_out_of_range_is_one_clear_line(keys_dir, row, field):
+    line = one_line_error(issue(keys_dir, input=f"{row}\n".encode()))
+    assert f"line 1: {field} " in line and "allowed 0.." in line
+    assert_nothing_issued(keys_dir)
+
+
+def test_invalid_utf8_on_stdin_is_one_clear_line(keys_dir):
+    line = one_line_error(issue(keys_dir, input=b"GOOD-1,1\nBA\xffD-1,1\n"))
+    assert line == (
+        "redeemd-backend: standard input is not valid UTF-8: byte 0xff at offset 11; "
+        "save the file as UTF-8"
+    )
+    assert_nothing_issued(keys_dir)
+
+
+def test_zero_chunk_size_is_one_clear_line(keys_dir):
+    line = one_line_error(issue(keys_dir, "--chunk-size", "0", input=b"GOOD-1,1\n"))
+    assert line == "redeemd-backend: --chunk-size 0 is out of range: allowed 1 or more bytes"
+    assert_nothing_issued(keys_dir)
+
+
+@pytest.mark.parametrize("seq", ["0", "-4", str(1 << 63)])
+def test_sequence_every_box_refuses_is_not_issued(keys_dir, seq):
+    line = one_line_error(issue(keys_dir, "--seq", seq, input=b"GOOD-1,1\n"))
+    assert line == f"redeemd-backend: --seq {seq} is out of range: allowed 1..{(1 << 63) - 1}"
+    assert_nothing_issued(keys_dir)
+
+
+def test_refused_input_burns_no_sequence(keys_dir):
+    one_line_error(issue(keys_dir, input=b"BAD-1,-1\n"))
+    assert issue(keys_dir, input=b"GOOD-1,1\n").returncode == 0
+    assert issued_batches(keys_dir) == [("demo", 1)]
+
+
+# ---------------------------------------------------------------- mint
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--card", "99999999999", "--serial", "1"], "card id 99999999999 is out of range: allowed 0..4294967295"),
+        (["--card", "-1", "--serial", "1"], "card id -1 is out of range: allowed 0..4294967295"),
+        (["--card", "1", "--serial", "-1"], f"serial -1 is out of range: allowed 0..{(1 << 64) - 1}"),
+        (["--card", "1", "--serial", str((1 << 64) - 1), "--count", "2"],
+         f"ends at serial {1 << 64}: allowed 0..{(1 << 64) - 1}"),
+        (["--card", "1", "--serial", "1", "--count", "0"], "--count 0 is out of range: allowed 1 or more"),
+    ],
+    ids=["card-too-big", "card-negative", "serial-negative", "serial-overflows", "count-zero"],
+)  # fmt: skip
+def test_mint_field_outside_the_code_format_is_one_clear_line(keys_dir, args, expected):
+    result = backend("mint", *args, keys_dir=keys_dir)
+    assert expected in one_line_error(result)
+    assert result.stdout == b""  # not one code was handed out
+
+
+# ---------------------------------------------------------------- redeemd check
+
+
+def test_check_of_an_undecodable_argument_is_one_clear_line(loaded_box):
+    result = loaded_box.cli("check", os.fsdecode(b"DEMO-\xff"))
+    line = one_line_error(result)
+    assert line.startswith("redeemd: the code is not valid UTF-8: byte 0xff at position 5")
