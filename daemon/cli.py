@@ -120,7 +120,9 @@ def _config(args: argparse.Namespace) -> Config:
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.service import Service
 
-    return Service(_config(args), as_json=args.json).run()
+    return Service(
+        _config(args), as_json=args.json, load=lambda: config_mod.load(args.config)
+    ).run()
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import shutil
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -70,6 +72,19 @@ class ScannerConfig:
 
 
 @dataclass(frozen=True)
+class ApiConfig:
+    """[api]: the local Unix socket for the POS application (docs/local-api.md)."""
+
+    enabled: bool = True
+    socket: Path = Path("/run/redeemd/api.sock")
+    group: str = ""
+    """Group that may connect; "" keeps the daemon's own (redeemd under the shipped unit)."""
+    mode: int = 0o660
+    confirm_within: float = 600.0
+    """How long a two-phase `checked` scan may be confirmed with `redeem`."""
+
+
+@dataclass(frozen=True)
 class SyncConfig:
     """[sync]: the MQTT link to the backend (docs/protocol.md section 16)."""
 
@@ -92,13 +107,23 @@ class SyncConfig:
 
 
 @dataclass(frozen=True)
+class HooksConfig:
+    """[hooks]: a command run after each verdict, for a light or a relay."""
+
+    on_verdict: tuple[str, ...] = ()
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
 class Config:
     source: str
     box: BoxConfig
     trust: TrustConfig
     scan: ScanConfig
     scanners: tuple[ScannerConfig, ...]
+    api: ApiConfig = ApiConfig()
     sync: SyncConfig = SyncConfig()
+    hooks: HooksConfig = HooksConfig()
 
 
 # section -> key -> (checker, default). A checker returns the typed value or raises
@@ -183,6 +208,12 @@ def _broker_url(value: object) -> str:
     return value.strip()  # type: ignore[union-attr]
 
 
+def _file_mode(value: object) -> int:
+    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value.strip()):
+        return int(value, 8)
+    raise ValueError('octal permission bits as a string, such as "0660"')
+
+
 def _topic_prefix(value: object) -> str:
     if (
         not isinstance(value, str)
@@ -215,6 +246,13 @@ SCHEMA: dict[str, dict[str, tuple[Checker, object]]] = {
         "max_code_length": (_positive_int, 512),
         "payment_codes": (_choice("pass", "reject"), "pass"),
     },
+    "api": {
+        "enabled": (_boolean, True),
+        "socket": (_string, "{runtime_dir}/api.sock"),
+        "group": (_optional, ""),
+        "mode": (_file_mode, "0660"),
+        "confirm_within": (_duration, "10m"),
+    },
     "sync": {
         "enabled": (_boolean, False),
         "broker": (_broker_url, "mqtt://127.0.0.1:1883"),
@@ -229,6 +267,10 @@ SCHEMA: dict[str, dict[str, tuple[Checker, object]]] = {
         "max_records": (_positive_int, 200),
         "status_every": (_duration, "60s"),
         "request_retry": (_duration, "30s"),
+    },
+    "hooks": {
+        "on_verdict": (_optional, ""),
+        "timeout": (_duration, "5s"),
     },
 }
 
@@ -362,7 +404,9 @@ def parse(data: dict, source: str) -> Config:
     scanners = _scanners(data.get("scanner"), problems)
     root_keys = _root_keys(values["trust"], expand, problems)
     code_key = _code_key(expand(str(values["trust"]["code_key_file"])), problems)
+    api = _api(values["api"], expand)
     sync = _sync(values["sync"], expand, problems)
+    hooks = _hooks(values["hooks"], problems)
 
     if problems:
         raise ConfigError(source, problems)
@@ -386,7 +430,9 @@ def parse(data: dict, source: str) -> Config:
         ),  # type: ignore[arg-type]
         scan=ScanConfig(**scan),  # type: ignore[arg-type]
         scanners=scanners,
+        api=api,
         sync=sync,
+        hooks=hooks,
     )
 
 
@@ -439,6 +485,24 @@ def _scanners(given: object, problems: list[str]) -> tuple[ScannerConfig, ...]:
     for name in {n for n in names if names.count(n) > 1}:
         problems.append(f"[[scanner]] name = {name!r}: used twice; names must be unique")
     return tuple(result)
+
+
+def default_runtime_dir() -> str:
+    # systemd sets RUNTIME_DIRECTORY for units with RuntimeDirectory= (/run/redeemd).
+    return os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or "/run/redeemd"
+
+
+def _api(api: dict, expand: Callable[[str], Path]) -> ApiConfig:
+    # Whether the socket's directory is usable is found out when the daemon binds it:
+    # a missing /run/redeemd disables the API with a log line, it does not stop the box.
+    socket = str(api["socket"]).replace("{runtime_dir}", default_runtime_dir())
+    return ApiConfig(
+        enabled=api["enabled"],  # type: ignore[arg-type]
+        socket=expand(socket),
+        group=api["group"],  # type: ignore[arg-type]
+        mode=api["mode"],  # type: ignore[arg-type]
+        confirm_within=api["confirm_within"],  # type: ignore[arg-type]
+    )
 
 
 def _root_keys(trust: dict, expand: Callable[[str], Path], problems: list[str]) -> dict[str, bytes]:
@@ -536,3 +600,18 @@ def _sync(sync: dict, expand: Callable[[str], Path], problems: list[str]) -> Syn
         status_every=sync["status_every"],  # type: ignore[arg-type]
         request_retry=sync["request_retry"],  # type: ignore[arg-type]
     )
+
+
+def _hooks(hooks: dict, problems: list[str]) -> HooksConfig:
+    command = str(hooks["on_verdict"] or "")
+    try:
+        argv = tuple(shlex.split(command))
+    except ValueError as exc:
+        problems.append(f"[hooks] on_verdict = {command!r}: must be a command line ({exc})")
+        argv = ()
+    if argv and shutil.which(argv[0]) is None:
+        problems.append(
+            f"[hooks] on_verdict = {command!r}: {argv[0]} is not an executable file "
+            "(give its absolute path, and make it executable)"
+        )
+    return HooksConfig(on_verdict=argv, timeout=hooks["timeout"])  # type: ignore[arg-type]

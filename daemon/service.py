@@ -15,12 +15,15 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 from cards.scan import Scan
 from cards.verdict import Verdict
-from daemon.config import Config, ScannerConfig
+from daemon.config import Config, ConfigError, ScannerConfig
 from daemon.engine import Engine, PaymentCode
+from daemon.hooks import VerdictHook
+from daemon.notify import Notifier
 from drivers.supervisor import Driver, Supervisor
 from storage.database import open_database
 from sync.worker import Sync
@@ -77,10 +80,23 @@ def make_driver(scanner: ScannerConfig) -> Driver:
 class Service:
     STATUS_EVERY = 2.0
 
-    def __init__(self, config: Config, out: TextIO = sys.stdout, as_json: bool = False):
+    def __init__(
+        self,
+        config: Config,
+        out: TextIO = sys.stdout,
+        as_json: bool = False,
+        load: Callable[[], Config] | None = None,
+    ):
         self.config = config
         self.out = out
         self.as_json = as_json
+        # How SIGHUP reads the configuration again (the CLI passes config.load with
+        # the same -c / $REDEEMD_CONFIG); without it, SIGHUP keeps what is running.
+        self.load = load
+        self.notify = Notifier()
+        self.hook: VerdictHook | None = None
+        self._reload_asked = threading.Event()
+        self._driver_changes = False
         self.scans: queue.Queue[Scan | None] = queue.Queue(maxsize=1000)
         self.stopping = threading.Event()
         self.supervisors: dict[str, Supervisor] = {}
@@ -91,20 +107,31 @@ class Service:
     def run(self) -> int:
         conn = open_database(self.config.box.database)
         engine = Engine(conn, self.config)
+        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload_asked.set())
+        self._start_drivers()
+        self._start_sync()
+        self._start_hook()
         log.info(
             "ready: box %s merchant %s store %s, cache seq %d, %s",
             self.config.box.id, self.config.box.merchant, self.config.box.store,
             engine.cache_seq, self.config.source,
         )  # fmt: skip
-        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
-        self._start_drivers()
-        self._start_sync()
+        self.notify.ready(self._summary(engine))
         last_status = 0.0
         try:
             while not self.stopping.is_set():
                 now = time.monotonic()
+                # The watchdog is fed from this loop only: if the engine hangs (a stuck
+                # disk, a bug), the pings stop and systemd restarts the service.
+                if self.notify.watchdog_due():
+                    self.notify.watchdog()
+                if self._reload_asked.is_set():
+                    self._reload_asked.clear()
+                    engine = self._reload(engine)
                 if now - last_status >= self.STATUS_EVERY:
                     self._write_status(engine)
+                    self.notify.status(self._summary(engine))
                     last_status = now
                 try:
                     scan = self.scans.get(timeout=0.5)
@@ -114,34 +141,157 @@ class Service:
                     if all(s.ended for s in self.supervisors.values()):
                         break
                     continue
-                result = engine.handle(scan)
-                if result is not None:
-                    self._show(result)
-                    self._feedback(scan.source, result)
-                elif scan.source in self._last_feedback:
-                    # A debounced repeat is the same read: answer it the same way, because
-                    # scanners in host-ACK mode wait for an answer to every read.
-                    self._feedback(scan.source, self._last_feedback[scan.source])
+                self._decide(engine, scan)
         except KeyboardInterrupt:
             pass
         finally:
+            self.notify.stopping()
             self._stop_drivers()
+            self._drain(engine)
             if self.sync is not None and not self.sync.stop(timeout=5.0):
                 log.warning("sync did not stop within 5 s")
+            if self.hook is not None and not self.hook.stop():
+                log.warning("the on_verdict hook did not stop in time")
             self._write_status(engine)
             conn.close()
+            self.notify.close()
         log.info("stopped")
         return 0
 
+    def _decide(self, engine: Engine, scan: Scan) -> None:
+        """One scan: decided and committed by the engine, then shown (durable before
+        shown), then the scanner's beep and the hook."""
+        result = engine.handle(scan)
+        if result is not None:
+            self._show(result)
+            self._feedback(scan.source, result)
+            if self.hook is not None and isinstance(result, Verdict):
+                self.hook.submit(result.to_json())
+        elif scan.source in self._last_feedback:
+            # A debounced repeat is the same read: answer it the same way, because
+            # scanners in host-ACK mode wait for an answer to every read.
+            self._feedback(scan.source, self._last_feedback[scan.source])
+
+    def _drain(self, engine: Engine, limit: float = 2.0) -> None:
+        """On the way out, decide the reads already queued (the drivers are stopped,
+        so no new ones come): a customer who scanned just before SIGTERM still gets a
+        verdict, and nothing read is dropped without a record. Bounded in time."""
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            try:
+                scan = self.scans.get_nowait()
+            except queue.Empty:
+                return
+            if scan is not None:
+                try:
+                    self._decide(engine, scan)
+                except Exception:  # stopping anyway; the scan was not accepted
+                    log.exception("could not decide a queued scan while stopping")
+                    return
+
+    def _summary(self, engine: Engine) -> str:
+        """The STATUS= line systemctl status shows."""
+        connected = [s for s in self.supervisors.values() if s.state.state == "connected"]
+        parts = [
+            f"cache seq {engine.cache_seq}",
+            f"scanners {len(connected)}/{len(self.supervisors)}",
+        ]
+        if self.sync is not None:
+            state = self.sync.state()
+            link = "online" if state.get("connected") else "offline"
+            parts.append(f"sync {link}, outbox {state.get('outbox_depth', '?')}")
+        if engine.alarm:
+            parts.append(f"ALARM {engine.alarm}")
+        return "; ".join(parts)
+
+    # ------------------------------------------------------------------ reload
+
+    def _reload(self, engine: Engine) -> Engine:
+        """SIGHUP: read the configuration again and apply what changed, keeping the
+        broker session and every queued scan. A bad file changes nothing."""
+        if self.load is None:
+            log.warning("reload asked, but this service has no configuration file to re-read")
+            return engine
+        self.notify.reloading()
+        try:
+            new = self.load()
+        except ConfigError as exc:
+            log.error("reload refused, still running the previous configuration: %s", exc)
+            self.notify.send(READY="1", STATUS="reload refused: " + self._summary(engine))
+            return engine
+        old = self.config
+        if new.box != old.box:
+            log.error(
+                "reload refused: [box] changed (id, merchant, store, database or time zone "
+                "take effect on restart: systemctl restart redeemd); still running the "
+                "previous configuration"
+            )
+            self.notify.send(READY="1", STATUS="reload refused: " + self._summary(engine))
+            return engine
+        self.config = new
+        changed = [
+            name
+            for name in ("trust", "scan", "sync", "hooks")
+            if getattr(new, name) != getattr(old, name)
+        ]
+        self._reload_drivers(old, new)
+        if new.sync != old.sync:
+            if self.sync is not None and not self.sync.stop(timeout=5.0):
+                log.warning("sync did not stop within 5 s")
+            self.sync = None
+            self._start_sync()
+        elif self.sync is not None and new.trust != old.trust:
+            self.sync.update_trust(new.trust.root_keys, new.trust.max_batch_bytes)
+        if new.hooks != old.hooks:
+            if self.hook is not None:
+                self.hook.stop()
+            self.hook = None
+            self._start_hook()
+        engine = Engine(engine.conn, new) if {"trust", "scan"} & set(changed) else engine
+        log.info(
+            "reloaded %s: %s", new.source, ", ".join(changed) if changed or self._driver_changes
+            else "nothing changed"
+        )  # fmt: skip
+        self.notify.send(READY="1", STATUS=self._summary(engine))
+        return engine
+
+    def _reload_drivers(self, old: Config, new: Config) -> None:
+        """Stop scanners that were removed or changed, start the new and changed ones;
+        the others keep running (a reload never interrupts an untouched scanner)."""
+        before = {s.name: s for s in old.scanners}
+        after = {s.name: s for s in new.scanners}
+        gone = [name for name, s in before.items() if after.get(name) != s]
+        added = [s for name, s in after.items() if before.get(name) != s]
+        for name in gone:
+            supervisor = self.supervisors.pop(name, None)
+            if supervisor is not None and not supervisor.stop(timeout=2.0):
+                log.warning("scanner %s did not stop within 2 s", name)
+        for scanner in added:
+            self._start_driver(scanner)
+        self._driver_changes = bool(gone or added)
+        if gone or added:
+            log.info(
+                "scanners: stopped %s; started %s",
+                ", ".join(gone) or "none", ", ".join(s.name for s in added) or "none",
+            )  # fmt: skip
+
     def _start_drivers(self) -> None:
         for scanner in self.config.scanners:
-            supervisor = Supervisor(make_driver(scanner), self.scans.put)
-            # The thread ends by putting None, so the loop notices an ended source.
-            supervisor.thread = threading.Thread(
-                target=self._drive, args=(supervisor,), name=f"scanner-{scanner.name}", daemon=True
-            )
-            self.supervisors[scanner.name] = supervisor
-            supervisor.start()
+            self._start_driver(scanner)
+
+    def _start_driver(self, scanner: ScannerConfig) -> None:
+        supervisor = Supervisor(make_driver(scanner), self.scans.put)
+        # The thread ends by putting None, so the loop notices an ended source.
+        supervisor.thread = threading.Thread(
+            target=self._drive, args=(supervisor,), name=f"scanner-{scanner.name}", daemon=True
+        )
+        self.supervisors[scanner.name] = supervisor
+        supervisor.start()
+
+    def _start_hook(self) -> None:
+        if self.config.hooks.on_verdict:
+            self.hook = VerdictHook(self.config.hooks.on_verdict, self.config.hooks.timeout)
+            self.hook.start()
 
     def _start_sync(self) -> None:
         """MQTT sync in its own thread, after the engine: offline is normal, so the
@@ -189,6 +339,7 @@ class Service:
             "alarm": engine.alarm,
             "drivers": [s.state.to_json() for s in self.supervisors.values()],
             "sync": self.sync.state() if self.sync is not None else {"enabled": False},
+            "hook": self.hook.state() if self.hook is not None else None,
         }
         tmp = self.status_path.with_suffix(".tmp")
         try:

@@ -99,6 +99,16 @@ class Sync:
         """For status.json and `redeemd status` (a copy, safe from any thread)."""
         return dict(self._state)
 
+    def update_trust(self, roots: dict[str, bytes], max_batch_bytes: int) -> None:
+        """New root keys after a reload, without dropping the broker session. The
+        intake reads them per message; replacing the attribute is atomic."""
+        self.roots = roots
+        self.max_batch_bytes = max_batch_bytes
+        intake = self.intake
+        if intake is not None:
+            intake.roots = roots
+            intake.max_batch_bytes = max_batch_bytes
+
     # ------------------------------------------------------------------ network thread side
 
     def _enqueue(self, event: Event) -> None:
