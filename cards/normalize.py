@@ -34,6 +34,13 @@ _ECI_CODECS = {3: "latin-1", 4: "iso8859-2", 20: "shift_jis", 26: "utf-8", 29: "
 _CONTROL = re.compile(r"[\x00-\x1c\x1e\x1f\x7f-\x9f]")
 
 
+# What a line framer hands on in place of a line longer than its limit: the line itself
+# is discarded (its tail must never become a code), but the cashier still sees that a
+# read was refused. CAN ("cancel") is a control character, so even a scanner that sent
+# these bytes itself gets `malformed`.
+OVERSIZED = b"\x18oversized"
+
+
 class MalformedCode(ValueError):
     """The bytes are not a code: the verdict is `rejected: malformed`."""
 
@@ -51,8 +58,11 @@ def normalize(raw: bytes, max_length: int = DEFAULT_MAX_LENGTH) -> Normalized:
     >>> normalize(b"]Q1HELLO-42\\r\\n").text
     'HELLO-42'
 
-    Raises MalformedCode for empty, over-long, undecodable or control-laden input.
+    Raises MalformedCode for empty, over-long, undecodable or control-laden input, and
+    for OVERSIZED (a line its driver discarded as too long).
     """
+    if raw == OVERSIZED:
+        raise MalformedCode("the read was longer than the scanner line limit and was discarded")
     if len(raw) > max_length * 4 + 64:
         raise MalformedCode(f"{len(raw)} bytes is longer than any code (limit {max_length})")
     data = raw.strip(_FRAMING)

@@ -1,15 +1,28 @@
 """Splitting a byte stream into scans: a pure function of bytes, tested without devices.
 
 Scanners end a read with CR, LF or CRLF; some wrap it in STX/ETX. A read may arrive in
-pieces or several at once, so the framer keeps what is left over between feeds. A
-line longer than the limit without a terminator is dropped (and reported), so a
-scanner stuck sending garbage cannot grow memory without bound.
+pieces or several at once, so the framer keeps what is left over between feeds.
+
+A line longer than `max_length` is discarded up to and including its terminator, so a
+scanner (or a pipe) sending garbage cannot grow memory without bound, and the tail of a
+runaway line is never taken for a code of its own. In its place the framer returns one
+`cards.normalize.OVERSIZED` frame, which normalisation rejects as `malformed`: the
+cashier sees that a read was refused. This is the same discard-until-terminator rule as
+`drivers.serial_framing`.
+
+    >>> framer = LineFramer(max_length=8)
+    >>> framer.feed(b"0123456789")
+    [b'\\x18oversized']
+    >>> framer.feed(b"DEMO\\nDEMO-1\\n")
+    [b'DEMO-1']
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+
+from cards.normalize import OVERSIZED
 
 _TERMINATORS = re.compile(rb"\r\n|\r|\n|\x03")
 
@@ -19,7 +32,9 @@ class LineFramer:
     max_length: int = 4096
     buffer: bytearray = field(default_factory=bytearray)
     overflowed: int = 0
-    """How many over-long frames were dropped since the last look."""
+    """How many over-long lines were discarded so far."""
+    skipping: bool = False
+    """True while discarding the rest of an over-long line, up to its terminator."""
 
     def feed(self, data: bytes) -> list[bytes]:
         """Add bytes; return every complete frame (without its terminator)."""
@@ -29,13 +44,21 @@ class LineFramer:
         for match in _TERMINATORS.finditer(self.buffer):
             frame = bytes(self.buffer[start : match.start()]).lstrip(b"\x02")
             start = match.end()
-            if len(frame) > self.max_length:
+            if self.skipping:
+                # The tail of a line already reported as OVERSIZED.
+                self.skipping = False
+            elif len(frame) > self.max_length:
                 self.overflowed += 1
+                frames.append(OVERSIZED)
             elif frame.strip():
                 frames.append(frame)
         del self.buffer[:start]
         if len(self.buffer) > self.max_length:
-            # No terminator in sight: discard and resynchronise on the next one.
-            self.overflowed += 1
+            # No terminator in sight: report the line now (a stuck scanner may never end
+            # it) and discard it up to the next terminator.
+            if not self.skipping:
+                self.overflowed += 1
+                frames.append(OVERSIZED)
+                self.skipping = True
             self.buffer.clear()
         return frames
