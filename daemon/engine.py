@@ -40,7 +40,8 @@ from cards.rules import (
 from cards.scan import Scan
 from cards.verdict import Action, Outcome, Reason, Verdict
 from daemon.config import Config
-from storage import codes, ledger, trust
+from storage import api_requests, codes, ledger, trust
+from storage.api_requests import RequestKey
 from storage.ledger import Redemption
 
 log = logging.getLogger("redeemd.engine")
@@ -76,6 +77,8 @@ class Engine:
         self._data_version = -1
         self._next_seq = ledger.last_seq(conn) + 1
         self._recorded = False
+        # The idempotency key of the API request being written, stored with its ledger row.
+        self._request: RequestKey | None = None
         self._digest = CodeDigester(config.trust.code_key)
         self._refresh()
 
@@ -141,8 +144,15 @@ class Engine:
         amount: int | None = None,
         uses: int = 1,
         operator: str | None = None,
+        request: RequestKey | None = None,
     ) -> Verdict | PaymentCode:
-        """Redeem explicitly (the POS app's confirmation of a two-phase check)."""
+        """Redeem explicitly (the POS app's confirmation of a two-phase check).
+
+        With `request`, its idempotency key is committed with the ledger row (see
+        `recorded_request`), so a retry can be answered without redeeming twice. The
+        caller looks the key up first: a key is stored once.
+        """
+        self._request = request
         try:
             norm = normalize(text.encode("utf-8"), self.config.scan.max_code_length)
         except MalformedCode as exc:
@@ -289,11 +299,19 @@ class Engine:
 
     # ------------------------------------------------------------------ reversal
 
-    def reverse(self, record_id: str, source: str, operator: str | None = None) -> Verdict:
+    def reverse(
+        self,
+        record_id: str,
+        source: str,
+        operator: str | None = None,
+        request: RequestKey | None = None,
+    ) -> Verdict:
         """Undo an accepted redemption within its card's reversal window."""
+        self._request = request
         try:
             rid = uuid.UUID(record_id).bytes
         except ValueError:
+            self._request = None
             return Verdict(
                 Outcome.REJECTED, Action.REJECT, Reason.MALFORMED, "not a record id", source=source
             )
@@ -359,6 +377,8 @@ class Engine:
             self._resync_seq()
             return Verdict(Outcome.REJECTED, Action.REJECT, Reason.STORAGE_ERROR, str(exc),
                            short(digest), source=scan.source)  # fmt: skip
+        finally:
+            self._request = None
         if self._recorded:
             self._next_seq += 1
             self.alarm = None
@@ -424,7 +444,14 @@ class Engine:
                 ),
             )
         self._recorded = True
-        return self._verdict(decision, digest, card, scan.source, record_id, seq, record.amount)
+        verdict = self._verdict(decision, digest, card, scan.source, record_id, seq, record.amount)
+        if self._request is not None:
+            api_requests.record(self.conn, self._request, seq, verdict.to_json())
+        return verdict
+
+    def recorded_request(self, key: str) -> api_requests.Recorded | None:
+        """The request committed under an idempotency key, with the verdict it got."""
+        return api_requests.lookup(self.conn, key)
 
     def _verdict(
         self,

@@ -20,6 +20,8 @@ from typing import TextIO
 
 from cards.scan import Scan
 from cards.verdict import Verdict
+from daemon.api import ApiCall, ApiServer, ApiUnavailable, Error, error
+from daemon.api_commands import Commands
 from daemon.config import Config, ConfigError, ScannerConfig
 from daemon.engine import Engine, PaymentCode
 from daemon.hooks import VerdictHook
@@ -97,7 +99,12 @@ class Service:
         self.hook: VerdictHook | None = None
         self._reload_asked = threading.Event()
         self._driver_changes = False
-        self.scans: queue.Queue[Scan | None] = queue.Queue(maxsize=1000)
+        # Local API requests wait in the same queue as scans: the engine serves both,
+        # in order, on this thread (the only writer).
+        self.scans: queue.Queue[Scan | ApiCall | None] = queue.Queue(maxsize=1000)
+        self.api: ApiServer | None = None
+        self.commands: Commands | None = None
+        self._api_closed = threading.Event()
         self.stopping = threading.Event()
         self.supervisors: dict[str, Supervisor] = {}
         self._last_feedback: dict[str, Verdict] = {}
@@ -109,6 +116,7 @@ class Service:
         engine = Engine(conn, self.config)
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         signal.signal(signal.SIGHUP, lambda *_: self._reload_asked.set())
+        self._start_api(engine)
         self._start_drivers()
         self._start_sync()
         self._start_hook()
@@ -148,6 +156,7 @@ class Service:
             self.notify.stopping()
             self._stop_drivers()
             self._drain(engine)
+            self._stop_api()
             if self.sync is not None and not self.sync.stop(timeout=5.0):
                 log.warning("sync did not stop within 5 s")
             if self.hook is not None and not self.hook.stop():
@@ -161,9 +170,14 @@ class Service:
     def _decide(self, engine: Engine, scan: Scan) -> None:
         """One scan: decided and committed by the engine, then shown (durable before
         shown), then the scanner's beep and the hook."""
+        if isinstance(scan, ApiCall):
+            self._answer(engine, scan)
+            return
         result = engine.handle(scan)
         if result is not None:
             self._show(result)
+            if self.commands is not None:
+                self.commands.scanned(scan, result)
             self._feedback(scan.source, result)
             if self.hook is not None and isinstance(result, Verdict):
                 self.hook.submit(result.to_json())
@@ -306,6 +320,83 @@ class Service:
         )  # fmt: skip
         self.sync.start()
 
+    # ------------------------------------------------------------------ local API
+
+    API_WAIT = 10.0
+
+    def _start_api(self, engine: Engine) -> None:
+        """The POS application's socket, after the engine is open. A socket that cannot
+        be created is one log line: the box keeps scanning without the API."""
+        config = self.config.api
+        if not config.enabled:
+            return
+        server = ApiServer(config.socket, self._submit, mode=config.mode, group=config.group)
+        try:
+            server.start()
+        except ApiUnavailable as exc:
+            log.warning("%s", exc)
+            return
+        self.api = server
+        self.commands = Commands(
+            engine, server.publish, status=self._api_status, shown=self._shown_api,
+            confirm_within=config.confirm_within,
+        )  # fmt: skip
+        log.info("local API on %s", config.socket)
+
+    def _submit(self, request: dict) -> dict:
+        """Called on the API's request thread; the engine answers on this service's
+        thread between two scans. Bounded: the API never waits on a stuck engine."""
+        call = ApiCall(request)
+        try:
+            self.scans.put(call, timeout=self.API_WAIT)
+        except queue.Full:
+            return error(Error.BUSY, "redeemd is busy with scans; retry with the same key")
+        response = call.wait(self.API_WAIT, self._api_closed)
+        if response is not None:
+            return response
+        if self._api_closed.is_set():
+            return error(Error.SHUTTING_DOWN, "redeemd is stopping; retry after it restarts")
+        return error(Error.TIMEOUT, "the engine did not answer in time; retry with the same key")
+
+    def _answer(self, engine: Engine, call: ApiCall) -> None:
+        if self.commands is None:  # never queued without a server
+            call.answer(error(Error.SHUTTING_DOWN, "the local API is not running"))
+            return
+        self.commands.engine = engine  # a reload may have built a new one
+        try:
+            response = self.commands(call.request)
+        except Exception:  # a bug in one request must not stop the box
+            log.exception("api: %s request failed", call.request.get("cmd"))
+            response = error(Error.INTERNAL_ERROR, "the request failed; see the log")
+        call.answer(response)
+
+    def _shown_api(self, result: Verdict | PaymentCode) -> None:
+        self._show(result)
+        if self.hook is not None and isinstance(result, Verdict):
+            self.hook.submit(result.to_json())
+
+    def _api_state(self) -> dict[str, object]:
+        if self.api is None:
+            return {"enabled": self.config.api.enabled, "serving": False}
+        return {
+            "enabled": True, "serving": True, "socket": str(self.api.path),
+            "clients": self.api.clients, "subscribers": self.api.subscribers,
+        }  # fmt: skip
+
+    def _api_status(self) -> dict[str, object]:
+        return {
+            "drivers": [s.state.to_json() for s in list(self.supervisors.values())],
+            "sync": self.sync.state() if self.sync is not None else {"enabled": False},
+            "api": self._api_state(),
+        }
+
+    def _stop_api(self) -> None:
+        # After the drain: requests queued before the stop were answered there; later
+        # ones are told redeemd is stopping.
+        self._api_closed.set()
+        if self.api is not None and not self.api.stop(timeout=2.0):
+            log.warning("the local API did not stop within 2 s")
+
     def _drive(self, supervisor: Supervisor) -> None:
         try:
             supervisor._loop()
@@ -340,6 +431,7 @@ class Service:
             "drivers": [s.state.to_json() for s in self.supervisors.values()],
             "sync": self.sync.state() if self.sync is not None else {"enabled": False},
             "hook": self.hook.state() if self.hook is not None else None,
+            "api": self._api_state(),
         }
         tmp = self.status_path.with_suffix(".tmp")
         try:

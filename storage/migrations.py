@@ -104,3 +104,22 @@ def m002_outbox_trigger(db: Database) -> None:
         "CREATE TRIGGER ledger_to_outbox AFTER INSERT ON ledger "
         "BEGIN INSERT INTO outbox(seq) VALUES (new.seq); END"
     )
+
+
+@migrations()
+def m003_api_requests(db: Database) -> None:
+    # Idempotency keys of local API requests that wrote a ledger row. The key is
+    # inserted in the transaction of that row, so a crash leaves both or neither: a
+    # retried `redeem` finds its key and gets the original verdict back instead of
+    # redeeming twice. `fingerprint` (keyed, no plaintext code) tells a retry from a
+    # different request that reused the key. Local only: it never syncs.
+    db.execute(
+        """
+        CREATE TABLE api_requests (
+            key TEXT PRIMARY KEY,
+            fingerprint TEXT NOT NULL,
+            seq INTEGER NOT NULL UNIQUE REFERENCES ledger(seq),
+            verdict TEXT NOT NULL
+        ) WITHOUT ROWID
+        """
+    )
