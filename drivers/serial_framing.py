@@ -24,7 +24,9 @@ bytes before it are discarded rather than glued to the next code.
 
 Frames longer than `max_length` are dropped and counted in `dropped`; after a drop the
 framer discards everything up to the next terminator, STX or idle gap, so the tail of a
-runaway line is never taken for a code and memory stays bounded by `max_length`.
+runaway line is never taken for a code and memory stays bounded by `max_length`. Each
+drop yields one `cards.normalize.OVERSIZED` frame in its place, which normalisation
+rejects as `malformed`: the cashier sees the read was refused, as with the stdin framer.
 Anything else, NUL bytes and invalid UTF-8 included, is passed on as bytes:
 `cards.normalize` decides whether it is a code (and rejects it as `malformed` if not).
 """
@@ -33,6 +35,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+
+from cards.normalize import OVERSIZED
 
 STX = 0x02
 ETX = 0x03
@@ -105,7 +109,7 @@ class SerialFramer:
             self._finish(piece, frames)
         del self._buffer[:start]
         if len(self._buffer) > self.max_length + len(self.prefix) + len(self.suffix):
-            self._overflow()
+            self._overflow(frames)
         return frames
 
     def idle(self) -> list[bytes]:
@@ -138,11 +142,13 @@ class SerialFramer:
             piece = piece[: -len(self.suffix)]
         if len(piece) > self.max_length:
             self.dropped += 1
+            frames.append(OVERSIZED)
         elif piece.strip(b" \t\r\n"):
             frames.append(piece)
 
-    def _overflow(self) -> None:
+    def _overflow(self, frames: list[bytes]) -> None:
         if not self._skipping:
             self.dropped += 1
             self._skipping = True
+            frames.append(OVERSIZED)
         self._buffer.clear()

@@ -28,7 +28,7 @@ from conftest import ROOT, write_box
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cards.normalize import MalformedCode, normalize
+from cards.normalize import OVERSIZED, MalformedCode, normalize
 from cards.scan import Scan
 from drivers.feedback import (
     SSI_ACK_REPLY,
@@ -202,17 +202,23 @@ def test_idle_keeps_a_partial_frame_when_a_terminator_is_configured():
 
 def test_over_long_line_without_terminator_is_dropped_with_its_tail():
     framer = SerialFramer(max_length=64)
-    for _ in range(100):
-        assert framer.feed(b"9" * 1000) == []
-        assert framer.pending <= 64
+    # One OVERSIZED marker for the whole runaway line: the cashier sees one refusal.
+    frames = [f for _ in range(100) for f in framer.feed(b"9" * 1000)]
+    assert frames == [OVERSIZED]
+    assert framer.pending <= 64
     assert framer.feed(b"999\rDEMO-0001\r") == [b"DEMO-0001"]
     assert framer.dropped == 1
 
 
 def test_over_long_terminated_frame_is_dropped_and_counted():
     framer = SerialFramer(max_length=8)
-    assert framer.feed(b"123456789\r12345678\r") == [b"12345678"]
+    assert framer.feed(b"123456789\r12345678\r") == [OVERSIZED, b"12345678"]
     assert framer.dropped == 1
+
+
+def test_the_oversized_marker_is_a_malformed_read():
+    with pytest.raises(MalformedCode):
+        normalize(OVERSIZED)
 
 
 def test_garbage_nul_and_invalid_utf8_pass_as_bytes_the_engine_refuses():
@@ -267,6 +273,8 @@ def test_framer_property_any_bytes_any_split(terminator, data, cuts, max_length,
             assert framer.pending <= bound
         frames += framer.idle()
         for frame in frames:
+            if frame == OVERSIZED:
+                continue  # what an over-long frame became
             assert len(frame) <= max_length
             assert not any(byte in forbidden for byte in frame), frame
             if terminator == "crlf":
@@ -403,6 +411,7 @@ def test_megabyte_without_terminator_is_dropped_and_the_next_code_still_reads(pt
     with running(pty.path) as scanner:
         pty.send(b"7" * (1 << 20))
         pty.send(b"\rDEMO-0001\r")
+        assert scanner.next_code() == OVERSIZED  # one refusal the cashier sees
         assert scanner.next_code() == b"DEMO-0001"
         assert "over-long" in scanner.state.message
         assert scanner.state.state == "connected"
