@@ -10,6 +10,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,6 +177,20 @@ def loaded_box(box: Box) -> Box:
     finally:
         conn.close()
     return box
+
+
+def wait_for(
+    condition: Callable[[], object], what: str, timeout: float = 120.0, every: float = 0.05
+) -> object:
+    """Poll `condition` until it returns something truthy and return that; fail naming
+    `what` after `timeout` (generous: reaching it means something hangs, not slowness)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def read_json_lines(text: bytes | str) -> list[dict]:

@@ -19,13 +19,12 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 from broker import broker  # noqa: F401  (fixture)
-from conftest import CREATED, FAR, ROOT, Box, make_keyset, write_box
+from conftest import CREATED, FAR, ROOT, Box, make_keyset, wait_for, write_box
 
 from cards import batch, manifest
 from cards.batch import Kind
@@ -39,16 +38,6 @@ P = "redeemd/v1/demo"
 BOX = f"{P}/box/box-1"
 WAIT = 60.0
 BOX_CODES = {**{f"DEMO-{i:04d}": 1 for i in range(1, 11)}, "GIFT-0001": 5}
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout: float = WAIT) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Backend:

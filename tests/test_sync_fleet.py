@@ -27,21 +27,11 @@ from pathlib import Path
 import pytest
 from backend_helpers import CliProcess, make_backend
 from broker import broker  # noqa: F401  (fixture)
-from conftest import ROOT
+from conftest import ROOT, wait_for
 from tcp_proxy import TcpProxy
 
 WAIT = 120.0
 CODES = 1200
-
-
-def wait_for(condition, what: str, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def backend_cli(*args: str) -> subprocess.CompletedProcess:

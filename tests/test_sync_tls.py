@@ -16,13 +16,12 @@ import shutil
 import ssl
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 from broker import broker  # noqa: F401  (fixture)
-from conftest import CREATED, write_box
+from conftest import CREATED, wait_for, write_box
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -35,16 +34,6 @@ from sync.worker import Sync
 
 WAIT = 60.0
 PASSWORD = "correct horse battery staple"
-
-
-def wait_for(condition, what: str, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Authority:
