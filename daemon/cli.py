@@ -110,6 +110,14 @@ def _parser() -> argparse.ArgumentParser:
                 "Show cache, trust and outbox state, and each scanner's driver state "
                 "(connected, disconnected, error ...).", "redeemd status --json")  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = command("doctor", cmd_doctor,
+                "Check config, database, clock, scanner permissions, broker, disk and cache "
+                "freshness; one line per problem with the fix (exit 1 if any).",
+                "sudo redeemd doctor --user redeemd")  # fmt: skip
+    p.add_argument("--user", help="judge device and file access for this user (default: "
+                   "redeemd when run as root and it exists, else you)")  # fmt: skip
+    p.add_argument("--min-free", type=int, default=100, metavar="MB",
+                   help="free space wanted on the state directory's disk (default 100)")  # fmt: skip
     return parser
 
 
@@ -222,6 +230,21 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         writer.writeheader()
         writer.writerows(rows)
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from daemon import doctor
+
+    try:
+        account = doctor.Account.named(args.user) if args.user else None
+    except KeyError:
+        raise CommandError(f"--user {args.user}: no such user") from None
+    findings = doctor.check(args.config, account=account, min_free=args.min_free << 20)
+    for finding in findings:
+        print(finding.line())
+    problems = sum(not f.ok for f in findings)
+    print(f"{problems} problem(s)" if problems else "all checks ok")
+    return 1 if problems else 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:

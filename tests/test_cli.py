@@ -146,7 +146,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> list[str]:
         (
             "daemon.cli",
             daemon_cli._parser,
-            {"run", "check-config", "import", "check", "ledger", "status"},
+            {"run", "check-config", "import", "check", "ledger", "status", "doctor"},
         ),
         (
             "backend.cli",

@@ -82,7 +82,7 @@ def test_installed_redeemd_runs_from_its_own_virtual_environment(installed, tmp_
         cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "status" in result.stdout
+    assert "doctor" in result.stdout and "status" in result.stdout
     where = subprocess.run(
         [str(venv / "bin/python"), "-c", "import daemon.cli; print(daemon.cli.__file__)"],
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
