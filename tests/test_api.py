@@ -377,3 +377,16 @@ def test_publish_never_blocks_even_without_a_server(tmp_path):
     server = ApiServer(tmp_path / "api.sock", lambda r: r)
     server.publish({"event": "verdict"})  # not started: dropped, no error
     assert os.listdir(tmp_path) == []
+
+
+def test_every_command_and_error_code_is_documented(engine):
+    from conftest import ROOT
+
+    from daemon.api_commands import Commands
+
+    text = (ROOT / "docs" / "local-api.md").read_text()
+    for code in api.Error:
+        assert f"| `{code.value}` |" in text, f"docs/local-api.md does not explain {code.value}"
+    for cmd in ["subscribe", *Commands(engine, lambda e: None)._handlers]:
+        assert f"### `{cmd}`" in text, f"docs/local-api.md does not describe {cmd}"
+    assert "examples/pos_client.py" in text
