@@ -173,3 +173,21 @@ def test_example_pos_client_confirms_a_checked_card_against_the_real_daemon(daem
     assert conn.execute(
         "SELECT amount, operator FROM ledger WHERE action = 'redeem' AND card_id = 5"
     ).fetchall() == [(1250, "till-2")]
+
+
+def test_redeem_retried_after_kill_9_and_restart_is_answered_not_redeemed_again(daemon_box):
+    box, socket = daemon_box
+    request = {"cmd": "redeem", "code": "GIFT-0001", "amount": 900, "key": str(uuid.uuid4())}
+    daemon = Daemon(box)
+    first = daemon.connect(socket).request(request)
+    assert first["verdict"]["verdict"] == "accepted"
+    daemon.proc.kill()  # the answer was lost, as far as the POS application knows
+    daemon.proc.communicate(timeout=WAIT)
+
+    restarted = Daemon(box)  # the socket file left behind is replaced
+    again = restarted.connect(socket).request(request)
+    assert again["replayed"] is True and again["verdict"] == first["verdict"]
+    code, _, stderr = restarted.finish()
+    assert code == 0, stderr
+    conn = sqlite3.connect(box.database)
+    assert conn.execute("SELECT COUNT(*), MIN(balance) FROM ledger").fetchone() == (1, 4100)

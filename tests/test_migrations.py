@@ -10,7 +10,10 @@ from sqlite_utils import Database
 from storage.database import StorageError, connect, open_database
 from storage.migrations import migrations
 
-TABLES = {"codes", "cards", "issuer_keys", "trust", "batches", "ledger", "outbox", "consumed_seen"}
+TABLES = {
+    "codes", "cards", "issuer_keys", "trust", "batches", "ledger", "outbox", "consumed_seen",
+    "api_requests",
+}  # fmt: skip
 
 
 def registered() -> list[str]:
