@@ -33,6 +33,12 @@ _ECI_CODECS = {3: "latin-1", 4: "iso8859-2", 20: "shift_jis", 26: "utf-8", 29: "
 # Printable text plus GS; everything else below 0x20, DEL and the C1 block are refused.
 _CONTROL = re.compile(r"[\x00-\x1c\x1e\x1f\x7f-\x9f]")
 
+# Most reads are plain printable ASCII: no AIM identifier (`]`), no ECI escape (`\`)
+# in front, no GS, no framing or space at either end. For them every step of
+# normalize_full is the identity, so the text is the bytes decoded, and the scan path
+# skips the rest.
+_PLAIN = re.compile(rb"[!-\[^-~](?:[ -~]*[!-~])?")
+
 
 # What a line framer hands on in place of a line longer than its limit: the line itself
 # is discarded (its tail must never become a code), but the cashier still sees that a
@@ -61,6 +67,26 @@ def normalize(raw: bytes, max_length: int = DEFAULT_MAX_LENGTH) -> Normalized:
     Raises MalformedCode for empty, over-long, undecodable or control-laden input, and
     for OVERSIZED (a line its driver discarded as too long).
     """
+    if len(raw) <= max_length and _PLAIN.fullmatch(raw):
+        return Normalized(raw.decode("ascii"))
+    return normalize_full(raw, max_length)
+
+
+def normalize_text(raw: bytes, max_length: int = DEFAULT_MAX_LENGTH) -> str:
+    """`normalize(raw, max_length).text`, without building a Normalized for a plain code:
+    the engine's scan path needs only the text.
+
+    >>> normalize_text(b"HELLO-42")
+    'HELLO-42'
+    """
+    if len(raw) <= max_length and _PLAIN.fullmatch(raw):
+        return raw.decode("ascii")
+    return normalize_full(raw, max_length).text
+
+
+def normalize_full(raw: bytes, max_length: int = DEFAULT_MAX_LENGTH) -> Normalized:
+    """`normalize` without its shortcut for plain ASCII codes: every step, for every
+    input. The tests prove that the shortcut gives exactly what this gives."""
     if raw == OVERSIZED:
         raise MalformedCode("the read was longer than the scanner line limit and was discarded")
     if len(raw) > max_length * 4 + 64:

@@ -20,7 +20,14 @@ from hypothesis import strategies as st
 
 from cards import batch, keys, signed_code
 from cards.batch import BatchError, ChunkAssembler, CodeStatus, Kind
-from cards.normalize import GS, MalformedCode, Normalized, normalize
+from cards.normalize import (
+    GS,
+    MalformedCode,
+    Normalized,
+    normalize,
+    normalize_full,
+    normalize_text,
+)
 
 KEYSET = make_keyset()
 ENTRIES = batch.encode_issue(
@@ -111,6 +118,50 @@ def test_normalize_is_idempotent_on_its_own_output(text):
     except MalformedCode:
         return
     assert normalize(first.text.encode()).text == first.text
+
+
+def _outcome(call, raw: bytes, max_length: int) -> object:
+    try:
+        return call(raw, max_length)
+    except MalformedCode as exc:
+        return ("malformed", str(exc))
+
+
+def _check_shortcut(raw: bytes, max_length: int) -> None:
+    """normalize and normalize_text (plain-code shortcut) agree with normalize_full,
+    down to the symbology, the GS1 elements and the malformed message."""
+    full = _outcome(normalize_full, raw, max_length)
+    assert _outcome(normalize, raw, max_length) == full
+    text = _outcome(normalize_text, raw, max_length)
+    assert text == (full.text if isinstance(full, Normalized) else full)
+
+
+# Mostly printable ASCII, so that many examples take normalize's plain-code shortcut,
+# with the bytes at its edges: `]`, `\`, space, framing, GS, DEL, non-ASCII.
+mostly_plain = st.lists(
+    st.sampled_from([b"]", b"\\", b" ", b"\t", b"\r\n", b"\x00", b"\x1d", b"\x7f", b"\xc3\xa9"])
+    | st.sampled_from([b"\\000026", b"]Q1", b"]C1", b"0950110153000", b"DEMO-0001"])
+    | st.binary(min_size=1, max_size=4).filter(lambda b: all(0x20 <= c < 0x7F for c in b)),
+    max_size=12,
+).map(b"".join)
+
+
+@PROPERTY
+@given(raw=mostly_plain, max_length=st.sampled_from([1, 4, 16, 512]))
+@example(raw=b"A", max_length=1)
+@example(raw=b"AB", max_length=1)
+@example(raw=b"A B", max_length=16)
+@example(raw=b"A ", max_length=16)
+@example(raw=b"]", max_length=16)
+@example(raw=b"\\000026A", max_length=16)
+def test_plain_code_shortcut_gives_what_the_full_path_gives(raw, max_length):
+    _check_shortcut(raw, max_length)
+
+
+@PROPERTY
+@given(raw=st.binary(max_size=40), max_length=st.sampled_from([8, 512]))
+def test_plain_code_shortcut_gives_what_the_full_path_gives_for_any_bytes(raw, max_length):
+    _check_shortcut(raw, max_length)
 
 
 def _only_batch_error(call, data: bytes) -> None:
