@@ -255,6 +255,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     newest = trust.newest_batch_time(conn, merchant)
     now = time.time()
     oldest = outbox.oldest_ms(conn)
+    floor = state.time_floor
     info = {
         "box": config.box.id,
         "merchant": merchant,
@@ -266,43 +267,81 @@ def cmd_status(args: argparse.Namespace) -> int:
         "stale": newest is None or now - newest > config.trust.max_staleness,
         "codes": codes.count(conn),
         "cards": len(trust.cards(conn)),
-        "time_floor": state.time_floor,
-        "clock_behind_floor": now < state.time_floor,
+        "time_floor": floor,
+        "clock": int(now),
+        # Positive: the clock is past the newest signed time, as it should be.
+        "clock_minus_floor_s": int(now - floor) if floor else None,
+        "clock_behind_floor": now < floor,
         "ledger_seq": ledger.last_seq(conn),
         "outbox_depth": outbox.depth(conn),
         "outbox_oldest_age_s": None if oldest is None else int(now - oldest[0] / 1000),
+        "broker": config.sync.broker if config.sync.enabled else None,
     }
-    info.update(_live_status(config))
+    conn.close()
+    live = _live_status(config)
+    info.update(live)
+    info["broker_connected"] = (
+        (live["sync"] or {}).get("connected") if config.sync.enabled else None
+    )
+    info["last_errors"] = _last_errors(live)
     if args.json:
         print(json.dumps(info, indent=2))
-    else:
-        drivers = info.pop("drivers")
-        sync = info.pop("sync") or {}
-        for key, value in info.items():
-            print(f"{key:>20}: {value}")
-        for key, value in sync.items():
-            print(f"{'sync ' + key:>20}: {value}")
-        for d in drivers:
-            seen = (
-                "never"
-                if d.get("last_scan") is None
-                else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["last_scan"]))
-            )
-            message = f" ({d['message']})" if d.get("message") else ""
-            print(
-                f"{'scanner ' + d['name']:>20}: {d['kind']} {d['state']}{message}, "
-                f"{d['scans']} scans, last {seen}, {d['restarts']} restarts"
-            )
+        return 0
+    drivers = info.pop("drivers")
+    sync = info.pop("sync") or {}
+    errors = info.pop("last_errors")
+    for key in ("hook", "api"):
+        info.pop(key, None)
+    for key, value in info.items():
+        if key in ("time_floor", "clock") and value:
+            value = f"{value} ({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(value))})"
+        print(f"{key:>20}: {value}")
+    for key, value in sync.items():
+        print(f"{'sync ' + key:>20}: {value}")
+    for d in drivers:
+        seen = (
+            "never"
+            if d.get("last_scan") is None
+            else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["last_scan"]))
+        )
+        message = f" ({d['message']})" if d.get("message") else ""
+        print(
+            f"{'scanner ' + d['name']:>20}: {d['kind']} {d['state']}{message}, "
+            f"{d['scans']} scans, last {seen}, {d['restarts']} restarts"
+        )
+    for error in errors or ["none"]:
+        print(f"{'last error':>20}: {error}")
     return 0
 
 
+def _last_errors(live: dict) -> list[str]:
+    """What went wrong most recently, one line per part (engine, sync, each scanner)."""
+    errors = []
+    if live.get("alarm"):
+        errors.append(f"engine: {live['alarm']}")
+    sync = live.get("sync") or {}
+    for key in ("last_error", "publish_error", "last_refused"):
+        if sync.get(key):
+            errors.append(f"sync {key}: {sync[key]}")
+    for d in live.get("drivers") or []:
+        if d.get("message") and d.get("state") not in ("connected", "stopped"):
+            errors.append(f"scanner {d.get('name')}: {d.get('state')}: {d['message']}")
+    hook = live.get("hook")
+    if isinstance(hook, dict) and hook.get("last_error"):
+        errors.append(f"hook: {hook['last_error']}")
+    return errors
+
+
 def _live_status(config: Config) -> dict[str, object]:
-    """What the running daemon last wrote: scanner states and alarms."""
+    """What the running daemon last wrote: scanner states, sync and alarms."""
     path = config.box.state_dir / "status.json"
     try:
         live = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {"daemon": "not running (no status.json)", "drivers": [], "sync": None}
+        return {
+            "daemon": "not running (no status.json)", "status_age_s": None, "alarm": None,
+            "drivers": [], "sync": None, "hook": None, "api": None,
+        }  # fmt: skip
     age = time.time() - float(live.get("updated_at", 0))
     running = age < 10
     try:
@@ -311,9 +350,12 @@ def _live_status(config: Config) -> dict[str, object]:
         running = False
     return {
         "daemon": f"running, pid {live.get('pid')}" if running else "not running",
+        "status_age_s": int(age),
         "alarm": live.get("alarm"),
         "drivers": live.get("drivers", []),
         "sync": live.get("sync") if running else None,
+        "hook": live.get("hook") if running else None,
+        "api": live.get("api") if running else None,
     }
 
 
@@ -322,8 +364,13 @@ def _read_only(config: Config):
         raise CommandError(
             f"no database at {config.box.database} yet; run `redeemd import` or `redeemd run` first"
         )
+    from daemon.doctor import give_back
+
     open_database(config.box.database).close()  # migrate if this release is newer
-    return connect(config.box.database, readonly=True)
+    conn = connect(config.box.database, readonly=True)
+    conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # makes -wal and -shm ...
+    give_back(config.box.database)  # ... which stay the daemon's when root runs this
+    return conn
 
 
 if __name__ == "__main__":
