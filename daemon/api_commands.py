@@ -6,8 +6,9 @@ contract; this module validates fields, calls `Engine.check` / `redeem` / `rever
 `handle`, and builds the responses and events.
 
 Events are published only after the engine returned, that is after its COMMIT
-(durable before shown). No event or response carries a plaintext code: a verdict shows
-its digest prefix, and a `payment` event names the wallet scheme and the scanner only.
+(durable before shown). No verdict event or response carries a plaintext code: a
+verdict shows its digest prefix. A `payment` event carries the wallet payment code,
+because the POS application must charge it; it is never stored or synced.
 
 Two-phase cards: a scan that only checks (action `check`) is published as a `checked`
 event whose `check_id` the POS application confirms with `redeem`. The code behind a
@@ -217,7 +218,11 @@ class Commands:
 
     def _event(self, code: bytes | None, result: Result) -> dict:
         if isinstance(result, PaymentCode):
-            return result.to_json()
+            # The one place a code travels in the clear: the POS application must hand
+            # a wallet payment code to its payment provider to charge it. It goes only
+            # to subscribers of this socket (mode 0660, the [api] group), never to the
+            # ledger, the outbox, status, logs or stdout (PaymentCode.to_json has no code).
+            return {**result.to_json(), "code": result.code}
         event: dict = {"event": "verdict", **result.to_json()}
         if (
             result.accepted
