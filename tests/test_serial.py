@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import select
 import signal
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import pytest
 from conftest import ROOT, write_box
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ptys import Pty
 
 from cards.normalize import OVERSIZED, MalformedCode, normalize
 from cards.scan import Scan
@@ -50,50 +50,6 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = WAIT) ->
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
-
-
-class Pty:
-    """One pseudo-terminal pair; `path` is the slave the driver opens."""
-
-    def __init__(self) -> None:
-        self.master, self._slave = os.openpty()
-        self.path = os.ttyname(self._slave)
-        self.received = bytearray()
-
-    def send(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.master, view) :]
-
-    def read_until(self, expected: bytes, timeout: float = WAIT) -> bytes:
-        """What the driver wrote, once it contains `expected`."""
-        deadline = time.monotonic() + timeout
-        while expected not in self.received:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"{expected!r} never arrived; got {bytes(self.received)!r}")
-            ready, _, _ = select.select([self.master], [], [], left)
-            if ready:
-                self.received += os.read(self.master, 4096)
-        return bytes(self.received)
-
-    def line_settings(self) -> list:
-        """The slave's termios settings, as the driver left them on the port."""
-        return termios.tcgetattr(self._slave)
-
-    def set_line(self, speed: int, cflag_on: int) -> None:
-        """Put the port in another state first, so what the driver sets is visible."""
-        iflag, oflag, cflag, lflag, _, _, cc = termios.tcgetattr(self._slave)
-        termios.tcsetattr(
-            self._slave, termios.TCSANOW, [iflag, oflag, cflag | cflag_on, lflag, speed, speed, cc]
-        )
-
-    def unplug(self) -> None:
-        # Once only: a closed descriptor number may already belong to someone else.
-        if self.master >= 0:
-            os.close(self.master)
-            os.close(self._slave)
-            self.master = self._slave = -1
 
 
 @pytest.fixture
