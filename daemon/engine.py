@@ -21,13 +21,11 @@ from datetime import datetime
 from typing import TypeVar
 from zoneinfo import ZoneInfo
 
-import uuid6
-
 from cards import signed_code
 from cards.card import Card
 from cards.classify import payment_scheme
 from cards.digest import CodeDigester, short
-from cards.normalize import MalformedCode, normalize
+from cards.normalize import MalformedCode, normalize, normalize_text
 from cards.rules import (
     UNLIMITED_USES,
     Context,
@@ -42,7 +40,6 @@ from cards.verdict import Action, Outcome, Reason, Verdict
 from daemon.config import Config
 from storage import api_requests, codes, ledger, trust
 from storage.api_requests import RequestKey
-from storage.ledger import Redemption
 
 log = logging.getLogger("redeemd.engine")
 R = TypeVar("R")
@@ -80,6 +77,13 @@ class Engine:
         # The idempotency key of the API request being written, stored with its ledger row.
         self._request: RequestKey | None = None
         self._digest = CodeDigester(config.trust.code_key)
+        # Read on every scan; the config is frozen and a reload makes a new Engine.
+        self._box_id, self._merchant, self._store = (
+            config.box.id, config.box.merchant, config.box.store,
+        )  # fmt: skip
+        self._max_length = config.scan.max_code_length
+        self._window = config.scan.debounce
+        self._reject_stale = config.trust.stale_policy == "reject"
         self._refresh()
 
     # ------------------------------------------------------------------ state
@@ -109,7 +113,7 @@ class Engine:
     def handle(self, scan: Scan) -> Verdict | PaymentCode | None:
         """Decide and record one scan. None means a debounced repeat of the last read."""
         try:
-            norm = normalize(scan.code, self.config.scan.max_code_length)
+            text = normalize_text(scan.code, self._max_length)
         except MalformedCode as exc:
             key = hashlib.sha256(scan.code).digest()[:16]
             if self._debounced(scan.source, key):
@@ -118,17 +122,17 @@ class Engine:
             return self._write(
                 lambda: self._record_reject(Reason.MALFORMED, detail, None, None, scan), scan, None
             )
-        digest = self._digest(norm.text)
+        digest = self._digest(text)
         if self._debounced(scan.source, digest):
             return None
         return self._write(
-            lambda: self._evaluate(norm.text, digest, scan, action=None, record=True), scan, digest
+            lambda: self._evaluate(text, digest, scan, action=None, record=True), scan, digest
         )
 
     def check(self, text: str, source: str = "cli") -> Verdict | PaymentCode:
         """Verdict for a code without recording or redeeming anything."""
         try:
-            norm = normalize(text.encode("utf-8"), self.config.scan.max_code_length)
+            norm = normalize(text.encode("utf-8"), self._max_length)
         except MalformedCode as exc:
             return Verdict(
                 Outcome.REJECTED, Action.REJECT, Reason.MALFORMED, str(exc), source=source
@@ -154,7 +158,7 @@ class Engine:
         """
         self._request = request
         try:
-            norm = normalize(text.encode("utf-8"), self.config.scan.max_code_length)
+            norm = normalize(text.encode("utf-8"), self._max_length)
         except MalformedCode as exc:
             scan, detail = Scan(b"", source), str(exc)
             return self._write(
@@ -174,7 +178,7 @@ class Engine:
     def _debounced(self, source: str, key: bytes) -> bool:
         """One read, one scan: the same code from the same source inside the window."""
         now = time.monotonic()
-        window = self.config.scan.debounce
+        window = self._window
         recent = self._recent
         # Oldest read first (a read moves its key to the end), so expiry stops at the
         # first live entry: amortised O(1) per scan even when a burst fills the whole window.
@@ -206,7 +210,8 @@ class Engine:
                                card.card_id if card else None, source=scan.source)  # fmt: skip
             return self._record_reject(reason, detail, digest, card, scan)
 
-        row = codes.lookup(self.conn, digest)
+        # One B-tree probe; the tuple is unpacked below rather than built into a CodeRow.
+        row = self.conn.execute(codes.LOOKUP, (digest,)).fetchone()
         if signed_code.looks_signed(text):
             try:
                 signed = signed_code.parse(text)
@@ -230,15 +235,9 @@ class Engine:
                     Reason.BAD_SIGNATURE, "issuer key may not sign for this card's merchant"
                 )
             not_before, not_after = signed_code.window(signed, card, issuer)
+            _, _, _, uses_left, balance, status = row or (None, None, None, None, None, 0)
             state = replace(
-                resolve(
-                    card,
-                    row.status if row else 0,
-                    None,
-                    None,
-                    row.uses_left if row else None,
-                    row.balance if row else None,
-                ),
+                resolve(card, status, None, None, uses_left, balance),
                 not_before=not_before,
                 not_after=not_after,
             )
@@ -256,17 +255,16 @@ class Engine:
                 return self._record_reject(Reason.PAYMENT_CODE, detail, None, None, scan)
             return reject(Reason.UNKNOWN_CODE, "code is not in the cache")
         else:
-            card = self.cards.get(row.card_id)
+            card_id, not_before, not_after, uses_left, balance, status = row
+            card = self.cards.get(card_id)
             if card is None:
-                return reject(Reason.UNKNOWN_CARD, f"card {row.card_id} is not in the cache")
-            state = resolve(
-                card, row.status, row.not_before, row.not_after, row.uses_left, row.balance
-            )
+                return reject(Reason.UNKNOWN_CARD, f"card {card_id} is not in the cache")
+            state = resolve(card, status, not_before, not_after, uses_left, balance)
 
-        if card.merchant != self.config.box.merchant:
+        if card.merchant != self._merchant:
             return reject(Reason.WRONG_MERCHANT, f"card belongs to merchant {card.merchant}", card)
         now = self.now()
-        if self.config.trust.stale_policy == "reject" and self._stale(now):
+        if self._reject_stale and self._stale(now):
             return reject(Reason.STALE_CACHE, "the cache is older than max_staleness", card)
         if action is None:
             action = Action.CHECK if card.two_phase else Action.REDEEM
@@ -278,15 +276,7 @@ class Engine:
                 else datetime.fromtimestamp(now).astimezone()
             )
             weekday, minute = local.isoweekday(), local.hour * 60 + local.minute
-        ctx = Context(
-            now=now,
-            weekday=weekday,
-            minute_of_day=minute,
-            store=self.config.box.store,
-            action=action,
-            amount=amount,
-            uses=uses,
-        )
+        ctx = Context(now, weekday, minute, self._store, action, amount, uses)
         decision = decide(card, state, ctx)
         if not record:
             return self._verdict(decision, digest, card, scan.source, None, None, amount)
@@ -405,33 +395,26 @@ class Engine:
         operator: str | None = None,
         reverses: bytes | None = None,
     ) -> Verdict:
-        box = self.config.box
-        record_id = uuid6.uuid7().bytes
+        record_id, record_text = ledger.new_id()
         seq = self._next_seq
-        moved = decision.action in (Action.REDEEM, Action.REVERSE)
-        record = Redemption(
-            seq=seq,
-            id=record_id,
-            at_ms=int(max(self.clock(), self.floor) * 1000),
-            box=box.id,
-            merchant=box.merchant,
-            store=box.store,
-            digest=digest,
-            card_id=card.card_id if card else None,
-            action=decision.action.value,
-            uses=uses if moved and not (card and card.uses_balance) else None,
-            amount=amount if moved and card and card.uses_balance else None,
-            uses_left=decision.uses_left,
-            balance=decision.balance,
-            verdict=decision.outcome.value,
-            reason=decision.reason.value if decision.reason else None,
-            source=scan.source,
-            symbology=scan.symbology,
-            operator=operator,
-            cache_seq=self.cache_seq,
-            reverses=reverses,
-        )
-        ledger.append(self.conn, record)
+        action = decision.action
+        moved = action is Action.REDEEM or action is Action.REVERSE
+        by_balance = card is not None and card.uses_balance
+        amount = amount if moved and by_balance else None
+        # The ledger row in ledger.COLUMNS order, without a Redemption: nothing on the
+        # scan path needs the object, and building it cost more than its INSERT.
+        self.conn.execute(
+            ledger.INSERT,
+            (
+                seq, record_id, int(max(self.clock(), self.floor) * 1000),
+                self._box_id, self._merchant, self._store, digest,
+                card.card_id if card else None, action.value,
+                uses if moved and not by_balance else None, amount,
+                decision.uses_left, decision.balance, decision.outcome.value,
+                decision.reason.value if decision.reason else None,
+                scan.source, scan.symbology, operator, self.cache_seq, reverses,
+            ),
+        )  # fmt: skip
         if decision.changed and digest is not None and card is not None:
             self.conn.execute(
                 codes.UPSERT_STATE,
@@ -444,7 +427,7 @@ class Engine:
                 ),
             )
         self._recorded = True
-        verdict = self._verdict(decision, digest, card, scan.source, record_id, seq, record.amount)
+        verdict = self._verdict(decision, digest, card, scan.source, record_text, seq, amount)
         if self._request is not None:
             api_requests.record(self.conn, self._request, seq, verdict.to_json())
         return verdict
@@ -459,7 +442,7 @@ class Engine:
         digest: bytes | None,
         card: Card | None,
         source: str,
-        record_id: bytes | None,
+        record_id: str | None,
         seq: int | None,
         amount: int | None,
     ) -> Verdict:
@@ -474,7 +457,7 @@ class Engine:
             uses_left=decision.uses_left,
             balance=decision.balance,
             amount=amount,
-            record_id=str(uuid.UUID(bytes=record_id)) if record_id else None,
+            record_id=record_id,
             box_seq=seq,
             source=source,
         )

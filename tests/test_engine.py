@@ -543,6 +543,22 @@ def test_ledger_box_sequence_is_gap_free_with_uuid7_ids(engine):
     )
 
 
+def test_verdict_record_id_is_the_stored_uuid7_id(engine):
+    results = [engine.handle(scan(code)) for code in ("DEMO-0001", "DEMO-0001", "NOPE", b"\xff")]
+    rows = ledger_rows(engine)
+    assert [r.record_id for r in results] == [str(uuid.UUID(bytes=r.id)) for r in rows]
+    assert all(uuid.UUID(r.record_id).variant == uuid.RFC_4122 for r in results)
+
+
+def test_record_ids_made_in_one_millisecond_still_increase():
+    made = [ledger.new_id() for _ in range(2000)]
+    raw = [m[0] for m in made]
+    assert raw == sorted(raw) and len(set(raw)) == len(raw)
+    for value, text in made:
+        parsed = uuid.UUID(text)
+        assert (parsed.bytes, parsed.version, parsed.variant) == (value, 7, uuid.RFC_4122)
+
+
 def test_a_new_engine_continues_the_box_sequence(loaded_box, engine, clock):
     engine.handle(scan("DEMO-0001"))
     engine.handle(scan("DEMO-0002"))
