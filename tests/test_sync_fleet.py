@@ -12,6 +12,7 @@ Nothing waits for a fixed time: every check waits for a condition, generously.
 # ruff: noqa: F811  (the broker fixture is imported, then named as a parameter)
 from __future__ import annotations
 
+import json
 import random
 import time
 import uuid
@@ -151,7 +152,9 @@ def test_a_box_offline_while_three_batches_are_issued_catches_up_through_the_man
     publisher.wait_line(lambda line: "manifest demo: latest_seq 2" in line, "manifest 2")
     box = fleet.box("box-a")
     daemon = fleet.run(box)
-    wait_for(lambda: "connected" in box.cli("status").stdout, "the box online")
+    wait_for(
+        lambda: json.loads(box.cli("status", "--json").stdout)["broker_connected"], "the box online"
+    )
     assert daemon.stop() == 0
 
     revoke, block = fleet.dir / "revoke.csv", fleet.dir / "block.csv"
