@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
                 "redeemd ledger --format csv --after 1200 > ledger.csv")  # fmt: skip
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     p.add_argument("--after", type=int, default=0, help="only records with box sequence > N")
+    p = command("backup", cmd_backup, "Copy the database to a file, safely while redeemd runs.",
+                "redeemd backup /var/lib/redeemd/backup/redeemd-$(date +%F).db")  # fmt: skip
+    p.add_argument("file", type=Path, help="where to write the copy (must not exist yet)")
     command("devices", cmd_devices, "List serial ports, input devices and cameras, with config snippets.",
             "redeemd devices")  # fmt: skip
     p = command("decode", cmd_decode, "Print the codes found in image files (camera check).",
@@ -229,6 +232,42 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         writer = csv.DictWriter(sys.stdout, fieldnames=ledger.COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """SQLite's online backup: a consistent copy even while the daemon writes (a `cp`
+    of a WAL database can miss or tear the newest records), checked before it counts."""
+    config = _config(args)
+    target: Path = args.file
+    if target.exists():
+        raise CommandError(f"{target} already exists; give a new file name")
+    if not target.parent.is_dir():
+        raise CommandError(f"{target.parent} is not a directory; create it first")
+    source = _read_only(config)
+    partial = target.with_name(target.name + ".partial")
+    try:
+        copy = sqlite3.connect(partial)
+        try:
+            source.backup(copy)
+            copy.execute("PRAGMA journal_mode = DELETE")  # one self-contained file
+            check = copy.execute("PRAGMA integrity_check").fetchone()[0]
+            seq = ledger.last_seq(copy)
+            waiting = outbox.depth(copy)
+        finally:
+            copy.close()
+        if check != "ok":
+            raise CommandError(f"the copy does not pass integrity_check ({check}); not kept")
+        os.replace(partial, target)
+    except sqlite3.Error as exc:
+        raise CommandError(f"cannot write {target}: {exc}") from None
+    finally:
+        source.close()
+        partial.unlink(missing_ok=True)
+    print(
+        f"backed up {config.box.database} to {target}: {target.stat().st_size:,} bytes, "
+        f"ledger up to seq {seq}, {waiting} record(s) not yet acknowledged by the backend"
+    )
     return 0
 
 

@@ -146,7 +146,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> list[str]:
         (
             "daemon.cli",
             daemon_cli._parser,
-            {"run", "check-config", "import", "check", "ledger", "status", "doctor"},
+            {"run", "check-config", "import", "check", "ledger", "status", "doctor", "backup"},
         ),
         (
             "backend.cli",
