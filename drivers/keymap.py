@@ -36,8 +36,9 @@ prefixes and GS pass through; `cards.normalize` deals with them for every driver
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import cache
+from types import MappingProxyType
 
 from evdev import InputEvent, ecodes
 from xkbcommon import xkb
@@ -58,12 +59,19 @@ _XKB_OFFSET = 8  # xkb keycodes are evdev keycodes + 8 (an X11 legacy)
 _DOWN = lib.XKB_KEY_DOWN
 _UP = lib.XKB_KEY_UP
 _DEPRESSED = lib.XKB_STATE_MODS_DEPRESSED
-_EFFECTIVE_MODS = lib.XKB_STATE_MODS_EFFECTIVE
-_EFFECTIVE_LAYOUT = lib.XKB_STATE_LAYOUT_EFFECTIVE
+_LATCHED = lib.XKB_STATE_MODS_LATCHED
+_LOCKED = lib.XKB_STATE_MODS_LOCKED
+_LAYOUT_DEPRESSED = lib.XKB_STATE_LAYOUT_DEPRESSED
+_LAYOUT_LATCHED = lib.XKB_STATE_LAYOUT_LATCHED
+_LAYOUT_LOCKED = lib.XKB_STATE_LAYOUT_LOCKED
+# The state components other than the depressed modifiers; Shift, Ctrl, Alt and AltGr
+# change none of them, so on a change reported without these bits only one is re-read.
+_OTHER_COMPONENTS = _LATCHED | _LOCKED | _LAYOUT_DEPRESSED | _LAYOUT_LATCHED | _LAYOUT_LOCKED
 _TABLE_LIMIT = 64  # modifier states remembered per decoder
 # Bound once: attribute lookups on the cffi module cost as much as the calls themselves
 # on the per-key path.
 _update_key = lib.xkb_state_update_key
+_update_mask = lib.xkb_state_update_mask
 _serialize_mods = lib.xkb_state_serialize_mods
 _serialize_layout = lib.xkb_state_serialize_layout
 _mod_is_active = lib.xkb_state_mod_index_is_active
@@ -87,9 +95,24 @@ _KEY_MAX = ecodes.KEY_MAX
 
 _context_lock = threading.Lock()
 
-# Per modifier state: keycode -> text it adds, keycode -> (text, keysym), Alt held,
-# Ctrl held (see KeyDecoder.__init__).
-_StateTables = tuple[dict[int, str], dict[int, tuple[str, int]], bool, bool]
+# Per xkb state: keycode -> text it adds, keycode -> (text, keysym), Alt held, Ctrl held,
+# keycode -> text it adds without xkb being told (see KeyDecoder.__init__).
+_StateTables = tuple[dict[int, str], dict[int, tuple[str, int]], bool, bool, Mapping[int, str]]
+# `_plain` while xkb must see every key; read-only, so no key is ever learned into it.
+_NOTHING: Mapping[int, str] = MappingProxyType({})
+
+
+def _components(state) -> tuple[int, int, int, int, int, int]:
+    """Everything xkb serializes about a state: depressed, latched and locked modifiers,
+    then depressed, latched and locked layout (the effective ones follow from these)."""
+    return (
+        _serialize_mods(state, _DEPRESSED),
+        _serialize_mods(state, _LATCHED),
+        _serialize_mods(state, _LOCKED),
+        _serialize_layout(state, _LAYOUT_DEPRESSED),
+        _serialize_layout(state, _LAYOUT_LATCHED),
+        _serialize_layout(state, _LAYOUT_LOCKED),
+    )
 
 
 @cache
@@ -142,14 +165,19 @@ class KeyDecoder:
         self._utf8 = ffi.new("char[64]")
         # What a key types depends only on the keycode and the state's modifiers and
         # layout group, and a scanner types the same few dozen keys in two or three
-        # modifier states (none, Shift): so per modifier state, tables filled as keys
-        # are first seen. `_meanings`: keycode -> (text, keysym) for every key seen in
-        # the state; `_texts`: keycode -> text for the keys whose press does nothing but
-        # add that text. The current state's tables are swapped in only when xkb reports
-        # a change, so an ordinary character costs one dict lookup and one xkb update.
-        self._tables: dict[tuple[int, int, int], _StateTables] = {}
-        # us, gb, de and fr have one layout group; skip asking for it on every change then.
-        self._groups = lib.xkb_keymap_num_layouts(self._keymap._keymap)
+        # modifier states (none, Shift): so per state (all its serialized components,
+        # so that a latched modifier is not mistaken for a locked one), tables filled as
+        # keys are first seen. `_meanings`: keycode -> (text, keysym) for every key seen
+        # in the state; `_texts`: keycode -> text for the keys whose press does nothing
+        # but add that text; `_quiet`: those of them xkb need not be told about at all
+        # (see `_changes_nothing`), or `_NOTHING` in a state with a modifier depressed
+        # or latched. The current state's tables are swapped in only when xkb reports a
+        # change, and `_plain` is `_quiet` while no key xkb saw go down is still held:
+        # so an ordinary character costs one dict lookup. Keyed by the other components,
+        # then by the depressed modifiers: Shift, Ctrl, Alt and AltGr only change the
+        # latter, so most changes cost one xkb call.
+        self._tables: dict[tuple[int, ...], dict[int, _StateTables]] = {}
+        self._table_count = 0
         self._chars: list[str] = []
         self._overflow = False
         self._last: float | None = None
@@ -163,33 +191,72 @@ class KeyDecoder:
         if self.numlock:
             _update_key(self._state, ecodes.KEY_NUMLOCK + _XKB_OFFSET, _DOWN)
             _update_key(self._state, ecodes.KEY_NUMLOCK + _XKB_OFFSET, _UP)
-        self._state_changed()
-        self._pressed: set[int] = set()
+        # Key down -> whether xkb was left out of its press (see `_changes_nothing`).
+        self._pressed: dict[int, bool] = {}
+        self._held = 0  # keys down whose press xkb saw
         self._alt_digits = ""
         self._dropping = False
         self._reset_compose()
+        self._state_changed()
 
-    def _state_changed(self) -> None:
-        """Swap in the tables for xkb's new modifier state (after any change to it)."""
+    def _state_changed(self, changed: int = -1) -> None:
+        """Swap in the tables for xkb's new state; `changed` is what `update_key` said
+        changed (everything, by default)."""
         state = self._state
-        where = (
-            _serialize_mods(state, _DEPRESSED),
-            _serialize_mods(state, _EFFECTIVE_MODS),
-            _serialize_layout(state, _EFFECTIVE_LAYOUT) if self._groups > 1 else 0,
-        )
-        tables = self._tables.get(where)
+        if changed & _OTHER_COMPONENTS:
+            self._others = others = _components(state)[1:]
+            siblings = self._tables.get(others)
+            if siblings is None:
+                siblings = {}
+                if self._table_count < _TABLE_LIMIT:
+                    self._tables[others] = siblings
+            self._siblings = siblings
+        tables = self._siblings.get(_serialize_mods(state, _DEPRESSED))
         if tables is None:
-            tables = (
-                {},
-                {},
-                _mod_is_active(state, self._alt, _DEPRESSED) == 1,
-                _mod_is_active(state, self._ctrl, _DEPRESSED) == 1,
-            )
-            # Junk input can visit many states; past the limit a state's tables live
-            # only while it lasts (each holds at most KEY_MAX + 1 keys).
-            if len(self._tables) < _TABLE_LIMIT:
-                self._tables[where] = tables
-        self._texts, self._meanings, self._alt_down, self._ctrl_down = tables
+            tables = self._new_tables()
+        self._texts, self._meanings, self._alt_down, self._ctrl_down, self._quiet = tables
+        self._plain = self._quiet if not self._held and not self._composing else _NOTHING
+
+    def _new_tables(self) -> _StateTables:
+        state = self._state
+        depressed = _serialize_mods(state, _DEPRESSED)
+        latched, _, layout_depressed, layout_latched, _ = self._others
+        tables = (
+            {},
+            {},
+            _mod_is_active(state, self._alt, _DEPRESSED) == 1,
+            _mod_is_active(state, self._ctrl, _DEPRESSED) == 1,
+            _NOTHING if depressed or latched or layout_depressed or layout_latched else {},
+        )
+        # Junk input can visit many states; past the limit a state's tables live only
+        # while it lasts (each holds at most KEY_MAX + 1 keys).
+        if self._table_count < _TABLE_LIMIT:
+            self._table_count += 1
+            self._siblings[depressed] = tables
+        return tables
+
+    def _changes_nothing(self, code: int) -> bool:
+        """Whether xkb can be left out of a press and release of `code` in this state.
+
+        Only called in a state with no modifier depressed or latched. Beyond its
+        serialized components libxkbcommon keeps one filter per held modifier key and
+        per pending latch, which other keys act on (Shift's clearLocks is cancelled by
+        any key pressed while Shift is down; a latch is broken by the next key), so a
+        key is left out only while no key xkb saw go down is held (`feed` sees to
+        that): then xkb has no filter and its state is exactly these components, which
+        `update_mask` gives a fresh state. If on that copy the key's press and its
+        release each change nothing (no component, no LED), the key has no modifier,
+        lock or group action, creates no filter, and telling xkb about it is a no-op,
+        in this state and on its release in any state with no filter either.
+        """
+        scratch_obj = self._keymap.state_new()  # freed with it
+        scratch = scratch_obj._state
+        where = (_serialize_mods(self._state, _DEPRESSED), *self._others)
+        _update_mask(scratch, *where)
+        if _components(scratch) != where:
+            return False
+        keycode = code + _XKB_OFFSET
+        return _update_key(scratch, keycode, _DOWN) == 0 and _update_key(scratch, keycode, _UP) == 0
 
     def _reset_compose(self) -> None:
         self._composing = False
@@ -231,9 +298,10 @@ class KeyDecoder:
                 if value == 1:
                     # A press of a key already down (after a resync) is ignored so xkb's
                     # state stays balanced.
-                    if code in self._pressed:
+                    pressed = self._pressed
+                    if code in pressed:
                         continue
-                    text = self._texts.get(code)
+                    text = self._plain.get(code)
                     if text is None and not 0 <= code <= _KEY_MAX:
                         continue
                     at = event.sec + event.usec / 1_000_000
@@ -245,13 +313,26 @@ class KeyDecoder:
                     ):
                         self._finish(out)
                     self._last = at
-                    self._pressed.add(code)
-                    # Every key goes through xkb, even one whose text is known: xkb keeps
-                    # per-key state (a latch broken by the next key, Shift's clearLocks
-                    # cancelled by a key pressed while it is held) that skipping would
-                    # get wrong. Its answer says whether the modifier state changed.
+                    if text is not None:
+                        # A key xkb has nothing to do with here (see `_changes_nothing`).
+                        pressed[code] = True
+                        chars = self._chars
+                        if not self._overflow and len(chars) < MAX_CHARS:
+                            chars.append(text)
+                        else:
+                            self._append(text)
+                        continue
+                    pressed[code] = False
+                    self._held += 1
+                    self._plain = _NOTHING
+                    # From here every key goes through xkb, even one whose text is known:
+                    # xkb keeps per-key state (a latch broken by the next key, Shift's
+                    # clearLocks cancelled by a key pressed while it is held) that
+                    # skipping would get wrong. Its answer says what in the state changed.
+                    text = self._texts.get(code)
                     if text is not None and not self._composing:
-                        if _update_key(self._state, code + _XKB_OFFSET, _DOWN) == 0:
+                        changed = _update_key(self._state, code + _XKB_OFFSET, _DOWN)
+                        if not changed:
                             chars = self._chars
                             if not self._overflow and len(chars) < MAX_CHARS:
                                 chars.append(text)
@@ -261,18 +342,34 @@ class KeyDecoder:
                         # A key that types and also changes the state: the text was read
                         # before the change, what it means is decided after it.
                         meaning = self._meanings[code]
-                        self._state_changed()
+                        self._state_changed(changed)
                     else:
                         # Read the key's meaning before updating the state with it (xkb's
                         # convention: a modifier key does not modify itself).
                         meaning = self._meanings.get(code) or self._learn(code)
-                        if _update_key(self._state, code + _XKB_OFFSET, _DOWN):
-                            self._state_changed()
+                        changed = _update_key(self._state, code + _XKB_OFFSET, _DOWN)
+                        if changed:
+                            self._state_changed(changed)
                     self._press(code, meaning, out)
-                elif value == 0 and code in self._pressed:
-                    self._pressed.discard(code)
-                    if _update_key(self._state, code + _XKB_OFFSET, _UP):
-                        self._state_changed()
+                elif value == 0:
+                    left_out = self._pressed.pop(code, None)
+                    if left_out is None:
+                        continue
+                    if not left_out:
+                        self._held -= 1
+                        changed = _update_key(self._state, code + _XKB_OFFSET, _UP)
+                        if changed:
+                            self._state_changed(changed)
+                        elif not self._held and not self._composing:
+                            self._plain = self._quiet
+                    elif self._plain is _NOTHING:
+                        # Pressed while xkb had no filter, released while it may have one
+                        # (a modifier went down since): the filters must see the release.
+                        # The key made no filter of its own, so this is what telling xkb
+                        # of both would have done.
+                        changed = _update_key(self._state, code + _XKB_OFFSET, _UP)
+                        if changed:
+                            self._state_changed(changed)
                     self._last = event.sec + event.usec / 1_000_000
                     if self._alt_digits and not self._alt_down:
                         char = self._alt_code()
@@ -331,6 +428,8 @@ class KeyDecoder:
             self._texts[code] = GS
         elif text and not (self._compose is not None and _DEAD_FIRST <= sym <= _DEAD_LAST):
             self._texts[code] = text
+            if self._quiet is not _NOTHING and self._changes_nothing(code):
+                self._quiet[code] = text  # type: ignore[index]  # a dict unless _NOTHING
         return text, sym
 
     def _press(self, code: int, meaning: tuple[str, int], out: list[bytes]) -> None:

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cards.normalize import normalize
+from drivers import keymap
 from drivers.keymap import KeyDecoder, decode
 
 STEP_US = 2_000  # 2 ms between reports: a fast scanner
@@ -414,3 +415,122 @@ def test_any_key_sequence_never_raises_nor_yields_a_terminator(steps, layout, mi
     for code in out:
         assert len(code.decode("utf-8")) >= min_length
         assert not set(code) & set(b"\r\n\t")
+
+
+# --- leaving xkb out ------------------------------------------------------------------
+
+
+class _TellsXkbEverything(KeyDecoder):
+    """The decoder as it was before it learned to leave xkb out: every press and
+    release goes to xkb, and every change re-reads all of xkb's state."""
+
+    def _changes_nothing(self, code: int) -> bool:
+        return False
+
+    def _state_changed(self, changed: int = -1) -> None:
+        super()._state_changed(-1)
+
+
+def test_plain_keys_are_decoded_without_asking_xkb(monkeypatch):
+    decoder = KeyDecoder("us")
+    decoder.feed(Keyboard().type_us("abc123A").enter().events)  # tables learned
+    calls = []
+    real = keymap._update_key
+    monkeypatch.setattr(keymap, "_update_key", lambda *a: calls.append(a) or real(*a))
+    assert decoder.feed(Keyboard().type_us("abc123").enter().events) == [b"abc123"]
+    assert len(calls) == 2  # Enter, which ends the code, down and up
+    calls.clear()
+    # Shift goes to xkb, and so does the key pressed while it is held.
+    assert decoder.feed(Keyboard().type_us("abcA").enter().events) == [b"abcA"]
+    assert len(calls) == 6
+
+
+_DIFFERENTIAL_KEYS = [
+    e.KEY_A,
+    e.KEY_Q,
+    e.KEY_Y,
+    e.KEY_Z,
+    e.KEY_M,
+    e.KEY_J,
+    e.KEY_I,
+    e.KEY_1,
+    e.KEY_2,
+    e.KEY_7,
+    e.KEY_9,
+    e.KEY_0,
+    e.KEY_MINUS,
+    e.KEY_EQUAL,  # de: dead acute
+    e.KEY_LEFTBRACE,  # fr: dead circumflex
+    e.KEY_RIGHTBRACE,
+    e.KEY_SEMICOLON,
+    e.KEY_APOSTROPHE,
+    e.KEY_GRAVE,  # de: dead circumflex
+    e.KEY_BACKSLASH,
+    e.KEY_102ND,
+    e.KEY_COMMA,
+    e.KEY_DOT,
+    e.KEY_SLASH,
+    e.KEY_SPACE,
+    e.KEY_ENTER,
+    e.KEY_TAB,
+    e.KEY_KP0,
+    e.KEY_KP2,
+    e.KEY_KP9,
+    e.KEY_KPDOT,
+    e.KEY_KPENTER,
+    e.KEY_KPSLASH,
+    e.KEY_F13,
+    0x2FE,  # in range, in no keymap
+    e.KEY_MAX + 1,
+]
+_DIFFERENTIAL_MODIFIERS = [
+    e.KEY_LEFTSHIFT,
+    e.KEY_RIGHTSHIFT,
+    e.KEY_CAPSLOCK,
+    e.KEY_NUMLOCK,
+    e.KEY_RIGHTALT,  # AltGr on uk, de, fr
+    e.KEY_LEFTALT,
+    e.KEY_LEFTCTRL,
+]
+
+
+@st.composite
+def _sessions(draw) -> list[tuple]:
+    """Steps typed with a few keys and modifiers, so that keys come back (a key is
+    decoded differently once its state's tables know it)."""
+    keys = draw(st.lists(st.sampled_from(_DIFFERENTIAL_KEYS), min_size=1, max_size=4, unique=True))
+    mods = draw(st.lists(st.sampled_from(_DIFFERENTIAL_MODIFIERS), max_size=3, unique=True))
+    any_key = st.sampled_from(keys + mods)
+    step = st.one_of(
+        # A key tapped with modifiers held around it, as a scanner sends it.
+        st.tuples(st.just("tap"), any_key, st.lists(st.sampled_from(mods or keys), max_size=2)),
+        # Single events in any order: rollover, held modifiers, unmatched releases, repeats.
+        st.tuples(st.just("key"), any_key, st.sampled_from([1, 1, 0, 0, 2])),
+        st.tuples(st.just("dropped"), st.none(), st.none()),
+        st.tuples(st.just("wait"), st.integers(0, 300_000), st.none()),
+    )
+    return draw(st.lists(step, min_size=20, max_size=80))
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=_sessions(), layout=st.sampled_from(["us", "uk", "de", "fr"]), numlock=st.booleans())
+def test_leaving_xkb_out_never_changes_what_is_decoded(steps, layout, numlock):
+    ours = KeyDecoder(layout, numlock=numlock, min_length=1)
+    reference = _TellsXkbEverything(layout, numlock=numlock, min_length=1)
+    kb = Keyboard()
+    for what, a, b in steps:
+        kb.events = []
+        if what == "tap":
+            kb.tap(a, *dict.fromkeys(b))
+        elif what == "key":
+            kb._report(a, b)
+        elif what == "dropped":
+            kb.syn_dropped()
+        else:
+            kb.wait(a / 1_000_000)
+        for event in kb.events:
+            assert ours.feed([event]) == reference.feed([event])
+            assert keymap._components(ours._state) == keymap._components(reference._state)
+        assert ours.flush(kb.now) == reference.flush(kb.now)
+        assert (ours.pending, ours.deadline) == (reference.pending, reference.deadline)
+    assert ours.flush(kb.now + 1) == reference.flush(kb.now + 1)
