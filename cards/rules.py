@@ -8,6 +8,7 @@ when it is also expired, because that is what the cashier must act on.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from cards.batch import CodeStatus
@@ -71,57 +72,73 @@ def resolve(
         uses = None
     else:
         uses = uses_left
-    return CodeState(
-        status=status,
-        not_before=not_before or card.valid_from,
-        not_after=not_after or card.valid_until,
-        uses_left=uses,
-        balance=card.balance if balance is None else balance,
+    return _code_state(
+        status,
+        not_before or card.valid_from,
+        not_after or card.valid_until,
+        uses,
+        card.balance if balance is None else balance,
+    )
+
+
+# Both are immutable, and on the scan path the same few values recur: every fresh
+# single-use code resolves to the same CodeState, and every first redemption of one is
+# the same Decision. Sharing them saves building a frozen dataclass (about a
+# microsecond each) per scan.
+@functools.lru_cache(maxsize=256)
+def _code_state(
+    status: int,
+    not_before: int | None,
+    not_after: int | None,
+    uses_left: int | None,
+    balance: int | None,
+) -> CodeState:
+    return CodeState(status, not_before, not_after, uses_left, balance)
+
+
+@functools.lru_cache(maxsize=256)
+def _accept(action: Action, uses_left: int | None, balance: int | None, status: int) -> Decision:
+    """An acceptance: a check changes nothing, a redemption changes the code's state."""
+    changed = action is not Action.CHECK
+    return Decision(Outcome.ACCEPTED, action, None, "", uses_left, balance, status, changed)
+
+
+def _refuse(code: CodeState, reason: Reason, detail: str) -> Decision:
+    return Decision(
+        Outcome.REJECTED, Action.REJECT, reason, detail, code.uses_left, code.balance, code.status
     )
 
 
 def decide(card: Card, code: CodeState, ctx: Context) -> Decision:
     """Verdict for a check or a redemption of `code` under `card` in `ctx`."""
-
-    def refuse(reason: Reason, detail: str) -> Decision:
-        return Decision(
-            Outcome.REJECTED,
-            Action.REJECT,
-            reason,
-            detail,
-            uses_left=code.uses_left,
-            balance=code.balance,
-            status=code.status,
-        )
-
     if code.status == CodeStatus.REVOKED:
-        return refuse(Reason.REVOKED, "this code was revoked by the issuer")
+        return _refuse(code, Reason.REVOKED, "this code was revoked by the issuer")
     if code.status == CodeStatus.BLOCKED:
-        return refuse(Reason.BLOCKED, "this code is blocked; ask the issuer")
+        return _refuse(code, Reason.BLOCKED, "this code is blocked; ask the issuer")
     if code.status == CodeStatus.CONSUMED or code.uses_left == 0:
-        return refuse(Reason.ALREADY_REDEEMED, "this code has no uses left")
+        return _refuse(code, Reason.ALREADY_REDEEMED, "this code has no uses left")
     if card.stores and ctx.store not in card.stores:
-        return refuse(Reason.WRONG_STORE, f"not valid at store {ctx.store}")
+        return _refuse(code, Reason.WRONG_STORE, f"not valid at store {ctx.store}")
     if code.not_before is not None and ctx.now < code.not_before:
-        return refuse(Reason.NOT_YET_VALID, f"valid from {code.not_before}")
+        return _refuse(code, Reason.NOT_YET_VALID, f"valid from {code.not_before}")
     if code.not_after is not None and ctx.now > code.not_after:
-        return refuse(Reason.EXPIRED, f"expired at {code.not_after}")
+        return _refuse(code, Reason.EXPIRED, f"expired at {code.not_after}")
     if card.weekdays and ctx.weekday not in card.weekdays:
-        return refuse(Reason.OUTSIDE_HOURS, "not valid on this weekday")
+        return _refuse(code, Reason.OUTSIDE_HOURS, "not valid on this weekday")
     if card.hours and not any(_in_window(ctx.minute_of_day, w) for w in card.hours):
-        return refuse(Reason.OUTSIDE_HOURS, "not valid at this time of day")
+        return _refuse(code, Reason.OUTSIDE_HOURS, "not valid at this time of day")
 
     if card.uses_balance:
         if ctx.action is Action.CHECK:
-            return Decision(
-                Outcome.ACCEPTED, Action.CHECK, uses_left=code.uses_left, balance=code.balance
-            )
+            return _accept(Action.CHECK, code.uses_left, code.balance, CodeStatus.ACTIVE)
         if ctx.amount is None or ctx.amount <= 0:
-            return refuse(Reason.AMOUNT_REQUIRED, "a stored-value redemption needs an amount")
+            return _refuse(
+                code, Reason.AMOUNT_REQUIRED, "a stored-value redemption needs an amount"
+            )
         balance = code.balance or 0
         if ctx.amount > balance:
-            return refuse(
-                Reason.INSUFFICIENT_BALANCE, f"balance {balance} is less than {ctx.amount}"
+            return _refuse(
+                code, Reason.INSUFFICIENT_BALANCE, f"balance {balance} is less than {ctx.amount}"
             )
         return Decision(
             Outcome.ACCEPTED,
@@ -134,20 +151,12 @@ def decide(card: Card, code: CodeState, ctx: Context) -> Decision:
 
     uses = max(ctx.uses, 1)
     if code.uses_left is not None and uses > code.uses_left:
-        return refuse(Reason.ALREADY_REDEEMED, f"only {code.uses_left} uses left")
+        return _refuse(code, Reason.ALREADY_REDEEMED, f"only {code.uses_left} uses left")
     if ctx.action is Action.CHECK:
-        return Decision(
-            Outcome.ACCEPTED, Action.CHECK, uses_left=code.uses_left, balance=code.balance
-        )
+        return _accept(Action.CHECK, code.uses_left, code.balance, CodeStatus.ACTIVE)
     left = None if code.uses_left is None else code.uses_left - uses
-    return Decision(
-        Outcome.ACCEPTED,
-        Action.REDEEM,
-        uses_left=left,
-        balance=code.balance,
-        status=CodeStatus.CONSUMED if left == 0 else CodeStatus.ACTIVE,
-        changed=True,
-    )
+    status = CodeStatus.CONSUMED if left == 0 else CodeStatus.ACTIVE
+    return _accept(Action.REDEEM, left, code.balance, status)
 
 
 @dataclass(frozen=True)

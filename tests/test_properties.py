@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from cards import batch, keys, signed_code
 from cards.batch import BatchError, ChunkAssembler, CodeStatus, Kind
+from cards.digest import CodeDigester, code_digest
 from cards.normalize import (
     GS,
     MalformedCode,
@@ -162,6 +163,14 @@ def test_plain_code_shortcut_gives_what_the_full_path_gives(raw, max_length):
 @given(raw=st.binary(max_size=40), max_length=st.sampled_from([8, 512]))
 def test_plain_code_shortcut_gives_what_the_full_path_gives_for_any_bytes(raw, max_length):
     _check_shortcut(raw, max_length)
+
+
+@PROPERTY
+@given(key=st.binary(max_size=200), text=st.text(max_size=100))
+@example(key=b"k" * 64, text="DEMO-0001")  # a key of exactly one SHA-256 block
+@example(key=b"k" * 65, text="DEMO-0001")  # one byte more: the key is hashed first
+def test_precomputed_digester_is_hmac_sha256_for_any_key_and_text(key, text):
+    assert CodeDigester(key)(text) == code_digest(key, text)
 
 
 def _only_batch_error(call, data: bytes) -> None:
