@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import logging
 import os
 import sqlite3
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from cards.batch import BatchError, open_file
 from daemon import config as config_mod
+from daemon import logs
 from daemon.config import Config, ConfigError
 from storage import batch_import, codes, ledger, outbox, trust
 from storage.database import StorageError, connect, open_database
@@ -37,11 +37,7 @@ class CommandError(RuntimeError):
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(verbose=args.verbose)
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
