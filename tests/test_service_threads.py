@@ -1,0 +1,60 @@
+"""The service owns every thread it starts: after `Service.run` returns, none is left.
+
+Runs the real Service in this process (signal handlers need the main thread) with
+everything that starts threads switched on: a FIFO scanner, MQTT sync to a real broker,
+the local API and an on_verdict hook.
+"""
+
+# ruff: noqa: F811  (the broker fixture is imported, then named as a parameter)
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+
+from broker import broker  # noqa: F401  (fixture)
+from conftest import wait_for
+
+from daemon import config as config_mod
+from daemon.service import Service
+
+
+def test_run_returns_with_no_thread_left_behind(loaded_box, broker, tmp_path):
+    fifo = tmp_path / "scans.fifo"
+    os.mkfifo(fifo)
+    hook = tmp_path / "hook.sh"
+    hook.write_text("#!/bin/sh\ncat > /dev/null\n")
+    hook.chmod(0o755)
+    loaded_box.config_path.write_text(
+        loaded_box.config_path.read_text()
+        + f'\n[sync]\nenabled = true\nbroker = "{broker.url}"\n'
+        + f'\n[api]\nsocket = "{tmp_path / "api.sock"}"\n'
+        + f'\n[hooks]\non_verdict = "{hook}"\n'
+        + f'\n[[scanner]]\ntype = "stdin"\nname = "fifo"\npath = "{fifo}"\n'
+    )
+    config = config_mod.load(str(loaded_box.config_path))
+    out = io.StringIO()
+    service = Service(config, out=out, as_json=True)
+    before = set(threading.enumerate())
+
+    def drive() -> None:
+        # O_RDWR: opening does not wait for the daemon's end of the FIFO.
+        fd = os.open(fifo, os.O_RDWR)
+        try:
+            os.write(fd, b"DEMO-0001\nDEMO-0002\n")
+            wait_for(lambda: out.getvalue().count("\n") >= 2, "two verdicts")
+            wait_for(lambda: service.sync is not None and service.sync.state().get("connected"),
+                     "sync connected")  # fmt: skip
+        finally:
+            os.close(fd)
+            service.stopping.set()  # what SIGTERM does
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    assert service.run() == 0
+    driver.join(30)
+    verdicts = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [v["verdict"] for v in verdicts] == ["accepted", "accepted"]
+    left = [t for t in threading.enumerate() if t not in before and t is not driver]
+    assert left == [], f"threads left behind: {[t.name for t in left]}"
