@@ -141,6 +141,12 @@ def test_a_box_end_to_end_through_reload_crash_full_disk_and_stop(fleet, disk, t
     pty.send(codes("FLEET-0003", "FLEET-0003"))
     assert next_event()["verdict"] == "accepted"
     assert next_event().get("reason") == "already_redeemed"
+    # The POS app's commands reach the reloaded engine too.
+    checked = pos.request({"cmd": "check", "code": "FLEET-0004"})
+    assert checked["ok"] and checked["verdict"]["action"] == "check"
+    assert pos.request({"cmd": "check", "code": "FLEET-0003"})["verdict"]["reason"] == (
+        "already_redeemed"
+    )
 
     # kill -9 in the middle of a burst; the restarted daemon goes on from the same port.
     pty.send(codes(*(f"FLEET-{i:04d}" for i in range(10, 60))))
