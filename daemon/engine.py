@@ -402,16 +402,17 @@ class Engine:
         by_balance = card is not None and card.uses_balance
         amount = amount if moved and by_balance else None
         # The ledger row in ledger.COLUMNS order, without a Redemption: nothing on the
-        # scan path needs the object, and building it cost more than its INSERT.
+        # scan path needs the object, and building it cost more than its INSERT. str() of
+        # a StrEnum member is its value, without Enum.value's Python-level property.
         self.conn.execute(
             ledger.INSERT,
             (
                 seq, record_id, int(max(self.clock(), self.floor) * 1000),
                 self._box_id, self._merchant, self._store, digest,
-                card.card_id if card else None, action.value,
+                card.card_id if card else None, str(action),
                 uses if moved and not by_balance else None, amount,
-                decision.uses_left, decision.balance, decision.outcome.value,
-                decision.reason.value if decision.reason else None,
+                decision.uses_left, decision.balance, str(decision.outcome),
+                str(decision.reason) if decision.reason else None,
                 scan.source, scan.symbology, operator, self.cache_seq, reverses,
             ),
         )  # fmt: skip
@@ -450,6 +451,6 @@ class Engine:
         # cost more than the frozen dataclass they build.
         return Verdict(
             decision.outcome, decision.action, decision.reason, decision.detail,
-            short(digest), card.card_id if card else None, card.kind.value if card else None,
+            short(digest), card.card_id if card else None, str(card.kind) if card else None,
             decision.uses_left, decision.balance, amount, record_id, seq, source,
         )  # fmt: skip
