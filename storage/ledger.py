@@ -6,12 +6,12 @@ backend uses as the idempotency key. Codes appear only as keyed digests.
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+import uuid6
 
 COLUMNS = (
     "seq", "id", "at_ms", "box", "merchant", "store", "digest", "card_id", "action",
@@ -72,31 +72,17 @@ class Redemption:
 
 # UUIDv7 (RFC 9562): 48-bit Unix milliseconds, version 7, 12 random bits, variant 10,
 # 62 random bits; the layout of uuid6.uuid7().
-_RANDOM_BITS = (1 << 80) - 1 & ~(0xF << 76) & ~(0x3 << 62)
-_VERSION_VARIANT = 0x7 << 76 | 0x2 << 62
-_last_id_ms = 0
-
-
 def new_id() -> tuple[bytes, str]:
-    """A fresh UUIDv7 record id, as stored (16 bytes) and as shown (canonical text).
-
-    Like uuid6.uuid7(), ids made in one process are strictly increasing: a second id in
-    the same millisecond takes the next millisecond. Both forms are made here at once
-    because every recorded scan needs both, and a uuid.UUID costs more than its insert.
+    """A fresh UUIDv7 record id (RFC 9562, time-ordered; uuid6 keeps ids made in one
+    process strictly increasing), as stored (16 bytes) and as shown (canonical text).
+    Both forms come from one UUID object because every recorded scan needs both.
 
     >>> raw, text = new_id()
     >>> uuid.UUID(text).bytes == raw and uuid.UUID(text).version
     7
     """
-    global _last_id_ms
-    ms = time.time_ns() // 1_000_000
-    if ms <= _last_id_ms:
-        ms = _last_id_ms + 1
-    _last_id_ms = ms
-    value = ms << 80 | int.from_bytes(os.urandom(10)) & _RANDOM_BITS | _VERSION_VARIANT
-    raw = value.to_bytes(16)
-    h = raw.hex()
-    return raw, f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    value = uuid6.uuid7()
+    return value.bytes, str(value)
 
 
 def last_seq(conn: sqlite3.Connection) -> int:
