@@ -70,8 +70,6 @@ class Redemption:
         }  # fmt: skip
 
 
-# UUIDv7 (RFC 9562): 48-bit Unix milliseconds, version 7, 12 random bits, variant 10,
-# 62 random bits; the layout of uuid6.uuid7().
 def new_id() -> tuple[bytes, str]:
     """A fresh UUIDv7 record id (RFC 9562, time-ordered; uuid6 keeps ids made in one
     process strictly increasing), as stored (16 bytes) and as shown (canonical text).
