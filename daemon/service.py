@@ -27,6 +27,7 @@ from daemon.engine import Engine, PaymentCode
 from daemon.hooks import VerdictHook
 from daemon.notify import Notifier
 from drivers.supervisor import Driver, Supervisor
+from storage import api_requests
 from storage.database import open_database
 from sync.worker import Sync
 
@@ -114,6 +115,9 @@ class Service:
     def run(self) -> int:
         conn = open_database(self.config.box.database)
         engine = Engine(conn, self.config)
+        forgotten = api_requests.prune(conn, int(time.time() * 1000))
+        if forgotten:
+            log.info("forgot %d local API idempotency key(s) older than 30 days", forgotten)
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         signal.signal(signal.SIGHUP, lambda *_: self._reload_asked.set())
         self._start_api(engine)

@@ -39,3 +39,18 @@ def record(conn: sqlite3.Connection, request: RequestKey, seq: int, verdict: dic
         "INSERT INTO api_requests(key, fingerprint, seq, verdict) VALUES (?, ?, ?, ?)",
         (request.key, request.fingerprint, seq, json.dumps(verdict, separators=(",", ":"))),
     )
+
+
+KEEP_MS = 30 * 86_400_000
+"""How long a key is remembered: far beyond any retry, bounded so the table stays small."""
+
+
+def prune(conn: sqlite3.Connection, now_ms: int, keep_ms: int = KEEP_MS) -> int:
+    """Forget keys whose redemption is older than `keep_ms`; returns how many. The walk
+    is over the keys (few: one per API redemption), each joined to its ledger row."""
+    with conn:
+        return conn.execute(
+            "DELETE FROM api_requests WHERE seq IN (SELECT a.seq FROM api_requests a "
+            "JOIN ledger l ON l.seq = a.seq WHERE l.at_ms < ?)",
+            (now_ms - keep_ms,),
+        ).rowcount

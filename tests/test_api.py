@@ -397,3 +397,28 @@ def test_every_command_and_error_code_is_documented(engine):
     for cmd in ["subscribe", *Commands(engine, lambda e: None)._handlers]:
         assert f"### `{cmd}`" in text, f"docs/local-api.md does not describe {cmd}"
     assert "examples/pos_client.py" in text
+
+
+def test_idempotency_keys_older_than_30_days_are_forgotten_and_newer_kept(loaded_box):
+    from storage import api_requests
+    from storage.database import open_database
+
+    conn = open_database(loaded_box.database)
+    try:
+        now_ms = 1_800_000_000_000
+        with conn:
+            for seq, age_days in ((1, 31), (2, 29)):
+                conn.execute(
+                    "INSERT INTO ledger(seq, id, at_ms, box, merchant, store, action, verdict, "
+                    "source, cache_seq) VALUES (?, randomblob(16), ?, 'b', 'demo', 's', "
+                    "'redeem', 'accepted', 'api', 2)",
+                    (seq, now_ms - age_days * 86_400_000),
+                )
+                api_requests.record(
+                    conn, api_requests.RequestKey(f"key-{seq}", "f"), seq, {"verdict": "ok"}
+                )
+        assert api_requests.prune(conn, now_ms) == 1
+        assert api_requests.lookup(conn, "key-1") is None
+        assert api_requests.lookup(conn, "key-2") is not None
+    finally:
+        conn.close()
