@@ -371,6 +371,56 @@ def _sync(config: Config, account: Account) -> Iterator[Finding]:
                 return
     if not unreadable:
         yield Finding("sync", True, f"broker {where} reachable{' over TLS' if sync.tls else ''}")
+        yield _mqtt_login(sync, config.box.id)
+
+
+def _mqtt_login(sync, box_id: str) -> Finding:
+    """Log in as the box would, so a wrong username or password shows here and not only
+    in the journal. The client id is not the box's own: the broker would otherwise throw
+    the running daemon off to let this check in."""
+    import paho.mqtt.client as mqtt
+
+    from sync.session import REFUSAL_HINTS
+
+    answer: list = []
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=f"{box_id}-doctor", protocol=mqtt.MQTTv5
+    )
+    client.on_connect = lambda c, u, flags, reason, props: answer.append(reason)
+    if sync.username:
+        client.username_pw_set(sync.username, sync.password)
+    if sync.tls:
+        client.tls_set(
+            ca_certs=str(sync.ca_file) if sync.ca_file else None,
+            certfile=str(sync.cert_file) if sync.cert_file else None,
+            keyfile=str(sync.key_file) if sync.key_file else None,
+        )
+    where = f"{sync.host}:{sync.port}"
+    try:
+        client.connect(sync.host, sync.port, keepalive=10)
+        deadline = time.monotonic() + BROKER_TIMEOUT
+        while not answer and time.monotonic() < deadline:
+            if client.loop(timeout=0.2) != mqtt.MQTT_ERR_SUCCESS:
+                break
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        return Finding("sync", False, f"MQTT login at {where} failed: {exc}")
+    finally:
+        if answer and not answer[0].is_failure:
+            client.disconnect()
+    if not answer:
+        return Finding(
+            "sync", False,
+            f"the broker at {where} accepted the connection but did not answer the MQTT "
+            "login: is it an MQTT broker, and is the port the MQTT port?",
+        )  # fmt: skip
+    reason = answer[0]
+    if reason.is_failure:
+        hint = REFUSAL_HINTS.get(reason.value, "")
+        return Finding(
+            "sync", False, f"the broker refused the login: {reason} (0x{reason.value:02x}){hint}"
+        )
+    who = f" as {sync.username}" if sync.username else " (anonymous)"
+    return Finding("sync", True, f"broker accepted the MQTT login{who}")
 
 
 def _password_file(config: Config) -> Path | None:

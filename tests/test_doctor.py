@@ -153,6 +153,7 @@ def test_a_reachable_broker_passes_and_a_closed_port_is_a_problem(loaded_box, br
     code, lines = doctor_lines(loaded_box, "--user", ME)
     assert code == 0, lines
     assert f"ok       sync: broker 127.0.0.1:{broker.port} reachable" in lines
+    assert "ok       sync: broker accepted the MQTT login (anonymous)" in lines
     port = free_port()  # nothing listens there: a real refused connection
     loaded_box.config_path.write_text(text + sync_config(f"mqtt://127.0.0.1:{port}"))
     code, lines = doctor_lines(loaded_box, "--user", ME)
@@ -167,6 +168,7 @@ def test_tls_broker_with_the_right_ca_the_wrong_ca_and_unreadable_files(
     box = fresh(tls_box(tmp_path / "box", keyset, tls_broker))
     code, lines = doctor_lines(box, "--user", ME)
     assert f"ok       sync: broker 127.0.0.1:{tls_broker.port} reachable over TLS" in lines
+    assert "ok       sync: broker accepted the MQTT login as box-1" in lines
     other = Authority(tmp_path / "other", name="someone else's CA")
     wrong = fresh(tls_box(tmp_path / "wrong", keyset, tls_broker, ca=other.ca_file))
     _, lines = doctor_lines(wrong, "--user", ME)
@@ -180,6 +182,14 @@ def test_tls_broker_with_the_right_ca_the_wrong_ca_and_unreadable_files(
     key_file.write_text("not a key\n")
     _, lines = doctor_lines(box, "--user", ME)
     assert any("TLS files unusable" in p for p in problems(lines))
+
+
+def test_a_wrong_mqtt_password_is_a_problem_that_names_the_key(tmp_path, keyset, tls_broker):
+    box = fresh(tls_box(tmp_path / "box", keyset, tls_broker, password="wrong"))
+    code, lines = doctor_lines(box, "--user", ME)
+    assert code == 1
+    (line,) = [p for p in problems(lines) if "sync" in p]
+    assert "refused the login" in line and "password_file" in line
 
 
 def test_too_little_free_disk_is_a_problem(loaded_box):
