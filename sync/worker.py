@@ -165,6 +165,7 @@ class Sync:
             except queue.Empty:
                 event = None
             now = self.clock()
+            applied = self.intake.applied
             try:
                 while event is not None:
                     if isinstance(event, Up):
@@ -176,6 +177,10 @@ class Sync:
                         event = self.events.get_nowait()
                     except queue.Empty:
                         event = None
+                if self.intake.applied != applied:
+                    # The status is the box's acknowledgement of a batch: its cache_seq
+                    # rises only once the batch is committed. Tell the backend now.
+                    next_status = now
                 if self.session.connected:
                     self.intake.tick()
                     self.pump.fill(now)

@@ -391,6 +391,28 @@ def test_chunked_batches_out_of_order_are_applied_and_change_verdicts(
     assert run.state()["refused"] == 0
 
 
+def test_an_applied_batch_is_acknowledged_at_once_in_the_retained_status(
+    tmp_path,
+    keyset,
+    broker,
+    backend,
+    running,
+):
+    # status_every is an hour: only the batch itself can make the box publish again.
+    box = sync_box(tmp_path, keyset, broker)
+    text = box.config_path.read_text()
+    box.config_path.write_text(text.replace('status_every = "1s"', 'status_every = "1h"'))
+    run = running(box).start()
+    wait_for(lambda: [s for s in backend.statuses() if s.get("cache_seq") == 2], "first status")
+    for chunk in batch.split(keyset.issue_batch(new_codes(3), seq=3)):
+        backend.publish(f"{P}/batches/3", chunk)
+    acked = wait_for(
+        lambda: [s for s in backend.statuses() if s.get("cache_seq") == 3], "status with batch 3"
+    )
+    assert acked[-1]["state"] == "online"
+    assert trust.state(run.reader, "demo").last_seq == 3
+
+
 def test_forged_truncated_and_garbage_downstream_messages_are_refused_and_change_nothing(
     tmp_path,
     keyset,
