@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Mapping
-from functools import cache
+from functools import cache, lru_cache
 from types import MappingProxyType
 
 from evdev import InputEvent, ecodes
@@ -75,6 +75,7 @@ _update_mask = lib.xkb_state_update_mask
 _serialize_mods = lib.xkb_state_serialize_mods
 _serialize_layout = lib.xkb_state_serialize_layout
 _mod_is_active = lib.xkb_state_mod_index_is_active
+_get_utf8 = lib.xkb_state_key_get_utf8
 _EV_KEY = ecodes.EV_KEY
 _EV_SYN = ecodes.EV_SYN
 _SYN_REPORT = ecodes.SYN_REPORT
@@ -92,14 +93,24 @@ _KEYPAD_DIGITS = {getattr(ecodes, f"KEY_KP{digit}"): str(digit) for digit in ran
 # Dead keysyms (dead_grave ... dead_currency and friends) start a compose sequence.
 _DEAD_FIRST, _DEAD_LAST = 0xFE50, 0xFE93
 _KEY_MAX = ecodes.KEY_MAX
+_SHIFT_KEYS = (ecodes.KEY_LEFTSHIFT, ecodes.KEY_RIGHTSHIFT)
 
 _context_lock = threading.Lock()
 
 # Per xkb state: keycode -> text it adds, keycode -> (text, keysym), Alt held, Ctrl held,
-# keycode -> text it adds without xkb being told (see KeyDecoder.__init__).
-_StateTables = tuple[dict[int, str], dict[int, tuple[str, int]], bool, bool, Mapping[int, str]]
+# keycode -> text it adds without xkb being told, Shift keycode -> the same with that
+# Shift held without xkb being told (see KeyDecoder.__init__).
+_StateTables = tuple[
+    dict[int, str],
+    dict[int, tuple[str, int]],
+    bool,
+    bool,
+    Mapping[int, str],
+    Mapping[int, Mapping[int, str]],
+]
 # `_plain` while xkb must see every key; read-only, so no key is ever learned into it.
 _NOTHING: Mapping[int, str] = MappingProxyType({})
+_NO_SHIFTS: Mapping[int, Mapping[int, str]] = MappingProxyType({})
 
 
 def _components(state) -> tuple[int, int, int, int, int, int]:
@@ -141,6 +152,79 @@ def _compose_table() -> xkb.ComposeTable | None:
             return None
 
 
+@lru_cache(maxsize=_TABLE_LIMIT)
+def _shift_tables(layout: str, where: tuple[int, ...]) -> Mapping[int, Mapping[int, str]]:
+    """Shift keycode -> keycode -> text, for the Shift keys that xkb can be left out of
+    in the state `where` (its `_components`, one with no filter: see `_changes_nothing`),
+    and the keys it can be left out of while that Shift is held; {} if none.
+
+    A Shift key qualifies if, on a fresh state with these components, its press makes
+    the depressed modifiers Shift and nothing else and its release restores `where`.
+    A key qualifies if it types text (not a terminator, not a dead key) and on a fresh
+    state with that Shift pressed its press and release change nothing, and after
+    them, or between them, the Shift release restores `where`: with and without a key
+    cancelling Shift's clearLocks, which is all such a key can do to xkb's filters.
+    """
+    keymap = _keymap(layout)
+    shifted = (1 << keymap.mod_get_index("Shift"), *where[1:])
+    dead_keys_compose = _compose_table() is not None
+    utf8 = ffi.new("char[64]")
+
+    def pressed(shift: int) -> xkb.KeyboardState | None:
+        """A fresh state in `where` with `shift` pressed, if that gives `shifted`."""
+        owner = keymap.state_new()  # owns the C state (freed with it)
+        _update_mask(owner._state, *where)
+        if _components(owner._state) != where:
+            return None
+        _update_key(owner._state, shift, _DOWN)
+        return owner if _components(owner._state) == shifted else None
+
+    tables = {}
+    for shift_code in _SHIFT_KEYS:
+        shift = shift_code + _XKB_OFFSET
+        alone = pressed(shift)
+        if alone is None:
+            continue
+        _update_key(alone._state, shift, _UP)
+        if _components(alone._state) != where:
+            continue
+        reader = pressed(shift)
+        if reader is None:
+            continue
+        # A plain dict, for the speed of `feed`'s lookup: it becomes `_plain`, which
+        # nothing writes to (keys are learned into `_quiet`).
+        table = {}
+        for code in range(_KEY_MAX + 1):
+            keycode = code + _XKB_OFFSET
+            if code == shift_code or _get_utf8(reader._state, keycode, utf8, 64) <= 0:
+                continue
+            text = ffi.string(utf8, 64).decode("utf-8", "replace")
+            sym = lib.xkb_state_key_get_one_sym(reader._state, keycode)
+            if sym in _TERMINATOR_SYMS or text in _TERMINATOR_TEXT:
+                continue
+            if dead_keys_compose and _DEAD_FIRST <= sym <= _DEAD_LAST:
+                continue
+            # The key released before Shift, and after it.
+            before, after = pressed(shift), pressed(shift)
+            if (
+                before is None
+                or after is None
+                or _update_key(before._state, keycode, _DOWN)
+                or _update_key(before._state, keycode, _UP)
+                or _update_key(after._state, keycode, _DOWN)
+            ):
+                continue
+            _update_key(before._state, shift, _UP)
+            _update_key(after._state, shift, _UP)
+            if _components(before._state) != where or _components(after._state) != where:
+                continue
+            if _update_key(after._state, keycode, _UP) or _components(after._state) != where:
+                continue
+            table[code] = text
+        tables[shift_code] = table
+    return MappingProxyType(tables)
+
+
 class KeyDecoder:
     """Decoder state for ONE input device: its buffer, modifiers and timing.
 
@@ -175,7 +259,10 @@ class KeyDecoder:
         # change, and `_plain` is `_quiet` while no key xkb saw go down is still held:
         # so an ordinary character costs one dict lookup. Keyed by the other components,
         # then by the depressed modifiers: Shift, Ctrl, Alt and AltGr only change the
-        # latter, so most changes cost one xkb call.
+        # latter, so most changes cost one xkb call. `_shifts`: in a state whose
+        # `_quiet` is a table, Shift keycode -> the `_quiet` of "that Shift held", for
+        # the Shift keys xkb need not be told about either (see `_shift_tables`): so
+        # a capital costs four dict operations, not four xkb calls and two swaps.
         self._tables: dict[tuple[int, ...], dict[int, _StateTables]] = {}
         self._table_count = 0
         self._chars: list[str] = []
@@ -194,6 +281,7 @@ class KeyDecoder:
         # Key down -> whether xkb was left out of its press (see `_changes_nothing`).
         self._pressed: dict[int, bool] = {}
         self._held = 0  # keys down whose press xkb saw
+        self._virtual_shift = -1  # the Shift key down that xkb was not told of, if any
         self._alt_digits = ""
         self._dropping = False
         self._reset_compose()
@@ -214,19 +302,28 @@ class KeyDecoder:
         tables = self._siblings.get(_serialize_mods(state, _DEPRESSED))
         if tables is None:
             tables = self._new_tables()
-        self._texts, self._meanings, self._alt_down, self._ctrl_down, self._quiet = tables
+        (
+            self._texts,
+            self._meanings,
+            self._alt_down,
+            self._ctrl_down,
+            self._quiet,
+            self._shifts,
+        ) = tables
         self._plain = self._quiet if not self._held and not self._composing else _NOTHING
 
     def _new_tables(self) -> _StateTables:
         state = self._state
         depressed = _serialize_mods(state, _DEPRESSED)
         latched, _, layout_depressed, layout_latched, _ = self._others
+        busy = depressed or latched or layout_depressed or layout_latched
         tables = (
             {},
             {},
             _mod_is_active(state, self._alt, _DEPRESSED) == 1,
             _mod_is_active(state, self._ctrl, _DEPRESSED) == 1,
-            _NOTHING if depressed or latched or layout_depressed or layout_latched else {},
+            _NOTHING if busy else {},
+            _NO_SHIFTS if busy else self._shift_tables((depressed, *self._others)),
         )
         # Junk input can visit many states; past the limit a state's tables live only
         # while it lasts (each holds at most KEY_MAX + 1 keys).
@@ -257,6 +354,19 @@ class KeyDecoder:
             return False
         keycode = code + _XKB_OFFSET
         return _update_key(scratch, keycode, _DOWN) == 0 and _update_key(scratch, keycode, _UP) == 0
+
+    def _shift_tables(self, where: tuple[int, ...]) -> Mapping[int, Mapping[int, str]]:
+        """`_shifts` for the state `where`, one with no modifier depressed or latched."""
+        return _shift_tables(self.layout, where)
+
+    def _tell_xkb_of_shift(self) -> None:
+        """Tell xkb of the press of the Shift held without it, as `feed` would have:
+        its state is then what it would be had it been told all along (the keys typed
+        since changed nothing, see `_shift_tables`)."""
+        code, self._virtual_shift = self._virtual_shift, -1
+        self._pressed[code] = False
+        self._held += 1
+        self._state_changed(_update_key(self._state, code + _XKB_OFFSET, _DOWN))
 
     def _reset_compose(self) -> None:
         self._composing = False
@@ -322,6 +432,20 @@ class KeyDecoder:
                         else:
                             self._append(text)
                         continue
+                    if self._virtual_shift >= 0:
+                        # A key with Shift held that xkb has to see: first the Shift.
+                        self._tell_xkb_of_shift()
+                    elif self._plain is self._quiet:
+                        # No modifier depressed or latched, no key xkb saw held, no
+                        # compose sequence: `_shifts` has the Shift keys xkb need not be
+                        # told of here, each with the keys it need not be told of while
+                        # that Shift is held (see `_shift_tables`).
+                        shifted = self._shifts.get(code)
+                        if shifted is not None:
+                            pressed[code] = True
+                            self._virtual_shift = code
+                            self._plain = shifted
+                            continue
                     pressed[code] = False
                     self._held += 1
                     self._plain = _NOTHING
@@ -370,6 +494,17 @@ class KeyDecoder:
                         changed = _update_key(self._state, code + _XKB_OFFSET, _UP)
                         if changed:
                             self._state_changed(changed)
+                    elif code == self._virtual_shift:
+                        # Had xkb been told of this Shift and of the keys typed with it,
+                        # its state would now be the one it still has. The keys changed
+                        # no component and made no filter; Shift's own filter breaks
+                        # latches, and nothing was latched; its clearLocks clears a
+                        # locked Shift, and what is locked here (NumLock, CapsLock) is not
+                        # Shift: `_shift_tables` checked that the release restores the
+                        # state both with clearLocks cancelled by a key and without. The
+                        # filter ends with the release, so none is left behind.
+                        self._virtual_shift = -1
+                        self._plain = self._quiet
                     self._last = event.sec + event.usec / 1_000_000
                     if self._alt_digits and not self._alt_down:
                         char = self._alt_code()

@@ -427,11 +427,24 @@ class _TellsXkbEverything(KeyDecoder):
     def _changes_nothing(self, code: int) -> bool:
         return False
 
+    def _shift_tables(self, where):
+        return keymap._NO_SHIFTS
+
     def _state_changed(self, changed: int = -1) -> None:
         super()._state_changed(-1)
 
 
-def test_plain_keys_are_decoded_without_asking_xkb(monkeypatch):
+def _xkb_components(decoder: KeyDecoder) -> tuple[int, ...]:
+    """xkb's state as it would be had the decoder told it everything: with a Shift held
+    that xkb was not told of, its state plus Shift depressed."""
+    components = keymap._components(decoder._state)
+    if decoder._virtual_shift < 0:
+        return components
+    assert components[0] == 0
+    return (1 << decoder._keymap.mod_get_index("Shift"), *components[1:])
+
+
+def test_plain_keys_and_capitals_are_decoded_without_asking_xkb(monkeypatch):
     decoder = KeyDecoder("us")
     decoder.feed(Keyboard().type_us("abc123A").enter().events)  # tables learned
     calls = []
@@ -440,9 +453,39 @@ def test_plain_keys_are_decoded_without_asking_xkb(monkeypatch):
     assert decoder.feed(Keyboard().type_us("abc123").enter().events) == [b"abc123"]
     assert len(calls) == 2  # Enter, which ends the code, down and up
     calls.clear()
-    # Shift goes to xkb, and so does the key pressed while it is held.
-    assert decoder.feed(Keyboard().type_us("abcA").enter().events) == [b"abcA"]
-    assert len(calls) == 6
+    # Either Shift, and the keys typed while it is held, need no xkb either.
+    kb = Keyboard().type_us("abcA").tap(e.KEY_B, e.KEY_RIGHTSHIFT).tap(e.KEY_2, e.KEY_LEFTSHIFT)
+    kb.down(e.KEY_LEFTSHIFT).keys(e.KEY_C, e.KEY_D).up(e.KEY_LEFTSHIFT)
+    assert decoder.feed(kb.enter().events) == [b"abcAB@CD"]
+    assert len(calls) == 2
+    calls.clear()
+    # A key that means more than text with Shift goes to xkb, and the Shift before it.
+    assert decoder.feed(Keyboard().type_us("abc").tap(e.KEY_TAB, e.KEY_LEFTSHIFT).events) == [
+        b"abc"
+    ]
+    assert [(code - 8, down) for _, code, down in calls] == [
+        (e.KEY_LEFTSHIFT, keymap._DOWN),
+        (e.KEY_TAB, keymap._DOWN),
+        (e.KEY_TAB, keymap._UP),
+        (e.KEY_LEFTSHIFT, keymap._UP),
+    ]
+
+
+def test_shift_held_then_ctrl_right_bracket_is_still_gs():
+    kb = Keyboard().type_us("10").down(e.KEY_LEFTSHIFT).keys(e.KEY_A)
+    kb.tap(e.KEY_RIGHTBRACE, e.KEY_LEFTCTRL).keys(e.KEY_B).up(e.KEY_LEFTSHIFT)
+    assert scans(kb.type_us("c").enter()) == [b"10A\x1dBc"]
+
+
+def test_shift_with_capslock_locked_types_lowercase():
+    kb = Keyboard().tap(e.KEY_CAPSLOCK).type_us("aB").tap(e.KEY_CAPSLOCK).type_us("cD").enter()
+    assert scans(kb) == [b"AbcD"]
+
+
+def test_both_shift_keys_held_then_one_released_keeps_capitals():
+    kb = Keyboard().down(e.KEY_LEFTSHIFT).keys(e.KEY_A).down(e.KEY_RIGHTSHIFT).keys(e.KEY_B)
+    kb.up(e.KEY_LEFTSHIFT).keys(e.KEY_C).up(e.KEY_RIGHTSHIFT).keys(e.KEY_D).enter()
+    assert scans(kb) == [b"ABCd"]
 
 
 _DIFFERENTIAL_KEYS = [
@@ -512,8 +555,59 @@ def _sessions(draw) -> list[tuple]:
     return draw(st.lists(step, min_size=20, max_size=80))
 
 
-@settings(max_examples=300, deadline=None)
-@given(steps=_sessions(), layout=st.sampled_from(["us", "uk", "de", "fr"]), numlock=st.booleans())
+_SHIFT_KEYS = [e.KEY_LEFTSHIFT, e.KEY_RIGHTSHIFT]
+# What comes with or during a held Shift besides characters.
+_WITH_SHIFT = [e.KEY_CAPSLOCK, e.KEY_NUMLOCK, e.KEY_LEFTCTRL, e.KEY_RIGHTALT, e.KEY_LEFTALT]
+
+
+@st.composite
+def _shift_sessions(draw) -> list[tuple]:
+    """Steps heavy on Shift: capitals and shifted symbols, Shift held across several
+    keys, with CapsLock locked, with Ctrl, Alt or AltGr or the other Shift pressed in
+    between, autorepeated, or with events lost while it is held."""
+    keys = draw(st.lists(st.sampled_from(_DIFFERENTIAL_KEYS), min_size=1, max_size=6, unique=True))
+    key = st.sampled_from(keys)
+    shift = st.sampled_from(_SHIFT_KEYS)
+    other = st.sampled_from(_WITH_SHIFT + _SHIFT_KEYS)
+    anything = st.one_of(key, other, st.sampled_from(keys + _SHIFT_KEYS))
+    dropped = st.tuples(st.just("dropped"), st.none(), st.none())
+    # Inside a held Shift; "repeat" is an autorepeat of that Shift.
+    inner = st.one_of(
+        st.tuples(st.just("tap"), key, st.just([])),
+        st.tuples(st.just("tap"), key, st.lists(other, max_size=2)),
+        st.tuples(st.just("tap"), other, st.just([])),
+        st.tuples(st.just("key"), anything, st.sampled_from([1, 0, 2])),
+        st.tuples(st.just("repeat"), st.none(), st.none()),
+        dropped,
+        st.tuples(st.just("wait"), st.integers(0, 150_000), st.none()),
+    )
+    step = st.one_of(
+        st.tuples(st.just("tap"), key, shift.map(lambda code: [code])),
+        st.tuples(st.just("tap"), key, st.just([])),
+        st.tuples(st.just("held"), shift, st.lists(inner, max_size=6)),
+        st.tuples(st.just("tap"), other, st.just([])),
+        st.tuples(st.just("key"), anything, st.sampled_from([1, 0, 2])),
+        dropped,
+        st.tuples(st.just("wait"), st.integers(0, 300_000), st.none()),
+    )
+    steps = []
+    for what, a, b in draw(st.lists(step, min_size=10, max_size=50)):
+        if what != "held":
+            steps.append((what, a, b))
+            continue
+        steps.append(("key", a, 1))
+        for inner_what, x, y in b:
+            steps.append(("key", a, 2) if inner_what == "repeat" else (inner_what, x, y))
+        steps.append(("key", a, 0))
+    return steps
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    steps=st.one_of(_sessions(), _shift_sessions()),
+    layout=st.sampled_from(["us", "uk", "de", "fr"]),
+    numlock=st.booleans(),
+)
 def test_leaving_xkb_out_never_changes_what_is_decoded(steps, layout, numlock):
     ours = KeyDecoder(layout, numlock=numlock, min_length=1)
     reference = _TellsXkbEverything(layout, numlock=numlock, min_length=1)
@@ -530,7 +624,7 @@ def test_leaving_xkb_out_never_changes_what_is_decoded(steps, layout, numlock):
             kb.wait(a / 1_000_000)
         for event in kb.events:
             assert ours.feed([event]) == reference.feed([event])
-            assert keymap._components(ours._state) == keymap._components(reference._state)
+            assert _xkb_components(ours) == keymap._components(reference._state)
         assert ours.flush(kb.now) == reference.flush(kb.now)
         assert (ours.pending, ours.deadline) == (reference.pending, reference.deadline)
     assert ours.flush(kb.now + 1) == reference.flush(kb.now + 1)
