@@ -115,6 +115,9 @@ def test_a_box_end_to_end_through_reload_crash_full_disk_and_stop(fleet, disk, t
     box = fleet.box("box-e2e", extra=scanner + api, state_dir=disk.path)
     daemon = fleet.run(box)
     pos = subscribe(socket_path)
+    # pyserial flushes the port's input when it opens it: what the scanner sent before
+    # the daemon had the port is gone, as with a real scanner. Send once it is open.
+    wait_for(lambda: "scanner counter: open" in box.stderr(), "the serial port open")
     shown: list[dict] = []
 
     def next_event() -> dict:
@@ -156,8 +159,6 @@ def test_a_box_end_to_end_through_reload_crash_full_disk_and_stop(fleet, disk, t
     opened = box.stderr().count("scanner counter: open")
     daemon = fleet.run(box)
     pos = subscribe(socket_path)
-    # pyserial flushes the port's input when it opens it: what the scanner sent while
-    # no daemon had the port is gone, as after an unplug. Send once it is open again.
     wait_for(lambda: box.stderr().count("scanner counter: open") > opened, "the port reopened")
     pty.send(codes("FLEET-0100"))
     after = next_event()
