@@ -380,21 +380,14 @@ def _mqtt_login(sync, box_id: str) -> Finding:
     the running daemon off to let this check in."""
     import paho.mqtt.client as mqtt
 
-    from sync.session import REFUSAL_HINTS
+    from sync.session import REFUSAL_HINTS, use_credentials
 
     answer: list = []
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2, client_id=f"{box_id}-doctor", protocol=mqtt.MQTTv5
     )
     client.on_connect = lambda c, u, flags, reason, props: answer.append(reason)
-    if sync.username:
-        client.username_pw_set(sync.username, sync.password)
-    if sync.tls:
-        client.tls_set(
-            ca_certs=str(sync.ca_file) if sync.ca_file else None,
-            certfile=str(sync.cert_file) if sync.cert_file else None,
-            keyfile=str(sync.key_file) if sync.key_file else None,
-        )
+    use_credentials(client, sync)
     where = f"{sync.host}:{sync.port}"
     try:
         client.connect(sync.host, sync.port, keepalive=10)

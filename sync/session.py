@@ -99,6 +99,20 @@ class LinkSettings(Protocol):
     max_inflight: int
 
 
+def use_credentials(client: mqtt.Client, settings: LinkSettings) -> None:
+    """Username/password and TLS (CA, client certificate) from `[sync]`, on a paho
+    client: the same for the box's session and for `redeemd doctor`'s login check."""
+    if settings.username:
+        client.username_pw_set(settings.username, settings.password)
+    if settings.tls:
+        client.tls_set(
+            ca_certs=str(settings.ca_file) if settings.ca_file else None,
+            certfile=str(settings.cert_file) if settings.cert_file else None,
+            keyfile=str(settings.key_file) if settings.key_file else None,
+            cert_reqs=ssl.CERT_REQUIRED,
+        )
+
+
 class Session:
     def __init__(
         self,
@@ -184,15 +198,7 @@ class Session:
         # paho's own window must not hold back what the pump decided to send, nor the
         # status and requests that travel beside the events.
         client.max_inflight_messages_set(s.max_inflight + 16)
-        if s.username:
-            client.username_pw_set(s.username, s.password)
-        if s.tls:
-            client.tls_set(
-                ca_certs=str(s.ca_file) if s.ca_file else None,
-                certfile=str(s.cert_file) if s.cert_file else None,
-                keyfile=str(s.key_file) if s.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
+        use_credentials(client, s)
         topic, payload = self.will
         client.will_set(topic, payload, qos=1, retain=True)
         client.on_connect = self._on_connect
