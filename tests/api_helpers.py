@@ -10,9 +10,9 @@ import json
 import queue
 import socket
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
+
+from conftest import wait_for  # noqa: F401  (tests import it from here)
 
 from cards.scan import Scan
 from daemon.api import ApiCall, ApiServer, Error, error
@@ -20,16 +20,6 @@ from daemon.api_commands import Commands
 from daemon.engine import Engine
 
 WAIT = 20.0  # generous: reaching it means something hangs, and the test says what
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout: float = WAIT) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Client:

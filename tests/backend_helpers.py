@@ -15,6 +15,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from conftest import ROOT
+from conftest import wait_for as wait_until
 
 from backend.keystore import Keystore
 from backend.store import IssuedBatch, Store
@@ -22,17 +23,6 @@ from cards import batch, keys
 from cards.batch import Kind
 
 PREFIX = "redeemd/v1"
-
-
-def wait_until(predicate: Callable[[], object], what: str, timeout: float = 30.0):
-    """Poll `predicate` until it returns something truthy; fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def make_backend(directory: Path, merchants: tuple[str, ...] = ("demo",)) -> Keystore:
