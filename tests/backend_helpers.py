@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 from conftest import ROOT
 from conftest import wait_for as wait_until
 
@@ -171,3 +172,17 @@ class CliProcess:
             code = self.process.wait(10)
         self._reader.join(5)
         return code
+
+
+@pytest.fixture
+def boxes(broker):
+    """make(name) -> a FakeBox on the test's broker, closed after the test."""
+    made: list[FakeBox] = []
+
+    def make(name: str, extra: tuple[str, ...] = ()) -> FakeBox:
+        made.append(FakeBox(broker.port, name, extra=extra))
+        return made[-1]
+
+    yield make
+    for box in made:
+        box.close()

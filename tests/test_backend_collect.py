@@ -1,5 +1,6 @@
 """`redeemd-backend collect` against a real Mosquitto, with plain paho clients as boxes."""
 
+# ruff: noqa: F811  (the broker and boxes fixtures are imported, then named as parameters)
 from __future__ import annotations
 
 import os
@@ -10,6 +11,7 @@ from backend_helpers import (
     PREFIX,
     CliProcess,
     FakeBox,
+    boxes,  # noqa: F401  (fixture)
     issue,
     make_backend,
     record,
@@ -40,19 +42,6 @@ def collector(backend_dir, broker):  # noqa: F811
     wait_until(instance.link.connected.is_set, "collector connected")
     yield instance
     instance.stop()
-
-
-@pytest.fixture
-def boxes(broker):  # noqa: F811
-    made: list[FakeBox] = []
-
-    def make(name: str, extra: tuple[str, ...] = ()) -> FakeBox:
-        made.append(FakeBox(broker.port, name, extra=extra))
-        return made[-1]
-
-    yield make
-    for box in made:
-        box.close()
 
 
 def stored(backend_dir) -> list[tuple]:

@@ -1,12 +1,22 @@
 """`redeemd-backend publish` against a real Mosquitto, with plain paho clients as boxes."""
 
+# ruff: noqa: F811  (the broker and boxes fixtures are imported, then named as parameters)
 from __future__ import annotations
 
 import subprocess
 import sys
 
 import pytest
-from backend_helpers import PREFIX, CliProcess, FakeBox, issue, make_backend, roots, wait_until
+from backend_helpers import (
+    PREFIX,
+    CliProcess,
+    FakeBox,
+    boxes,  # noqa: F401  (fixture)
+    issue,
+    make_backend,
+    roots,
+    wait_until,
+)
 from broker import broker  # noqa: F401  (fixture)
 from conftest import ROOT
 
@@ -24,19 +34,6 @@ def backend_dir(tmp_path):
     directory = tmp_path / "backend"
     make_backend(directory)
     return directory
-
-
-@pytest.fixture
-def boxes(broker):  # noqa: F811
-    made: list[FakeBox] = []
-
-    def make(name: str, extra: tuple[str, ...] = ()) -> FakeBox:
-        made.append(FakeBox(broker.port, name, extra=extra))
-        return made[-1]
-
-    yield make
-    for box in made:
-        box.close()
 
 
 @pytest.fixture
