@@ -23,9 +23,7 @@ backend.db) can run side by side. For every message, in this order:
 from __future__ import annotations
 
 import json
-import os
 import queue
-import socket
 import sqlite3
 import threading
 import time
@@ -35,7 +33,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 from backend import publish
-from backend.connection import Connection
+from backend.connection import Connection, default_client_id
 from backend.events import Event, EventError, parse_message
 from backend.keystore import Keystore, KeystoreError
 from backend.store import IssuedBatch, Store, Stored
@@ -70,13 +68,8 @@ class Collector:
         self.keystore = Keystore(directory)
         # Conflicts are answered with a signed batch: without the issuer key and its
         # delegation the collector could only flag them, so refuse to start instead.
-        self.keystore.private("issuer")
-        self.keystore.delegation()
-        self.link = Connection(
-            broker,
-            client_id or f"redeemd-collect-{group}-{socket.gethostname()}-{os.getpid()}",
-            say,
-        )
+        self.keystore.require_signing()
+        self.link = Connection(broker, client_id or default_client_id(f"collect-{group}"), say)
         self._inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self._unpublished: list[IssuedBatch] = []
         self._stop = threading.Event()

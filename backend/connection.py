@@ -16,7 +16,9 @@ Subscriptions are renewed on every connect (the broker may have lost the session
 
 from __future__ import annotations
 
+import os
 import random
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -36,6 +38,12 @@ PUBLISH_TIMEOUT = 30.0
 # gone, until the session expires. A clean stop ends the session at once (below);
 # after a crash the boxes resend what was not acked (their `request_retry`).
 SESSION_EXPIRY = 30
+
+
+def default_client_id(role: str) -> str:
+    """A client id unique per process: two collectors with one id would throw each
+    other off the broker."""
+    return f"redeemd-{role}-{socket.gethostname()}-{os.getpid()}"
 
 
 class BrokerUrlError(ValueError):

@@ -69,6 +69,13 @@ class Keystore:
     def save_delegation(self, delegation: keys.Delegation) -> None:
         self._write("issuer.delegation.json", json.dumps(delegation.to_json()), secret=False)
 
+    def require_signing(self) -> None:
+        """Fail now, with the command that fixes it, if this directory cannot sign
+        batches and manifests (issuer key and its delegation), rather than at the first
+        one a running publisher or collector must sign."""
+        self.private("issuer")
+        self.delegation()
+
     def delegation(self) -> keys.Delegation:
         text = self._read("issuer.delegation.json", "run `redeemd-backend delegate`")
         roots = {keys.key_id(self.public("root")): self.public("root")}

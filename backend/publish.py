@@ -20,9 +20,7 @@ messages) and at least every heartbeat.
 from __future__ import annotations
 
 import json
-import os
 import queue
-import socket
 import sqlite3
 import threading
 import time
@@ -31,7 +29,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from backend.connection import Connection
+from backend.connection import Connection, default_client_id
 from backend.keystore import Keystore, KeystoreError
 from backend.store import IssuedBatch, Store
 from cards import keys, manifest
@@ -107,14 +105,8 @@ class Publisher:
         self.poll = poll
         self.say = say
         self.keystore = Keystore(directory)
-        # Fail now, with the command that fixes it, rather than at the first manifest.
-        self.keystore.private("issuer")
-        self.keystore.delegation()
-        self.link = Connection(
-            broker,
-            client_id or f"redeemd-publish-{socket.gethostname()}-{os.getpid()}",
-            say,
-        )
+        self.keystore.require_signing()
+        self.link = Connection(broker, client_id or default_client_id("publish"), say)
         self._requests: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self._signed: dict[str, tuple[int, float]] = {}
         """merchant -> (latest_seq, monotonic time) of the last manifest the broker took."""
