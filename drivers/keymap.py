@@ -239,6 +239,7 @@ class KeyDecoder:
     ):
         self.layout = layout
         self.gap = gap
+        self._gap_us = round(gap * 1_000_000)
         self.min_length = min_length
         self.numlock = numlock
         self._keymap = _keymap(layout)
@@ -265,9 +266,13 @@ class KeyDecoder:
         # a capital costs four dict operations, not four xkb calls and two swaps.
         self._tables: dict[tuple[int, ...], dict[int, _StateTables]] = {}
         self._table_count = 0
+        # Past MAX_CHARS items the burst is junk: one item more marks it (see `_append`).
         self._chars: list[str] = []
-        self._overflow = False
-        self._last: float | None = None
+        # The last key event: its time is read only when the next key comes, and the gap
+        # is checked in the kernel's integer seconds and microseconds, which within one
+        # second is two small-int operations (a float time made per key cost more than
+        # a tenth of the decoding).
+        self._last_key = InputEvent(0, 0, _EV_KEY, 0, 0)
         self._reset_keys()
 
     def _reset_keys(self) -> None:
@@ -376,21 +381,19 @@ class KeyDecoder:
     def reset(self) -> None:
         """Forget the partial code and all modifier state (as after SYN_DROPPED)."""
         self._chars.clear()
-        self._overflow = False
-        self._last = None
         self._reset_keys()
 
     @property
     def pending(self) -> bool:
         """True while a code is in progress."""
-        return bool(self._chars or self._overflow or self._alt_digits)
+        return bool(self._chars or self._alt_digits)
 
     @property
     def deadline(self) -> float | None:
         """Event-clock time after which `flush` ends the code in progress, or None."""
-        if not self.pending or self._last is None:
+        if not self.pending:
             return None
-        return self._last + self.gap
+        return self._last_key.sec + self._last_key.usec / 1_000_000 + self.gap
 
     def feed(self, events: Iterable[InputEvent]) -> list[bytes]:
         """Codes completed by these events, in order."""
@@ -414,23 +417,22 @@ class KeyDecoder:
                     text = self._plain.get(code)
                     if text is None and not 0 <= code <= _KEY_MAX:
                         continue
-                    at = event.sec + event.usec / 1_000_000
-                    last = self._last
-                    if (
-                        last is not None
-                        and at - last > self.gap
-                        and (self._chars or self._overflow or self._alt_digits)
-                    ):
-                        self._finish(out)
-                    self._last = at
+                    if self._chars or self._alt_digits:
+                        last = self._last_key
+                        sec = event.sec
+                        if (
+                            event.usec - last.usec
+                            if sec == last.sec
+                            else (sec - last.sec) * 1_000_000 + event.usec - last.usec
+                        ) > self._gap_us:
+                            self._finish(out)
+                    self._last_key = event
                     if text is not None:
                         # A key xkb has nothing to do with here (see `_changes_nothing`).
                         pressed[code] = True
                         chars = self._chars
-                        if not self._overflow and len(chars) < MAX_CHARS:
+                        if len(chars) <= MAX_CHARS:
                             chars.append(text)
-                        else:
-                            self._append(text)
                         continue
                     if self._virtual_shift >= 0:
                         # A key with Shift held that xkb has to see: first the Shift.
@@ -458,10 +460,8 @@ class KeyDecoder:
                         changed = _update_key(self._state, code + _XKB_OFFSET, _DOWN)
                         if not changed:
                             chars = self._chars
-                            if not self._overflow and len(chars) < MAX_CHARS:
+                            if len(chars) <= MAX_CHARS:
                                 chars.append(text)
-                            else:
-                                self._append(text)
                             continue
                         # A key that types and also changes the state: the text was read
                         # before the change, what it means is decided after it.
@@ -505,7 +505,7 @@ class KeyDecoder:
                         # filter ends with the release, so none is left behind.
                         self._virtual_shift = -1
                         self._plain = self._quiet
-                    self._last = event.sec + event.usec / 1_000_000
+                    self._last_key = event
                     if self._alt_digits and not self._alt_down:
                         char = self._alt_code()
                         if char in _TERMINATOR_TEXT:
@@ -541,10 +541,10 @@ class KeyDecoder:
             char = self._alt_code()
             if char not in _TERMINATOR_TEXT:
                 self._append(char)
-        if self._chars and not self._overflow and len(self._chars) >= self.min_length:
-            out.append("".join(self._chars).encode("utf-8"))
-        self._chars.clear()
-        self._overflow = False
+        chars = self._chars
+        if chars and self.min_length <= len(chars) <= MAX_CHARS:
+            out.append("".join(chars).encode("utf-8"))
+        chars.clear()
         self._alt_digits = ""
         self._reset_compose()
 
@@ -615,12 +615,10 @@ class KeyDecoder:
         return bytes([number]).decode(codec, errors="replace")
 
     def _append(self, text: str) -> None:
-        if self._overflow or not text:
-            return
-        self._chars.append(text)
-        if len(self._chars) > MAX_CHARS:
-            self._chars.clear()
-            self._overflow = True
+        # A burst that overflowed keeps MAX_CHARS + 1 items until it ends, and `_finish`
+        # drops it: the memory is bounded and nothing of it becomes a code.
+        if text and len(self._chars) <= MAX_CHARS:
+            self._chars.append(text)
 
 
 def decode(

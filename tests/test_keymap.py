@@ -196,6 +196,17 @@ def test_pause_shorter_than_gap_keeps_one_scan():
     assert scans(kb, gap=0.1) == [b"abcdef"]
 
 
+def test_gap_is_measured_exactly_in_the_kernels_microseconds_across_a_second():
+    # "c" is released at .960 s; "d" is pressed exactly `gap` later, in the next second
+    # (the same scan), or 1 us more (a new one). Float seconds since 1970 are 0.2 us
+    # coarse, and their difference is off by as much.
+    for extra_us, expected in ((0, [b"abcdef"]), (1, [b"abc", b"def"])):
+        kb = Keyboard(start=1_700_000_000.95)
+        kb.type_us("abc")  # 6 reports; the next one is 100 ms after the last
+        kb.wait((100_000 - STEP_US + extra_us) / 1_000_000).type_us("def").enter()
+        assert scans(kb, gap=0.1) == expected, extra_us
+
+
 def test_flush_returns_code_only_once_gap_has_elapsed():
     kb = Keyboard().type_us("12345")
     decoder = KeyDecoder("us", gap=0.1)
