@@ -267,6 +267,10 @@ def _cache(config: Config, now: float, newest: int | None) -> Finding:
 def _scanner(scanner: ScannerConfig, account: Account) -> Iterator[Finding]:
     where = f"scanner {scanner.name}"
     settings = scanner.settings
+    missing = _missing_software(scanner)
+    if missing:
+        yield Finding(where, False, missing)
+        return
     if scanner.type == "stdin":
         if settings["path"] == "-":
             yield Finding(where, True, "standard input")
@@ -308,6 +312,25 @@ def _scanner(scanner: ScannerConfig, account: Account) -> Iterator[Finding]:
         )  # fmt: skip
         return
     yield Finding(where, True, f"{path} ({scanner.type}) {'read/write' if write else 'readable'}")
+
+
+def _missing_software(scanner: ScannerConfig) -> str | None:
+    """What the daemon would report for this scanner before touching its device: a
+    Python package or ffmpeg that is not installed."""
+    from daemon.service import build_driver
+    from drivers.supervisor import DriverError, Unavailable
+
+    driver = build_driver(scanner)
+    if isinstance(driver, Unavailable):
+        return driver.reason
+    if scanner.type == "camera":
+        from drivers.camera import find_ffmpeg
+
+        try:
+            find_ffmpeg(str(scanner.settings.get("ffmpeg", "ffmpeg")))
+        except DriverError as exc:
+            return str(exc)
+    return None
 
 
 # ---------------------------------------------------------------- sync

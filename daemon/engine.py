@@ -70,7 +70,12 @@ class Engine:
         self.clock = clock
         self.zone = None if config.box.timezone == "local" else ZoneInfo(config.box.timezone)
         self.alarm: str | None = None
-        self._recent: OrderedDict[tuple[str, bytes], float] = OrderedDict()
+        # (source, code key) -> (monotonic time of its last read, whether that read was
+        # accepted, None until decided): the debounce window, and the answer a scanner in
+        # host-ACK mode gets for a repeat (it waits for one after every read).
+        self._recent: OrderedDict[tuple[str, bytes], tuple[float, bool | None]] = OrderedDict()
+        self.repeat_accepted: bool | None = None
+        """After `handle` returned None: whether the read it repeats was accepted."""
         self._data_version = -1
         self._next_seq = ledger.last_seq(conn) + 1
         self._recorded = False
@@ -119,15 +124,17 @@ class Engine:
             if self._debounced(scan.source, key):
                 return None
             detail = str(exc)
-            return self._write(
+            result = self._write(
                 lambda: self._record_reject(Reason.MALFORMED, detail, None, None, scan), scan, None
             )
+            return self._answered(scan.source, key, result)
         digest = self._digest(text)
         if self._debounced(scan.source, digest):
             return None
-        return self._write(
+        result = self._write(
             lambda: self._evaluate(text, digest, scan, action=None, record=True), scan, digest
         )
+        return self._answered(scan.source, digest, result)
 
     def check(self, text: str, source: str = "cli") -> Verdict | PaymentCode:
         """Verdict for a code without recording or redeeming anything."""
@@ -183,13 +190,29 @@ class Engine:
         # Oldest read first (a read moves its key to the end), so expiry stops at the
         # first live entry: amortised O(1) per scan even when a burst fills the whole window.
         while recent:
-            oldest, at = next(iter(recent.items()))
+            oldest, (at, _) = next(iter(recent.items()))
             if now - at < window:
                 break
             del recent[oldest]
         last = recent.pop((source, key), None)
-        recent[(source, key)] = now
-        return last is not None and now - last < window
+        if last is not None and now - last[0] < window:
+            recent[(source, key)] = (now, last[1])
+            self.repeat_accepted = last[1]
+            return True
+        recent[(source, key)] = (now, None)
+        return False
+
+    def _answered(
+        self, source: str, key: bytes, result: Verdict | PaymentCode
+    ) -> Verdict | PaymentCode:
+        """Remember how a read was answered, for its repeats (see `repeat_accepted`). A
+        payment code is a good read: it was passed on to the POS app."""
+        at, _ = self._recent[(source, key)]
+        self._recent[(source, key)] = (
+            at,
+            True if isinstance(result, PaymentCode) else result.accepted,
+        )
+        return result
 
     def _evaluate(
         self,

@@ -26,7 +26,7 @@ from daemon.config import Config, ConfigError, ScannerConfig
 from daemon.engine import Engine, PaymentCode
 from daemon.hooks import VerdictHook
 from daemon.notify import Notifier
-from drivers.supervisor import Driver, Supervisor
+from drivers.supervisor import Driver, Supervisor, Unavailable
 from storage import api_requests
 from storage.database import open_database
 from sync.worker import Sync
@@ -80,6 +80,22 @@ def make_driver(scanner: ScannerConfig) -> Driver:
     raise ValueError(f"unknown scanner type {scanner.type!r}")  # config validation prevents it
 
 
+def build_driver(scanner: ScannerConfig) -> Driver:
+    """`make_driver`, or an `Unavailable` stand-in saying why the driver cannot be built
+    here: one scanner whose package is missing must not stop the box."""
+    try:
+        return make_driver(scanner)
+    except ImportError as exc:
+        reason = (
+            f"{scanner.type} scanners need the Python package {exc.name or exc}, which is "
+            "not installed: install redeemd with its drivers extra (systemd/install.sh "
+            "--extras drivers, or pip install 'redeemd[drivers]'), then restart redeemd"
+        )
+    except Exception as exc:
+        reason = f"cannot set up this {scanner.type} scanner: {exc}"
+    return Unavailable(scanner.name, scanner.type, reason)
+
+
 class Service:
     STATUS_EVERY = 2.0
 
@@ -108,7 +124,6 @@ class Service:
         self._api_closed = threading.Event()
         self.stopping = threading.Event()
         self.supervisors: dict[str, Supervisor] = {}
-        self._last_feedback: dict[str, Verdict] = {}
         self.status_path = config.box.state_dir / "status.json"
         self.sync: Sync | None = None
 
@@ -182,13 +197,15 @@ class Service:
             self._show(result)
             if self.commands is not None:
                 self.commands.scanned(scan, result)
-            self._feedback(scan.source, result)
+            # A payment code passed on to the POS app is a good read.
+            self._feedback(scan.source, isinstance(result, PaymentCode) or result.accepted)
             if self.hook is not None and isinstance(result, Verdict):
                 self.hook.submit(result.to_json())
-        elif scan.source in self._last_feedback:
-            # A debounced repeat is the same read: answer it the same way, because
-            # scanners in host-ACK mode wait for an answer to every read.
-            self._feedback(scan.source, self._last_feedback[scan.source])
+        elif engine.repeat_accepted is not None:
+            # A debounced repeat is the same read: answer it as that read was answered
+            # (not as the read before it, which may be another code), because scanners
+            # in host-ACK mode wait for an answer to every read.
+            self._feedback(scan.source, engine.repeat_accepted)
 
     def _drain(self, engine: Engine, limit: float = 2.0) -> None:
         """On the way out, decide the reads already queued (the drivers are stopped,
@@ -298,7 +315,7 @@ class Service:
             self._start_driver(scanner)
 
     def _start_driver(self, scanner: ScannerConfig) -> None:
-        supervisor = Supervisor(make_driver(scanner), self.scans.put)
+        supervisor = Supervisor(build_driver(scanner), self.scans.put)
         # The thread ends by putting None, so the loop notices an ended source.
         supervisor.thread = threading.Thread(
             target=self._drive, args=(supervisor,), name=f"scanner-{scanner.name}", daemon=True
@@ -416,13 +433,12 @@ class Service:
             if not supervisor.stop(timeout=2.0):
                 log.warning("scanner %s did not stop within 2 s", name)
 
-    def _feedback(self, source: str, result: Verdict | PaymentCode) -> None:
+    def _feedback(self, source: str, accepted: bool) -> None:
         supervisor = self.supervisors.get(source)
-        if supervisor is None or isinstance(result, PaymentCode):
+        if supervisor is None:
             return
-        self._last_feedback[source] = result
         try:
-            supervisor.driver.feedback(result.accepted)
+            supervisor.driver.feedback(accepted)
         except Exception as exc:  # a beep that fails must not lose the next scan
             log.warning("scanner %s: feedback failed: %s", source, exc)
 

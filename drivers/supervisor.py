@@ -9,6 +9,7 @@ one flaky hub does not retry in lockstep) and runs the driver again.
 
 from __future__ import annotations
 
+import errno
 import logging
 import random
 import threading
@@ -23,7 +24,20 @@ log = logging.getLogger("redeemd.drivers")
 
 
 class DriverError(RuntimeError):
-    """A scanner cannot be used right now; the message tells the technician why and what to do."""
+    """A scanner cannot be used right now; the message tells the technician why and what to do.
+
+    Shown as state `error`: something on the box needs fixing (permissions, a port held
+    by another program, a missing ffmpeg), though the driver keeps retrying.
+    """
+
+
+class DeviceGone(DriverError):
+    """The scanner is not there: unplugged, or not plugged in yet. State `disconnected`:
+    the normal life of a USB device, which comes back by itself when it is plugged in."""
+
+
+# OSErrors that mean the device went away, not that something is wrong with the box.
+_GONE_ERRNOS = frozenset((errno.ENOENT, errno.ENODEV, errno.ENXIO, errno.EIO))
 
 
 @dataclass
@@ -65,6 +79,25 @@ class Driver(Protocol):
     def close(self) -> None:
         """Called from another thread on shutdown: make run() return soon."""
         ...
+
+
+class Unavailable:
+    """Stands in for a scanner whose driver cannot even be built on this box (its Python
+    package missing, no keyboard layouts): it shows as `error` with the reason in
+    `redeemd status` and the journal (once), and the daemon and the other scanners run
+    on. Installing what is missing and restarting redeemd brings the scanner up."""
+
+    def __init__(self, name: str, kind: str, reason: str):
+        self.name, self.kind, self.reason = name, kind, reason
+
+    def run(self, emit: Callable[[Scan], None], stop: threading.Event, state: DriverState) -> None:
+        raise DriverError(self.reason)
+
+    def feedback(self, accepted: bool) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class Supervisor:
@@ -119,9 +152,10 @@ class Supervisor:
                     log.info("scanner %s: input ended", self.driver.name)
                 break
             except (DriverError, OSError) as exc:
-                self.state.state = "disconnected"
-                self.state.message = str(exc)
-                log.warning("scanner %s: %s; retrying", self.driver.name, exc)
+                gone = isinstance(exc, DeviceGone) or (
+                    not isinstance(exc, DriverError) and exc.errno in _GONE_ERRNOS
+                )
+                self._report("disconnected" if gone else "error", str(exc))
             except Exception as exc:  # a driver bug must not end the daemon
                 self.state.state = "error"
                 self.state.message = f"{type(exc).__name__}: {exc}"
@@ -134,3 +168,12 @@ class Supervisor:
             self.state.restarts += 1
         if self._stop.is_set():
             self.state.state = "stopped"
+            self.state.message = ""
+
+    def _report(self, state: str, message: str) -> None:
+        """Record a failure; log it only when it is news, so that a scanner left
+        unplugged does not write the same line to the journal every half minute."""
+        news = (state, message) != (self.state.state, self.state.message)
+        self.state.state, self.state.message = state, message
+        level = logging.WARNING if news else logging.DEBUG
+        log.log(level, "scanner %s: %s; retrying", self.driver.name, message)

@@ -217,3 +217,14 @@ def test_doctor_as_root_leaves_the_database_files_to_their_owner(loaded_box):
     for path in loaded_box.dir.glob("redeemd.db-*"):  # a reader makes -wal and -shm
         st = path.stat()
         assert (st.st_uid, st.st_gid) == (owner.st_uid, owner.st_gid), path
+
+
+def test_a_camera_scanner_without_ffmpeg_is_a_problem_saying_what_to_install(loaded_box):
+    add(
+        loaded_box,
+        '\n[[scanner]]\ntype = "camera"\nname = "cam"\ndevice = "/dev/null"\n'
+        'ffmpeg = "/nonexistent/ffmpeg"\n',
+    )
+    _, lines = doctor_lines(loaded_box, "--user", ME)
+    [line] = [line for line in problems(lines) if "scanner cam" in line]
+    assert "ffmpeg not found" in line and "apt install ffmpeg" in line

@@ -145,6 +145,17 @@ def test_debounce_does_not_swallow_a_different_code(debounced):
     assert debounced.handle(scan("DEMO-0002")).accepted
 
 
+def test_a_repeat_is_answered_as_the_read_it_repeats_not_as_the_last_read(debounced):
+    # A, B, A, B inside the window: the scanner's beep for each repeat must be its own
+    # read's verdict (a host-ACK scanner waits for an answer to every read).
+    assert debounced.handle(scan("DEMO-0001")).accepted
+    assert reason(debounced.handle(scan("NOPE-1234"))) == "unknown_code"
+    assert debounced.handle(scan("DEMO-0001")) is None
+    assert debounced.repeat_accepted is True
+    assert debounced.handle(scan("NOPE-1234")) is None
+    assert debounced.repeat_accepted is False
+
+
 # ---------------------------------------------------------------- uses and balances
 
 

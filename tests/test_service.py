@@ -262,3 +262,33 @@ def test_sigterm_decides_the_scans_already_read_and_exits_zero(loaded_box, daemo
     assert daemon.stop() == 0
     # Whatever the daemon printed is on disk, and nothing it recorded went unprinted.
     assert ledger_count(loaded_box) == len(daemon.verdicts)
+
+
+def test_a_scanner_whose_driver_cannot_be_built_is_an_error_and_the_others_scan(
+    loaded_box: Box, daemons, tmp_path: Path
+):
+    # A box installed without the drivers extra: importing evdev fails, as it would.
+    blocked = tmp_path / "without-evdev"
+    (blocked / "evdev").mkdir(parents=True)
+    (blocked / "evdev" / "__init__.py").write_text(
+        "raise ImportError('No module named evdev (blocked by the test)', name='evdev')\n"
+    )
+    with loaded_box.config_path.open("a") as config:
+        config.write(
+            '\n[[scanner]]\ntype = "hid"\nname = "wedge"\ndevice = "Honeywell*"\n'
+            '\n[[scanner]]\ntype = "stdin"\nname = "keyboard"\n'
+        )
+    daemon = daemons(loaded_box, env={"PYTHONPATH": f"{blocked}{os.pathsep}{ROOT}"})
+    daemon.scan("DEMO-0001")
+    [verdict] = daemon.wait_verdicts(1)
+    assert (verdict["verdict"], verdict["source"]) == ("accepted", "keyboard")
+
+    def wedge() -> dict | None:
+        status = json.loads(loaded_box.cli("status", "--json").stdout)
+        found = [d for d in status.get("drivers", []) if d["name"] == "wedge"]
+        return found[0] if found and found[0]["state"] == "error" else None
+
+    state = wait_for(wedge, "the hid scanner shown as an error in status")
+    assert "evdev" in state["message"] and "redeemd[drivers]" in state["message"]
+    assert daemon.stop() == 0
+    assert daemon.log().count("scanner wedge: hid scanners need the Python package evdev") == 1

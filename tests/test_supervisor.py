@@ -3,12 +3,14 @@ state is visible in `redeemd status`."""
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import queue
 import threading
 
 from cards.scan import Scan
-from drivers.supervisor import DriverError, DriverState, Supervisor
+from drivers.supervisor import DeviceGone, DriverError, DriverState, Supervisor
 
 
 class FlakyDriver:
@@ -52,22 +54,51 @@ def test_unplugged_and_crashing_driver_is_restarted_and_then_delivers():
     assert supervisor.state.state == "stopped"
 
 
-def test_failure_message_is_kept_for_status_while_retrying():
-    never = threading.Event()
+def _failing(exc: Exception, runs: int) -> tuple[Supervisor, threading.Event]:
+    """A supervisor over a driver that raises `exc` every time; the event is set once it
+    has run `runs` times."""
+    enough = threading.Event()
 
     class Broken(FlakyDriver):
         def run(self, emit, stop, state):
             self.runs += 1
-            if self.runs >= 2:
-                never.set()
-            raise DriverError("/dev/ttyACM0 is used by another process (pid 42); stop it")
+            if self.runs >= runs:
+                enough.set()
+            raise exc
 
-    driver = Broken([])
-    supervisor = Supervisor(driver, lambda scan: None, initial_backoff=0.01, max_backoff=0.02)
+    supervisor = Supervisor(Broken([]), lambda scan: None, initial_backoff=0.01, max_backoff=0.02)
+    return supervisor, enough
+
+
+def test_a_problem_on_the_box_is_an_error_with_its_message_while_retrying():
+    supervisor, enough = _failing(
+        DriverError("/dev/ttyACM0 is used by another process (pid 42); stop it"), runs=2
+    )
     supervisor.start()
-    assert never.wait(10)
-    assert supervisor.state.state == "disconnected"
+    assert enough.wait(10)
+    assert supervisor.state.state == "error"
     assert "another process" in supervisor.state.message
+    assert supervisor.stop(timeout=5)
+    assert (supervisor.state.state, supervisor.state.message) == ("stopped", "")
+
+
+def test_an_unplugged_scanner_is_disconnected_and_logged_once(caplog):
+    supervisor, enough = _failing(DeviceGone("/dev/ttyACM0 is not there; waiting for it"), runs=5)
+    with caplog.at_level(logging.WARNING, logger="redeemd.drivers"):
+        supervisor.start()
+        assert enough.wait(10)
+        assert supervisor.stop(timeout=5)
+    assert supervisor.state.restarts >= 4
+    assert [r.getMessage() for r in caplog.records] == [
+        "scanner flaky: /dev/ttyACM0 is not there; waiting for it; retrying"
+    ]
+
+
+def test_a_vanished_device_from_the_kernel_is_disconnected():
+    supervisor, enough = _failing(OSError(errno.ENODEV, "No such device"), runs=2)
+    supervisor.start()
+    assert enough.wait(10)
+    assert supervisor.state.state == "disconnected"
     assert supervisor.stop(timeout=5)
 
 
