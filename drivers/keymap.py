@@ -25,7 +25,8 @@ table. On top of xkb, three things that scanners do and desktops don't care abou
 - a scan ends on Enter, keypad Enter or Tab (and Ctrl+M / Ctrl+J / Ctrl+I), or when the
   next key comes after a gap longer than `gap` seconds; `flush(now)` ends it when the
   gap has elapsed with no more keys;
-- reads shorter than `min_length` are dropped (a person touching a key), and
+- reads shorter than `min_length` are dropped (a person touching a key), a burst longer
+  than MAX_CHARS becomes one `cards.normalize.OVERSIZED` read (rejected as malformed), and
   `SYN_DROPPED` (the kernel's buffer overflowed) discards the partial code and resets
   the modifiers, since the release of Shift may have been among the lost events.
 
@@ -46,6 +47,8 @@ from xkbcommon import xkb
 # The hot path calls libxkbcommon through the package's cffi module directly: the
 # wrapper methods build an enum.IntFlag per call, which tripled the decode time.
 from xkbcommon._ffi import ffi, lib
+
+from cards.normalize import OVERSIZED
 
 # Config name -> xkeyboard-config layout name.
 LAYOUTS = {"us": "us", "uk": "gb", "de": "de", "fr": "fr"}
@@ -542,7 +545,11 @@ class KeyDecoder:
             if char not in _TERMINATOR_TEXT:
                 self._append(char)
         chars = self._chars
-        if chars and self.min_length <= len(chars) <= MAX_CHARS:
+        if len(chars) > MAX_CHARS:
+            # As the serial and stdin framers do: one stand-in that the engine rejects as
+            # malformed, so the cashier sees a refused read rather than nothing.
+            out.append(OVERSIZED)
+        elif chars and len(chars) >= self.min_length:
             out.append("".join(chars).encode("utf-8"))
         chars.clear()
         self._alt_digits = ""
