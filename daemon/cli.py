@@ -206,11 +206,17 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def cmd_decode(args: argparse.Namespace) -> int:
     from drivers.camera import decode_images
+    from drivers.supervisor import DriverError
 
     found = 0
-    for path, symbology, text in decode_images(args.images):
-        found += 1
-        print(f"{path}: {symbology}: {text}")
+    try:
+        for path, symbology, text in decode_images(args.images):
+            found += 1
+            print(f"{path}: {symbology}: {text}")
+    except DriverError as exc:
+        # No ffmpeg or no zbar: the message says what to install.
+        print(f"redeemd: {exc}", file=sys.stderr)
+        return 2
     if not found:
         print("redeemd: no code found in the given images", file=sys.stderr)
         return 1

@@ -336,6 +336,8 @@ SCANNER_SCHEMAS: dict[str, dict[str, tuple[Checker, object]]] = {
         "fps": (_positive_int, 10),
         "ffmpeg": (_string, "ffmpeg"),
         "rescan_after": (_duration, "2s"),
+        # A camera silent this long is restarted (a hung camera, a USB power problem).
+        "no_frame_timeout": (_duration, "15s"),
         "min_sightings_1d": (_positive_int, 2),
         # ffmpeg's -input_format for V4L2 ("mjpeg", "yuyv422"); "" lets ffmpeg choose.
         "input_format": (_text, ""),

@@ -23,6 +23,10 @@ Config (a [[scanner]] block with type = "camera"; docs/scanners.md)::
     height = 480
     fps = 10
 
+A camera whose device node is missing (unplugged, or not plugged in yet) raises
+`DeviceGone`, which `redeemd status` shows as `disconnected`; a missing ffmpeg or zbar,
+a node that is not a capture device or refused permissions raise `DriverError` (`error`).
+
 `redeemd decode IMAGE...` uses `decode_images()` to show a technician what zbar finds
 in a photo taken at the counter.
 """
@@ -32,6 +36,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -46,7 +51,7 @@ import numpy as np
 
 from cards.scan import Scan
 from drivers.dedupe import Deduper
-from drivers.supervisor import DriverError, DriverState
+from drivers.supervisor import DeviceGone, DriverError, DriverState
 
 log = logging.getLogger("redeemd.drivers.camera")
 
@@ -56,7 +61,8 @@ INSTALL_ZBAR = "install zbar-py (pip install 'redeemd[drivers]'; it bundles libz
 NO_FRAME_TIMEOUT = 15.0
 """A camera that delivers no frame for this long has hung (a UVC camera can stop
 streaming after a USB glitch without its device node going away): restart it. Generous
-because some cameras take several seconds to start streaming."""
+because some cameras take several seconds to start streaming. A scanner's own value is
+its `no_frame_timeout` setting."""
 
 STOP_POLL = 0.5
 """How often a read waiting for a frame looks at the stop flag."""
@@ -108,13 +114,23 @@ def find_ffmpeg(binary: str = "ffmpeg") -> str:
 
 
 def zbar_scanner():
-    """A zbar-py Scanner with every symbology enabled. Location recording is off: we
-    only need what a code says, and it saves work on every frame."""
+    """A zbar-py Scanner with every symbology enabled except the ISBN views of EAN-13
+    (libzbar's other defaults, position recording included, are kept)."""
     try:
         import zbar
     except (ImportError, OSError, RuntimeError) as exc:
         raise DriverError(f"zbar is not usable ({exc}): {INSTALL_ZBAR}") from None
-    return zbar.Scanner([("ZBAR_NONE", "ZBAR_CFG_ENABLE", 1)])
+    # zbar reports an EAN-13 starting 978/979 as an ISBN with other digits (9780201379624
+    # becomes ISBN-10 0201379627), while a serial or HID scanner sends all 13 digits: the
+    # same card would be two codes. With ISBN off zbar reports it as the EAN-13 it is.
+    # Order matters: ZBAR_NONE applies to every symbology, so it comes first.
+    return zbar.Scanner(
+        [
+            ("ZBAR_NONE", "ZBAR_CFG_ENABLE", 1),
+            ("ZBAR_ISBN10", "ZBAR_CFG_ENABLE", 0),
+            ("ZBAR_ISBN13", "ZBAR_CFG_ENABLE", 0),
+        ]
+    )
 
 
 def decode_frame(scanner, image: np.ndarray) -> set[tuple[str, bytes]]:
@@ -125,6 +141,11 @@ def decode_frame(scanner, image: np.ndarray) -> set[tuple[str, bytes]]:
     if image.ndim != 2:
         raise ValueError(f"a frame must be 2-D grayscale, got shape {image.shape}")
     return {(symbol.type, symbol.data) for symbol in scanner.scan(image)}
+
+
+# "[png @ 0x5571df8890c0] Invalid PNG signature": the address tells a technician nothing
+# and makes repeats of one message look different.
+_CONTEXT = re.compile(r"^\[([^\]@]+?) @ 0x[0-9a-fA-F]+\]\s*")
 
 
 class _StderrTail:
@@ -148,9 +169,24 @@ class _StderrTail:
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
 
-    @property
-    def last(self) -> str:
-        return self.lines[-1] if self.lines else "(no message)"
+    def summary(self, count: int = 3) -> str:
+        """ffmpeg's last `count` different lines, joined with "; ".
+
+        Its last line alone is often a consequence ("Error marking filters as finished")
+        while the cause ("Invalid data found when processing input") comes just before.
+        A line another kept line contains ("/dev/video0: No such file or directory"
+        after "Cannot open video device /dev/video0: No such file or directory") is left
+        out."""
+        kept: list[str] = []
+        for line in reversed(self.lines):
+            line = _CONTEXT.sub(lambda m: f"{m.group(1)}: ", line)
+            if any(line in other for other in kept):
+                continue
+            kept = [other for other in kept if other not in line]
+            kept.insert(0, line)
+            if len(kept) == count:
+                break
+        return "; ".join(kept) if kept else "(no message)"
 
 
 def _stop_process(process: subprocess.Popen, timeout: float = 2.0) -> None:
@@ -178,6 +214,7 @@ class CameraScanner:
         self.input_format = str(settings.get("input_format", "") or "")
         self.rescan_after = float(settings.get("rescan_after", 2.0))  # type: ignore[arg-type]
         self.min_sightings_1d = int(settings.get("min_sightings_1d", 2))  # type: ignore[call-overload]
+        self.no_frame_timeout = float(settings.get("no_frame_timeout", NO_FRAME_TIMEOUT))  # type: ignore[arg-type]
         self._process: subprocess.Popen | None = None
         self._lock = threading.Lock()
 
@@ -192,6 +229,13 @@ class CameraScanner:
         command[0] = find_ffmpeg(self.ffmpeg)
         deduper = Deduper(self.rescan_after, self.min_sightings_1d)
         camera = is_camera(self.device)
+        # After the checks above: a box without ffmpeg or zbar needs fixing (error)
+        # whether or not its camera is plugged in.
+        if camera and not os.path.exists(self.device):
+            raise DeviceGone(
+                f"camera {self.device} is not there (unplugged? wrong number?); "
+                "`redeemd devices` lists the cameras on this box"
+            )
         try:
             # Own session: a Ctrl-C in the terminal reaches redeemd, which stops ffmpeg
             # in order, instead of killing ffmpeg under a running driver. If redeemd dies
@@ -251,7 +295,7 @@ class CameraScanner:
             if status == 0 and not camera:
                 log.info("scanner %s: %s: %d frames read", self.name, self.device, frames)
                 return
-            raise DriverError(self._failure(status, stderr.last))
+            raise self._failure(status, stderr.summary())
         finally:
             with self._lock:
                 self._process = None
@@ -274,10 +318,11 @@ class CameraScanner:
             if stop.is_set():
                 return False
             if not ready:
-                if camera and time.monotonic() - waiting_since > NO_FRAME_TIMEOUT:
+                if camera and time.monotonic() - waiting_since > self.no_frame_timeout:
                     raise DriverError(
-                        f"camera {self.device} delivered no frame for {NO_FRAME_TIMEOUT:.0f} s; "
-                        "restarting it (check the USB cable and `redeemd devices`)"
+                        f"camera {self.device} delivered no frame for "
+                        f"{self.no_frame_timeout:g} s; restarting it "
+                        "(check the USB cable and `redeemd devices`)"
                     )
                 continue
             # The pipe hands over at most 64 KiB at a time: a frame takes several reads.
@@ -287,21 +332,31 @@ class CameraScanner:
             filled += count
         return True
 
-    def _failure(self, status: int | None, last_line: str) -> str:
+    def _failure(self, status: int | None, said: str) -> DriverError:
+        """The error for an ffmpeg that ended; `said` is the end of its stderr."""
         if status is None:
             what = "ffmpeg stopped sending frames"
         elif status == 0:
             what = "the camera stream ended"
         else:
             what = f"ffmpeg exited with status {status}"
-        message = f"camera {self.device}: {what}: {last_line}"
-        if "Permission denied" in last_line:
+        message = f"camera {self.device}: {what}: {said}"
+        camera = is_camera(self.device)
+        # Unplugged while streaming, V4L2 answers ENODEV ("No such device"); udev may
+        # remove the node only after ffmpeg has exited, so either sign means gone.
+        if camera and (
+            not os.path.exists(self.device)
+            or "No such device" in said
+            or "No such file or directory" in said
+        ):
+            return DeviceGone(
+                message + " (is the camera plugged in? `redeemd devices` lists cameras)"
+            )
+        if "Permission denied" in said:
             message += " (add the redeemd user to the 'video' group)"
-        elif "No such file or directory" in last_line and is_camera(self.device):
-            message += " (is the camera plugged in? `redeemd devices` lists cameras)"
-        elif "Inappropriate ioctl" in last_line or "Not a video capture" in last_line:
+        elif "Inappropriate ioctl" in said or "Not a video capture" in said:
             message += " (this node is not a capture device; a UVC camera's capture node is usually the lower /dev/videoN)"
-        return message
+        return DriverError(message)
 
     def feedback(self, accepted: bool) -> None:
         pass  # a webcam has no beeper; the POS shows the verdict
@@ -361,6 +416,10 @@ def decode_images(
     scanner = zbar_scanner()
     for path in paths:
         name = str(path)
+        if Path(name).is_dir():
+            example = Path(name) / "*.png"
+            log.warning("%s: is a directory; give the image files in it, e.g. %s", name, example)
+            continue
         if not Path(name).is_file():
             log.warning("%s: no such file", name)
             continue
@@ -384,4 +443,4 @@ def decode_images(
             stderr.join(2.0)
             process.stderr.close()
         if process.returncode not in (0, None) and not found:
-            log.warning("%s: ffmpeg cannot read it: %s", name, stderr.last)
+            log.warning("%s: ffmpeg cannot read it: %s", name, stderr.summary())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -27,7 +28,7 @@ from cards.scan import Scan
 from drivers import camera
 from drivers.camera import CameraScanner, decode_frame, decode_images, ffmpeg_command
 from drivers.dedupe import Deduper
-from drivers.supervisor import DriverError, DriverState
+from drivers.supervisor import DeviceGone, DriverError, DriverState, Supervisor
 
 W, H, FPS = 320, 240, 10
 # A 320x240 gray frame is 76,800 bytes, more than a pipe hands over in one read (64 KiB):
@@ -333,6 +334,17 @@ def test_rotated_qr_and_scaled_ean13_in_a_noisy_video_are_read_through_the_pipe(
     assert all(isinstance(s, Scan) and s.source == "cam" for s in scans)
 
 
+def test_ean13_with_a_book_prefix_decodes_as_all_13_digits_not_as_an_isbn(tmp_path):
+    # A serial or HID scanner sends these as the 13 digits printed under the bars; zbar
+    # would report 9780201379624 as ISBN-10 0201379627, another code for the same card.
+    write_png(tmp_path / "978.png", frame(linear("ean13", "978020137962")))
+    write_png(tmp_path / "979.png", frame(linear("ean13", "979100000001")))
+    found = {(symbology, text) for _, symbology, text in decode_images(sorted(tmp_path.iterdir()))}
+    assert found == {("EAN-13", "9780201379624"), ("EAN-13", "9791000000015")}
+    scans = scans_from(tmp_path / "*.png", rescan_after=0.05, min_sightings_1d=1)
+    assert codes(scans) == [("EAN-13", b"9780201379624"), ("EAN-13", b"9791000000015")]
+
+
 def test_glob_of_images_is_read_one_image_per_frame(tmp_path):
     write_png(tmp_path / "a.png", frame(qr("DEMO-0005")))
     write_png(tmp_path / "b.png", blank())
@@ -391,17 +403,160 @@ def test_redeemd_decode_says_when_nothing_is_found(tmp_path):
     assert b"no code found" in done.stderr
 
 
+def redeemd_decode(*paths: Path | str, path_env: str | None = None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if path_env is not None:
+        env["PATH"] = path_env
+    return subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "decode", *map(str, paths)],
+        capture_output=True, cwd=ROOT, env=env, timeout=60,
+    )  # fmt: skip
+
+
+def test_redeemd_decode_without_ffmpeg_is_one_line_saying_what_to_install(tmp_path):
+    image = write_png(tmp_path / "qr.png", frame(qr("DEMO-0001")))
+    no_tools = tmp_path / "bin"
+    no_tools.mkdir()
+    # The interpreter is started by its absolute path: PATH only decides the ffmpeg lookup.
+    done = redeemd_decode(image, path_env=str(no_tools))
+    err = done.stderr.decode()
+    assert done.returncode == 2, err
+    assert err.splitlines() == [
+        "redeemd: ffmpeg not found (looked for 'ffmpeg'): install ffmpeg (apt install ffmpeg)"
+    ]
+    assert done.stdout == b""
+
+
+def test_redeemd_decode_names_a_directory_and_why_ffmpeg_cannot_read_an_image(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    broken = tmp_path / "x.png"
+    broken.write_bytes(np.random.default_rng(7).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    done = redeemd_decode(folder, broken)
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert f"{folder}: is a directory" in err
+    assert "no such file" not in err
+    (complaint,) = [line for line in err.splitlines() if str(broken) in line]
+    # ffmpeg's last line here is a consequence ("Error marking filters as finished"); the
+    # cause comes before it and must reach the technician.
+    assert "ffmpeg cannot read it" in complaint
+    assert "Invalid data found when processing input" in complaint
+    assert "Traceback" not in err
+
+
 # --- failures and stopping -------------------------------------------------------------
 
 
-def test_missing_camera_device_gives_a_clear_driver_error():
+def test_missing_camera_device_is_gone_not_an_error():
     driver = CameraScanner("cam", settings("/dev/video-redeemd-test-missing"))
-    with pytest.raises(DriverError) as raised:
+    with pytest.raises(DeviceGone) as raised:
         driver.run(lambda scan: None, threading.Event(), DriverState("cam", "camera"))
     message = str(raised.value)
     assert "/dev/video-redeemd-test-missing" in message
-    assert "No such file or directory" in message  # ffmpeg's own last word
+    assert "redeemd devices" in message
     assert not ffmpeg_children()
+
+
+def script(path: Path, body: str) -> Path:
+    """An executable shell script standing in for ffmpeg (the `ffmpeg` setting)."""
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+REAL_FFMPEG = shutil.which("ffmpeg") or "ffmpeg"
+
+
+def test_camera_unplugged_while_streaming_is_gone(tmp_path):
+    # No camera on the test machine: a node under /dev that the stand-in removes, and
+    # the line ffmpeg's V4L2 input logs when the camera goes (ENODEV), after real frames.
+    node = Path("/dev/shm") / f"redeemd-test-video-{os.getpid()}-{tmp_path.name}"
+    node.touch()
+    video = write_video(tmp_path / "counter.mkv", [blank()] * 3 + [frame(qr("DEMO-0001"))] * 5)
+    fake = script(
+        tmp_path / "ffmpeg",
+        f"""\
+"{REAL_FFMPEG}" -hide_banner -nostdin -loglevel error -i "{video}" -f rawvideo -pix_fmt gray -
+rm -f "{node}"
+echo "[video4linux2,v4l2 @ 0x55d0c1a2b3c0] ioctl(VIDIOC_DQBUF): No such device" >&2
+exit 1
+""",
+    )
+    scans: list[Scan] = []
+    state = DriverState("cam", "camera")
+    try:
+        with pytest.raises(DeviceGone) as raised:
+            CameraScanner("cam", settings(node, ffmpeg=fake)).run(
+                scans.append, threading.Event(), state
+            )
+    finally:
+        node.unlink(missing_ok=True)
+    assert state.state == "connected"  # it had streamed before it went
+    assert codes(scans) == [QR_CODE]
+    message = str(raised.value)
+    assert str(node) in message and "ffmpeg exited with status 1" in message
+    assert "video4linux2,v4l2: ioctl(VIDIOC_DQBUF): No such device" in message
+
+
+def test_ffmpeg_failing_mid_stream_is_reported_and_reading_resumes_after_restart(tmp_path):
+    video = write_video(
+        tmp_path / "counter.mkv", [blank()] * 10 + [frame(qr("DEMO-0001"))] * 10 + [blank()] * 5
+    )
+    failed_once = tmp_path / "failed-once"
+    # The first run delivers 5 blank frames and dies; every later one is the real ffmpeg.
+    fake = script(
+        tmp_path / "ffmpeg",
+        f"""\
+if [ ! -e "{failed_once}" ]; then
+    touch "{failed_once}"
+    "{REAL_FFMPEG}" "$@" | head -c {5 * W * H}
+    echo "fake-ffmpeg: lost the stream after 5 frames" >&2
+    exit 1
+fi
+exec "{REAL_FFMPEG}" "$@"
+""",
+    )
+
+    class Recording(CameraScanner):
+        """Notes the state each run starts from: what the supervisor made of the last."""
+
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.found_at_start: list[tuple[str, str]] = []
+
+        def run(self, emit, stop, state):
+            self.found_at_start.append((state.state, state.message))
+            super().run(emit, stop, state)
+
+    driver = Recording("cam", settings(video, ffmpeg=fake))
+    scans: list[Scan] = []
+    supervisor = Supervisor(driver, scans.append, initial_backoff=0.01, max_backoff=0.02)
+    supervisor.start()
+    supervisor.thread.join(60)
+    assert not supervisor.thread.is_alive()
+
+    first, second = driver.found_at_start
+    assert first == ("starting", "")
+    state, message = second
+    assert state == "error"
+    assert message.startswith(f"camera {video}: ffmpeg exited with status 1: ")
+    assert "fake-ffmpeg: lost the stream after 5 frames" in message
+    assert codes(scans) == [QR_CODE]  # the code comes after the failure: read by the restart
+    assert (supervisor.state.state, supervisor.state.restarts) == ("ended", 1)
+
+
+def test_camera_that_stops_delivering_frames_fails_after_its_no_frame_timeout(tmp_path):
+    pid_file = tmp_path / "pid"
+    # A camera that opened and then sends nothing: no frame, no exit, no message.
+    fake = script(tmp_path / "ffmpeg", f'echo $$ > "{pid_file}"\nexec sleep 600\n')
+    driver = CameraScanner("cam", settings("/dev/null", ffmpeg=fake, no_frame_timeout=1))
+    with pytest.raises(DriverError) as raised:
+        driver.run(lambda scan: None, threading.Event(), DriverState("cam", "camera"))
+    assert not isinstance(raised.value, DeviceGone)  # its node is there: it hung
+    message = str(raised.value)
+    assert message.startswith("camera /dev/null delivered no frame for 1 s; restarting it")
+    assert not Path(f"/proc/{pid_file.read_text().strip()}").exists()  # stopped and reaped
 
 
 def test_missing_ffmpeg_says_what_to_install(tmp_path):
@@ -412,11 +567,13 @@ def test_missing_ffmpeg_says_what_to_install(tmp_path):
         list(decode_images([tmp_path / "x.png"], ffmpeg=str(tmp_path / "no-ffmpeg")))
 
 
-def test_unreadable_file_reports_ffmpeg_last_line(tmp_path):
+def test_unreadable_file_reports_what_ffmpeg_said(tmp_path):
     junk = tmp_path / "junk.mkv"
     junk.write_bytes(b"\x00not a video" * 100)
-    with pytest.raises(DriverError, match="ffmpeg exited with status"):
+    with pytest.raises(DriverError, match="ffmpeg exited with status") as raised:
         scans_from(junk)
+    assert not isinstance(raised.value, DeviceGone)  # a bad file, not an unplugged camera
+    assert "Invalid data found when processing input" in str(raised.value)
 
 
 class Y4mWriter(threading.Thread):
