@@ -86,6 +86,27 @@ def normalize_text(raw: bytes, max_length: int = DEFAULT_MAX_LENGTH) -> str:
     return normalize_full(raw, max_length).text
 
 
+def aim_identifier(raw: bytes) -> str | None:
+    """The AIM symbology identifier a scanner put before the data, if any: what the
+    ledger records as the symbology of a serial or keyboard-wedge read.
+
+    >>> aim_identifier(b"]Q1HELLO-42\\r\\n"), aim_identifier(b"HELLO-42")
+    (']Q1', None)
+    """
+    return _aim_prefix(raw.lstrip(_FRAMING))
+
+
+def _aim_prefix(data: bytes) -> str | None:
+    if not data.startswith(b"]") or len(data) < 3:
+        return None
+    # ValueError also covers UnicodeDecodeError and biip's int() on the modifier count
+    # of `]Y` (system expansion): `]Yx...` is data, not an identifier.
+    try:
+        return SymbologyIdentifier.extract(data[:3].decode("ascii")).value
+    except (biip.ParseError, ValueError):
+        return None
+
+
 def _is_plain(raw: bytes, max_length: int) -> bool:
     return (
         0 < len(raw) <= max_length
@@ -106,17 +127,9 @@ def normalize_full(raw: bytes, max_length: int = DEFAULT_MAX_LENGTH) -> Normaliz
     if not data:
         raise MalformedCode("empty read")
 
-    symbology = None
-    if data.startswith(b"]") and len(data) >= 3:
-        # ValueError also covers UnicodeDecodeError and biip's int() on the modifier
-        # count of `]Y` (system expansion): `]Yx...` is data, not an identifier.
-        try:
-            ident = SymbologyIdentifier.extract(data[:3].decode("ascii"))
-        except (biip.ParseError, ValueError):
-            ident = None
-        if ident is not None:
-            symbology = ident.value
-            data = data[3:]
+    symbology = _aim_prefix(data)
+    if symbology is not None:
+        data = data[3:]
 
     codec = "utf-8"
     if symbology and symbology[2] in _ECI_MODIFIERS.get(symbology[1], ""):

@@ -25,7 +25,7 @@ from cards import signed_code
 from cards.card import Card
 from cards.classify import payment_scheme
 from cards.digest import CodeDigester, short
-from cards.normalize import MalformedCode, normalize, normalize_text
+from cards.normalize import MalformedCode, aim_identifier, normalize, normalize_text
 from cards.rules import (
     UNLIMITED_USES,
     Context,
@@ -436,7 +436,10 @@ class Engine:
                 uses if moved and not by_balance else None, amount,
                 decision.uses_left, decision.balance, str(decision.outcome),
                 str(decision.reason) if decision.reason else None,
-                scan.source, scan.symbology, operator, self.cache_seq, reverses,
+                # The camera names its symbology; a serial or wedge scanner's AIM prefix
+                # says it (the protocol's field is the AIM identifier either way).
+                scan.source, scan.symbology or aim_identifier(scan.code), operator,
+                self.cache_seq, reverses,
             ),
         )  # fmt: skip
         if decision.changed and digest is not None and card is not None:

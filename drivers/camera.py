@@ -133,6 +133,26 @@ def zbar_scanner():
     )
 
 
+# zbar's symbology names -> the AIM identifier (ISO/IEC 15424) a hardware scanner sends
+# for the same symbol in its plain form, which is what the ledger records for every
+# kind of scanner (docs/protocol.md). A symbology missing here is recorded as null
+# rather than with a modifier we cannot know (PDF417's depends on the reader's mode).
+AIM_IDENTIFIERS = {
+    "QR-Code": "]Q1",
+    "EAN-13": "]E0",
+    "UPC-A": "]E0",
+    "UPC-E": "]E0",
+    "EAN-8": "]E4",
+    "CODE-128": "]C0",
+    "CODE-39": "]A0",
+    "CODE-93": "]G0",
+    "I2/5": "]I0",
+    "Codabar": "]F0",
+    "DataBar": "]e0",
+    "DataBar-Exp": "]e0",
+}
+
+
 def decode_frame(scanner, image: np.ndarray) -> set[tuple[str, bytes]]:
     """(symbology, data) of every code zbar finds in one 2-D uint8 frame."""
     # zbar-py reads the raw buffer: a strided view (a crop, a transposed or 3-D array)
@@ -275,7 +295,8 @@ class CameraScanner:
                 at = time.monotonic() if camera else frames / self.fps
                 frames += 1
                 for symbology, data in deduper.feed(decode_frame(scanner, image), at):
-                    emit(Scan(code=data, source=self.name, symbology=symbology, at=time.time()))
+                    aim = AIM_IDENTIFIERS.get(symbology)
+                    emit(Scan(code=data, source=self.name, symbology=aim, at=time.time()))
                 rate_frames += 1
                 elapsed = time.monotonic() - rate_since
                 if elapsed >= 10:

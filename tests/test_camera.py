@@ -157,6 +157,7 @@ def scans_from(device: Path | str, **extra: object) -> list[Scan]:
 
 
 def codes(scans: list[Scan]) -> list[tuple[str | None, bytes]]:
+    """(symbology, code) of each scan: the AIM identifier, as the ledger records it."""
     return [(s.symbology, s.code) for s in scans]
 
 
@@ -180,7 +181,8 @@ def ffmpeg_children() -> set[int]:
 
 # --- de-duplication, pure --------------------------------------------------------------
 
-QR_CODE = ("QR-Code", b"DEMO-0001")
+QR_CODE = ("QR-Code", b"DEMO-0001")  # as zbar reports it
+QR_SCAN = ("]Q1", b"DEMO-0001")  # as the driver's Scan names it: the AIM identifier
 EAN = ("EAN-13", b"5901234123457")
 
 
@@ -281,7 +283,7 @@ def test_qr_held_in_view_is_one_scan_and_shown_again_after_a_gap_is_a_second(tmp
         tmp_path / "held.mkv", [blank()] * 10 + [shown] * 20 + [blank()] * 30 + [shown] * 10
     )
     scans = scans_from(video, rescan_after=2.0)
-    assert codes(scans) == [QR_CODE, QR_CODE]
+    assert codes(scans) == [QR_SCAN, QR_SCAN]
     assert {s.source for s in scans} == {"cam"}
 
 
@@ -289,7 +291,7 @@ def test_qr_missed_for_a_few_frames_while_held_is_still_one_scan(tmp_path):
     shown = frame(qr("DEMO-0001"))
     # zbar misses a held code now and then (blur, glare): 0.5 s without it is not "away".
     video = write_video(tmp_path / "flicker.mkv", [shown] * 10 + [blank()] * 5 + [shown] * 10)
-    assert codes(scans_from(video, rescan_after=2.0)) == [QR_CODE]
+    assert codes(scans_from(video, rescan_after=2.0)) == [QR_SCAN]
 
 
 def test_1d_code_in_a_single_frame_does_not_count_but_in_two_frames_does(tmp_path):
@@ -300,11 +302,11 @@ def test_1d_code_in_a_single_frame_does_not_count_but_in_two_frames_does(tmp_pat
     video = write_video(tmp_path / "linear.mkv", frames)
 
     assert codes(scans_from(video, min_sightings_1d=2)) == [
-        ("EAN-13", b"4006381333931"),
-        ("CODE-128", b"DEMO-0002"),
+        ("]E0", b"4006381333931"),
+        ("]C0", b"DEMO-0002"),
     ]
     # The single frame is readable: with one sighting enough it counts too.
-    assert codes(scans_from(video, min_sightings_1d=1))[0] == ("EAN-13", b"5901234123457")
+    assert codes(scans_from(video, min_sightings_1d=1))[0] == ("]E0", b"5901234123457")
 
 
 def test_frames_with_nothing_in_them_yield_nothing(tmp_path):
@@ -318,8 +320,8 @@ def test_lossy_video_of_two_codes_in_one_frame_gives_both(tmp_path):
     both = frame(qr("DEMO-0003", module=3), linear("code128", "DEMO-0004"))
     video = write_video(tmp_path / "both.mp4", [blank()] * 5 + [both] * 10, codec="libx264")
     assert sorted(codes(scans_from(video))) == [
-        ("CODE-128", b"DEMO-0004"),
-        ("QR-Code", b"DEMO-0003"),
+        ("]C0", b"DEMO-0004"),
+        ("]Q1", b"DEMO-0003"),
     ]
 
 
@@ -330,7 +332,7 @@ def test_rotated_qr_and_scaled_ean13_in_a_noisy_video_are_read_through_the_pipe(
     shown = [noisy(frame(rotated_qr, scaled_ean), 20, seed) for seed in range(15)]
     video = write_video(tmp_path / "rotated-scaled-noisy.mkv", [blank()] * 3 + shown)
     scans = scans_from(video)
-    assert sorted(codes(scans)) == [("EAN-13", b"5901234123457"), ("QR-Code", b"DEMO-0007")]
+    assert sorted(codes(scans)) == [("]E0", b"5901234123457"), ("]Q1", b"DEMO-0007")]
     assert all(isinstance(s, Scan) and s.source == "cam" for s in scans)
 
 
@@ -342,7 +344,7 @@ def test_ean13_with_a_book_prefix_decodes_as_all_13_digits_not_as_an_isbn(tmp_pa
     found = {(symbology, text) for _, symbology, text in decode_images(sorted(tmp_path.iterdir()))}
     assert found == {("EAN-13", "9780201379624"), ("EAN-13", "9791000000015")}
     scans = scans_from(tmp_path / "*.png", rescan_after=0.05, min_sightings_1d=1)
-    assert codes(scans) == [("EAN-13", b"9780201379624"), ("EAN-13", b"9791000000015")]
+    assert codes(scans) == [("]E0", b"9780201379624"), ("]E0", b"9791000000015")]
 
 
 def test_glob_of_images_is_read_one_image_per_frame(tmp_path):
@@ -350,7 +352,7 @@ def test_glob_of_images_is_read_one_image_per_frame(tmp_path):
     write_png(tmp_path / "b.png", blank())
     write_png(tmp_path / "c.png", frame(qr("DEMO-0006")))
     scans = scans_from(tmp_path / "*.png", rescan_after=0.05)
-    assert codes(scans) == [("QR-Code", b"DEMO-0005"), ("QR-Code", b"DEMO-0006")]
+    assert codes(scans) == [("]Q1", b"DEMO-0005"), ("]Q1", b"DEMO-0006")]
 
 
 # --- still images: redeemd decode ------------------------------------------------------
@@ -493,7 +495,7 @@ exit 1
     finally:
         node.unlink(missing_ok=True)
     assert state.state == "connected"  # it had streamed before it went
-    assert codes(scans) == [QR_CODE]
+    assert codes(scans) == [QR_SCAN]
     message = str(raised.value)
     assert str(node) in message and "ffmpeg exited with status 1" in message
     assert "video4linux2,v4l2: ioctl(VIDIOC_DQBUF): No such device" in message
@@ -542,7 +544,7 @@ exec "{REAL_FFMPEG}" "$@"
     assert state == "error"
     assert message.startswith(f"camera {video}: ffmpeg exited with status 1: ")
     assert "fake-ffmpeg: lost the stream after 5 frames" in message
-    assert codes(scans) == [QR_CODE]  # the code comes after the failure: read by the restart
+    assert codes(scans) == [QR_SCAN]  # the code comes after the failure: read by the restart
     assert (supervisor.state.state, supervisor.state.restarts) == ("ended", 1)
 
 

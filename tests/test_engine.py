@@ -598,3 +598,10 @@ def test_check_records_nothing(engine):
     assert result.record_id is None
     assert ledger_rows(engine) == []
     assert reason(engine.check("NOPE")) == Reason.UNKNOWN_CODE
+
+
+def test_the_ledger_records_the_aim_identifier_a_scanner_sent_or_the_symbology_given(engine):
+    engine.handle(scan(b"]Q1DEMO-0001\r"))
+    engine.handle(Scan(code=b"DEMO-0002", source="cam", symbology="]Q1"))
+    engine.handle(scan("DEMO-0003"))
+    assert [row.symbology for row in ledger_rows(engine)] == ["]Q1", "]Q1", None]
