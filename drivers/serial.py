@@ -2,10 +2,14 @@
 
 One `SerialScanner` per `[[scanner]] type = "serial"` block. The device loop only moves
 bytes: framing is `drivers.serial_framing.SerialFramer`, host commands are
-`drivers.feedback`. `run()` opens the port, reads until stopped and raises DriverError
-when the scanner goes away; the Supervisor retries with backoff, and the next `run()`
-resolves the configured path again, so a USB scanner that comes back as another
-`/dev/ttyACMn` is found through its stable `/dev/serial/by-id/...` link without a restart.
+`drivers.feedback`. `run()` opens the port and reads until stopped. A scanner that is
+not there (unplugged, not plugged in yet, or gone mid-read) is the driver's own business:
+it shows as `disconnected` and the driver looks for the port again every `REPLUG_POLL`,
+resolving the configured path each time, so a USB scanner that comes back as another
+`/dev/ttyACMn` is found through its stable `/dev/serial/by-id/...` link within about a
+second, not after the Supervisor's backoff. Problems a technician must fix (permissions,
+a port locked by another program, a path that is not a serial port) raise DriverError
+and are retried by the Supervisor.
 
     [[scanner]]
     type = "serial"
@@ -21,6 +25,7 @@ import errno
 import logging
 import os
 import select
+import termios
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -31,7 +36,7 @@ import serial
 from cards.scan import Scan
 from drivers.feedback import Feedback, feedback_from
 from drivers.serial_framing import SerialFramer
-from drivers.supervisor import DriverError, DriverState
+from drivers.supervisor import DeviceGone, DriverError, DriverState
 
 log = logging.getLogger("redeemd.drivers.serial")
 
@@ -50,6 +55,13 @@ POLL = 0.2
 WRITE_TIMEOUT = 0.25
 # A path that stopped resolving to the device we opened is checked this often.
 PATH_CHECK_EVERY = 1.0
+# How often a missing or vanished port is looked for: a replugged scanner reads again
+# within about this long. Looking costs a stat() (or a failed open()) per round.
+REPLUG_POLL = 0.5
+
+# What open() fails with when the device node is there but the device is not (yet, or
+# any more): a USB device half-way through appearing or going away.
+_GONE_ERRNOS = frozenset((errno.ENOENT, errno.ENODEV, errno.ENXIO, errno.EIO))
 
 
 class SerialScanner:
@@ -89,7 +101,30 @@ class SerialScanner:
 
     def run(self, emit: Callable[[Scan], None], stop: threading.Event, state: DriverState) -> None:
         self._closing.clear()
-        port, device = self._open()
+        connected_before = False
+        while not self._stopping(stop):
+            try:
+                port, device = self._open()
+                if connected_before:
+                    state.restarts += 1
+                connected_before = True
+                self._serve(port, device, emit, stop, state)
+                return  # only stopping ends _serve without an exception
+            except DeviceGone as exc:
+                self._gone(str(exc), state)
+            # Also when a by-id link moved: the old device may linger for a moment, and
+            # a node that opens and fails at once must not become a busy loop.
+            stop.wait(REPLUG_POLL)
+
+    def _serve(
+        self,
+        port: serial.Serial,
+        device: str,
+        emit: Callable[[Scan], None],
+        stop: threading.Event,
+        state: DriverState,
+    ) -> None:
+        """Read and frame until stopped; raise DeviceGone when the device goes away."""
         with self._lock:
             self._port = port
         where = f"{self.port} -> {device}" if device != self.port else self.port
@@ -99,20 +134,28 @@ class SerialScanner:
         log.info("scanner %s: open %s", self.name, opened)
         framer = self.framer()
         dropped = 0
+        # True from the arrival of bytes until the quiet line after them has been handed
+        # to framer.idle(). Once only: a partial read waiting for its terminator stays in
+        # the framer, and waiting for the idle gap again would be select(0) in a loop.
+        quiet_due = False
         last_data = last_check = time.monotonic()
         try:
-            while not stop.is_set() and not self._closing.is_set():
+            while not self._stopping(stop):
                 now = time.monotonic()
                 wait = POLL
-                if framer.pending:
+                if quiet_due:
                     wait = max(0.0, min(POLL, last_data + self.idle_gap - now))
                 data = self._read(port, wait)
                 now = time.monotonic()
                 if data:
                     frames = framer.feed(data)
                     last_data = now
-                elif framer.pending and now - last_data >= self.idle_gap:
+                    quiet_due = True
+                elif quiet_due and now - last_data >= self.idle_gap:
+                    # Also after reads that left nothing pending: a runaway line that was
+                    # dropped exactly at a read boundary is still being skipped.
                     frames = framer.idle()
+                    quiet_due = False
                 else:
                     frames = []
                 for frame in frames:
@@ -134,6 +177,18 @@ class SerialScanner:
                 self._port = None
             with contextlib.suppress(serial.SerialException, OSError):
                 port.close()
+
+    def _gone(self, message: str, state: DriverState) -> None:
+        """Show the scanner as disconnected; log the change, not every look for it."""
+        if state.state != "disconnected":
+            log.warning("scanner %s: %s", self.name, message)
+        elif message != state.message:
+            log.info("scanner %s: %s", self.name, message)
+        state.state = "disconnected"
+        state.message = message
+
+    def _stopping(self, stop: threading.Event) -> bool:
+        return stop.is_set() or self._closing.is_set()
 
     def feedback(self, accepted: bool) -> None:
         command = self.commands.command(accepted)
@@ -162,7 +217,7 @@ class SerialScanner:
         # ttyACMn it got this time.
         device = os.path.realpath(self.port)
         if not os.path.exists(device):
-            raise DriverError(
+            raise DeviceGone(
                 f"{self.port} is not there (scanner disconnected, or wrong path: "
                 "`redeemd devices` lists serial ports); waiting for it"
             )
@@ -181,31 +236,37 @@ class SerialScanner:
         port.exclusive = True
         try:
             port.open()
-        except serial.SerialException as exc:
-            raise DriverError(self._open_failure(device, exc)) from None
-        except OSError as exc:  # e.g. termios on something that is not a tty
-            raise DriverError(f"{self.port}: cannot use it as a serial port: {exc}") from None
+        except (serial.SerialException, OSError) as exc:
+            raise self._refusal(device, exc) from None
         return port, device
 
-    def _open_failure(self, device: str, exc: serial.SerialException) -> str:
-        code = exc.errno
+    def _refusal(self, device: str, exc: Exception) -> DriverError:
+        """What a failed open() means for the technician: DeviceGone if the device is
+        simply not there, DriverError naming the fix otherwise."""
+        code = _errno_of(exc)
+        where = f"{self.port} -> {device}" if device != self.port else self.port
         if code in (errno.EWOULDBLOCK, errno.EAGAIN) or "exclusively lock" in str(exc):
-            holders = _holders(device)
-            by = f" ({holders})" if holders else ""
-            return (
-                f"{self.port} is in use by another process{by}: another redeemd or a serial "
-                "tool that locks the port; stop it or give this scanner another port"
-            )
+            return DriverError(_in_use(self.port, device))
         if code == errno.EACCES:
-            return (
+            return DriverError(
                 f"{self.port}: permission denied; add the redeemd user to the group owning "
                 f"{device} (usually dialout) or install the udev rule from systemd/"
             )
         if code == errno.EBUSY:
-            return f"{self.port} is busy (opened exclusively by another program); stop it"
-        if code in (errno.ENOENT, errno.ENODEV, errno.ENXIO, errno.EIO):
-            return f"{self.port} disconnected while opening it ({exc}); waiting for it"
-        return f"{self.port}: cannot open it: {exc}"
+            return DriverError(
+                f"{self.port} is busy (opened exclusively by another program); stop it"
+            )
+        if code == errno.ENOTTY:
+            # pyserial's "Could not configure port: (25, ...)": the open worked, but the
+            # file takes no terminal settings (/dev/null, a plain file, a disk).
+            return DriverError(
+                f"{where} is not a serial port (it takes no line settings: "
+                f"{os.strerror(code)}); check `port` in the [[scanner]] table, "
+                "`redeemd devices` lists serial ports"
+            )
+        if code in _GONE_ERRNOS:
+            return DeviceGone(f"{self.port} disconnected while opening it ({exc}); waiting for it")
+        return DriverError(f"{self.port}: cannot open it: {exc}")
 
     def _read(self, port: serial.Serial, wait: float) -> bytes:
         try:
@@ -215,7 +276,7 @@ class SerialScanner:
             # A readable port that returns nothing (pyserial raises) or EIO is gone.
             return port.read(port.in_waiting or 1)
         except (serial.SerialException, OSError, ValueError) as exc:
-            raise DriverError(
+            raise DeviceGone(
                 f"{self.port} disconnected ({exc}); waiting for it to come back"
             ) from None
 
@@ -223,7 +284,7 @@ class SerialScanner:
         # A by-id link that vanished or moved means the device we hold is gone, even if
         # its tty has not hung up (yet).
         if os.path.realpath(self.port) != device or not os.path.exists(device):
-            raise DriverError(f"{self.port} disconnected (the path no longer leads to {device})")
+            raise DeviceGone(f"{self.port} disconnected (the path no longer leads to {device})")
 
 
 def _text_bytes(value: object) -> bytes:
@@ -232,21 +293,72 @@ def _text_bytes(value: object) -> bytes:
     return str(value).encode("utf-8")
 
 
-def _holders(device: str) -> str:
-    """Which processes have `device` open, as "pid 42 (minicom)", as far as we may look."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
+def _errno_of(exc: Exception) -> int | None:
+    """The errno behind a pyserial error, which often keeps it only in the text of the
+    termios.error or OSError it was raised from."""
+    code = getattr(exc, "errno", None)
+    if code is None and isinstance(exc.__context__, (termios.error, OSError)):
+        inner = exc.__context__
+        code = getattr(inner, "errno", None) or (inner.args[0] if inner.args else None)
+    return code if isinstance(code, int) else None
+
+
+def _in_use(port: str, device: str) -> str:
+    pids = _lock_holders(device)
+    if os.getpid() in pids:
+        return (
+            f"{port} is already open in this redeemd: two [[scanner]] tables name the same "
+            "port; remove one or give this scanner another port"
+        )
+    holders = ", ".join(_describe(pid) for pid in pids[:3]) or _holders(device)
+    by = f" ({holders})" if holders else ""
+    return (
+        f"{port} is in use by another process{by}: another redeemd or a serial tool that "
+        "locks the port; stop it or give this scanner another port"
+    )
+
+
+def _lock_holders(device: str) -> list[int]:
+    """The pids holding a flock() on `device`, from /proc/locks: exactly the processes
+    that made our exclusive open fail, unlike everyone who merely has the port open."""
+    try:
+        info = os.stat(device)
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    wanted = (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino)
+    pids = []
+    for line in lines:
+        # "1: FLOCK  ADVISORY  WRITE 4242 00:1a:3 0 EOF": pid, then major:minor:inode
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK":  # "1: -> FLOCK ..." waits for a lock
             continue
         try:
-            for fd in (proc / "fd").iterdir():
-                if os.readlink(fd) == device:
-                    if int(proc.name) == os.getpid():
-                        found.append("this redeemd: two [[scanner]] blocks with one port?")
-                    else:
-                        comm = (proc / "comm").read_text().strip()
-                        found.append(f"pid {proc.name} ({comm})")
-                    break
+            major, minor, inode = fields[5].split(":")
+            if (int(major, 16), int(minor, 16), int(inode)) == wanted:
+                pids.append(int(fields[4]))
+        except ValueError:
+            continue
+    return pids
+
+
+def _describe(pid: int) -> str:
+    try:
+        return f"pid {pid} ({Path(f'/proc/{pid}/comm').read_text().strip()})"
+    except OSError:  # another user's process, or one that just ended
+        return f"pid {pid}"
+
+
+def _holders(device: str) -> str:
+    """Other processes that have `device` open, as "pid 42 (minicom)", as far as we may
+    look: a guess at the lock holder when /proc/locks names none (another namespace)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd) == device for fd in (proc / "fd").iterdir()):
+                found.append(_describe(int(proc.name)))
         except OSError:  # other users' processes, or a process that just ended
             continue
     return ", ".join(found[:3])

@@ -40,11 +40,13 @@ class Pty:
         """The slave's termios settings, as the driver left them on the port."""
         return termios.tcgetattr(self._slave)
 
-    def set_line(self, speed: int, cflag_on: int) -> None:
+    def set_line(self, speed: int, cflag_on: int, iflag_on: int = 0) -> None:
         """Put the port in another state first, so what the driver sets is visible."""
         iflag, oflag, cflag, lflag, _, _, cc = termios.tcgetattr(self._slave)
         termios.tcsetattr(
-            self._slave, termios.TCSANOW, [iflag, oflag, cflag | cflag_on, lflag, speed, speed, cc]
+            self._slave,
+            termios.TCSANOW,
+            [iflag | iflag_on, oflag, cflag | cflag_on, lflag, speed, speed, cc],
         )
 
     def unplug(self) -> None:

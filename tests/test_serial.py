@@ -5,6 +5,9 @@ and reads from it what the driver sends back. Closing the master is an unplug (t
 driver's reads fail with EIO, as they do when a CDC-ACM device goes away); a new pty
 behind a re-pointed symlink in tmp_path is the same scanner coming back under another
 /dev/ttyACMn, found through its /dev/serial/by-id/ link.
+
+The Supervisor in these tests waits an hour before running a driver again, so whatever
+reconnecting a test sees is the driver's own doing, not the Supervisor's retry.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import serial
 from conftest import ROOT, write_box
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -38,10 +42,13 @@ from drivers.feedback import (
     ssi_checksum,
 )
 from drivers.serial import SerialScanner
-from drivers.serial_framing import TERMINATORS, SerialFramer
-from drivers.supervisor import DriverError, DriverState, Supervisor
+from drivers.serial_framing import DEFAULT_MAX_LENGTH, TERMINATORS, SerialFramer
+from drivers.supervisor import DeviceGone, DriverError, DriverState, Supervisor
 
 WAIT = 20.0  # generous: these wait on conditions, never on the clock
+NEVER = 3600.0  # a Supervisor backoff no test outlives
+# Mark/space ("stick") parity, from <asm-generic/termbits.h>; Python's termios lacks it.
+CMSPAR = 0o10000000000
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
@@ -59,10 +66,60 @@ def pty() -> Iterator[Pty]:
     device.unplug()
 
 
+class WatchedFramer(SerialFramer):
+    """A SerialFramer that counts the quiet lines it is told about after a dropped read."""
+
+    quiet_after_a_drop = 0
+
+    def idle(self) -> list[bytes]:
+        if self.dropped:
+            self.quiet_after_a_drop += 1
+        return super().idle()
+
+
+class WatchedScanner(SerialScanner):
+    """A SerialScanner that records what its loop does: how often run() was entered (the
+    Supervisor's retries), how often it waited for input, what it read and opened."""
+
+    def __init__(self, name: str, settings: dict[str, object]):
+        super().__init__(name, settings)
+        self.runs = 0
+        self.reads = 0
+        self.received = bytearray()
+        self.opened: list[serial.Serial] = []
+        self.framers: list[WatchedFramer] = []
+
+    def run(self, emit, stop, state):
+        self.runs += 1
+        super().run(emit, stop, state)
+
+    def _read(self, port, wait):
+        self.reads += 1
+        data = super()._read(port, wait)
+        self.received += data
+        return data
+
+    def _open(self):
+        port, device = super()._open()
+        self.opened.append(port)
+        return port, device
+
+    def framer(self) -> WatchedFramer:
+        plain = super().framer()
+        framer = WatchedFramer(
+            terminator=plain.terminator,
+            prefix=plain.prefix,
+            suffix=plain.suffix,
+            strip_leading=plain.strip_leading,
+        )
+        self.framers.append(framer)
+        return framer
+
+
 class Running:
     def __init__(self, supervisor: Supervisor, scans: queue.Queue[Scan]):
         self.supervisor = supervisor
-        self.driver: SerialScanner = supervisor.driver  # type: ignore[assignment]
+        self.driver: WatchedScanner = supervisor.driver  # type: ignore[assignment]
         self.scans = scans
 
     @property
@@ -74,18 +131,25 @@ class Running:
 
 
 @contextmanager
-def running(port: str | Path, **settings: object) -> Iterator[Running]:
-    """A SerialScanner under a real Supervisor (fast backoff), connected to `port`."""
+def supervised(port: str | Path, **settings: object) -> Iterator[Running]:
+    """A WatchedScanner on `port` under a real Supervisor that never retries in time."""
     scans: queue.Queue[Scan] = queue.Queue()
-    driver = SerialScanner("counter", {"port": str(port), **settings})
-    supervisor = Supervisor(driver, scans.put, initial_backoff=0.01, max_backoff=0.05)
+    driver = WatchedScanner("counter", {"port": str(port), **settings})
+    supervisor = Supervisor(driver, scans.put, initial_backoff=NEVER, max_backoff=NEVER)
     supervisor.start()
     try:
-        wait_for(lambda: supervisor.state.state == "connected", "the scanner to connect")
         yield Running(supervisor, scans)
     finally:
         assert supervisor.stop(timeout=WAIT), "the driver did not honour stop"
         assert supervisor.state.state == "stopped"
+
+
+@contextmanager
+def running(port: str | Path, **settings: object) -> Iterator[Running]:
+    """Like `supervised`, once the scanner is connected to `port`."""
+    with supervised(port, **settings) as scanner:
+        wait_for(lambda: scanner.state.state == "connected", "the scanner to connect")
+        yield scanner
 
 
 # ---------------------------------------------------------------- framing, no device
@@ -316,40 +380,107 @@ def test_scanner_without_terminator_ends_a_read_on_the_idle_gap(pty):
         assert scanner.next_code() == b"DEMO-0002"
 
 
-# Linux ptys force 8 data bits and no parity whatever is asked for (pty_set_termios
-# clears CSIZE and PARENB and sets CS8), so bytesize and parity cannot be checked here.
+@pytest.mark.parametrize(("terminator", "end"), [("auto", b"\r"), ("etx", b"\x03")])
+def test_a_partial_read_waiting_for_its_terminator_costs_no_cpu(pty, terminator, end):
+    with running(pty.path, terminator=terminator) as scanner:
+        driver = scanner.driver
+        pty.send(b"DEMO-")
+        wait_for(lambda: driver.received == b"DEMO-", "the partial read to arrive")
+        reads = driver.reads
+        # Twenty idle gaps: waiting out each input POLL takes about five rounds of the
+        # loop; spinning on select(0) took hundreds of thousands.
+        time.sleep(1.0)
+        assert driver.reads - reads < 50, "the driver spins while a partial read waits"
+        pty.send(b"0001" + end)
+        assert scanner.next_code() == b"DEMO-0001"
+        assert scanner.scans.empty()
+
+
+def test_a_quiet_line_after_a_runaway_one_lets_the_next_code_through(pty):
+    with running(pty.path) as scanner:
+        # Exactly one byte too many: the framer drops the line at the end of a read and
+        # holds nothing, but skips what follows until a terminator or a quiet line.
+        pty.send(b"7" * (DEFAULT_MAX_LENGTH + 1))
+        assert scanner.next_code() == OVERSIZED
+        [framer] = scanner.driver.framers
+        wait_for(lambda: framer.quiet_after_a_drop > 0, "the quiet line to be seen")
+        pty.send(b"DEMO-0001\r")
+        assert scanner.next_code() == b"DEMO-0001"
+
+
 @pytest.mark.parametrize(
-    ("settings_", "before", "speed", "two_stop_bits", "rtscts"),
+    ("settings_", "before", "speed", "two_stop_bits", "rtscts", "xonxoff"),
     [
         (
             {"baudrate": 115200, "stopbits": 2, "flow": "rtscts"},
-            (termios.B9600, 0),
+            (termios.B9600, 0, termios.IXON | termios.IXOFF),
             termios.B115200,
             True,
+            True,
+            False,
+        ),
+        (
+            {"flow": "xonxoff"},
+            (termios.B115200, termios.CRTSCTS, 0),
+            termios.B9600,
+            False,
+            False,
             True,
         ),
         (
             {},  # 9600, 1 stop bit, no flow control: the defaults are set, not assumed
-            (termios.B115200, termios.CSTOPB | termios.CRTSCTS),
+            (termios.B115200, termios.CSTOPB | termios.CRTSCTS, termios.IXON | termios.IXOFF),
             termios.B9600,
+            False,
             False,
             False,
         ),
     ],
-    ids=["115200-2-stop-bits-rtscts", "defaults-9600-1-stop-bit-no-flow-control"],
+    ids=[
+        "115200-2-stop-bits-rtscts",
+        "xonxoff",
+        "defaults-9600-1-stop-bit-no-flow-control",
+    ],
 )
-def test_baud_rate_stop_bits_and_rtscts_from_the_config_reach_the_port(
-    pty, settings_, before, speed, two_stop_bits, rtscts
+def test_baud_rate_stop_bits_and_flow_control_from_the_config_reach_the_port(
+    pty, settings_, before, speed, two_stop_bits, rtscts, xonxoff
 ):
     pty.set_line(*before)
     with running(pty.path, **settings_) as scanner:
-        _, _, cflag, _, ispeed, ospeed, _ = pty.line_settings()
+        iflag, _, cflag, _, ispeed, ospeed, _ = pty.line_settings()
         assert (ispeed, ospeed) == (speed, speed)
         assert bool(cflag & termios.CSTOPB) is two_stop_bits
         assert bool(cflag & termios.CRTSCTS) is rtscts
+        assert bool(iflag & termios.IXON) is xonxoff
+        assert bool(iflag & termios.IXOFF) is xonxoff
         # The line as configured still carries the scanner's codes.
         pty.send(b"DEMO-0001\r")
         assert scanner.next_code() == b"DEMO-0001"
+
+
+# Linux ptys force 8 data bits and parity off (pty_set_termios clears CSIZE and PARENB
+# and sets CS8) but keep PARODD and CMSPAR, which tell the parities apart; the data bits
+# and "parity on" can only be checked on the pyserial port the driver opened.
+@pytest.mark.parametrize(
+    ("bytesize", "parity", "before", "parodd", "cmspar", "line"),
+    [
+        (7, "even", termios.PARODD | CMSPAR, False, False, "9600 7E1"),
+        (8, "odd", CMSPAR, True, False, "9600 8O1"),
+        (7, "mark", 0, True, True, "9600 7M1"),
+        (8, "space", termios.PARODD, False, True, "9600 8S1"),
+    ],
+)
+def test_bytesize_and_parity_from_the_config_reach_the_port(
+    pty, bytesize, parity, before, parodd, cmspar, line
+):
+    pty.set_line(termios.B9600, before)
+    with running(pty.path, bytesize=bytesize, parity=parity) as scanner:
+        [port] = scanner.driver.opened
+        assert (port.bytesize, port.parity) == (bytesize, parity[0].upper())
+        cflag = pty.line_settings()[2]
+        assert bool(cflag & termios.PARODD) is parodd
+        assert bool(cflag & CMSPAR) is cmspar
+        assert line in scanner.state.message
 
 
 def test_garbage_arrives_as_a_malformed_scan_and_the_driver_keeps_reading(pty):
@@ -386,8 +517,8 @@ def test_unplugged_serial_scanner_reports_disconnected_and_resumes_on_replug(pty
         try:
             pty.unplug()
             wait_for(lambda: scanner.state.state == "disconnected", "disconnected state")
-            assert "disconnected" in scanner.state.message
             assert str(by_id) in scanner.state.message
+            assert "waiting for it" in scanner.state.message
             scanner.driver.feedback(True)  # nothing to write to: must not raise
 
             link = tmp_path / "link.tmp"
@@ -395,48 +526,107 @@ def test_unplugged_serial_scanner_reports_disconnected_and_resumes_on_replug(pty
             os.replace(link, by_id)
             wait_for(lambda: scanner.state.state == "connected", "reconnection")
             assert replug.path in scanner.state.message and replug.path != pty.path
-            assert scanner.state.restarts >= 1
+            assert scanner.state.restarts == 1
             replug.send(b"DEMO-0002\r")
             assert scanner.next_code() == b"DEMO-0002"
+            assert scanner.driver.runs == 1, "the Supervisor had to restart the driver"
         finally:
             replug.unplug()
 
 
+def test_by_id_link_moving_to_another_device_is_followed(pty, tmp_path):
+    by_id = tmp_path / "usb-Honeywell_1900_12345-if00"
+    by_id.symlink_to(pty.path)
+    with running(by_id) as scanner:
+        other = Pty()
+        try:
+            # The old tty never hangs up: only the link says the scanner moved.
+            link = tmp_path / "link.tmp"
+            link.symlink_to(other.path)
+            os.replace(link, by_id)
+            wait_for(lambda: other.path in scanner.state.message, "the new device")
+            assert scanner.state.state == "connected"
+            other.send(b"DEMO-0001\r")
+            assert scanner.next_code() == b"DEMO-0001"
+            assert scanner.driver.runs == 1, "the Supervisor had to restart the driver"
+        finally:
+            other.unplug()
+
+
 def test_missing_port_is_reported_and_picked_up_when_it_appears(tmp_path, pty):
     by_id = tmp_path / "usb-Zebra_DS2208-if00"
-    scans: queue.Queue[Scan] = queue.Queue()
-    driver = SerialScanner("counter", {"port": str(by_id)})
-    supervisor = Supervisor(driver, scans.put, initial_backoff=0.01, max_backoff=0.05)
-    supervisor.start()
-    try:
-        wait_for(lambda: "is not there" in supervisor.state.message, "the missing-port message")
-        assert supervisor.state.state == "disconnected"
+    with supervised(by_id) as scanner:
+        wait_for(lambda: "is not there" in scanner.state.message, "the missing-port message")
+        assert scanner.state.state == "disconnected"
+        assert str(by_id) in scanner.state.message
+        assert "redeemd devices" in scanner.state.message
         by_id.symlink_to(pty.path)
-        wait_for(lambda: supervisor.state.state == "connected", "the port to be found")
+        wait_for(lambda: scanner.state.state == "connected", "the port to be found")
         pty.send(b"DEMO-0001\r")
-        assert scans.get(timeout=WAIT).code == b"DEMO-0001"
-    finally:
-        assert supervisor.stop(timeout=WAIT)
+        assert scanner.next_code() == b"DEMO-0001"
+        assert scanner.driver.runs == 1, "the Supervisor had to restart the driver"
 
 
-def test_second_scanner_on_a_busy_port_gets_a_clear_error(pty):
+def test_stopping_while_waiting_for_a_missing_port_ends_the_driver(tmp_path):
+    with supervised(tmp_path / "usb-Zebra_DS2208-if00") as scanner:
+        wait_for(lambda: scanner.state.state == "disconnected", "the wait for the port")
+        # supervised() asserts on leaving that stop() ended the thread.
+    assert scanner.driver.runs == 1
+
+
+@contextmanager
+def held_by_another_scanner_of_this_redeemd(pty: Pty) -> Iterator[str]:
     with running(pty.path) as first:
-        second = SerialScanner("other", {"port": pty.path})
-        with pytest.raises(DriverError) as refused:
-            second.run(lambda scan: None, threading.Event(), DriverState("other", "serial"))
-        message = str(refused.value)
-        assert pty.path in message and "in use" in message and "stop it" in message
+        yield "already open in this redeemd"
         pty.send(b"DEMO-0001\r")  # the first one is unaffected
         assert first.next_code() == b"DEMO-0001"
 
 
-def test_path_that_is_not_a_serial_port_is_a_clear_error(tmp_path):
-    not_a_tty = tmp_path / "plain-file"
-    not_a_tty.write_text("")
-    driver = SerialScanner("counter", {"port": str(not_a_tty)})
+@contextmanager
+def held_by_another_process(pty: Pty) -> Iterator[str]:
+    # Another redeemd, or minicom: something that opened the port with a lock.
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import serial, sys; port = serial.Serial(sys.argv[1], exclusive=True); "
+         "print('locked', flush=True); sys.stdin.read()",
+         pty.path],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        yield f"in use by another process (pid {holder.pid} "
+        assert holder.poll() is None  # the holder is unaffected
+    finally:
+        holder.stdin.close()  # it exits at end of input
+        holder.wait(timeout=WAIT)
+        holder.stdout.close()
+
+
+@pytest.mark.parametrize("held", [held_by_another_scanner_of_this_redeemd, held_by_another_process])
+def test_scanner_on_a_busy_port_gets_a_clear_error(pty, held):
+    with held(pty) as holder:
+        second = SerialScanner("other", {"port": pty.path})
+        with pytest.raises(DriverError) as refused:
+            second.run(lambda scan: None, threading.Event(), DriverState("other", "serial"))
+        message = str(refused.value)
+        assert not isinstance(refused.value, DeviceGone)  # state "error": a technician's job
+        assert pty.path in message and holder in message
+        assert "another port" in message
+
+
+@pytest.mark.parametrize("where", ["/dev/null", "plain-file"])
+def test_path_that_is_not_a_serial_port_is_a_clear_error(tmp_path, where):
+    port = Path(where) if where.startswith("/") else tmp_path / where
+    if not port.exists():
+        port.write_text("")
+    driver = SerialScanner("counter", {"port": str(port)})
     with pytest.raises(DriverError) as refused:
         driver.run(lambda scan: None, threading.Event(), DriverState("counter", "serial"))
-    assert str(not_a_tty) in str(refused.value)
+    message = str(refused.value)
+    assert not isinstance(refused.value, DeviceGone)
+    assert message.startswith(f"{port} is not a serial port (")
+    assert "check `port` in the [[scanner]] table" in message
+    assert "`redeemd devices` lists serial ports" in message
 
 
 @pytest.mark.parametrize(
