@@ -713,6 +713,17 @@ bad_read = "15"
         verdict = json.loads(lines.get(timeout=60))
         assert verdict["verdict"] == "accepted"
         assert pty.read_until(b"\x06\x07\x06\x07").endswith(b"\x06\x07\x06\x07")
+
+        # A repeat is answered as its own first read was, not as the read just before it
+        # (an unknown code here); a wallet payment code passed on to the POS is a good read.
+        pty.send(b"NOPE-1234\r\n")
+        verdict = json.loads(lines.get(timeout=60))
+        assert (verdict["verdict"], verdict["reason"]) == ("rejected", "unknown_code")
+        pty.send(b"DEMO-0002\r\n")
+        pty.send(b"281234567890123456\r\n")
+        assert json.loads(lines.get(timeout=60))["event"] == "payment"
+        sent = b"\x06\x07\x15" + b"\x06\x07" * 2 + b"\x15" + b"\x06\x07" * 2
+        assert pty.read_until(sent) == sent
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=60) == 0, (loaded_box.dir / "stderr.log").read_text()
@@ -720,5 +731,5 @@ bad_read = "15"
 
     status = json.loads(loaded_box.cli("status", "--json").stdout)
     [driver] = status["drivers"]
-    assert (driver["name"], driver["kind"], driver["scans"]) == ("counter", "serial", 4)
+    assert (driver["name"], driver["kind"], driver["scans"]) == ("counter", "serial", 7)
     assert lines.empty(), "the debounced repeat must not produce a second verdict"
