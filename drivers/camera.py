@@ -277,17 +277,31 @@ class CameraScanner:
         state.message = f"waiting for the first frame from {self.device}"
         log.debug("scanner %s: %s", self.name, " ".join(command))
 
-        # One buffer for every frame; `image` is a 2-D view of it, so reading a frame
-        # into the buffer is the only copy between the pipe and zbar.
-        frame = bytearray(self.width * self.height)
-        view = memoryview(frame)
-        image = np.frombuffer(frame, dtype=np.uint8).reshape(self.height, self.width)
+        shape = (self.height, self.width)
+        stdout = process.stdout
+        newest: _NewestFrame | None = None
+        if camera:
+            newest = _NewestFrame(
+                shape, lambda view: self._read_frame(stdout, view, stop, camera), self.name
+            )
+            next_image: Callable[[], np.ndarray | None] = lambda: newest.take(stop)  # noqa: E731
+        else:
+            # A file has no "now": every frame is decoded, in order. One buffer for every
+            # frame; `image` is a 2-D view of it, so reading a frame into the buffer is
+            # the only copy between the pipe and zbar.
+            frame = bytearray(self.width * self.height)
+            view = memoryview(frame)
+            image = np.frombuffer(frame, dtype=np.uint8).reshape(shape)
+
+            def next_image() -> np.ndarray | None:
+                return image if self._read_frame(stdout, view, stop, camera) else None
+
         frames = 0
         rate_since, rate_frames = time.monotonic(), 0
         try:
             while not stop.is_set():
-                complete = self._read_frame(process.stdout, view, stop, camera)
-                if not complete:
+                image = next_image()
+                if image is None:
                     break
                 if frames == 0:
                     state.state = "connected"
@@ -300,9 +314,10 @@ class CameraScanner:
                 rate_frames += 1
                 elapsed = time.monotonic() - rate_since
                 if elapsed >= 10:
+                    skipped = f", {newest.skipped} skipped in all" if newest else ""
                     state.message = (
                         f"{self.device} {self.width}x{self.height}, "
-                        f"{rate_frames / elapsed:.1f} frames/s decoded"
+                        f"{rate_frames / elapsed:.1f} frames/s decoded{skipped}"
                     )
                     rate_since, rate_frames = time.monotonic(), 0
             if stop.is_set():
@@ -321,6 +336,8 @@ class CameraScanner:
             with self._lock:
                 self._process = None
             _stop_process(process)
+            if newest is not None:
+                newest.join(2.0)  # it ends at the pipe's end; then its pipe may close
             process.stdout.close()
             stderr.join(2.0)
             process.stderr.close()
@@ -389,6 +406,73 @@ class CameraScanner:
             process = self._process
         if process is not None and process.poll() is None:
             process.terminate()
+
+
+class _NewestFrame:
+    """A live camera's frames, read in a thread of their own; `take` gives the newest.
+
+    When zbar takes longer than a frame period (a grainy picture, a slow box), frames
+    read in step with decoding would queue up in ffmpeg and in the kernel's capture
+    buffers (uvcvideo keeps up to 32), and each decode would show the counter as it was
+    seconds ago: the customer's phone long gone, its code read late or never. Here the
+    frames zbar has no time for are skipped (counted in `skipped`), and what it decodes
+    is at most one frame old. Three buffers: one being filled, the newest complete one,
+    the one being decoded.
+    """
+
+    def __init__(self, shape: tuple[int, int], read_frame: Callable[[memoryview], bool], name: str):
+        size = shape[0] * shape[1]
+        buffers = [bytearray(size) for _ in range(3)]
+        self._images = {id(b): np.frombuffer(b, dtype=np.uint8).reshape(shape) for b in buffers}
+        self._free = buffers
+        self._newest: bytearray | None = None
+        self._decoding: bytearray | None = None
+        self._ended = False
+        self._error: BaseException | None = None
+        self._changed = threading.Condition()
+        self.skipped = 0
+        self._thread = threading.Thread(
+            target=self._read, args=(read_frame,), name=f"camera-{name}", daemon=True
+        )
+        self._thread.start()
+
+    def _read(self, read_frame: Callable[[memoryview], bool]) -> None:
+        with self._changed:
+            filling = self._free.pop()
+        try:
+            while read_frame(memoryview(filling)):
+                with self._changed:
+                    if self._newest is not None:
+                        self.skipped += 1
+                        self._free.append(self._newest)
+                    self._newest, filling = filling, self._free.pop()
+                    self._changed.notify()
+        except BaseException as exc:  # the no-frame timeout: raised again by `take`
+            self._error = exc
+        finally:
+            with self._changed:
+                self._ended = True
+                self._changed.notify()
+
+    def take(self, stop: threading.Event) -> np.ndarray | None:
+        """The newest frame not yet taken, waiting for one; None at the end of the
+        stream or on stop. The frame stays valid until the next call."""
+        with self._changed:
+            while self._newest is None:
+                if self._ended:
+                    if self._error is not None:
+                        raise self._error
+                    return None
+                if stop.is_set():
+                    return None
+                self._changed.wait(STOP_POLL)
+            if self._decoding is not None:
+                self._free.append(self._decoding)
+            self._decoding, self._newest = self._newest, None
+            return self._images[id(self._decoding)]
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
 
 
 def _read_exact(stream: IO[bytes], size: int) -> bytes | None:

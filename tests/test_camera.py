@@ -18,6 +18,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -702,3 +703,34 @@ def test_docstring_examples_hold():
     for module in (dedupe, camera):
         failed, _ = doctest.testmod(module)
         assert failed == 0, f"{module.__name__} docstring examples fail"
+
+
+def test_a_live_camera_faster_than_zbar_is_decoded_at_its_newest_frame(tmp_path, monkeypatch):
+    # Camera frames come at the camera's pace whatever zbar does; when zbar is slower the
+    # frames it has no time for are skipped, so what it decodes is what is in front of
+    # the camera now. The stand-in "camera" delivers 40 frames at once (ffmpeg decodes
+    # a file as fast as it can) and zbar is made to take 0.2 s a frame: read in step,
+    # the code at the end would be reached after 8 s; skipping, after a few frames.
+    video = write_video(tmp_path / "live.mkv", [blank()] * 36 + [frame(qr("DEMO-0001"))] * 4)
+    fake = script(
+        tmp_path / "ffmpeg",
+        f'exec "{REAL_FFMPEG}" -hide_banner -loglevel error -nostdin -i "{video}" '
+        "-f rawvideo -pix_fmt gray -\n",
+    )
+    decoded: list[int] = []
+    real_decode = camera.decode_frame
+
+    def slow_decode(scanner, image):
+        decoded.append(int(image.mean()))
+        time.sleep(0.2)
+        return real_decode(scanner, image)
+
+    monkeypatch.setattr(camera, "decode_frame", slow_decode)
+    node = Path("/dev/null")  # a /dev path is a live camera to the driver
+    driver = CameraScanner("cam", settings(node, ffmpeg=fake))
+    scans: list[Scan] = []
+    state = DriverState("cam", "camera")
+    with pytest.raises(DriverError):  # a live stream that ends is a failure, as for a camera
+        driver.run(scans.append, threading.Event(), state)
+    assert codes(scans) == [QR_SCAN]
+    assert len(decoded) < 10  # 40 frames delivered; most of the blank ones skipped
