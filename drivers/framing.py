@@ -42,16 +42,21 @@ class LineFramer:
         frames = []
         start = 0
         for match in _TERMINATORS.finditer(self.buffer):
-            frame = bytes(self.buffer[start : match.start()]).lstrip(b"\x02")
+            # The length counts every byte of the line, STX included, as the check on an
+            # unterminated line below does: the verdict must not depend on how the bytes
+            # were split into reads.
+            line = bytes(self.buffer[start : match.start()])
             start = match.end()
             if self.skipping:
                 # The tail of a line already reported as OVERSIZED.
                 self.skipping = False
-            elif len(frame) > self.max_length:
+            elif len(line) > self.max_length:
                 self.overflowed += 1
                 frames.append(OVERSIZED)
-            elif frame.strip():
-                frames.append(frame)
+            else:
+                frame = line.lstrip(b"\x02")
+                if frame.strip():
+                    frames.append(frame)
         del self.buffer[:start]
         if len(self.buffer) > self.max_length:
             # No terminator in sight: report the line now (a stuck scanner may never end

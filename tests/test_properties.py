@@ -23,12 +23,15 @@ from cards.batch import BatchError, ChunkAssembler, CodeStatus, Kind
 from cards.digest import CodeDigester, code_digest
 from cards.normalize import (
     GS,
+    OVERSIZED,
     MalformedCode,
     Normalized,
     normalize,
     normalize_full,
     normalize_text,
 )
+from drivers.dedupe import Deduper
+from drivers.framing import LineFramer
 
 KEYSET = make_keyset()
 ENTRIES = batch.encode_issue(
@@ -302,3 +305,67 @@ def test_open_file_of_validly_signed_odd_header_raises_only_batch_error(override
     except BatchError:
         return
     assert opened.entries == payload
+
+
+# --- drivers: line framing and camera de-duplication -----------------------------------
+
+_LINE_BYTES = st.binary(max_size=60) | st.lists(
+    st.sampled_from([b"DEMO-1", b"\r", b"\n", b"\r\n", b"\x03", b"\x02", b"x" * 9, b"\x00", b" "]),
+    max_size=30,
+).map(b"".join)
+
+
+@example(data=b"\x02\x02\x02A\n", cuts=[3], max_length=2)  # STX counted alike both ways
+@settings(max_examples=400)
+@given(
+    data=_LINE_BYTES, cuts=st.lists(st.integers(0, 60), max_size=8), max_length=st.integers(1, 12)
+)
+def test_line_framer_gives_the_same_frames_however_the_bytes_are_split(data, cuts, max_length):
+    whole = LineFramer(max_length=max_length)
+    expected = whole.feed(data)
+    pieces = LineFramer(max_length=max_length)
+    got: list[bytes] = []
+    start = 0
+    for cut in sorted({min(c, len(data)) for c in cuts}):
+        got += pieces.feed(data[start:cut])
+        start = cut
+    got += pieces.feed(data[start:])
+    assert got == expected
+    for frame in got:
+        assert frame == OVERSIZED or (
+            len(frame) <= max_length and not any(t in frame for t in (b"\r", b"\n", b"\x03"))
+        )
+
+
+_SEEN = st.sampled_from([("QR-Code", b"A"), ("QR-Code", b"B"), ("EAN-13", b"1"), ("EAN-13", b"2")])
+
+
+@settings(max_examples=400)
+@given(
+    frames=st.lists(
+        st.tuples(st.frozensets(_SEEN, max_size=3), st.floats(0, 3, allow_nan=False)), max_size=60
+    ),
+    rescan_after=st.floats(0, 2.5, allow_nan=False),
+    needed_1d=st.integers(1, 3),
+)
+def test_deduper_emits_a_code_once_per_stay_in_view(frames, rescan_after, needed_1d):
+    deduper = Deduper(rescan_after=rescan_after, min_sightings_1d=needed_1d)
+    at = 0.0
+    last_seen: dict = {}
+    emitted_since_away: set = set()
+    for codes, step in frames:
+        at += step
+        for code in list(last_seen):
+            if at - last_seen[code] > rescan_after:  # out of view long enough: a new stay
+                del last_seen[code]
+                emitted_since_away.discard(code)
+        new = deduper.feed(codes, at)
+        assert set(new) <= codes and len(new) == len(set(new))
+        for code in new:
+            assert code not in emitted_since_away  # never twice in one stay
+            emitted_since_away.add(code)
+        for code in codes:
+            last_seen[code] = at
+            if code[0] == "QR-Code":
+                assert code in emitted_since_away  # a 2-D code counts on its first sighting
+        assert len(deduper) <= deduper.max_tracked
