@@ -409,7 +409,9 @@ class HidScanner:
             state.state = "connected"
             state.message = "reading " + ", ".join(r.label for r in readers.values())
             return
-        state.state = "disconnected"
+        # Input devices it may not open: the scanner may well be one of them, and the box
+        # needs fixing (a group), not a plug: an error until it can see them all.
+        state.state = "error" if denied else "disconnected"
         state.message = f"no input device matches {self.device!r}; waiting for it to be plugged in"
         if denied:
             state.message += (

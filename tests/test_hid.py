@@ -455,12 +455,12 @@ def test_each_device_has_its_own_shift_state():
         assert run.next_code() == b"lower"
 
 
-def test_devices_that_cannot_be_opened_are_mentioned_in_status():
+def test_devices_that_cannot_be_opened_make_an_error_in_status():
     node = FakeNode(SCANNER, "Scanner")
     backend = FakeBackend(node)
     backend.denied.add(SCANNER)
     with running(scanner(backend)) as run:
-        wait_for(lambda: run.state.state == "disconnected", "disconnected")
+        wait_for(lambda: run.state.state == "error", "error")
         assert "permission denied" in run.state.message
         assert "'input' group" in run.state.message
 
