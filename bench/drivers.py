@@ -66,7 +66,7 @@ from evdev import InputEvent
 from evdev import ecodes as e
 
 from cards.scan import Scan
-from drivers.camera import CameraScanner, decode_frame, zbar_scanner
+from drivers.camera import AIM_IDENTIFIERS, CameraScanner, decode_frame, zbar_scanner
 from drivers.dedupe import Deduper
 from drivers.keymap import KeyDecoder, decode
 from drivers.serial import SerialScanner
@@ -401,11 +401,11 @@ def camera_frames(
         if what == "QR":
             text = url_codes(1, seed=7)[0]
             code = qr_image(text, module=int(4 * scale))
-            expected = ("QR-Code", text.encode())
+            expected = ("]Q1", text.encode())  # as the driver names it: AIM identifier
         else:
             text = ean_codes(1, seed=7)[0]
             code = ean_image(text[:12], module=int(3 * scale), height=int(90 * scale))
-            expected = ("EAN-13", text.encode())
+            expected = ("]E0", text.encode())
         h, w = code.shape
         top, left = int(height * 0.45 - h / 2), int(width * 0.55 - w / 2)
         ink = np.where(code == 0, 35.0, 0.0).astype(np.float32)  # printed dark, paper light
@@ -483,7 +483,8 @@ def run_camera(
             for symbology, data in deduper.feed(
                 decode_frame(driver_scanner, image), i / CAMERA_FPS
             ):
-                found.append(Scan(code=data, source=SOURCE, symbology=symbology, at=time.time()))
+                aim = AIM_IDENTIFIERS.get(symbology)
+                found.append(Scan(code=data, source=SOURCE, symbology=aim, at=time.time()))
         rate = count / (time.perf_counter() - t0)
         check(
             f"{label} frame fn",
