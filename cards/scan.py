@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cards.normalize import aim_identifier
+
 
 @dataclass(frozen=True)
 class Scan:
@@ -18,3 +20,14 @@ class Scan:
     source: str
     symbology: str | None = None
     at: float = 0.0
+
+
+def scanned(code: bytes, source: str, at: float) -> Scan:
+    """A read from a scanner that sends text (serial, keyboard wedge, stdin): its
+    symbology is the AIM identifier it put before the code, if any (the camera knows
+    its own). Named here, in the driver's thread, not on the engine's scan path.
+
+    >>> scanned(b"]Q1DEMO-0001", "counter", 0.0).symbology
+    ']Q1'
+    """
+    return Scan(code=code, source=source, symbology=aim_identifier(code), at=at)

@@ -25,7 +25,7 @@ from cards import signed_code
 from cards.card import Card
 from cards.classify import payment_scheme
 from cards.digest import CodeDigester, short
-from cards.normalize import MalformedCode, aim_identifier, normalize, normalize_text
+from cards.normalize import MalformedCode, normalize, normalize_text
 from cards.rules import (
     UNLIMITED_USES,
     Context,
@@ -70,10 +70,10 @@ class Engine:
         self.clock = clock
         self.zone = None if config.box.timezone == "local" else ZoneInfo(config.box.timezone)
         self.alarm: str | None = None
-        # (source, code key) -> (monotonic time of its last read, whether that read was
-        # accepted, None until decided): the debounce window, and the answer a scanner in
+        # (source, code key) -> [monotonic time of its last read, whether that read was
+        # accepted (None until decided)]: the debounce window, and the answer a scanner in
         # host-ACK mode gets for a repeat (it waits for one after every read).
-        self._recent: OrderedDict[tuple[str, bytes], tuple[float, bool | None]] = OrderedDict()
+        self._recent: OrderedDict[tuple[str, bytes], list] = OrderedDict()
         self.repeat_accepted: bool | None = None
         """After `handle` returned None: whether the read it repeats was accepted."""
         self._data_version = -1
@@ -116,25 +116,30 @@ class Engine:
     # ------------------------------------------------------------------ scans
 
     def handle(self, scan: Scan) -> Verdict | PaymentCode | None:
-        """Decide and record one scan. None means a debounced repeat of the last read."""
+        """Decide and record one scan. None means a debounced repeat of a read already
+        decided (see `repeat_accepted`)."""
         try:
             text = normalize_text(scan.code, self._max_length)
         except MalformedCode as exc:
-            key = hashlib.sha256(scan.code).digest()[:16]
-            if self._debounced(scan.source, key):
+            read = self._new_read(scan.source, hashlib.sha256(scan.code).digest()[:16])
+            if read is None:
                 return None
             detail = str(exc)
-            result = self._write(
+            rejected = self._write(
                 lambda: self._record_reject(Reason.MALFORMED, detail, None, None, scan), scan, None
             )
-            return self._answered(scan.source, key, result)
+            read[1] = rejected.accepted
+            return rejected
         digest = self._digest(text)
-        if self._debounced(scan.source, digest):
+        read = self._new_read(scan.source, digest)
+        if read is None:
             return None
         result = self._write(
             lambda: self._evaluate(text, digest, scan, action=None, record=True), scan, digest
         )
-        return self._answered(scan.source, digest, result)
+        # A payment code passed on to the POS app is a good read.
+        read[1] = True if isinstance(result, PaymentCode) else result.accepted
+        return result
 
     def check(self, text: str, source: str = "cli") -> Verdict | PaymentCode:
         """Verdict for a code without recording or redeeming anything."""
@@ -182,37 +187,29 @@ class Engine:
             digest,
         )  # fmt: skip
 
-    def _debounced(self, source: str, key: bytes) -> bool:
-        """One read, one scan: the same code from the same source inside the window."""
+    def _new_read(self, source: str, key: bytes) -> list | None:
+        """The debounce window's entry for this read, [time, accepted] (the caller fills
+        in `accepted` once decided), or None for a repeat: one read, one scan, so the same
+        code from the same source inside the window is the read already decided, and
+        `repeat_accepted` says how that one was answered."""
         now = time.monotonic()
         window = self._window
         recent = self._recent
         # Oldest read first (a read moves its key to the end), so expiry stops at the
         # first live entry: amortised O(1) per scan even when a burst fills the whole window.
         while recent:
-            oldest, (at, _) = next(iter(recent.items()))
-            if now - at < window:
+            oldest, entry = next(iter(recent.items()))
+            if now - entry[0] < window:
                 break
             del recent[oldest]
         last = recent.pop((source, key), None)
         if last is not None and now - last[0] < window:
-            recent[(source, key)] = (now, last[1])
+            last[0] = now
+            recent[(source, key)] = last
             self.repeat_accepted = last[1]
-            return True
-        recent[(source, key)] = (now, None)
-        return False
-
-    def _answered(
-        self, source: str, key: bytes, result: Verdict | PaymentCode
-    ) -> Verdict | PaymentCode:
-        """Remember how a read was answered, for its repeats (see `repeat_accepted`). A
-        payment code is a good read: it was passed on to the POS app."""
-        at, _ = self._recent[(source, key)]
-        self._recent[(source, key)] = (
-            at,
-            True if isinstance(result, PaymentCode) else result.accepted,
-        )
-        return result
+            return None
+        read = recent[(source, key)] = [now, None]
+        return read
 
     def _evaluate(
         self,
@@ -436,10 +433,7 @@ class Engine:
                 uses if moved and not by_balance else None, amount,
                 decision.uses_left, decision.balance, str(decision.outcome),
                 str(decision.reason) if decision.reason else None,
-                # The camera names its symbology; a serial or wedge scanner's AIM prefix
-                # says it (the protocol's field is the AIM identifier either way).
-                scan.source, scan.symbology or aim_identifier(scan.code), operator,
-                self.cache_seq, reverses,
+                scan.source, scan.symbology, operator, self.cache_seq, reverses,
             ),
         )  # fmt: skip
         if decision.changed and digest is not None and card is not None:

@@ -42,7 +42,7 @@ from typing import Protocol
 
 from evdev import InputEvent
 
-from cards.scan import Scan
+from cards.scan import Scan, scanned
 from drivers.keymap import KeyDecoder
 from drivers.supervisor import DriverError, DriverState
 
@@ -335,7 +335,7 @@ class HidScanner:
 
     def _emit(self, emit: Callable[[Scan], None], codes: list[bytes]) -> None:
         for code in codes:
-            emit(Scan(code=code, source=self.name, at=time.time()))
+            emit(scanned(code, self.name, time.time()))
 
     def _timeout(self, readers: dict[str, _Reader]) -> float:
         mono = time.monotonic()

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import serial
 
-from cards.scan import Scan
+from cards.scan import Scan, scanned
 from drivers.feedback import Feedback, feedback_from
 from drivers.serial_framing import SerialFramer
 from drivers.supervisor import DeviceGone, DriverError, DriverState
@@ -159,7 +159,7 @@ class SerialScanner:
                 else:
                     frames = []
                 for frame in frames:
-                    emit(Scan(code=frame, source=self.name, at=time.time()))
+                    emit(scanned(frame, self.name, time.time()))
                 if framer.dropped != dropped:
                     dropped = framer.dropped
                     state.message = f"open {opened}; {dropped} over-long read(s) dropped"

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
-from cards.scan import Scan
+from cards.scan import Scan, scanned
 from drivers.framing import LineFramer
 from drivers.supervisor import DriverState
 
@@ -40,9 +40,9 @@ class StreamScanner:
                 if not data:
                     break
                 for frame in framer.feed(data):
-                    emit(Scan(code=frame, source=self.name, at=time.time()))
+                    emit(scanned(frame, self.name, time.time()))
             for frame in framer.feed(b"\n"):
-                emit(Scan(code=frame, source=self.name, at=time.time()))
+                emit(scanned(frame, self.name, time.time()))
         finally:
             if owned:
                 os.close(fd)

@@ -12,7 +12,7 @@ from conftest import CREATED, DEMO_CARDS, FAR, Box, make_keyset, write_box
 from cards import batch, keys, signed_code
 from cards.batch import UNLIMITED, CodeStatus, Kind
 from cards.digest import code_digest
-from cards.scan import Scan
+from cards.scan import Scan, scanned
 from cards.verdict import Action, Outcome, Reason, Verdict
 from daemon.engine import Engine, PaymentCode
 from storage import batch_import, codes, ledger, outbox
@@ -600,8 +600,8 @@ def test_check_records_nothing(engine):
     assert reason(engine.check("NOPE")) == Reason.UNKNOWN_CODE
 
 
-def test_the_ledger_records_the_aim_identifier_a_scanner_sent_or_the_symbology_given(engine):
-    engine.handle(scan(b"]Q1DEMO-0001\r"))
-    engine.handle(Scan(code=b"DEMO-0002", source="cam", symbology="]Q1"))
-    engine.handle(scan("DEMO-0003"))
+def test_the_ledger_records_the_aim_identifier_a_scanner_sent_or_the_camera_named(engine):
+    engine.handle(scanned(b"]Q1DEMO-0001", "front", 0.0))  # as a serial or wedge driver does
+    engine.handle(Scan(code=b"DEMO-0002", source="cam", symbology="]Q1"))  # camera
+    engine.handle(scanned(b"DEMO-0003", "front", 0.0))
     assert [row.symbology for row in ledger_rows(engine)] == ["]Q1", "]Q1", None]

@@ -357,6 +357,18 @@ def test_codes_written_to_the_port_become_scans(pty):
         assert scanner.scans.empty()
 
 
+def test_a_scanners_aim_prefix_names_the_symbology_of_its_scan(pty):
+    with running(pty.path) as scanner:
+        pty.send(b"]Q1DEMO-0001\r]E05901234123457\rDEMO-0002\r")
+        scans = [scanner.scans.get(timeout=WAIT) for _ in range(3)]
+    # The code keeps its prefix (normalisation removes it); the symbology is for the ledger.
+    assert [(s.symbology, s.code) for s in scans] == [
+        ("]Q1", b"]Q1DEMO-0001"),
+        ("]E0", b"]E05901234123457"),
+        (None, b"DEMO-0002"),
+    ]
+
+
 def test_stx_etx_framed_codes_with_prefix_and_suffix(pty):
     with running(pty.path, terminator="etx", prefix="S:", suffix="/E") as scanner:
         pty.send(b"\x02S:DEMO-0001/E\x03\x02S:DEMO-0002/E\x03")
