@@ -324,10 +324,11 @@ def _missing_software(scanner: ScannerConfig) -> str | None:
     if isinstance(driver, Unavailable):
         return driver.reason
     if scanner.type == "camera":
-        from drivers.camera import find_ffmpeg
+        from drivers.camera import find_ffmpeg, zbar_scanner
 
         try:
             find_ffmpeg(str(scanner.settings.get("ffmpeg", "ffmpeg")))
+            zbar_scanner()
         except DriverError as exc:
             return str(exc)
     return None

@@ -121,24 +121,38 @@ class Engine:
         try:
             text = normalize_text(scan.code, self._max_length)
         except MalformedCode as exc:
-            read = self._new_read(scan.source, hashlib.sha256(scan.code).digest()[:16])
+            key = hashlib.sha256(scan.code).digest()[:16]
+            read = self._new_read(scan.source, key)
             if read is None:
                 return None
+            read[1] = False  # a bad read, whatever becomes of its record
             detail = str(exc)
             rejected = self._write(
                 lambda: self._record_reject(Reason.MALFORMED, detail, None, None, scan), scan, None
             )
-            read[1] = rejected.accepted
+            if rejected.reason is Reason.STORAGE_ERROR:
+                del self._recent[(scan.source, key)]
             return rejected
         digest = self._digest(text)
         read = self._new_read(scan.source, digest)
         if read is None:
             return None
-        result = self._write(
-            lambda: self._evaluate(text, digest, scan, action=None, record=True), scan, digest
-        )
-        # A payment code passed on to the POS app is a good read.
-        read[1] = True if isinstance(result, PaymentCode) else result.accepted
+        try:
+            result = self._write(
+                lambda: self._evaluate(text, digest, scan, action=None, record=True), scan, digest
+            )
+        except BaseException:
+            del self._recent[(scan.source, digest)]  # nothing decided: a rescan tries again
+            raise
+        if isinstance(result, PaymentCode):
+            read[1] = True  # passed on to the POS app: a good read
+        elif result.accepted:
+            read[1] = True
+        elif result.reason is Reason.STORAGE_ERROR:
+            # Nothing was recorded: the cashier's rescan is a new try, not a repeat.
+            del self._recent[(scan.source, digest)]
+        else:
+            read[1] = False
         return result
 
     def check(self, text: str, source: str = "cli") -> Verdict | PaymentCode:

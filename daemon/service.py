@@ -87,9 +87,10 @@ def build_driver(scanner: ScannerConfig) -> Driver:
         return make_driver(scanner)
     except ImportError as exc:
         reason = (
-            f"{scanner.type} scanners need the Python package {exc.name or exc}, which is "
-            "not installed: install redeemd with its drivers extra (systemd/install.sh "
-            "--extras drivers, or pip install 'redeemd[drivers]'), then restart redeemd"
+            f"{scanner.type} scanners need the Python package {exc.name or exc}, which "
+            f"cannot be loaded ({exc}): install redeemd with its drivers extra "
+            "(systemd/install.sh --extras drivers, or pip install 'redeemd[drivers]') and "
+            "the system libraries docs/operations.md lists, then restart redeemd"
         )
     except Exception as exc:
         reason = f"cannot set up this {scanner.type} scanner: {exc}"

@@ -114,8 +114,8 @@ def find_ffmpeg(binary: str = "ffmpeg") -> str:
 
 
 def zbar_scanner():
-    """A zbar-py Scanner with every symbology enabled except the ISBN views of EAN-13
-    (libzbar's other defaults, position recording included, are kept)."""
+    """A zbar-py Scanner with every symbology enabled except the ISBN and UPC-A views of
+    EAN-13 (libzbar's other defaults, position recording included, are kept)."""
     try:
         import zbar
     except (ImportError, OSError, RuntimeError) as exc:
@@ -123,12 +123,16 @@ def zbar_scanner():
     # zbar reports an EAN-13 starting 978/979 as an ISBN with other digits (9780201379624
     # becomes ISBN-10 0201379627), while a serial or HID scanner sends all 13 digits: the
     # same card would be two codes. With ISBN off zbar reports it as the EAN-13 it is.
-    # Order matters: ZBAR_NONE applies to every symbology, so it comes first.
+    # Likewise a UPC-A is an EAN-13 with a leading 0: with UPC-A on, zbar drops the 0
+    # (0036000291452 becomes 036000291452), where ]E0, the AIM identifier recorded
+    # for both, means the 13 digits. Order matters: ZBAR_NONE applies to every
+    # symbology, so it comes first.
     return zbar.Scanner(
         [
             ("ZBAR_NONE", "ZBAR_CFG_ENABLE", 1),
             ("ZBAR_ISBN10", "ZBAR_CFG_ENABLE", 0),
             ("ZBAR_ISBN13", "ZBAR_CFG_ENABLE", 0),
+            ("ZBAR_UPCA", "ZBAR_CFG_ENABLE", 0),
         ]
     )
 
@@ -140,7 +144,6 @@ def zbar_scanner():
 AIM_IDENTIFIERS = {
     "QR-Code": "]Q1",
     "EAN-13": "]E0",
-    "UPC-A": "]E0",
     "UPC-E": "]E0",
     "EAN-8": "]E4",
     "CODE-128": "]C0",
@@ -274,7 +277,10 @@ class CameraScanner:
             self._process = process
         assert process.stdout is not None and process.stderr is not None
         stderr = _StderrTail(process.stderr)
-        state.message = f"waiting for the first frame from {self.device}"
+        if state.state == "starting":
+            # On a retry the state keeps saying why the last attempt failed until a
+            # frame arrives: that is what a technician needs to read.
+            state.message = f"waiting for the first frame from {self.device}"
         log.debug("scanner %s: %s", self.name, " ".join(command))
 
         shape = (self.height, self.width)
@@ -336,9 +342,13 @@ class CameraScanner:
             with self._lock:
                 self._process = None
             _stop_process(process)
-            if newest is not None:
-                newest.join(2.0)  # it ends at the pipe's end; then its pipe may close
-            process.stdout.close()
+            # The reader ends at the pipe's end, then its pipe may close; closed under a
+            # reader still inside read(), the descriptor could be reused by the next
+            # ffmpeg's pipe. A stuck reader keeps the pipe (a daemon thread, logged).
+            if newest is None or newest.join(2.0):
+                process.stdout.close()
+            else:
+                log.error("scanner %s: frame reader did not end; leaving its pipe open", self.name)
             stderr.join(2.0)
             process.stderr.close()
 
@@ -471,8 +481,10 @@ class _NewestFrame:
             self._decoding, self._newest = self._newest, None
             return self._images[id(self._decoding)]
 
-    def join(self, timeout: float) -> None:
+    def join(self, timeout: float) -> bool:
+        """Wait for the reader to end; False if it has not."""
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
 
 def _read_exact(stream: IO[bytes], size: int) -> bytes | None:

@@ -411,12 +411,17 @@ class HidScanner:
             return
         # Input devices it may not open: the scanner may well be one of them, and the box
         # needs fixing (a group), not a plug: an error until it can see them all.
-        state.state = "error" if denied else "disconnected"
-        state.message = f"no input device matches {self.device!r}; waiting for it to be plugged in"
         if denied:
-            state.message += (
-                f" ({len(denied)} input devices could not be opened: permission denied; "
-                "add the user redeemd runs as to the 'input' group)"
+            state.state = "error"
+            state.message = (
+                f"{len(denied)} input devices could not be opened (permission denied), so "
+                f"none seen matches {self.device!r}: add the user redeemd runs as to the "
+                "'input' group"
+            )
+        else:
+            state.state = "disconnected"
+            state.message = (
+                f"no input device matches {self.device!r}; waiting for it to be plugged in"
             )
 
     def _release(self, readers: dict[str, _Reader]) -> None:

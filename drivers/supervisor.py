@@ -36,6 +36,9 @@ class DeviceGone(DriverError):
     the normal life of a USB device, which comes back by itself when it is plugged in."""
 
 
+# How often a driver whose device is not there is run again (see Supervisor._loop).
+GONE_RETRY = 1.0
+
 # OSErrors that mean the device went away, not that something is wrong with the box.
 _GONE_ERRNOS = frozenset((errno.ENOENT, errno.ENODEV, errno.ENXIO, errno.EIO))
 
@@ -108,13 +111,16 @@ class Supervisor:
         *,
         initial_backoff: float = 0.5,
         max_backoff: float = 30.0,
+        gone_retry: float = GONE_RETRY,
     ):
         self.driver = driver
         self.state = DriverState(driver.name, driver.kind)
+        self._last_failure: tuple[str, str] | None = None
         self._emit = emit
         self._stop = threading.Event()
         self._initial = initial_backoff
         self._max = max_backoff
+        self._gone_retry = gone_retry
         self.thread = threading.Thread(
             target=self._loop, name=f"scanner-{driver.name}", daemon=True
         )
@@ -156,6 +162,14 @@ class Supervisor:
                     not isinstance(exc, DriverError) and exc.errno in _GONE_ERRNOS
                 )
                 self._report("disconnected" if gone else "error", str(exc))
+                if gone:
+                    # Looking for a device that is not there costs a stat() or a failed
+                    # open(): look every second, so a replugged scanner is back at once
+                    # rather than after a backoff grown while it was away.
+                    if self._stop.wait(self._gone_retry):
+                        break
+                    self.state.restarts += 1
+                    continue
             except Exception as exc:  # a driver bug must not end the daemon
                 self.state.state = "error"
                 self.state.message = f"{type(exc).__name__}: {exc}"
@@ -172,8 +186,11 @@ class Supervisor:
 
     def _report(self, state: str, message: str) -> None:
         """Record a failure; log it only when it is news, so that a scanner left
-        unplugged does not write the same line to the journal every half minute."""
-        news = (state, message) != (self.state.state, self.state.message)
+        unplugged does not write the same line to the journal at every retry. News: not
+        the failure reported last time, or the driver connected in between (a driver
+        may change its state and message while it tries, so they are no record)."""
+        news = self.state.state == "connected" or (state, message) != self._last_failure
+        self._last_failure = (state, message)
         self.state.state, self.state.message = state, message
         level = logging.WARNING if news else logging.DEBUG
         log.log(level, "scanner %s: %s; retrying", self.driver.name, message)

@@ -12,6 +12,7 @@ test machine.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import stat
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, read_json_lines, write_box
+from conftest import ROOT, read_json_lines, wait_for, write_box
 
 from cards.scan import Scan
 from drivers import camera
@@ -346,6 +347,15 @@ def test_ean13_with_a_book_prefix_decodes_as_all_13_digits_not_as_an_isbn(tmp_pa
     assert found == {("EAN-13", "9780201379624"), ("EAN-13", "9791000000015")}
     scans = scans_from(tmp_path / "*.png", rescan_after=0.05, min_sightings_1d=1)
     assert codes(scans) == [("]E0", b"9780201379624"), ("]E0", b"9791000000015")]
+
+
+def test_upc_a_decodes_as_the_13_digit_ean13_it_is(tmp_path):
+    # UPC-A 036000291452 is EAN-13 0036000291452: one code, whichever way it is read.
+    write_png(tmp_path / "upc.png", frame(linear("upca", "03600029145")))
+    [(_, symbology, text)] = decode_images([tmp_path / "upc.png"])
+    assert (symbology, text) == ("EAN-13", "0036000291452")
+    scans = scans_from(tmp_path / "upc.png", min_sightings_1d=1)
+    assert codes(scans) == [("]E0", b"0036000291452")]
 
 
 def test_glob_of_images_is_read_one_image_per_frame(tmp_path):
@@ -734,3 +744,23 @@ def test_a_live_camera_faster_than_zbar_is_decoded_at_its_newest_frame(tmp_path,
         driver.run(scans.append, threading.Event(), state)
     assert codes(scans) == [QR_SCAN]
     assert len(decoded) < 10  # 40 frames delivered; most of the blank ones skipped
+
+
+def test_a_camera_failing_the_same_way_is_logged_once_and_status_keeps_the_cause(tmp_path, caplog):
+    fake = script(
+        tmp_path / "ffmpeg", 'echo "/dev/null: Permission denied" >&2\nexit 1\n'
+    )  # what ffmpeg says for a camera the user may not open
+    driver = CameraScanner("cam", settings("/dev/null", ffmpeg=fake))
+    supervisor = Supervisor(driver, lambda scan: None, initial_backoff=0.01, max_backoff=0.02)
+    with caplog.at_level(logging.WARNING, logger="redeemd.drivers"):
+        supervisor.start()
+        try:
+            wait_for(lambda: supervisor.state.restarts >= 5, "five retries")
+            # Between retries too: the cause, not "waiting for the first frame".
+            for _ in range(20):
+                assert "Permission denied" in supervisor.state.message
+                assert supervisor.state.state == "error"
+        finally:
+            assert supervisor.stop(timeout=30)
+    warnings = [r.getMessage() for r in caplog.records if "scanner cam" in r.getMessage()]
+    assert len(warnings) == 1 and "Permission denied" in warnings[0], warnings

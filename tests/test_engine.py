@@ -493,6 +493,21 @@ def test_locked_database_rejects_as_storage_error_and_recovers_without_gap(loade
     assert [r.seq for r in ledger_rows(engine)] == [1, 2]
 
 
+def test_a_rescan_after_a_storage_error_is_tried_again_not_debounced(loaded_box, debounced):
+    debounced.conn.execute("PRAGMA busy_timeout = 50")
+    blocker = sqlite3.connect(loaded_box.database, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        assert reason(debounced.handle(scan("DEMO-0002"))) == "storage_error"
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    # The cashier scans again at once: nothing was recorded, so this is a new try.
+    assert debounced.handle(scan("DEMO-0002")).accepted
+    assert debounced.handle(scan("DEMO-0002")) is None  # and now a repeat of that
+    assert debounced.repeat_accepted is True
+
+
 def test_full_database_rejects_as_storage_error_and_recovers_without_gap(engine):
     conn = engine.conn
     pages = conn.execute("PRAGMA page_count").fetchone()[0]

@@ -316,7 +316,7 @@ _LINE_BYTES = st.binary(max_size=60) | st.lists(
 
 
 @example(data=b"\x02\x02\x02A\n", cuts=[3], max_length=2)  # STX counted alike both ways
-@settings(max_examples=400)
+@PROPERTY
 @given(
     data=_LINE_BYTES, cuts=st.lists(st.integers(0, 60), max_size=8), max_length=st.integers(1, 12)
 )
@@ -340,7 +340,7 @@ def test_line_framer_gives_the_same_frames_however_the_bytes_are_split(data, cut
 _SEEN = st.sampled_from([("QR-Code", b"A"), ("QR-Code", b"B"), ("EAN-13", b"1"), ("EAN-13", b"2")])
 
 
-@settings(max_examples=400)
+@PROPERTY
 @given(
     frames=st.lists(
         st.tuples(st.frozensets(_SEEN, max_size=3), st.floats(0, 3, allow_nan=False)), max_size=60

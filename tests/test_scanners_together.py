@@ -44,6 +44,7 @@ def test_serial_camera_and_fifo_scanners_read_side_by_side(
         wait_for(
             lambda: _drivers(loaded_box).get("counter", {}).get("state") == "connected",
             "the serial scanner connected",
+            every=0.5,
         )
         pty.send(b"DEMO-0001\r")
         # Opening a FIFO for writing waits for its reader, the driver.
@@ -61,7 +62,7 @@ def test_serial_camera_and_fifo_scanners_read_side_by_side(
             drivers = _drivers(loaded_box)
             return drivers if drivers.get("cam", {}).get("state") == "ended" else None
 
-        drivers = wait_for(camera_done, "the camera's video read to the end")
+        drivers = wait_for(camera_done, "the camera's video read to the end", every=0.5)
         assert {name: d["scans"] for name, d in drivers.items()} == {
             "counter": 1,
             "cam": 1,

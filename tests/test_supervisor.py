@@ -42,7 +42,9 @@ class FlakyDriver:
 def test_unplugged_and_crashing_driver_is_restarted_and_then_delivers():
     scans: queue.Queue[Scan] = queue.Queue()
     driver = FlakyDriver([OSError(19, "No such device"), ValueError("driver bug")])
-    supervisor = Supervisor(driver, scans.put, initial_backoff=0.01, max_backoff=0.02)
+    supervisor = Supervisor(
+        driver, scans.put, initial_backoff=0.01, max_backoff=0.02, gone_retry=0.01
+    )
     supervisor.start()
     assert scans.get(timeout=10).code == b"CODE"
     assert driver.runs == 3
@@ -66,7 +68,9 @@ def _failing(exc: Exception, runs: int) -> tuple[Supervisor, threading.Event]:
                 enough.set()
             raise exc
 
-    supervisor = Supervisor(Broken([]), lambda scan: None, initial_backoff=0.01, max_backoff=0.02)
+    supervisor = Supervisor(
+        Broken([]), lambda scan: None, initial_backoff=0.01, max_backoff=0.02, gone_retry=0.01
+    )
     return supervisor, enough
 
 
