@@ -74,7 +74,7 @@ class Engine:
         # accepted (None until decided)]: the debounce window, and the answer a scanner in
         # host-ACK mode gets for a repeat (it waits for one after every read).
         self._recent: OrderedDict[tuple[str, bytes], list] = OrderedDict()
-        self.repeat_accepted: bool | None = None
+        self.repeat_accepted = False
         """After `handle` returned None: whether the read it repeats was accepted."""
         self._data_version = -1
         self._next_seq = ledger.last_seq(conn) + 1
@@ -125,34 +125,26 @@ class Engine:
             read = self._new_read(scan.source, key)
             if read is None:
                 return None
-            read[1] = False  # a bad read, whatever becomes of its record
             detail = str(exc)
             rejected = self._write(
                 lambda: self._record_reject(Reason.MALFORMED, detail, None, None, scan), scan, None
             )
-            if rejected.reason is Reason.STORAGE_ERROR:
-                del self._recent[(scan.source, key)]
+            if rejected.reason is not Reason.STORAGE_ERROR:
+                read[1] = False
             return rejected
         digest = self._digest(text)
         read = self._new_read(scan.source, digest)
         if read is None:
             return None
-        try:
-            result = self._write(
-                lambda: self._evaluate(text, digest, scan, action=None, record=True), scan, digest
-            )
-        except BaseException:
-            del self._recent[(scan.source, digest)]  # nothing decided: a rescan tries again
-            raise
+        result = self._write(
+            lambda: self._evaluate(text, digest, scan, action=None, record=True), scan, digest
+        )
         if isinstance(result, PaymentCode):
             read[1] = True  # passed on to the POS app: a good read
-        elif result.accepted:
-            read[1] = True
-        elif result.reason is Reason.STORAGE_ERROR:
-            # Nothing was recorded: the cashier's rescan is a new try, not a repeat.
-            del self._recent[(scan.source, digest)]
-        else:
-            read[1] = False
+        elif result.reason is not Reason.STORAGE_ERROR:
+            read[1] = result.accepted
+        # After a storage error (or an exception) the read stays undecided: nothing was
+        # recorded, so the cashier's rescan is a new try (see `_new_read`).
         return result
 
     def check(self, text: str, source: str = "cli") -> Verdict | PaymentCode:
@@ -205,7 +197,8 @@ class Engine:
         """The debounce window's entry for this read, [time, accepted] (the caller fills
         in `accepted` once decided), or None for a repeat: one read, one scan, so the same
         code from the same source inside the window is the read already decided, and
-        `repeat_accepted` says how that one was answered."""
+        `repeat_accepted` says how that one was answered. A read left undecided (nothing
+        recorded) has no repeats: the next one is tried afresh."""
         now = time.monotonic()
         window = self._window
         recent = self._recent
@@ -217,7 +210,7 @@ class Engine:
                 break
             del recent[oldest]
         last = recent.pop((source, key), None)
-        if last is not None and now - last[0] < window:
+        if last is not None and last[1] is not None and now - last[0] < window:
             last[0] = now
             recent[(source, key)] = last
             self.repeat_accepted = last[1]

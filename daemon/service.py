@@ -202,7 +202,7 @@ class Service:
             self._feedback(scan.source, isinstance(result, PaymentCode) or result.accepted)
             if self.hook is not None and isinstance(result, Verdict):
                 self.hook.submit(result.to_json())
-        elif engine.repeat_accepted is not None:
+        else:
             # A debounced repeat is the same read: answer it as that read was answered
             # (not as the read before it, which may be another code), because scanners
             # in host-ACK mode wait for an answer to every read.

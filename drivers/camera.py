@@ -33,6 +33,7 @@ in a photo taken at the counter.
 
 from __future__ import annotations
 
+import functools
 import glob
 import logging
 import os
@@ -286,21 +287,22 @@ class CameraScanner:
         shape = (self.height, self.width)
         stdout = process.stdout
         newest: _NewestFrame | None = None
+        next_image: Callable[[], np.ndarray | None]
         if camera:
             newest = _NewestFrame(
-                shape, lambda view: self._read_frame(stdout, view, stop, camera), self.name
+                shape, lambda view: self._read_frame(stdout, view, stop, True), self.name
             )
-            next_image: Callable[[], np.ndarray | None] = lambda: newest.take(stop)  # noqa: E731
+            next_image = functools.partial(newest.take, stop)
         else:
             # A file has no "now": every frame is decoded, in order. One buffer for every
-            # frame; `image` is a 2-D view of it, so reading a frame into the buffer is
+            # frame; `whole` is a 2-D view of it, so reading a frame into the buffer is
             # the only copy between the pipe and zbar.
-            frame = bytearray(self.width * self.height)
-            view = memoryview(frame)
-            image = np.frombuffer(frame, dtype=np.uint8).reshape(shape)
+            buffer = bytearray(self.width * self.height)
+            view = memoryview(buffer)
+            whole = np.frombuffer(buffer, dtype=np.uint8).reshape(shape)
 
             def next_image() -> np.ndarray | None:
-                return image if self._read_frame(stdout, view, stop, camera) else None
+                return whole if self._read_frame(stdout, view, stop, False) else None
 
         frames = 0
         rate_since, rate_frames = time.monotonic(), 0

@@ -151,6 +151,7 @@ class Supervisor:
         delay = self._initial
         while not self._stop.is_set():
             started = time.monotonic()
+            gone = False
             try:
                 self.driver.run(self._count, self._stop, self.state)
                 if not self._stop.is_set():
@@ -162,23 +163,19 @@ class Supervisor:
                     not isinstance(exc, DriverError) and exc.errno in _GONE_ERRNOS
                 )
                 self._report("disconnected" if gone else "error", str(exc))
-                if gone:
-                    # Looking for a device that is not there costs a stat() or a failed
-                    # open(): look every second, so a replugged scanner is back at once
-                    # rather than after a backoff grown while it was away.
-                    if self._stop.wait(self._gone_retry):
-                        break
-                    self.state.restarts += 1
-                    continue
             except Exception as exc:  # a driver bug must not end the daemon
                 self.state.state = "error"
                 self.state.message = f"{type(exc).__name__}: {exc}"
                 log.exception("scanner %s failed; restarting it", self.driver.name)
             if time.monotonic() - started > 60:
                 delay = self._initial  # it ran fine for a while: start backing off afresh
-            if self._stop.wait(random.uniform(0, delay)):
+            # Looking for a device that is not there costs a stat() or a failed open():
+            # look every `gone_retry`, so a replugged scanner is back at once rather than
+            # after a backoff grown while it was away.
+            if self._stop.wait(self._gone_retry if gone else random.uniform(0, delay)):
                 break
-            delay = min(delay * 2, self._max)
+            if not gone:
+                delay = min(delay * 2, self._max)
             self.state.restarts += 1
         if self._stop.is_set():
             self.state.state = "stopped"
