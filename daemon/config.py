@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cards import keys
+from drivers.serial_framing import TERMINATORS
 
 DEFAULT_PATH = Path("/etc/redeemd/config.toml")
 
@@ -314,7 +315,7 @@ SCANNER_SCHEMAS: dict[str, dict[str, tuple[Checker, object]]] = {
         "parity": (_choice("none", "even", "odd", "mark", "space"), "none"),
         "stopbits": (_int_choice(1, 1.5, 2), 1),
         "flow": (_choice("none", "rtscts", "xonxoff"), "none"),
-        "terminator": (_choice("auto", "cr", "lf", "crlf", "etx", "none"), "auto"),
+        "terminator": (_choice(*TERMINATORS), "auto"),
         "idle_gap": (_duration, "50ms"),
         "prefix": (_text, ""),
         "suffix": (_text, ""),

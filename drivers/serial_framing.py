@@ -13,9 +13,13 @@ complete frames, with terminators, STX and the configured prefix/suffix removed.
 
 Terminators (the `terminator` config key):
 
-- ``auto``: CR, LF, CRLF or ETX, whichever comes (a CRLF split across two reads is still
-  one read, because the empty "frame" between CR and LF is ignored).
-- ``cr``, ``lf``, ``crlf``, ``etx``: only that one.
+- ``auto``: CR, LF, CRLF, TAB or ETX, whichever comes (a CRLF split across two reads is
+  still one read, because the empty "frame" between CR and LF is ignored; so is a TAB
+  followed by CR). TAB is a terminator because many scanners ship with a TAB suffix
+  (to jump to the next form field) and a code cannot contain one: `cards.normalize`
+  refuses every control character but GS, so a TAB inside a read could only have made
+  it `malformed`, never a different code.
+- ``cr``, ``lf``, ``crlf``, ``tab``, ``etx``: only that one.
 - ``none``: the scanner sends no terminator; a read ends when the line goes idle.
 
 STX (0x02) always starts a new frame: a scanner that frames with STX/ETX and lost the
@@ -44,10 +48,11 @@ ETX = 0x03
 TERMINATORS: dict[str, bytes | None] = {
     # The order of the alternatives matters for auto: CRLF before CR, so that a CRLF in
     # one read is one terminator (an empty frame would be skipped anyway).
-    "auto": rb"\r\n|\r|\n|\x03",
+    "auto": rb"\r\n|\r|\n|\t|\x03",
     "cr": rb"\r",
     "lf": rb"\n",
     "crlf": rb"\r\n",
+    "tab": rb"\t",
     "etx": rb"\x03",
     "none": None,
 }

@@ -34,6 +34,7 @@ from ptys import Pty
 
 from cards.normalize import OVERSIZED, MalformedCode, normalize
 from cards.scan import Scan
+from daemon import config as config_mod
 from drivers.feedback import (
     SSI_ACK_REPLY,
     Feedback,
@@ -168,6 +169,15 @@ def test_several_codes_in_one_read_are_separate_frames():
     assert framer.feed(b"\r") == [b"E5"]
 
 
+def test_tab_suffix_ends_a_read_with_auto():
+    # Scanners shipped with a TAB suffix (to jump to the next form field) send no CR:
+    # each code must come out on its own, not wait for a CR and merge with the next.
+    framer = SerialFramer()
+    assert framer.feed(b"DEMO-0001\t") == [b"DEMO-0001"]
+    assert framer.feed(b"DEMO-0002\tDEMO-0003\t\r\n") == [b"DEMO-0002", b"DEMO-0003"]
+    assert framer.pending == 0
+
+
 def test_crlf_split_between_cr_and_lf_gives_no_empty_frame():
     framer = SerialFramer()
     assert framer.feed(b"A1\r") == [b"A1"]
@@ -186,6 +196,7 @@ def test_crlf_terminator_keeps_a_lone_cr_and_waits_for_lf():
         ("cr", b"A1\rB2\n\r", [b"A1", b"B2\n"]),
         ("lf", b"A1\nB2\r\n", [b"A1", b"B2\r"]),
         ("etx", b"\x02A1\x03\x02B2\r\n\x03", [b"A1", b"B2\r\n"]),
+        ("tab", b"A1\tB2\r\n\t", [b"A1", b"B2\r\n"]),
         ("auto", b"\x02A1\x03\r\n", [b"A1"]),
     ],
 )
@@ -258,9 +269,17 @@ def test_ssi_ack_reply_before_a_code_is_stripped():
     assert framer.feed(SSI_ACK_REPLY * 2 + b"DEMO-0002\r") == [b"DEMO-0002"]
 
 
+def test_every_terminator_the_framer_knows_is_accepted_in_the_config(tmp_path, keyset):
+    for terminator in TERMINATORS:
+        block = f'[[scanner]]\ntype = "serial"\nname = "counter"\nport = "/dev/ttyACM0"\nterminator = "{terminator}"'
+        box = write_box(tmp_path, keyset, extra=block)
+        [scanner] = config_mod.load(str(box.config_path)).scanners
+        assert scanner.settings["terminator"] == terminator
+
+
 def test_unknown_terminator_is_refused():
     with pytest.raises(ValueError, match="terminator"):
-        SerialFramer(terminator="tab")
+        SerialFramer(terminator="semicolon")
 
 
 @settings(max_examples=300, deadline=None)
@@ -276,10 +295,11 @@ def test_framer_property_any_bytes_any_split(terminator, data, cuts, max_length,
     """Any bytes, cut anywhere: never raises, memory stays bounded, frames carry no
     terminator or STX, and the frames do not depend on where the reads were cut."""
     forbidden = {
-        "auto": b"\r\n\x03",
+        "auto": b"\r\n\t\x03",
         "cr": b"\r",
         "lf": b"\n",
         "crlf": b"",
+        "tab": b"\t",
         "etx": b"\x03",
         "none": b"",
     }[terminator] + b"\x02"
@@ -304,6 +324,29 @@ def test_framer_property_any_bytes_any_split(terminator, data, cuts, max_length,
     edges = [0, *sorted(c for c in cuts if c <= len(data)), len(data)]
     pieces = [data[a:b] for a, b in zip(edges, edges[1:], strict=False)]
     assert frame_all(pieces) == frame_all([data])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    reads=st.lists(
+        st.tuples(
+            st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1),
+            st.sampled_from([b"\r", b"\n", b"\r\n", b"\t", b"\t\r\n", b"\x03", b"\x02"]),
+        ),
+        max_size=20,
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=30),
+)
+def test_auto_framer_property_every_terminator_a_scanner_sends_ends_its_code(reads, cuts):
+    """Codes each ended by any terminator `auto` knows (TAB and TAB+CRLF included), cut
+    anywhere: each code comes out once, alone, in order. A code ended by STX (a lost end of
+    frame) is the one that is thrown away."""
+    data = b"".join(code.encode() + end for code, end in reads)
+    expected = [code.encode() for code, end in reads if end != b"\x02"]
+    edges = [0, *sorted(c for c in cuts if c <= len(data)), len(data)]
+    framer = SerialFramer()
+    frames = [f for a, b in zip(edges, edges[1:], strict=False) for f in framer.feed(data[a:b])]
+    assert frames == expected
 
 
 # ---------------------------------------------------------------- host commands
@@ -367,6 +410,16 @@ def test_a_scanners_aim_prefix_names_the_symbology_of_its_scan(pty):
         ("]E0", b"]E05901234123457"),
         (None, b"DEMO-0002"),
     ]
+
+
+@pytest.mark.parametrize("terminator", ["auto", "tab"])
+def test_tab_suffixed_scanner_reads_each_code_without_waiting_for_a_cr(pty, terminator):
+    with running(pty.path, terminator=terminator) as scanner:
+        pty.send(b"DEMO-0001\t")
+        assert scanner.next_code() == b"DEMO-0001"
+        pty.send(b"DEMO-0002\tDEMO-0003\t")
+        assert [scanner.next_code() for _ in range(2)] == [b"DEMO-0002", b"DEMO-0003"]
+        assert scanner.scans.empty()
 
 
 def test_stx_etx_framed_codes_with_prefix_and_suffix(pty):
