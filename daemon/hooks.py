@@ -15,9 +15,12 @@ the digest prefix, never the code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import queue
+import signal
 import subprocess
 import threading
 
@@ -91,23 +94,45 @@ class VerdictHook:
         }
         self.runs += 1
         try:
-            result = subprocess.run(
-                self.argv, input=(json.dumps(verdict) + "\n").encode(), env=env,
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=self.timeout,
+            # Its own session, so that a timeout kills what the hook started too (a shell
+            # script's `sleep`, a blinking light): killing the hook alone leaves them
+            # running, and each stuck verdict would add one more.
+            process = subprocess.Popen(
+                self.argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, start_new_session=True,
             )  # fmt: skip
-        except subprocess.TimeoutExpired:
-            self._failed(f"still running after {self.timeout:g} s ([hooks] timeout); killed")
         except OSError as exc:
             self._failed(f"cannot run it: {exc}")
+            return
+        try:
+            _, stderr = process.communicate((json.dumps(verdict) + "\n").encode(), self.timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(process)
+            self._failed(
+                f"still running after {self.timeout:g} s ([hooks] timeout); "
+                "killed with the processes it started"
+            )
+            return
+        if process.returncode != 0:
+            tail = stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
+            self._failed(f"exited with {process.returncode}{': ' + tail[0] if tail else ''}")
         else:
-            if result.returncode != 0:
-                tail = result.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
-                self._failed(f"exited with {result.returncode}{': ' + tail[0] if tail else ''}")
-            else:
-                self.last_error = None
+            self.last_error = None
 
     def _failed(self, why: str) -> None:
         self.failures += 1
         if why != self.last_error:
             log.warning("hook %s: %s; the verdict stands", self.argv[0], why)
         self.last_error = why
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL the hook's process group (its pid: it leads its own session), then reap
+    the hook. A child that left the group itself (setsid, a double fork) is out of reach,
+    and may hold the stderr pipe: so wait for the hook alone, not for the pipe's end."""
+    with contextlib.suppress(ProcessLookupError):  # the group is gone already
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    for pipe in (process.stdin, process.stderr):
+        if pipe is not None:
+            pipe.close()

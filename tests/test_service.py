@@ -9,6 +9,7 @@ systemd would, so no systemd is needed.
 # ruff: noqa: F811  (the broker fixture is imported, then named as a parameter)
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -230,9 +231,22 @@ def test_the_on_verdict_hook_gets_the_verdict_but_never_the_code(loaded_box, dae
     assert daemon.stop() == 0
 
 
-def test_a_hanging_hook_is_killed_and_never_delays_a_verdict(loaded_box, daemons, tmp_path):
+def _running(pid: int) -> bool:
+    """Whether the process exists and is not a zombie waiting for its reaper."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_a_hanging_hook_is_killed_with_its_children_and_never_delays_a_verdict(
+    loaded_box, daemons, tmp_path
+):
+    pids = tmp_path / "children"
     hook = tmp_path / "stuck.sh"
-    hook.write_text("#!/bin/sh\nsleep 600\n")
+    # The child is what a plain kill of the hook leaves behind.
+    hook.write_text(f'#!/bin/sh\nsleep 600 &\necho $! >> "{pids}"\nwait\n')
     hook.chmod(0o755)
     loaded_box.config_path.write_text(
         loaded_box.config_path.read_text() + f'\n[hooks]\non_verdict = "{hook}"\ntimeout = "1s"\n'
@@ -243,6 +257,15 @@ def test_a_hanging_hook_is_killed_and_never_delays_a_verdict(loaded_box, daemons
     line = daemon.wait_log("still running after 1 s")
     assert "killed" in line and "the verdict stands" in line
     assert daemon.stop() == 0
+    children = [int(pid) for pid in pids.read_text().split()]
+    assert children
+    try:
+        left = [pid for pid in children if _running(pid)]
+        assert not left, f"the hook's children outlived it: {left}"
+    finally:
+        for pid in children:  # do not leave them behind when the fix is broken
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_hook_that_is_not_executable_is_a_config_error(loaded_box):
