@@ -53,6 +53,9 @@ class TrustConfig:
     max_staleness: float
     stale_policy: str
     max_batch_bytes: int
+    # Where the keys were read from, for `doctor`'s owner and mode checks.
+    code_key_file: Path | None = None
+    root_key_files: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class SyncConfig:
     max_records: int = 200
     status_every: float = 60.0
     request_retry: float = 30.0
+    password_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -427,6 +431,8 @@ def parse(data: dict, source: str) -> Config:
         trust=TrustConfig(
             root_keys=root_keys,
             code_key=code_key,
+            code_key_file=expand(str(trust["code_key_file"])),
+            root_key_files=tuple(expand(str(n)) for n in trust["root_key_files"] or []),
             max_staleness=trust["max_staleness"],
             stale_policy=trust["stale_policy"],
             max_batch_bytes=trust["max_batch_bytes"],
@@ -602,6 +608,7 @@ def _sync(sync: dict, expand: Callable[[str], Path], problems: list[str]) -> Syn
         max_records=sync["max_records"],  # type: ignore[arg-type]
         status_every=sync["status_every"],  # type: ignore[arg-type]
         request_retry=sync["request_retry"],  # type: ignore[arg-type]
+        password_file=files["password_file"],
     )
 
 
