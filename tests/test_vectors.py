@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from cards import batch, keys, signed_code
+from cards import batch, keys, manifest, signed_code
 from cards.batch import BatchError, ChunkAssembler, Kind, open_file
 from cards.card import parse_card
 from cards.digest import code_digest
+from cards.manifest import ManifestError
 from cards.normalize import MalformedCode, normalize
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
@@ -358,3 +359,53 @@ def test_any_flipped_payload_byte_is_refused(name):
     data[-1] ^= 0x01
     with pytest.raises(BatchError):
         open_file(bytes(data), ROOTS)
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def test_manifest_is_reproduced_byte_for_byte():
+    vector = load("manifest.json")
+    assert manifest.MAGIC.decode("ascii") == vector["magic"]
+    assert manifest.DOMAIN.hex() == vector["domain_hex"]
+    data = manifest.build(ISSUER_SEED, committed_delegation(), **vector["inputs"])
+    assert data == (VECTORS / vector["file"]).read_bytes()
+    assert data.hex() == vector["file_hex"]
+    assert hashlib.sha256(data).hexdigest() == vector["file_sha256"]
+
+
+def test_manifest_header_is_canonical_json_signed_under_the_manifest_domain():
+    vector = load("manifest.json")
+    data = bytes.fromhex(vector["file_hex"])
+    header_len = vector["header_len"]
+    assert data[:4] == b"RDM1" and int.from_bytes(data[4:8], "big") == header_len
+    raw = data[8 : 8 + header_len]
+    expected = {
+        "v": 1,
+        **vector["inputs"],
+        "key_id": KEYS["issuer"]["key_id"],
+        "issuer": load("delegation.json")["delegation"],
+    }
+    assert expected == vector["header"]
+    assert raw == keys.canonical_json(expected)
+    assert raw.decode("ascii") == vector["header_canonical"]
+    assert (bytes.fromhex(vector["domain_hex"]) + raw).hex() == vector["signed_message_hex"]
+    signature = data[8 + header_len :]
+    assert len(signature) == 64 and signature.hex() == vector["signature_hex"]
+    issuer_public = bytes.fromhex(KEYS["issuer"]["public_hex"])
+    assert keys.verify(issuer_public, signature, b"", bytes.fromhex(vector["signed_message_hex"]))
+
+
+def test_committed_manifest_opens_with_the_documented_fields():
+    vector = load("manifest.json")
+    opened = manifest.open_manifest((VECTORS / vector["file"]).read_bytes(), ROOTS)
+    inputs = vector["inputs"]
+    assert (opened.merchant, opened.latest_seq) == (inputs["merchant"], inputs["latest_seq"])
+    assert (opened.created_at, opened.expires_at) == (inputs["created_at"], inputs["expires_at"])
+    assert opened.issuer.key_id == KEYS["issuer"]["key_id"]
+
+
+def test_manifests_signed_for_another_purpose_or_with_extra_bytes_are_refused():
+    for item in load("manifest.json")["refused"]:
+        with pytest.raises(ManifestError):
+            manifest.open_manifest(bytes.fromhex(item["hex"]), ROOTS)

@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
-from cards import batch, keys, signed_code  # noqa: E402
+from cards import batch, keys, manifest, signed_code  # noqa: E402
 from cards.batch import CodeStatus, Kind  # noqa: E402
 from cards.card import parse_card  # noqa: E402
 from cards.digest import code_digest  # noqa: E402
@@ -40,6 +40,10 @@ DELEGATION_NOT_AFTER = 1_893_456_000  # 2030-01-01T00:00:00Z
 CREATED_AT = 1_780_000_000  # 2026-05-28T20:26:40Z
 EXPIRES_AT = 1_790_000_000  # 2026-09-21T14:13:20Z
 ISSUE_CHUNK_SIZE = 128
+# The manifest names the newest batch of the chain above (consumed, sequence 4) and is
+# stale after three missed heartbeats of 1 h, as the reference backend signs it.
+MANIFEST_LATEST_SEQ = 4
+MANIFEST_EXPIRES_AT = CREATED_AT + 3 * 3600
 BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 
 DIGEST_CODES = [
@@ -316,6 +320,8 @@ def main() -> None:
         {"rows": [{"code": t, "record_id": r, "uses": u, "amount": a} for t, r, u, a in CONSUMED_ROWS]},
     )  # fmt: skip
 
+    write_manifest(delegation)
+
     write("batches.json", {
         "roots": {keys.key_id(root_public): root_public.hex()},
         "issuer_seed_hex": ISSUER_SEED.hex(),
@@ -323,6 +329,41 @@ def main() -> None:
         "zlib_level": 6,
         "zlib_version_used": zlib.ZLIB_RUNTIME_VERSION,
         "batches": batches,
+    })  # fmt: skip
+
+
+def write_manifest(delegation) -> None:
+    """manifest.rdm and manifest.json: a signed manifest (docs/protocol.md 16.1), the
+    exact bytes its signature covers, and manifests a box must refuse."""
+    inputs = {"merchant": MERCHANT, "latest_seq": MANIFEST_LATEST_SEQ,
+              "created_at": CREATED_AT, "expires_at": MANIFEST_EXPIRES_AT}  # fmt: skip
+    data = manifest.build(ISSUER_SEED, delegation, **inputs)
+    (header_len,) = batch._U32.unpack_from(data, 4)
+    header_raw = data[8 : 8 + header_len]
+    signature = data[8 + header_len :]
+    (HERE / "manifest.rdm").write_bytes(data)
+    # The same header signed under the batch domain: the signature is valid Ed25519 by a
+    # trusted issuer, but for the wrong purpose.
+    wrong_domain = data[: 8 + header_len] + keys.sign(ISSUER_SEED, batch.DOMAIN, header_raw)
+    write("manifest.json", {
+        "file": "manifest.rdm",
+        "inputs": inputs,
+        "magic": manifest.MAGIC.decode("ascii"),
+        "domain_hex": manifest.DOMAIN.hex(),
+        "file_hex": data.hex(),
+        "file_sha256": hashlib.sha256(data).hexdigest(),
+        "header_len": header_len,
+        "header": json.loads(header_raw),
+        "header_canonical": header_raw.decode("ascii"),
+        "signed_message_hex": (manifest.DOMAIN + header_raw).hex(),
+        "signature_hex": signature.hex(),
+        "refused": [
+            {"hex": wrong_domain.hex(),
+             "why": "header signed under the batch domain redeemd-batch-v1 instead of "
+                    "redeemd-manifest-v1"},
+            {"hex": (data + b"\x00").hex(), "why": "one byte after the signature"},
+            {"hex": (b"RDB1" + data[4:]).hex(), "why": "batch magic RDB1 instead of RDM1"},
+        ],
     })  # fmt: skip
 
 
