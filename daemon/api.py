@@ -50,6 +50,8 @@ MAX_CLIENTS = 256
 MAX_QUEUED = 1000
 """Requests waiting for the engine, over all clients; beyond it they get `busy`."""
 MAX_QUEUED_PER_CLIENT = 32
+MAX_DEPTH = 32
+"""Arrays and objects nested in a request; deeper is `bad_json`."""
 
 
 class Error(StrEnum):
@@ -74,7 +76,53 @@ def error(code: Error, message: str) -> dict[str, object]:
 
 
 def encode(message: dict) -> bytes:
-    return (json.dumps(message, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+    """One line of UTF-8 JSON. A lone surrogate (JSON allows "\\ud800" in a string, and a
+    client's `id` is echoed back) is written as that same JSON escape: it cannot be UTF-8."""
+    text = json.dumps(message, separators=(",", ":"), ensure_ascii=False) + "\n"
+    return text.encode("utf-8", "backslashreplace")
+
+
+class BadJson(ValueError):
+    """A request line that is not a JSON text we accept; the message says why."""
+
+
+def _no_constant(name: str) -> object:
+    raise BadJson(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
+def parse(line: bytes) -> object:
+    """The JSON value of one request line; BadJson if it is not one.
+
+    Nesting is bounded: a line of 30,000 `[` fits in 64 KiB and makes the parser raise
+    RecursionError, and a value nested just below the recursion limit would make
+    echoing its `id` raise one later. Requests are flat; MAX_DEPTH is generous.
+    """
+    too_deep = f"the line is nested too deeply (at most {MAX_DEPTH} levels of [] and {{}})"
+    try:
+        value = json.loads(line, parse_constant=_no_constant)
+    except RecursionError:
+        raise BadJson(too_deep) from None
+    except BadJson:
+        raise
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadJson(f"the line is not JSON: {exc}") from None
+    if _depth(value) > MAX_DEPTH:
+        raise BadJson(too_deep)
+    return value
+
+
+def _depth(value: object) -> int:
+    """How deep arrays and objects nest in `value`, without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth)
+            stack.extend((each, depth + 1) for each in item)
+    return deepest
 
 
 class ApiUnavailable(RuntimeError):
@@ -327,18 +375,26 @@ class ApiServer:
             if item is None:
                 return
             client, request = item
-            if client.closed or self._stopping.is_set():
-                response = error(Error.SHUTTING_DOWN, "redeemd is stopping; retry after restart")
-            else:
-                try:
-                    response = self.submit(request)
-                except Exception:
-                    log.exception("api: request %r failed", request.get("cmd"))
-                    response = error(Error.INTERNAL_ERROR, "the request failed; see the log")
-            if "id" in request:
-                response = {"id": request["id"], **response}
-            self._outbox.append((client, encode(response)))
+            try:
+                line = self._serve(request, client)
+            except Exception:  # a bug in one request must not stop the others' answers
+                log.exception("api: request %r failed", request.get("cmd"))
+                line = encode(error(Error.INTERNAL_ERROR, "the request failed; see the log"))
+            self._outbox.append((client, line))
             self._wake()
+
+    def _serve(self, request: dict, client: _Client) -> bytes:
+        if client.closed or self._stopping.is_set():
+            response = error(Error.SHUTTING_DOWN, "redeemd is stopping; retry after restart")
+        else:
+            try:
+                response = self.submit(request)
+            except Exception:
+                log.exception("api: request %r failed", request.get("cmd"))
+                response = error(Error.INTERNAL_ERROR, "the request failed; see the log")
+        if "id" in request:
+            response = {"id": request["id"], **response}
+        return encode(response)
 
     # ------------------------------------------------------------------ api-io
 
@@ -355,11 +411,7 @@ class ApiServer:
                             while self._wake_r.recv(4096):  # type: ignore[union-attr]
                                 pass
                     else:
-                        client = key.data
-                        if mask & selectors.EVENT_READ and not client.closed:
-                            self._read(client)
-                        if mask & selectors.EVENT_WRITE and not client.closed:
-                            self._flush(client)
+                        self._serve_client(key.data, mask)
                 self._deliver()
         except Exception:
             log.exception("api: the I/O loop failed; the local API is down")
@@ -367,6 +419,23 @@ class ApiServer:
             for client in list(self._clients.values()):
                 self._close(client)
             self._release()
+
+    def _serve_client(self, client: _Client, mask: int) -> None:
+        if mask & selectors.EVENT_READ and not client.closed:
+            self._guarded(client, self._read)
+        if mask & selectors.EVENT_WRITE and not client.closed:
+            self._guarded(client, self._flush)
+
+    def _guarded(self, client: _Client, action: Callable[..., None], *args: object) -> None:
+        """Do `action` for one client. No input may stop the API: whatever goes wrong
+        while serving one client (a bug) costs that client its connection, not everyone
+        theirs. (A bad line is answered in `_read` and keeps the connection.)"""
+        try:
+            action(client, *args)
+        except Exception:
+            log.exception("api: serving client %d failed; that client is dropped", client.number)
+            with contextlib.suppress(Exception):
+                self._close(client)
 
     def _accept(self) -> None:
         for _ in range(64):  # a burst of connections, without starving the others
@@ -439,8 +508,14 @@ class ApiServer:
             if end - start > self.max_line:
                 self._too_long(client)
                 return
-            self._line(client, bytes(client.inbuf[start:end]))
+            line = bytes(client.inbuf[start:end])
             start = end + 1
+            try:
+                self._line(client, line)
+            except Exception:  # a bug: this line is answered, the connection stays
+                log.exception("api: client %d: a request line failed", client.number)
+                self._send(client, encode(error(Error.INTERNAL_ERROR,
+                                                "the request failed; see the log")))  # fmt: skip
         del client.inbuf[:start]
         if len(client.inbuf) > self.max_line and not client.closing:
             self._too_long(client)
@@ -461,9 +536,9 @@ class ApiServer:
         if not line:
             return
         try:
-            request = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as exc:
-            self._send(client, encode(error(Error.BAD_JSON, f"the line is not JSON: {exc}")))
+            request = parse(line)
+        except BadJson as exc:
+            self._send(client, encode(error(Error.BAD_JSON, str(exc))))
             return
         if not isinstance(request, dict):
             self._send(client, encode(error(
@@ -494,12 +569,12 @@ class ApiServer:
             if client is None:
                 for each in list(self._clients.values()):
                     if each.subscribed and not each.closing:
-                        self._send(each, line)
+                        self._guarded(each, self._send, line)
                 continue
             client.queued -= 1
             self._queued -= 1
-            self._send(client, line)
-            self._settle(client)
+            self._guarded(client, self._send, line)
+            self._guarded(client, self._settle)
 
     def _send(self, client: _Client, data: bytes) -> None:
         if client.closed:

@@ -183,7 +183,10 @@ class Commands:
 
     def _manual(self, request: dict) -> dict:
         code = _text(request, "code", required=True)
-        scan = Scan(code=code.encode("utf-8"), source="manual", at=time.time())  # type: ignore[union-attr]
+        # A lone surrogate ("\ud800") becomes bytes that are not UTF-8: `malformed`, as
+        # from a scanner, instead of an exception.
+        raw = code.encode("utf-8", "surrogatepass")  # type: ignore[union-attr]
+        scan = Scan(code=raw, source="manual", at=time.time())
         result = self.engine.handle(scan)
         if result is None:
             # Typed twice inside the debounce window: one scan, answered the same way.

@@ -58,6 +58,12 @@ class PaymentCode:
         return {"event": "payment", "scheme": self.scheme, "source": self.source}
 
 
+def _utf8(text: str) -> bytes:
+    """A code's bytes. A lone surrogate (JSON's "\\ud800") passes as bytes that are not
+    UTF-8, so the code is `malformed` as a scanner's bad bytes are, not an exception."""
+    return text.encode("utf-8", "surrogatepass")
+
+
 class Engine:
     def __init__(
         self,
@@ -150,7 +156,7 @@ class Engine:
     def check(self, text: str, source: str = "cli") -> Verdict | PaymentCode:
         """Verdict for a code without recording or redeeming anything."""
         try:
-            norm = normalize(text.encode("utf-8"), self._max_length)
+            norm = normalize(_utf8(text), self._max_length)
         except MalformedCode as exc:
             return Verdict(
                 Outcome.REJECTED, Action.REJECT, Reason.MALFORMED, str(exc), source=source
@@ -176,7 +182,7 @@ class Engine:
         """
         self._request = request
         try:
-            norm = normalize(text.encode("utf-8"), self._max_length)
+            norm = normalize(_utf8(text), self._max_length)
         except MalformedCode as exc:
             scan, detail = Scan(b"", source), str(exc)
             return self._write(

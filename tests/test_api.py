@@ -258,6 +258,46 @@ def test_malformed_json_is_answered_and_the_connection_keeps_working(client):
     assert client.request({"cmd": "status"})["ok"] is True
 
 
+def test_a_code_with_a_lone_surrogate_is_malformed_not_an_internal_error(served, client):
+    # JSON may escape half of a UTF-16 pair ("\ud800"); such a code has no UTF-8 bytes.
+    requests = [
+        {"cmd": "manual", "code": "\ud800"},
+        {"cmd": "check", "code": "DEMO-\udfff"},
+        {"cmd": "redeem", "code": "\ud800", "key": key()},
+    ]
+    for request in requests:
+        answer = client.request(request)
+        assert answer["ok"] is True, (request, answer)
+        verdict = answer["verdict"]
+        assert (verdict["verdict"], verdict["reason"]) == ("rejected", "malformed"), request
+    # The manual entry and the redemption are recorded like any refused read.
+    assert [(r.action, r.reason, r.source) for r in rows(served.engine)] == [
+        ("reject", "malformed", "manual"),
+        ("reject", "malformed", "api"),
+    ]
+
+
+def test_a_request_id_that_is_not_utf8_is_echoed_as_its_json_escape(client):
+    client.send(b'{"cmd": "status", "id": "\\udfff-1"}\n')
+    answer = client.answer()
+    assert answer["ok"] is True and answer["id"] == "\udfff-1"
+    assert b'"id":"\\udfff-1"' in client.lines[-1]
+
+
+def test_nesting_deeper_than_the_limit_is_bad_json(client):
+    deep = {"cmd": "status", "id": [[[]]]}
+    for _ in range(api.MAX_DEPTH):
+        deep["id"] = [deep["id"]]
+    client.send(deep)
+    answer = client.answer()
+    assert answer["error"] == "bad_json" and "nested too deeply" in answer["message"]
+    client.send(b"[" * 30_000 + b"]" * 30_000 + b"\n")
+    assert client.answer()["error"] == "bad_json"
+    client.send(b'{"cmd": "status", "id": NaN}\n')
+    assert client.answer()["error"] == "bad_json"
+    assert client.request({"cmd": "status", "id": [[1]]})["id"] == [[1]]
+
+
 def test_unknown_command_is_named_with_the_known_ones(client):
     answer = client.request({"cmd": "launch", "id": "x"})
     assert answer["ok"] is False and answer["error"] == "unknown_command" and answer["id"] == "x"

@@ -191,3 +191,28 @@ def test_redeem_retried_after_kill_9_and_restart_is_answered_not_redeemed_again(
     assert code == 0, stderr
     conn = sqlite3.connect(box.database)
     assert conn.execute("SELECT COUNT(*), MIN(balance) FROM ledger").fetchone() == (1, 4100)
+
+
+def test_a_deeply_nested_line_is_refused_and_the_api_keeps_serving_everyone(daemon_box):
+    box, socket = daemon_box
+    daemon = Daemon(box)
+    bystander = daemon.connect(socket)
+    assert bystander.request({"cmd": "subscribe"})["ok"] is True
+    attacker = daemon.connect(socket)
+    nested = b"[" * 30_000 + b"]" * 30_000  # 60 KB: under the 64 KiB line limit
+    attacker.send(nested + b"\n")
+    refused = attacker.answer()
+    assert refused["ok"] is False and refused["error"] == "bad_json", refused
+    assert "nested" in refused["message"]
+    # The same connection, the other one and a new one are all still served.
+    assert attacker.request({"cmd": "status"})["ok"] is True
+    assert bystander.request({"cmd": "status"})["status"]["api"]["clients"] == 2
+    assert daemon.connect(socket).request({"cmd": "check", "code": "DEMO-0001"})["ok"] is True
+    daemon.scan("DEMO-0001")
+    assert bystander.event()["verdict"] == "accepted"
+    for client in (attacker, bystander):
+        client.close()
+    code, printed, stderr = daemon.finish()
+    assert code == 0, stderr
+    assert [p["verdict"] for p in printed] == ["accepted"]
+    assert "Traceback" not in stderr and "I/O loop failed" not in stderr
