@@ -377,6 +377,42 @@ def test_client_that_half_closes_still_gets_its_answers(served):
     assert c.closed_by_server()
 
 
+class BuggyServer(ApiServer):
+    """A server with a bug on one line, as a stand-in for whatever bug is left: the
+    transport must contain it (issue 16.5)."""
+
+    def _line(self, client, line: bytes) -> None:
+        if line == b"boom":
+            raise RuntimeError("a bug while handling one line")
+        super()._line(client, line)
+
+
+def test_a_bug_on_one_line_answers_that_client_and_everyone_keeps_being_served(tmp_path):
+    def submit(request: dict) -> dict:
+        if request["cmd"] == "unencodable":  # a response that cannot be written as JSON
+            return {"ok": True, "value": object()}
+        return {"ok": True, "echo": request["cmd"]}
+
+    server = BuggyServer(tmp_path / "api.sock", submit)
+    server.start()
+    try:
+        victim, bystander = Client(server.path), Client(server.path)
+        assert bystander.request({"cmd": "subscribe"})["ok"] is True
+        victim.send(b"boom\n")
+        assert victim.answer()["error"] == "internal_error"
+        assert victim.request({"cmd": "unencodable", "id": 3}) == {
+            "ok": False, "error": "internal_error", "message": "the request failed; see the log",
+        }  # fmt: skip
+        assert victim.request({"cmd": "after"})["echo"] == "after"
+        assert bystander.request({"cmd": "still"})["echo"] == "still"
+        server.publish({"event": "verdict", "n": 1})
+        assert bystander.event()["n"] == 1
+        assert Client(server.path).request({"cmd": "new"})["echo"] == "new"
+        assert [t.name for t in server._threads if t.is_alive()] == ["api-io", "api-requests"]
+    finally:
+        assert server.stop()
+
+
 # ---------------------------------------------------------------- lifecycle
 
 
