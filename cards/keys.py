@@ -43,7 +43,17 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def unb64(text: str, what: str, size: int | None = None) -> bytes:
+def unb64(text: str | bytes, what: str, size: int | None = None) -> bytes:
+    """The bytes behind base64 `text` (a key file's content may be given as read);
+    TrustError names `what` and the first thing wrong with it."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("ascii")
+        except UnicodeDecodeError as exc:
+            raise TrustError(
+                f"{what} is not base64 text: it holds byte 0x{text[exc.start]:02x} at offset "
+                f"{exc.start} (a binary or re-encoded file, or the wrong file)"
+            ) from None
     try:
         data = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError, AttributeError):

@@ -526,14 +526,20 @@ def _root_keys(trust: dict, expand: Callable[[str], Path], problems: list[str]) 
     for name in trust["root_key_files"] or []:
         path = expand(name)
         try:
-            key = keys.unb64(path.read_text(), f"root key file {path}", 32)
+            key = keys.unb64(path.read_bytes(), f"root key file {path}", 32)
         except FileNotFoundError:
             problems.append(
                 f"[trust] root_key_files: {path} does not exist; copy the root public key "
                 "from the backend (redeemd-backend keygen writes root.pub)"
             )
             continue
-        except (OSError, keys.TrustError) as exc:
+        except keys.TrustError as exc:
+            problems.append(
+                f"[trust] root_key_files: {exc}; copy root.pub again from the backend "
+                "(redeemd-backend keygen wrote it: one line of base64)"
+            )
+            continue
+        except OSError as exc:
             problems.append(f"[trust] root_key_files: {path}: {exc}")
             continue
         roots[keys.key_id(key)] = key
@@ -546,14 +552,20 @@ def _root_keys(trust: dict, expand: Callable[[str], Path], problems: list[str]) 
 
 def _code_key(path: Path, problems: list[str]) -> bytes:
     try:
-        key = keys.unb64(path.read_text(), f"code key file {path}")
+        key = keys.unb64(path.read_bytes(), f"code key file {path}")
     except FileNotFoundError:
         problems.append(
             f"[trust] code_key_file: {path} does not exist; copy code.key from the backend "
             "(redeemd-backend keygen writes it)"
         )
         return b""
-    except (OSError, keys.TrustError) as exc:
+    except keys.TrustError as exc:
+        problems.append(
+            f"[trust] code_key_file: {exc}; copy code.key again from the backend "
+            "(redeemd-backend keygen wrote it: one line of base64)"
+        )
+        return b""
+    except OSError as exc:
         problems.append(f"[trust] code_key_file: {path}: {exc}")
         return b""
     if len(key) < 16:

@@ -346,3 +346,16 @@ def test_backend_keygen_refuses_to_overwrite_keys(tmp_path):
     line = one_line_error(run("backend.cli", "keygen", "--dir", keys_dir, cwd=tmp_path, env={}))
     assert "--force" in line
     assert (tmp_path / "k" / "root.key").read_text() == root
+
+
+@pytest.mark.parametrize("command", [["doctor"], ["status"], ["run"], ["check-config"]])
+@pytest.mark.parametrize("key", ["root.pub", "code.key"])
+def test_a_key_file_that_is_not_text_is_one_clear_line_naming_it(loaded_box, command, key):
+    path = loaded_box.dir / "keys" / key
+    path.write_bytes(b"\xff\xfe\x00binary garbage\x81\n")
+    result = loaded_box.cli(*command, input=b"")
+    err = result.stderr.decode() + result.stdout.decode()
+    assert result.returncode in (1, 2), err
+    assert "Traceback" not in err
+    assert str(path) in err and "byte 0xff at offset 0" in err, err
+    assert f"copy {key} again from the backend" in err, err
