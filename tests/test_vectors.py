@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 import zlib
 from pathlib import Path
@@ -83,9 +84,38 @@ def test_normalisation_matches_vectors():
             with pytest.raises(MalformedCode):
                 normalize(raw, vector["max_length"])
             continue
-        text = normalize(raw, vector["max_length"]).text
-        assert text == item["text"], item["note"]
-        assert text.encode("utf-8").hex() == item["text_utf8_hex"], item["note"]
+        found = normalize(raw, vector["max_length"])
+        assert found.text == item["text"], item["note"]
+        assert found.text.encode("utf-8").hex() == item["text_utf8_hex"], item["note"]
+        if "gs1_elements" in item:
+            assert [list(e) for e in found.gs1] == item["gs1_elements"], item["note"]
+
+
+def test_gs1_vectors_cover_more_than_ais_01_10_and_17():
+    covered = {
+        ai for item in load("normalize.json")["vectors"] for ai, _ in item.get("gs1_elements", [])
+    }
+    assert {"00", "02", "11", "13", "15", "21", "240", "3103", "3922", "400", "8020"} <= covered
+
+
+def test_gs1_table_is_the_one_the_box_parses_with():
+    # A backend finds element strings with tests/vectors/gs1_ai.json. The box's table
+    # (biip's) may gain AIs; an AI listed here must keep its pattern and its separator
+    # rule, or the canonical text (and the digest) of codes using it would change.
+    from biip.gs1_application_identifiers import _GS1_APPLICATION_IDENTIFIERS as box_table
+
+    table = load("gs1_ai.json")
+    predefined = table["predefined_length"]
+    for entry in table["ais"]:
+        ai = box_table[entry["ai"]]
+        assert ai.pattern == entry["pattern"], entry["ai"]
+        assert ai.separator_required == entry["fnc1_required"], entry["ai"]
+        assert entry["fnc1_required"] == (entry["ai"][:2] not in predefined), entry["ai"]
+        if not entry["fnc1_required"]:  # exactly the predefined length, digits only
+            length = predefined[entry["ai"][:2]]
+            assert re.fullmatch(entry["pattern"], entry["ai"].ljust(length, "0")), entry["ai"]
+            assert not re.fullmatch(entry["pattern"], entry["ai"].ljust(length + 1, "0"))
+    assert {"01", "10", "17", "8020"} <= {e["ai"] for e in table["ais"]}
 
 
 # ---------------------------------------------------------------- delegation

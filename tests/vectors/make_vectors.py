@@ -18,6 +18,7 @@ import hashlib
 import json
 import sys
 import zlib
+from importlib.metadata import version
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -54,6 +55,17 @@ DIGEST_CODES = [
     ("non-ASCII (Latin-1 range), hashed as UTF-8", "café"),
 ]
 GS1_TEXT = "010950110153000310ABC123\x1d17251231"
+# More canonical GS1 texts, added later (existing vectors never change): the digest is
+# over the canonical text of section 2 step 10, GS (0x1D) included where it is kept.
+MORE_DIGEST_CODES = [
+    ("GS1: SSCC (00) then lot (10), no GS", "0010614141123456789110LOT-7"),
+    (
+        "GS1: GTIN, net weight 3103, price 3922 (GS kept), lot",
+        "010950110153000331030012343922000499\x1d10L1",
+    ),
+    ("GS1: order number 400 (GS kept) then GLN 415", "400PO-123/A\x1d4151234567890128"),
+    ("GS1: payment slip 415 + 8020", "41512345678901288020REF-77"),
+]
 
 # raw scanner bytes -> canonical text (or malformed), with why
 NORMALIZE_CASES = [
@@ -88,6 +100,56 @@ NORMALIZE_CASES = [
     (b"\xff\xfe", "not UTF-8"),
     (b"A" * 512, "exactly 512 characters: accepted"),
     (b"A" * 513, "513 characters: too long"),
+]
+
+# Added later (existing vectors never change), each with the GS1 element strings the box
+# found ([] = the text is not a GS1 element string and is left as it is).
+# GS1 beyond AIs 01, 10 and 17 (protocol.md section 2 step 10). A GS is kept exactly
+# after an element whose AI is not in the predefined-length table (00-04, 11-20,
+# 31-36, 41), unless it is the last; everything else about the element is kept.
+GS1_NORMALIZE_CASES = [
+    (b"]C10010614141123456789110LOT-7", "SSCC (00, fixed 18 digits) then a lot: no GS needed"),
+    (b"]C100106141411234567891\x1d10LOT-7", "GS after SSCC (00, predefined length) removed"),
+    (b"]C102095011015300033712\x1d10AB", "02 fixed; GS after count 37 (variable) kept; 10 last"),
+    (
+        b"]C1112512311325010015250100\x1d21S1",
+        "dates 11, 13, 15 (fixed 6 digits; day 00 allowed): GS removed",
+    ),
+    (b"]C117250230\x1d10AB", "17 with 30 February is not a date: no GS1 parse, text left as it is"),
+    (b"]C11725133110AB", "17 with month 13: no GS1 parse, text left as it is (no GS added)"),
+    (b"]C121SER-1\x1d17251231", "serial 21 (variable) then a date: GS kept"),
+    (
+        b"]C10109501101530003\x1d21SER-1\x1d\x1d",
+        "serial 21 last: trailing GS stripped, GS after 01 removed",
+    ),
+    (
+        b"]C121AAAAAAAAAAAAAAAAAAAA10B",
+        "21 at its maximum of 20 characters ends there: GS inserted before 10",
+    ),
+    (b"]C121AAAAAAAAAAAAAAAAAAAAA", "21 longer than 20 characters: no GS1 parse, left as it is"),
+    (b"]C1240PART/4711\x1d17251231", "240 additional id (variable): GS kept"),
+    (
+        b"]C13103001234\x1d17251231\x1d10L1",
+        "net weight 3103 (fixed 6 digits): GS removed; GS after 17 removed",
+    ),
+    (b"]C101095011015300033922000499\x1d10L1", "price 3922 (variable, up to 15 digits): GS kept"),
+    (b"]C13932978001250\x1d10L1", "price with ISO 4217 currency 3932 (variable): GS kept"),
+    (b"]C1400PO-123/A\x1d4151234567890128", "order number 400 (variable) then GLN 415: GS kept"),
+    (
+        b"]C141512345678901288020REF-77",
+        "payment slip: 415 (fixed 13 digits) then 8020 reference last",
+    ),
+    (
+        b"]C14151234567890127\x1d8020REF-77",
+        "a wrong check digit is not checked: parsed, GS after 415 removed",
+    ),
+    (b"]C10109501101530003\x1d23X", "unknown AI 23 after a GS: no GS1 parse, text left as it is"),
+    (b"]C110A B\x1d17251231", "space is not in GS1 character set 82: no GS1 parse, left as it is"),
+    (b"]C18008251231235959\x1d10L1", "8008 date and time (variable, 8-12 digits): GS kept"),
+    (b"]C18008251231246000\x1d10L1", "8008 with hour 24: not a time, no GS1 parse, left as it is"),
+    (b"]E04006381333931", "EAN-13 read with ]E0: parsed as one element (AI 400), text unchanged"),
+    (b"]e00109501101530003\x1d17251231", "GS1 DataBar (]e0): same canonical form as GS1-128"),
+    (b"]Q3010950110153000317251231\x1d", "GS1 QR (]Q3): trailing GS stripped as whitespace"),
 ]
 
 CARD_TEMPLATES = [
@@ -233,6 +295,10 @@ def main() -> None:
         text = GS1_TEXT if text is None else text
         digests.append({"note": note, "text": text, "text_utf8_hex": text.encode().hex(),
                         "digest_hex": digest_of(text).hex()})  # fmt: skip
+    for note, text in MORE_DIGEST_CODES:
+        assert normalize(b"]C1" + text.encode()).text == text, f"{note}: not canonical"
+        digests.append({"note": note, "text": text, "text_utf8_hex": text.encode().hex(),
+                        "digest_hex": digest_of(text).hex()})  # fmt: skip
     write("digest.json", {"code_key_hex": CODE_KEY.hex(), "vectors": digests})
 
     cases = []
@@ -244,7 +310,13 @@ def main() -> None:
             continue
         cases.append({"raw_hex": raw.hex(), "text": text, "text_utf8_hex": text.encode().hex(),
                       "note": note})  # fmt: skip
+    for raw, note in GS1_NORMALIZE_CASES:
+        found = normalize(raw)
+        cases.append({"raw_hex": raw.hex(), "text": found.text,
+                      "text_utf8_hex": found.text.encode().hex(),
+                      "gs1_elements": [list(e) for e in found.gs1], "note": note})  # fmt: skip
     write("normalize.json", {"max_length": 512, "vectors": cases})
+    write_gs1_table()
 
     codes = []
     for note, card_id, serial, not_before, not_after in SIGNED_CODES:
@@ -329,6 +401,43 @@ def main() -> None:
         "zlib_level": 6,
         "zlib_version_used": zlib.ZLIB_RUNTIME_VERSION,
         "batches": batches,
+    })  # fmt: skip
+
+
+# GS1 General Specifications, figure 7.8.5-2 ("element strings with predefined length
+# using GS1 Application Identifiers"): the first two digits of an AI -> the length of
+# AI and value together. GS1 keeps this table fixed for all time (new AIs never start
+# with these digits unless they have this length), so it alone decides where a GS goes.
+GS1_PREDEFINED_LENGTH = {
+    "00": 20, "01": 16, "02": 16, "03": 16, "04": 18, "11": 8, "12": 8, "13": 8,
+    "14": 8, "15": 8, "16": 8, "17": 8, "18": 8, "19": 8, "20": 4, "31": 10, "32": 10,
+    "33": 10, "34": 10, "35": 10, "36": 10, "41": 16,
+}  # fmt: skip
+# AIs whose value the box also checks as a date (and time): see protocol.md step 10.
+GS1_DATE_AIS = ["11", "12", "13", "15", "16", "17", "4324", "4325", "4326", "7003", "7006",
+                "7007", "7011", "8008"]  # fmt: skip
+
+
+def write_gs1_table() -> None:
+    """gs1_ai.json: the GS1 Application Identifier table the box parses with, so that a
+    backend in any language can find the same element strings (protocol.md step 10)."""
+    from biip.gs1_application_identifiers import _GS1_APPLICATION_IDENTIFIERS
+
+    ais = []
+    for ai, entry in sorted(_GS1_APPLICATION_IDENTIFIERS.items()):
+        predefined = GS1_PREDEFINED_LENGTH.get(ai[:2])
+        assert entry.separator_required == (predefined is None), ai
+        ais.append({"ai": ai, "fnc1_required": entry.separator_required,
+                    "format": entry.format, "pattern": entry.pattern})  # fmt: skip
+    write("gs1_ai.json", {
+        "note": "GS1 Application Identifiers as the box parses them (biip "
+                f"{version('biip')}, from the GS1 Barcode Syntax Dictionary). "
+                "pattern: a regular expression for AI and value (\\d = a digit); "
+                "fnc1_required: a GS must follow the element unless it is the last. "
+                "See docs/protocol.md section 2 step 10.",
+        "predefined_length": GS1_PREDEFINED_LENGTH,
+        "date_ais": GS1_DATE_AIS,
+        "ais": ais,
     })  # fmt: skip
 
 
