@@ -25,7 +25,7 @@ from cards import signed_code
 from cards.card import Card
 from cards.classify import payment_scheme
 from cards.digest import CodeDigester, short
-from cards.normalize import MalformedCode, normalize, normalize_text
+from cards.normalize import OVERSIZED, MalformedCode, normalize, normalize_text
 from cards.rules import (
     UNLIMITED_USES,
     Context,
@@ -127,15 +127,21 @@ class Engine:
         try:
             text = normalize_text(scan.code, self._max_length)
         except MalformedCode as exc:
-            key = hashlib.sha256(scan.code).digest()[:16]
-            read = self._new_read(scan.source, key)
-            if read is None:
-                return None
+            # An over-long read is discarded by its driver and arrives as the OVERSIZED
+            # marker, so two of them look alike without being the same read: each one is
+            # its own read and gets its own ledger row (docs/decisions.md). Its driver
+            # makes at most one per 4 KiB received, which bounds what a stuck scanner
+            # costs. Any other malformed read is debounced by its bytes.
+            read = None
+            if scan.code != OVERSIZED:
+                read = self._new_read(scan.source, hashlib.sha256(scan.code).digest()[:16])
+                if read is None:
+                    return None
             detail = str(exc)
             rejected = self._write(
                 lambda: self._record_reject(Reason.MALFORMED, detail, None, None, scan), scan, None
             )
-            if rejected.reason is not Reason.STORAGE_ERROR:
+            if read is not None and rejected.reason is not Reason.STORAGE_ERROR:
                 read[1] = False
             return rejected
         digest = self._digest(text)

@@ -12,6 +12,7 @@ from conftest import CREATED, DEMO_CARDS, FAR, Box, make_keyset, write_box
 from cards import batch, keys, signed_code
 from cards.batch import UNLIMITED, CodeStatus, Kind
 from cards.digest import code_digest
+from cards.normalize import OVERSIZED
 from cards.scan import Scan, scanned
 from cards.verdict import Action, Outcome, Reason, Verdict
 from daemon.engine import Engine, PaymentCode
@@ -130,6 +131,20 @@ def test_same_malformed_read_inside_window_is_one_scan(debounced):
     assert reason(debounced.handle(scan(b"ju\x01nk"))) == "malformed"
     assert debounced.handle(scan(b"ju\x01nk")) is None
     assert len(ledger_rows(debounced)) == 1
+
+
+def test_every_over_long_read_inside_the_window_is_recorded(debounced):
+    # Each over-long read was discarded by its driver and arrives as the same marker:
+    # the marker says nothing about which read it was, so none is a repeat of another.
+    # The cashier hears a bad beep for each, and the backend counts each.
+    verdicts = [debounced.handle(scan(OVERSIZED)) for _ in range(3)]
+    assert [reason(v) for v in verdicts] == ["malformed"] * 3
+    assert [v.box_seq for v in verdicts] == [1, 2, 3]
+    rows = ledger_rows(debounced)
+    assert [(r.reason, r.source, r.digest) for r in rows] == [("malformed", "front", None)] * 3
+    # ... and they leave the debounce of real reads alone.
+    assert debounced.handle(scan(b"ju\x01nk")).box_seq == 4
+    assert debounced.handle(scan(b"ju\x01nk")) is None
 
 
 def test_same_code_from_another_scanner_is_not_debounced(debounced):
