@@ -328,31 +328,59 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
+    print(_status_text(info))
+    return 0
+
+
+# How `redeemd status` says "nothing here" for a field, instead of None.
+_NONE_TEXT = {
+    "cache_age_s": "no batch applied yet",
+    "time_floor": "none yet (no signed time seen)",
+    "clock_minus_floor_s": "no floor yet",
+    "outbox_oldest_age_s": "outbox empty",
+    "broker": "none (sync is disabled)",
+    "broker_connected": "sync is disabled",
+    "status_age_s": "no status.json",
+    "alarm": "none",
+}
+
+
+def _status_text(info: dict) -> str:
+    """What a technician reads: the same fields as --json, in words (yes/no, dates,
+    "none yet") rather than Python's None and False."""
+    info = dict(info)
     drivers = info.pop("drivers")
     sync = info.pop("sync") or {}
     errors = info.pop("last_errors")
     for key in ("hook", "api"):
         info.pop(key, None)
+    lines = []
     for key, value in info.items():
-        if key in ("time_floor", "clock") and value:
-            value = f"{value} ({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(value))})"
-        print(f"{key:>20}: {value}")
+        if key in ("time_floor", "clock"):
+            value = f"{value} ({_utc(value)})" if value else None
+        lines.append(f"{key:>20}: {_NONE_TEXT.get(key, 'none') if value is None else _word(value)}")
     for key, value in sync.items():
-        print(f"{'sync ' + key:>20}: {value}")
+        lines.append(f"{'sync ' + key:>20}: {'none' if value is None else _word(value)}")
     for d in drivers:
-        seen = (
-            "never"
-            if d.get("last_scan") is None
-            else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["last_scan"]))
-        )
+        seen = "never" if d.get("last_scan") is None else _utc(d["last_scan"])
         message = f" ({d['message']})" if d.get("message") else ""
-        print(
+        lines.append(
             f"{'scanner ' + d['name']:>20}: {d['kind']} {d['state']}{message}, "
             f"{d['scans']} scans, last {seen}, {d['restarts']} restarts"
         )
     for error in errors or ["none"]:
-        print(f"{'last error':>20}: {error}")
-    return 0
+        lines.append(f"{'last error':>20}: {error}")
+    return "\n".join(lines)
+
+
+def _word(value: object) -> object:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return value
+
+
+def _utc(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
 
 
 def _last_errors(live: dict) -> list[str]:
@@ -374,30 +402,68 @@ def _last_errors(live: dict) -> list[str]:
 
 
 def _live_status(config: Config) -> dict[str, object]:
-    """What the running daemon last wrote: scanner states, sync and alarms."""
+    """What the running daemon last wrote: scanner states, sync and alarms. When the
+    daemon is not running, its scanners are not read whatever it last wrote of them."""
     path = config.box.state_dir / "status.json"
     try:
         live = json.loads(path.read_text())
-    except (OSError, ValueError):
+        age = time.time() - float(live.get("updated_at", 0))
+        pid = int(live.get("pid", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
         return {
             "daemon": "not running (no status.json)", "status_age_s": None, "alarm": None,
             "drivers": [], "sync": None, "hook": None, "api": None,
         }  # fmt: skip
-    age = time.time() - float(live.get("updated_at", 0))
-    running = age < 10
-    try:
-        os.kill(int(live.get("pid", 0)), 0)
-    except (OSError, ValueError):
-        running = False
+    # Written every 2 s by a live daemon: an older file is a daemon that stopped or
+    # hangs, and its pid may be a zombie or, after a reboot, another process.
+    running = age < 10 and _alive(pid)
+    drivers = [d for d in live.get("drivers", []) if isinstance(d, dict)]
+    if not running:
+        drivers = [_not_running(d, live.get("updated_at")) for d in drivers]
     return {
-        "daemon": f"running, pid {live.get('pid')}" if running else "not running",
+        "daemon": f"running, pid {pid}" if running else "not running",
         "status_age_s": int(age),
-        "alarm": live.get("alarm"),
-        "drivers": live.get("drivers", []),
+        "alarm": live.get("alarm"),  # the last one stays worth knowing
+        "drivers": drivers,
         "sync": live.get("sync") if running else None,
         "hook": live.get("hook") if running else None,
         "api": live.get("api") if running else None,
     }
+
+
+def _not_running(driver: dict, updated_at: object) -> dict:
+    """A scanner of a daemon that is not running: `stopped`, whatever it was last."""
+    if driver.get("state") in ("ended", "stopped"):
+        return driver
+    when = _utc(float(updated_at)) if isinstance(updated_at, (int, float)) else "?"
+    return {
+        **driver,
+        "state": "stopped",
+        "last_state": driver.get("state"),
+        "message": f"redeemd is not running; at {when} this scanner was {driver.get('state')}",
+    }
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` is a running process. A zombie (killed, not yet reaped by its
+    parent) still answers kill(pid, 0) but runs no more."""
+    if pid <= 0:  # kill(0, 0) would ask our own process group
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        stat = ""
+    if stat:
+        return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process (the daemon's, run as root)
+        return True
+    return True
 
 
 def _read_only(config: Config):

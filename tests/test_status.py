@@ -80,6 +80,43 @@ def test_status_of_a_running_box_follows_the_broker_connection(tmp_path, keyset,
     )
     assert any(error.startswith("sync last_error: ") for error in info["last_errors"])
     text = box.cli("status").stdout.decode()
-    assert "sync connected: False" in text
+    assert "sync connected: no" in text
     assert "last error: sync last_error:" in text
     assert "scanner stdin: stdin" in text
+
+
+def test_a_killed_daemon_is_not_running_even_as_a_zombie_and_its_scanners_are_stopped(
+    loaded_box, daemon
+):
+    process = daemon(loaded_box)
+    wait_for(
+        lambda: (s := status(loaded_box))["drivers"] and s["drivers"][0]["state"] == "connected",
+        "the running daemon's stdin scanner",
+    )
+    process.kill()  # not reaped: a zombie, which still answers kill(pid, 0)
+    wait_for(lambda: _zombie(process.pid), "the killed daemon to be a zombie")
+    for _ in ("zombie", "reaped"):
+        info = status(loaded_box)
+        assert info["daemon"] == "not running", info
+        (driver,) = info["drivers"]
+        assert (driver["state"], driver["last_state"]) == ("stopped", "connected")
+        assert "redeemd is not running" in driver["message"]
+        text = loaded_box.cli("status").stdout.decode()
+        assert "scanner stdin: stdin stopped (redeemd is not running" in text, text
+        assert "connected," not in text
+        process.wait(timeout=30)
+
+
+def test_status_text_says_yes_no_and_none_yet_instead_of_python_values(box):
+    box.cli("run", input=b"DEMO-0001\n")  # no batch: no cache, no floor, nothing synced
+    text = box.cli("status").stdout.decode()
+    for word in ("None", "False", "True"):
+        assert word not in text, text
+    assert "stale: yes" in text and "clock_behind_floor: no" in text
+    assert "time_floor: none yet" in text and "cache_age_s: no batch applied yet" in text
+    assert "broker: none (sync is disabled)" in text
+
+
+def _zombie(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
