@@ -15,6 +15,7 @@ from pathlib import Path
 
 from backend.collect import DEFAULT_GROUP, Collector
 from backend.connection import BrokerUrlError
+from backend.export import ExportError, export, parse_seqs, pick_merchant
 from backend.keystore import Keystore, KeystoreError
 from backend.publish import DEFAULT_PREFIX, Publisher
 from backend.store import Store, StoreError
@@ -35,6 +36,7 @@ examples:
   redeemd-backend mint --dir keys/ --card 7 --serial 1 --count 10
   redeemd-backend publish --dir keys/ --broker mqtt://127.0.0.1:1883
   redeemd-backend collect --dir keys/ --broker mqtt://127.0.0.1:1883
+  redeemd-backend export --dir keys/ --out /media/usb/ 4-6
 """
 
 
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (
         KeystoreError, UsageError, BatchError, CardError, keys.TrustError, OSError, StoreError,
-        BrokerUrlError, signed_code.SignedCodeError,
+        BrokerUrlError, signed_code.SignedCodeError, ExportError,
     ) as exc:  # fmt: skip
         print(f"redeemd-backend: {exc}", file=sys.stderr)
         return 1
@@ -120,6 +122,13 @@ def _parser() -> argparse.ArgumentParser:
         help="re-sign the manifest at least this often (default 1h)",
     )
     p.add_argument("--poll", type=_duration, default="1s", help="how often backend.db is checked for new batches (default 1s)")  # fmt: skip
+    p = command("export", cmd_export, "Write stored batches as files for boxes fed by USB stick (expired ones re-signed).",
+                "redeemd-backend export --dir keys/ --merchant acme --out /media/usb/ 4-6 9")  # fmt: skip
+    p.add_argument("seqs", nargs="+", metavar="SEQ", help="a sequence (4) or a range (4-6 or 4..6)")
+    p.add_argument(
+        "--out", type=Path, required=True, help="directory for the files (created if needed)"
+    )
+    p.add_argument("--merchant", help="default: the only merchant in backend.db")
     p = command("collect", cmd_collect, "Store box events in backend.db, ack them, flag gaps and double redemptions.",
                 "redeemd-backend collect --dir keys/ --broker mqtt://127.0.0.1:1883 --group main")  # fmt: skip
     p.add_argument("--broker", required=True, help="mqtt://[user:pass@]host[:port] or mqtts://...")
@@ -166,6 +175,25 @@ def cmd_collect(args: argparse.Namespace) -> int:
         flush=True,
     )
     return _until_signalled(collector.run)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    seqs = parse_seqs(args.seqs)
+    keystore = Keystore(args.dir)
+    store = Store.open(args.dir)
+    try:
+        written = export(store, keystore, pick_merchant(store, args.merchant), seqs, args.out)
+    finally:
+        store.close()
+    for done in written:
+        issued = done.batch
+        note = f"; re-signed, the stored copy {done.resigned}" if done.resigned else ""
+        print(
+            f"wrote {done.path}: {issued.kind} batch {issued.merchant}/{issued.seq}, "
+            f"{issued.count} entries{note}"
+        )
+    print(f"on the box: redeemd import {args.out}/*.rdb")
+    return 0
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

@@ -10,7 +10,8 @@ offline boxes, so what every box can always find is the retained manifest
 The publisher polls backend.db for batches issued while it runs (by `issue` or by the
 collector's consumed-elsewhere batches) and re-signs the manifest when the newest
 sequence moves, after every (re)connect (the broker may have lost its retained
-messages) and at least every heartbeat.
+messages) and at least every heartbeat. A stored batch that has expired (or soon will)
+goes out re-signed (backend/resign.py), so a box back after months offline catches up.
 
     >>> publisher = Publisher(Path("keys/"), "mqtt://127.0.0.1:1883")
     >>> publisher.start()   # a thread; publisher.run(stop_event) blocks instead
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
+from backend import resign
 from backend.connection import Connection, default_client_id
 from backend.keystore import Keystore, KeystoreError
 from backend.store import IssuedBatch, Store
@@ -163,21 +165,24 @@ class Publisher:
             except queue.Empty:
                 break
             self._answer(store, message)
-        for issued in store.unpublished(self.merchants):
+        for stored in store.unpublished(self.merchants):
+            # Issued while no publisher ran, possibly long ago: it goes out current.
+            issued = resign.current(stored, self.keystore)
             if not self._publish_batch(issued, f"{self.prefix}/{issued.merchant}/batches"):
                 return
             store.mark_published(issued.merchant, issued.seq)
             self.say(
                 f"published {issued.kind} batch {issued.merchant}/{issued.seq} "
-                f"({issued.count} entries, {len(issued.chunks())} chunks)"
+                f"({issued.count} entries, {len(issued.chunks())} chunks"
+                f"{', re-signed' if issued is not stored else ''})"
             )
-        resign = self._resign.is_set()
+        reconnected = self._resign.is_set()
         self._resign.clear()
         for merchant in self.merchants or store.merchants():
             latest = store.latest_seq(merchant)
             signed = self._signed.get(merchant)
             due = signed is None or time.monotonic() - signed[1] >= self.heartbeat
-            if resign or due or signed[0] != latest:
+            if reconnected or due or signed[0] != latest:
                 self._publish_manifest(merchant, latest)
 
     def _publish_batch(self, issued: IssuedBatch, topic: str) -> bool:
@@ -210,12 +215,18 @@ class Publisher:
         missing = sorted(set(range(first, last + 1)) - {b.seq for b in batches})
         if missing:
             self.say(
-                f"cannot resend {merchant} {_ranges(missing)} to {box}: not in backend.db "
+                f"cannot resend {merchant} {ranges(missing)} to {box}: not in backend.db "
                 "(issued before it existed); issue a snapshot"
             )
         topic = f"{self.prefix}/{merchant}/box/{box}/batches"
         chunks = 0
-        for issued in batches:
+        resigned = []
+        for stored in batches:
+            # A box back from weeks offline asks for batches that expired meanwhile; the
+            # stored copy would be refused again and again (protocol.md 16.6).
+            issued = resign.current(stored, self.keystore)
+            if issued is not stored:
+                resigned.append(issued.seq)
             if not self._publish_batch(issued, topic):
                 self.say(
                     f"resend to {merchant}/{box} interrupted at {issued.seq}; box will ask again"
@@ -223,13 +234,19 @@ class Publisher:
                 return
             chunks += len(issued.chunks())
         if batches:
+            note = f", re-signed {ranges(resigned)}: expired or expiring" if resigned else ""
             self.say(
                 f"resent {merchant} {batches[0].seq}..{batches[-1].seq} to {box} "
-                f"({len(batches)} batches, {chunks} chunks)"
+                f"({len(batches)} batches, {chunks} chunks{note})"
             )
 
 
-def _ranges(numbers: list[int]) -> str:
+def ranges(numbers: list[int]) -> str:
+    """Sorted sequences as a person reads them.
+
+    >>> ranges([3, 4, 5, 9])
+    '3..5, 9'
+    """
     out = []
     start = prev = numbers[0]
     for n in numbers[1:] + [None]:

@@ -212,6 +212,32 @@ def build(
     return envelope.seal(FILE_MAGIC, DOMAIN, body, issuer_private) + payload
 
 
+def resign(
+    batch_file: bytes,
+    issuer_private: bytes,
+    delegation: keys.Delegation,
+    *,
+    created_at: int,
+    expires_at: int,
+) -> bytes:
+    """The same batch (merchant, seq, kind, entries, chunks) signed again, now.
+
+    For a backend answering a box that was offline past the batch's expiry: only the
+    members saying who signed it and when (created_at, expires_at, key_id, issuer)
+    change, the payload bytes are kept, so a box that applied the first signing sees
+    this one as a replay (docs/protocol.md 16.6). `batch_file` is the backend's own.
+    """
+    head_len = 8 + _U32.unpack_from(batch_file, 4)[0]
+    body = json.loads(batch_file[8:head_len])
+    body.update(
+        created_at=created_at,
+        expires_at=expires_at,
+        key_id=delegation.key_id,
+        issuer=delegation.to_json(),
+    )
+    return envelope.seal(FILE_MAGIC, DOMAIN, body, issuer_private) + batch_file[head_len + 64 :]
+
+
 def split(batch_file: bytes) -> list[bytes]:
     """Chunk messages for transport, each carrying the signed header."""
     head_len = 8 + _U32.unpack_from(batch_file, 4)[0] + 64

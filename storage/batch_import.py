@@ -5,15 +5,20 @@ sequence is checked against the trust state (a replay is a no-op, an older or
 conflicting sequence is refused, a gap is reported with the missing range) and the
 batch is applied in one transaction together with the new trust state, so a crash
 leaves either the old cache or the new one, never half of each.
+
+A batch is the same batch when its merchant, seq, kind and entries are the same, whoever
+signed it and when: a backend re-signs a batch that expired before a box could apply it
+(docs/protocol.md 16.6), and that must be a replay here, never a conflict.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from dataclasses import dataclass
 
-from cards.batch import UNLIMITED, Batch, CodeStatus, Kind
+from cards.batch import UNLIMITED, Batch, CodeStatus, Header, Kind
 from cards.card import CardError, parse_card
 from cards.rules import UNLIMITED_USES, resolve
 from storage import trust
@@ -42,10 +47,28 @@ class SequenceGap(ImportRefused):
         self.merchant = merchant
         self.first_missing = first_missing
         self.last_missing = last_missing
+        span = f"{first_missing}-{last_missing}" if last_missing > first_missing else first_missing
         super().__init__(
             f"batches {first_missing}..{last_missing} for merchant {merchant!r} are missing; "
-            "apply them first (or let sync request them)"
+            f"apply them first: on the backend, `redeemd-backend export {span} --merchant "
+            f"{merchant} --dir KEYS --out DIR` writes them as files (or let sync request them)"
         )
+
+
+class BatchConflict(ImportRefused):
+    """A different batch with an applied sequence: the backend or an issuer key is broken."""
+
+    def __init__(self, merchant: str, seq: int):
+        self.merchant = merchant
+        self.seq = seq
+        super().__init__(
+            f"a different batch {merchant}/{seq} was already applied; refusing the "
+            "conflicting one (possible key compromise: tell the backend team)"
+        )
+
+
+class BatchExpired(ImportRefused):
+    """Authentic but too old to apply: only the backend can make it current again."""
 
 
 @dataclass(frozen=True)
@@ -98,37 +121,65 @@ def apply(
     return result
 
 
+def replayed(conn: sqlite3.Connection, header: Header) -> bool:
+    """True if this batch was applied already (in this signing or another): nothing to do.
+
+    False if its sequence is still to come. Raises BatchConflict for a different batch
+    with an applied sequence and ImportRefused for any other sequence at or below the
+    applied one (skipped by a snapshot: a rollback). Only the signed header is needed,
+    so sync can decide this on the first chunk of a batch.
+    """
+    applied = conn.execute(
+        "SELECT sha256, kind, count, entries_sha256 FROM batches WHERE merchant = ? AND seq = ?",
+        (header.merchant, header.seq),
+    ).fetchone()
+    if applied:
+        sha256, kind, count, entries_sha256 = applied
+        if sha256 == header.sha256 or _same_content(header, kind, count, entries_sha256):
+            return True
+        raise BatchConflict(header.merchant, header.seq)
+    last_seq = trust.state(conn, header.merchant).last_seq
+    if header.seq <= last_seq:
+        raise ImportRefused(
+            f"batch {header.seq} is older than the applied sequence {last_seq} (rollback refused)"
+        )
+    return False
+
+
+def _same_content(header: Header, kind: str, count: int, entries_sha256: str | None) -> bool:
+    if entries_sha256 is None:
+        # Applied before the box kept entries hashes (migration m004): kind and count
+        # are all that is left to compare. Either way the batch is not applied again.
+        return (kind, count) == (header.kind.value, header.count)
+    return (kind, entries_sha256) == (header.kind.value, header.entries_sha256)
+
+
+def _export_hint(header: Header) -> str:
+    return (
+        f"`redeemd-backend export {header.seq} --merchant {header.merchant} --dir KEYS "
+        "--out DIR` on the backend writes a re-signed copy (sync asks for one by itself)"
+    )
+
+
 def _apply_locked(
     conn: sqlite3.Connection, batch: Batch, now: int, wall: int | None
 ) -> ImportResult:
     header = batch.header
-    applied = conn.execute(
-        "SELECT sha256 FROM batches WHERE merchant = ? AND seq = ?", (header.merchant, header.seq)
-    ).fetchone()
-    if applied:
-        if applied[0] == header.sha256:
-            return ImportResult(header.merchant, header.seq, header.kind, header.count, replay=True)
-        raise ImportRefused(
-            f"a different batch {header.merchant}/{header.seq} was already applied; "
-            "refusing the conflicting one (possible key compromise: tell the backend team)"
-        )
+    if replayed(conn, header):
+        return ImportResult(header.merchant, header.seq, header.kind, header.count, replay=True)
     current = trust.state(conn, header.merchant)
-    if header.seq <= current.last_seq:
-        raise ImportRefused(
-            f"batch {header.seq} is older than the applied sequence {current.last_seq} "
-            "(rollback refused)"
-        )
     if header.seq > current.last_seq + 1 and header.kind is not Kind.SNAPSHOT:
         raise SequenceGap(header.merchant, current.last_seq + 1, header.seq - 1)
     if header.expires_at < max(now, current.time_floor):
-        raise ImportRefused(
-            f"batch {header.seq} expired at {header.expires_at}; ask the backend for a fresh one"
+        raise BatchExpired(
+            f"batch {header.seq} expired at {_when(header.expires_at)}; {_export_hint(header)}"
         )
 
     if now > header.issuer.not_after:
-        raise ImportRefused(
-            f"issuer key {header.issuer.key_id} was delegated until {header.issuer.not_after}; "
-            "the backend must delegate a current key and re-sign"
+        raise BatchExpired(
+            f"batch {header.seq} is signed by issuer key {header.issuer.key_id}, delegated "
+            f"until {_when(header.issuer.not_after)}; {_export_hint(header)} with the "
+            "current key"
         )
     if (
         wall is not None
@@ -144,12 +195,17 @@ def _apply_locked(
     trust.remember_issuer(conn, header.issuer)
     trust.save_state(conn, header.merchant, header.seq, header.created_at, now)
     conn.execute(
-        "INSERT INTO batches(merchant, seq, kind, sha256, count, created_at, applied_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO batches(merchant, seq, kind, sha256, count, created_at, applied_at, "
+        "entries_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (header.merchant, header.seq, header.kind.value, header.sha256, header.count,
-         header.created_at, now),
+         header.created_at, now, header.entries_sha256),
     )  # fmt: skip
     return ImportResult(header.merchant, header.seq, header.kind, header.count)
+
+
+def _when(seconds: int) -> str:
+    """Unix seconds as a person reads them, with the number for logs and tooling."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds)) + f" ({seconds})"
 
 
 def _apply_cards(conn: sqlite3.Connection, batch: Batch) -> None:

@@ -123,3 +123,14 @@ def m003_api_requests(db: Database) -> None:
         ) WITHOUT ROWID
         """
     )
+
+
+@migrations()
+def m004_batch_entries_sha256(db: Database) -> None:
+    # What an applied batch *says*, apart from who signed it when: a backend re-signs
+    # an expired batch with the same merchant, seq, kind and entries (protocol.md
+    # 16.6), and the box must tell that re-signing (a replay) from a different batch
+    # with the same sequence (a conflict: possible key compromise). Batches applied
+    # before this step keep NULL: their entries were never kept, so the hash cannot be
+    # computed; storage.batch_import compares their kind and count instead.
+    db.execute("ALTER TABLE batches ADD COLUMN entries_sha256 TEXT")

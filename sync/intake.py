@@ -10,6 +10,13 @@ connection (the engine notices through PRAGMA data_version), in sequence order: 
 that arrives before its predecessors waits, within bounds on how far ahead and how many
 bytes. Anything forged, replayed, truncated, oversized or malformed is refused and
 reported; nothing from it is written.
+
+Three things a person looking at a box must be able to see (protocol.md 16.5): a
+different batch with an applied sequence raises the key-compromise `alarm` as `redeemd
+import` does; a box that cannot move on because the batch it needs is refused says why
+in `stuck` and asks again ever more slowly (up to an hour apart at the default retry)
+instead of looping with the backend; manifests ignored for being older than the one
+kept are counted.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from collections.abc import Callable
 from cards.batch import CHUNK_MAGIC, Batch, BatchError, ChunkAssembler, Kind, read_header
 from cards.manifest import Manifest, ManifestError, open_manifest
 from storage import batch_import, trust
-from storage.batch_import import MAX_CLOCK_AHEAD, ImportRefused, SequenceGap
+from storage.batch_import import MAX_CLOCK_AHEAD, BatchConflict, ImportRefused, SequenceGap
 
 log = logging.getLogger("redeemd.sync")
 
@@ -34,6 +41,10 @@ MAX_AHEAD = 64
 MAX_WAITING_BYTES = 64 << 20
 MAX_MESSAGE = 16 << 20
 RETRY_BACKOFF_MAX = 8
+# While the batch the box needs next is refused (expired and not re-signed, from a key
+# the box does not trust...), asking again soon only repeats the refusal: the backoff
+# keeps doubling up to this many retry periods (64 min at the default 30 s).
+STUCK_BACKOFF_MAX = 128
 
 
 class Intake:
@@ -69,6 +80,12 @@ class Intake:
         self.refused = 0
         self.last_refused: str | None = None
         self.last_applied: str | None = None
+        self.alarm: str | None = None
+        """The last conflicting batch (possible key compromise); kept until restart."""
+        self.stuck: str | None = None
+        """Why the next batch cannot be applied; cleared when one is."""
+        self.manifests_ignored = 0
+        """Valid manifests ignored because they were signed before the one kept (16.1)."""
         self.last_seq = trust.state(conn, merchant).last_seq
 
     # ------------------------------------------------------------------ time
@@ -83,6 +100,12 @@ class Intake:
         self.refused += 1
         self.last_refused = f"{topic}: {why}"
         log.warning("sync: refused %s: %s", topic, why)
+
+    def raise_alarm(self, topic: str, exc: BatchConflict) -> None:
+        self.refused += 1
+        self.last_refused = f"{topic}: {exc}"
+        self.alarm = f"{topic}: {exc}"
+        log.error("sync: ALARM %s: %s", topic, exc)
 
     # ------------------------------------------------------------------ manifest
 
@@ -104,7 +127,15 @@ class Intake:
         if manifest.expires_at < now:
             return self.refuse(topic, f"stale manifest (expired at {manifest.expires_at})")
         if self.manifest is not None and manifest.created_at < self.manifest.created_at:
-            log.debug("sync: ignoring an older manifest")
+            # A retained copy redelivered after a newer one, or a backend whose clock
+            # went back: never a reason to forget what the newer one said.
+            self.manifests_ignored += 1
+            log.info(
+                "sync: ignored a manifest signed at %d, before the one kept (signed at %d, "
+                "latest_seq %d); %d ignored so far",
+                manifest.created_at, self.manifest.created_at, self.manifest.latest_seq,
+                self.manifests_ignored,
+            )  # fmt: skip
             return None
         self.manifest = manifest
         if manifest.created_at > floor:
@@ -128,16 +159,15 @@ class Intake:
         if header.merchant != self.merchant:
             return self.refuse(topic, f"batch is for merchant {header.merchant!r}")
         if header.seq <= self.last_seq:
-            applied = self.conn.execute(
-                "SELECT sha256 FROM batches WHERE merchant = ? AND seq = ?",
-                (self.merchant, header.seq),
-            ).fetchone()
-            if applied and applied[0] == header.sha256:
-                log.debug("sync: batch %d already applied (replay)", header.seq)
-                return None
-            return self.refuse(
-                topic, f"batch {header.seq} is not newer than the applied {self.last_seq}"
-            )
+            # Decided from the signed header alone, by the rules `redeemd import` uses.
+            try:
+                if batch_import.replayed(self.conn, header):
+                    log.debug("sync: batch %d already applied (replay)", header.seq)
+                    return None
+            except BatchConflict as exc:
+                return self.raise_alarm(topic, exc)
+            except ImportRefused as exc:
+                return self.refuse(topic, str(exc))
         if header.seq in self.complete:
             return None
         if header.seq > self.last_seq + MAX_AHEAD and header.kind is not Kind.SNAPSHOT:
@@ -191,8 +221,12 @@ class Intake:
                 self.want_to = max(self.want_to, exc.last_missing)
                 self.complete[seq] = batch
                 return
+            except BatchConflict as exc:
+                self.raise_alarm(f"{topic} (batch {seq})", exc)
+                continue
             except ImportRefused as exc:
                 self.refuse(f"{topic} (batch {seq})", str(exc))
+                self.stuck = f"batch {seq} refused: {exc}"
                 continue
             except sqlite3.Error as exc:
                 self.refuse(f"{topic} (batch {seq})", f"cannot write the cache: {exc}")
@@ -200,6 +234,7 @@ class Intake:
             self.last_seq = trust.state(self.conn, self.merchant).last_seq
             self.applied += 1
             self.last_applied = result.describe()
+            self.stuck = None
             self._tries = 0
             self._next_request = self.clock() + self.retry
             log.info("sync: %s", self.last_applied)
@@ -241,8 +276,9 @@ class Intake:
             return
         log.info("sync: requested batches %d..%d", first, last)
         self.requested = (first, last)
-        self._next_request = now + self.retry * min(2**self._tries, RETRY_BACKOFF_MAX)
-        self._tries += 1
+        cap = STUCK_BACKOFF_MAX if self.stuck else RETRY_BACKOFF_MAX
+        self._next_request = now + self.retry * min(2**self._tries, cap)
+        self._tries = min(self._tries + 1, 16)
 
     def reconnected(self) -> None:
         self._next_request = 0.0

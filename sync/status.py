@@ -38,6 +38,9 @@ def status_payload(
     outbox_oldest_age_s: int | None,
     publish_error: str | None,
     drivers: list[dict],
+    alarm: str | None = None,
+    stuck: str | None = None,
+    manifests_ignored: int = 0,
 ) -> bytes:
     return _dump(
         {
@@ -52,6 +55,9 @@ def status_payload(
             "outbox_oldest_age_s": outbox_oldest_age_s,
             "publish_error": publish_error,
             "drivers": drivers,
+            "alarm": alarm,
+            "stuck": stuck,
+            "manifests_ignored": manifests_ignored,
         }
     )
 

@@ -245,6 +245,9 @@ class Sync:
             outbox_oldest_age_s=None if oldest is None else int(now - oldest[0] / 1000),
             publish_error=self.pump.publish_error,
             drivers=self.drivers(),
+            alarm=self.intake.alarm,
+            stuck=self.intake.stuck,
+            manifests_ignored=self.intake.manifests_ignored,
         )
 
     def _publish_status(self, conn: sqlite3.Connection, state: str, now: float) -> None:
@@ -276,6 +279,9 @@ class Sync:
             "last_applied": intake.last_applied,
             "refused": intake.refused,
             "last_refused": intake.last_refused,
+            "alarm": intake.alarm,
+            "stuck": intake.stuck,
+            "manifests_ignored": intake.manifests_ignored,
             "dropped": self.dropped,
         }
 
