@@ -9,9 +9,18 @@ run beside the daemon and before it was ever started.
 >>> print(Finding("disk", False, "only 20 MB free ...").line())
 problem  disk: only 20 MB free ...
 
-Device permissions are judged for the account the daemon runs as: the `redeemd` user
-when doctor runs as root and that user exists (so `sudo redeemd doctor` tells whether
-the service can open a scanner), otherwise the user running doctor; `--user` picks one.
+File and device permissions are judged for the account the daemon runs as: the
+`redeemd` user when doctor runs as root and that user exists (so `sudo redeemd doctor`
+tells whether the service can open a scanner), otherwise the user running doctor;
+`--user` picks one. Doctor's own process may be root, for which every file opens, so
+another account is judged from the owner, group and mode bits against its uid and
+groups (POSIX ACLs are not read), and only the account doctor runs as is asked with
+os.access.
+
+Secrets (the config, the code key, the MQTT password file, the TLS key) and the root
+keys follow one rule, the one systemd/tmpfiles.d/redeemd.conf lays down: root writes,
+the service reads, nobody else looks. Doctor checks that rule on whatever paths the
+config names, so a box that keeps its keys elsewhere is judged the same way.
 """
 
 from __future__ import annotations
@@ -19,23 +28,32 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import re
 import shutil
 import socket
 import sqlite3
 import ssl
 import stat
 import time
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from daemon import config as config_mod
+from daemon import liveness
 from daemon.config import Config, ConfigError, ScannerConfig
 from storage import trust
-from storage.database import StorageError, connect
 
 SERVICE_USER = "redeemd"
+# Modes of redeemd's secrets and of the directories holding them, as
+# systemd/tmpfiles.d/redeemd.conf sets them (a test holds the two together).
+SECRET_MODE = 0o640
+SECRET_DIR_MODE = 0o750
+# Where docs/operations.md keeps root-owned keys, for a key found in a directory the
+# service may change.
+KEYS_DIR = "/etc/redeemd/keys"
+# The section of docs/operations.md a damaged database sends the technician to.
+RESTORE_SECTION = "Back up and restore the ledger"
 # A clock before this was never set (a board without a real-time clock boots in 1970).
 CLOCK_NEVER_BEFORE = 1_735_689_600  # 2025-01-01
 DEFAULT_MIN_FREE = 100 << 20
@@ -54,16 +72,18 @@ class Finding:
 
 @dataclass(frozen=True)
 class Account:
-    """Who must be able to open the files: a user name, uid and all its groups."""
+    """Who must be able to open the files: a user name, uid, primary group and all groups."""
 
     name: str
     uid: int
+    gid: int
     gids: frozenset[int]
 
     @classmethod
     def named(cls, name: str) -> Account:
         entry = pwd.getpwnam(name)  # KeyError for an unknown user
-        return cls(name, entry.pw_uid, frozenset(os.getgrouplist(name, entry.pw_gid)))
+        groups = frozenset(os.getgrouplist(name, entry.pw_gid))
+        return cls(name, entry.pw_uid, entry.pw_gid, groups)
 
     @classmethod
     def default(cls) -> Account:
@@ -75,28 +95,73 @@ class Account:
         try:
             return cls.named(pwd.getpwuid(os.geteuid()).pw_name)
         except KeyError:  # a uid without a name (some containers)
-            return cls(str(os.geteuid()), os.geteuid(), frozenset(os.getgroups()))
+            uid, gid = os.geteuid(), os.getegid()
+            return cls(str(uid), uid, gid, frozenset({gid, *os.getgroups()}))
 
     @property
     def is_self(self) -> bool:
         return self.uid == os.geteuid()
 
-    def can(self, path: Path, write: bool) -> bool:
-        """Whether this account may open `path` for reading (and writing)."""
+    @property
+    def group(self) -> str:
+        try:
+            return grp.getgrgid(self.gid).gr_name
+        except KeyError:
+            return str(self.gid)
+
+    @property
+    def confined(self) -> bool:
+        """Whether this is a service account that must not be able to change its own
+        keys and config. Not root (which can change anything anyway), and not a person
+        checking a box they run as themselves (the demo, a developer's checkout)."""
+        return self.uid != 0 and (self.name == SERVICE_USER or not self.is_self)
+
+    def may(self, path: Path, bits: int) -> bool:
+        """Whether this account may access `path` itself with `bits` (os.R_OK | os.W_OK
+        | os.X_OK), from its owner, group and mode; directories above are not looked at."""
         if self.is_self:
-            return os.access(path, os.R_OK | (os.W_OK if write else 0))
+            return os.access(path, bits, effective_ids=os.access in os.supports_effective_ids)
         if self.uid == 0:
             return True
         st = path.stat()
-        # The owner's bits, else the group's, else the others' (POSIX ACLs are not read).
+        # The owner's bits, else the group's, else the others'.
         if st.st_uid == self.uid:
             shift = 6
         elif st.st_gid in self.gids:
             shift = 3
         else:
             shift = 0
-        need = 0o4 | (0o2 if write else 0)
-        return (st.st_mode >> shift) & need == need
+        return (st.st_mode >> shift) & bits == bits
+
+    def blocked_at(self, path: Path) -> Path | None:
+        """The first directory above `path` this account may not enter, if any."""
+        for parent in reversed(path.absolute().parents):
+            if not self.may(parent, os.X_OK):
+                return parent
+        return None
+
+    def can(self, path: Path, write: bool) -> bool:
+        """Whether this account may open `path` for reading (and writing)."""
+        bits = os.R_OK | (os.W_OK if write else 0)
+        return self.blocked_at(path) is None and self.may(path, bits)
+
+    def can_replace(self, path: Path) -> Path | None:
+        """How this account could put other content at `path`: the file itself (it owns
+        it or may write it) or a directory above it it may write (renaming the file, or
+        a directory on the way, aside); None if it cannot."""
+        real = path.resolve()
+        if real.stat().st_uid == self.uid or self.may(real, os.W_OK):
+            return real
+        child = real
+        for parent in real.parents:
+            st = parent.stat()
+            # In a sticky directory (/tmp) only the entry's owner (or the directory's)
+            # may rename it.
+            sticky = st.st_mode & stat.S_ISVTX and child.lstat().st_uid != self.uid
+            if st.st_uid == self.uid or (self.may(parent, os.W_OK | os.X_OK) and not sticky):
+                return parent
+            child = parent
+        return None
 
 
 def describe_mode(path: Path) -> str:
@@ -125,12 +190,7 @@ def check(
     try:
         config = config_mod.load(config_path)
     except ConfigError as exc:
-        return [
-            Finding(
-                "config", False, f"{exc.source}: {problem}; fix it, then `redeemd check-config`"
-            )
-            for problem in exc.problems
-        ]
+        return [_config_problem(exc.source, problem, account) for problem in exc.problems]
     findings = [
         Finding(
             "config",
@@ -139,12 +199,147 @@ def check(
             f"checking as user {account.name})",
         )
     ]
+    findings += _daemon(config)
+    findings += _secrets(config, account)
     findings += _database(config, account, now)
     findings += _clock_plausible(now)
     findings += [f for scanner in config.scanners for f in _scanner(scanner, account)]
     findings += _sync(config, account)
     findings += _disk(config, min_free)
     return findings
+
+
+def _config_problem(source: str, problem: str, account: Account) -> Finding:
+    denied = re.search(r"Permission denied: '([^']+)'", problem)
+    if denied and not account.is_self:
+        # Doctor cannot read a file its own user may not read; root can check for the service.
+        hint = f"run doctor as root (sudo redeemd doctor) to check it for user {account.name}"
+    elif denied:
+        path = Path(denied.group(1))
+        mode = describe_mode(path) if path.exists() else "?"
+        return Finding(
+            "config", False,
+            f"user {account.name} cannot read {path} ({mode}), so redeemd cannot start: "
+            f"as root, {_secret_fix(path, account)}",
+        )  # fmt: skip
+    else:
+        hint = "fix it, then `redeemd check-config`"
+    return Finding("config", False, f"{source}: {problem}; {hint}")
+
+
+# ---------------------------------------------------------------- daemon
+
+
+def _daemon(config: Config) -> Iterator[Finding]:
+    """A box whose daemon is down redeems nothing, whatever else is fine."""
+    state = liveness.probe(config)
+    if not state.running:
+        yield Finding(
+            "daemon", False,
+            f"redeemd is {state.summary}, so no scan is decided: start it "
+            "(systemctl start redeemd); if it stops again, journalctl -u redeemd -n 50 says why",
+        )  # fmt: skip
+    elif state.api_problem:
+        yield Finding(
+            "daemon", False,
+            f"redeemd is {state.summary}, but its local API socket {state.api_problem}, so "
+            "the POS application cannot reach it: journalctl -u redeemd -g api says why; "
+            "systemctl restart redeemd makes the socket again",
+        )  # fmt: skip
+    else:
+        yield Finding("daemon", True, state.summary)
+
+
+# ---------------------------------------------------------------- secrets
+
+
+def _guarded_files(config: Config) -> list[tuple[str, Path, bool]]:
+    """(what, path, secret) for every file that only root may change; secret ones are
+    also hidden from other users. Root keys are public, but they are trust anchors."""
+    files: list[tuple[str, Path, bool]] = []
+    source = Path(config.source)
+    if source.is_file():  # not the built-in defaults, not /dev/null
+        files.append(("config", source, True))
+    if config.trust.code_key_file is not None:
+        files.append(("[trust] code_key_file", config.trust.code_key_file, True))
+    files += [("[trust] root_key_files", path, False) for path in config.trust.root_key_files]
+    if config.sync.password_file is not None:
+        files.append(("[sync] password_file", config.sync.password_file, True))
+    if config.sync.key_file is not None:
+        files.append(("[sync] key_file", config.sync.key_file, True))
+    return [(what, path, secret) for what, path, secret in files if path.exists()]
+
+
+def _secrets(config: Config, account: Account) -> Iterator[Finding]:
+    files = _guarded_files(config)
+    problems = [f for what, path, secret in files for f in _guard(what, path, secret, account)]
+    yield from problems
+    if files and not problems:
+        rule = "not changeable by it, " if account.confined else ""
+        yield Finding(
+            "secrets", True,
+            f"{len(files)} key and config file(s) readable by {account.name}, {rule}"
+            "secret ones hidden from other users",
+        )  # fmt: skip
+
+
+def _guard(what: str, path: Path, secret: bool, account: Account) -> Iterator[Finding]:
+    mode = describe_mode(path)
+    blocked = account.blocked_at(path)
+    if blocked is not None:
+        yield Finding(
+            "secrets", False,
+            f"{what}: user {account.name} cannot reach {path}: it may not enter {blocked} "
+            f"({describe_mode(blocked)}), so redeemd cannot start: chown root:{account.group} "
+            f"{blocked} && chmod {SECRET_DIR_MODE:04o} {blocked}",
+        )  # fmt: skip
+    elif not account.may(path, os.R_OK):
+        yield Finding(
+            "secrets", False,
+            f"{what}: user {account.name} cannot read {path} ({mode}), so redeemd cannot "
+            f"start: {_secret_fix(path, account)}",
+        )  # fmt: skip
+    if secret and path.stat().st_mode & 0o007:
+        fix = _secret_fix(path, account) if account.confined else f"chmod o-rwx {path}"
+        yield Finding(
+            "secrets", False,
+            f"{what}: {path} ({mode}) is open to every user of the box: {fix}",
+        )  # fmt: skip
+    if not account.confined:
+        return
+    way = account.can_replace(path)
+    if way == path.resolve():
+        yield Finding(
+            "secrets", False,
+            f"{what}: user {account.name} can change {path} ({mode}), so whoever takes over "
+            f"the daemon can rewrite what it trusts: {_secret_fix(path, account)}",
+        )  # fmt: skip
+    elif way is not None:
+        if way.stat().st_uid == account.uid:
+            fix = (
+                f"keep it in a directory only root may change: install -d -o root -g "
+                f"{account.group} -m {SECRET_DIR_MODE:04o} {KEYS_DIR}, move it there and "
+                "name the new path in the config (docs/operations.md)"
+            )
+        else:
+            fix = f"chmod go-w {way}"
+        yield Finding(
+            "secrets", False,
+            f"{what}: user {account.name} can replace {path}: it may write to {way} "
+            f"({describe_mode(way)}): {fix}",
+        )  # fmt: skip
+
+
+def _secret_fix(path: Path, account: Account) -> str:
+    """The commands that give `path` the owner and mode of systemd/tmpfiles.d/redeemd.conf:
+    root writes, the account's group reads, nobody else."""
+    st = path.stat()
+    commands = []
+    if (st.st_uid, st.st_gid) != (0, account.gid):
+        commands.append(f"chown root:{account.group} {path}")
+    if stat.S_IMODE(st.st_mode) != SECRET_MODE:
+        commands.append(f"chmod {SECRET_MODE:04o} {path}")
+    return " && ".join(commands)
 
 
 # ---------------------------------------------------------------- database, clock, cache
@@ -174,46 +369,153 @@ def give_back(database: Path) -> None:
 
 
 def _database(config: Config, account: Account, now: float) -> Iterator[Finding]:
+    # Opening the database makes its -wal and -shm files (with the database's mode), so
+    # who may write what is judged after it, and comes first in the output.
+    opened = list(_database_content(config, now))
+    if read_only_mount(config.box.database) is None and config.box.state_dir.exists():
+        yield from _database_access(config, account)
+    yield from opened
+
+
+def _database_content(config: Config, now: float) -> Iterator[Finding]:
     path = config.box.database
     if not path.exists():
+        get = (
+            "start redeemd (systemctl start redeemd): it makes one and fetches batches "
+            "from the broker (see the sync line)"
+            if config.sync.enabled
+            else "apply batches with `redeemd import FILE...`, or enable [sync] to fetch them"
+        )
         yield Finding(
             "database", False,
-            f"no database at {path} yet: apply batches with `redeemd import FILE...` or "
-            "enable [sync] and start redeemd",
+            f"no database at {path}: if this box never ran, {get}; if it ran before, its "
+            f"ledger is lost: restore the newest backup (docs/operations.md, {RESTORE_SECTION})",
         )  # fmt: skip
         return
-    for item in (config.box.state_dir, path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-        if item.exists() and not account.can(item, write=True):
-            yield Finding(
-                "database", False,
-                f"user {account.name} cannot write {item} ({describe_mode(item)}): "
-                f"chown -R {account.name}: {config.box.state_dir} (a command run as root "
-                "created it)",
-            )  # fmt: skip
-    try:
-        conn = connect(path, readonly=True)
-    except StorageError as exc:
-        yield Finding("database", False, f"{exc}; check the permissions of {path}")
+    mount = read_only_mount(path)
+    if mount is not None:
+        yield Finding(
+            "database", False,
+            f"{path} is on a file system mounted read-only ({mount}), so every scan is "
+            f"rejected with storage_error: remount it (mount -o remount,rw {mount}) and make "
+            "it stay so in /etc/fstab; if the kernel made it read-only after disk errors "
+            "(dmesg | grep -i 'read-only'), run fsck or replace the disk or SD card first",
+        )  # fmt: skip
+    if path.stat().st_size == 0:
+        yield Finding(
+            "database", False,
+            f"{path} is empty (0 bytes): the ledger and the anti-rollback state (applied "
+            "batches, time floor) are gone; stop redeemd and restore the newest backup "
+            f"(docs/operations.md, {RESTORE_SECTION})",
+        )  # fmt: skip
         return
     try:
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        yield from _unopenable(path, exc, mount)
+        return
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
         result = conn.execute("PRAGMA quick_check").fetchall()
         if [r[0] for r in result] != ["ok"]:
-            raise sqlite3.DatabaseError("; ".join(str(r[0]) for r in result[:3]))
-        yield Finding("database", True, f"{path}: quick_check ok")
+            yield _damaged(path, "; ".join(str(r[0]) for r in result[:3]))
+            return
         floor = trust.time_floor(conn)
         newest = trust.newest_batch_time(conn, config.box.merchant)
-    except sqlite3.Error as exc:
-        yield Finding(
-            "database", False,
-            f"{path} is damaged ({exc}): stop redeemd, move the file aside and restore "
-            "the newest backup (docs/operations.md, Back up and restore)",
-        )  # fmt: skip
+    except sqlite3.DatabaseError as exc:
+        if exc.sqlite_errorname.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT", "SQLITE_ERROR")):
+            yield _damaged(path, str(exc))  # SQLITE_ERROR: no such table, not ours
+        else:
+            yield from _unopenable(path, exc, mount)
         return
     finally:
         conn.close()
         give_back(path)
+    yield Finding("database", True, f"{path}: quick_check ok")
     yield _clock_vs_floor(now, floor)
     yield _cache(config, now, newest)
+
+
+def _database_access(config: Config, account: Account) -> Iterator[Finding]:
+    """The service must read and write the state directory and every database file."""
+    path = config.box.database
+    for item in (config.box.state_dir, path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if not item.exists():
+            continue
+        is_dir = item.is_dir()
+        blocked = account.blocked_at(item)
+        if blocked is not None:
+            yield Finding(
+                "database", False,
+                f"user {account.name} cannot reach {item}: it may not enter {blocked} "
+                f"({describe_mode(blocked)}): chmod o+x {blocked}",
+            )  # fmt: skip
+            return
+        if account.may(item, os.R_OK | os.W_OK | (os.X_OK if is_dir else 0)):
+            continue
+        st = item.stat()
+        fix = []
+        if st.st_uid != account.uid:
+            fix.append(f"chown {account.name}:{account.group} {item}")
+        need = 0o700 if is_dir else 0o600
+        if st.st_mode & need != need:
+            fix.append(f"chmod u+{'rwx' if is_dir else 'rw'} {item}")
+        yield Finding(
+            "database", False,
+            f"user {account.name} cannot write {item} ({describe_mode(item)}), so every scan "
+            f"is rejected with storage_error: {' && '.join(fix)}",
+        )  # fmt: skip
+
+
+def _unopenable(path: Path, exc: sqlite3.Error, mount: Path | None) -> Iterator[Finding]:
+    """An error opening or reading the database that is not damage."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
+        yield _damaged(path, str(exc))
+    elif mount is not None:
+        return  # a WAL database on a read-only mount: said above
+    elif not os.access(path, os.R_OK):
+        yield Finding(
+            "database", False,
+            f"doctor, as uid {os.geteuid()}, cannot read {path}: run it as root, "
+            "sudo redeemd doctor",
+        )  # fmt: skip
+    elif name.startswith("SQLITE_IOERR"):
+        yield Finding(
+            "database", False,
+            f"reading {path} failed with an I/O error ({exc}): the disk or SD card may be "
+            "failing (dmesg); take a backup off the box now (redeemd backup) and replace it",
+        )  # fmt: skip
+    else:
+        yield Finding("database", False, f"cannot open {path} ({exc}, {name})")
+
+
+def _damaged(path: Path, detail: str) -> Finding:
+    return Finding(
+        "database", False,
+        f"{path} is damaged ({detail}), so redeemd cannot use it: stop redeemd, move it aside "
+        f"and restore the newest backup (docs/operations.md, {RESTORE_SECTION}); with no "
+        "backup, replace the box as docs/operations.md says (a new box id)",
+    )  # fmt: skip
+
+
+def read_only_mount(path: Path) -> Path | None:
+    """The mount point of the read-only file system holding `path`, None if writable."""
+    try:
+        if not os.statvfs(path).f_flag & os.ST_RDONLY:
+            return None
+    except OSError:
+        return None
+    real = path.resolve()
+    best = Path("/")
+    try:  # the longest mount point above `path` (a bind mount shares its device number)
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            point = Path(re.sub(r"\\(\d{3})", lambda m: chr(int(m[1], 8)), line.split()[4]))
+            if (point == real or point in real.parents) and len(point.parts) > len(best.parts):
+                best = point
+    except (OSError, IndexError):
+        return real.parent
+    return best
 
 
 def _clock_plausible(now: float) -> Iterator[Finding]:
@@ -240,10 +542,16 @@ def _clock_vs_floor(now: float, floor: int) -> Finding:
 
 def _cache(config: Config, now: float, newest: int | None) -> Finding:
     if newest is None:
+        get = (
+            "redeemd fetches them from the broker while it runs (see the daemon and sync "
+            "lines), or `redeemd import FILE...`"
+            if config.sync.enabled
+            else "`redeemd import FILE...`, or enable [sync] to fetch them from the backend"
+        )
         return Finding(
             "cache", False,
             f"no batch for merchant {config.box.merchant} applied yet, so every code is "
-            "unknown: `redeemd import FILE...` or enable [sync]",
+            f"unknown: {get}",
         )  # fmt: skip
     age = now - newest
     if age > config.trust.max_staleness:
@@ -255,8 +563,12 @@ def _cache(config: Config, now: float, newest: int | None) -> Finding:
         return Finding(
             "cache", False,
             f"the newest batch is {_age(age)} old, over [trust] max_staleness "
-            f"({_age(config.trust.max_staleness)}) and {effect}: fix the broker link "
-            "(see sync above) or import the newest batches",
+            f"({_age(config.trust.max_staleness)}) and {effect}: "
+            + (
+                "fix the broker link (see the sync line) or import the newest batches"
+                if config.sync.enabled
+                else "import the newest batches (`redeemd import FILE...`)"
+            ),
         )  # fmt: skip
     return Finding("cache", True, f"newest batch {_age(age)} old")
 
@@ -275,7 +587,8 @@ def _scanner(scanner: ScannerConfig, account: Account) -> Iterator[Finding]:
         if settings["path"] == "-":
             yield Finding(where, True, "standard input")
             return
-        path, write, hint = Path(str(settings["path"])), False, "fix [[scanner]] path"
+        # The driver opens a FIFO read/write, so that it never sees end-of-file.
+        path, write, hint = Path(str(settings["path"])), True, "fifo"
     elif scanner.type == "serial":
         path, write, hint = Path(str(settings["port"])), True, "group dialout"
     elif scanner.type == "hid":
@@ -291,6 +604,14 @@ def _scanner(scanner: ScannerConfig, account: Account) -> Iterator[Finding]:
         path = Path(str(settings["device"]))
         write = path.exists() and path.is_char_device()
         hint = "group video"
+    if not path.exists() and hint == "fifo":
+        yield Finding(
+            where, False,
+            f"{path} does not exist: a FIFO is made by the program that writes codes into it "
+            f"(mkfifo, before redeemd starts): start that program, or correct the path in "
+            f"[[scanner]] {scanner.name!r}",
+        )  # fmt: skip
+        return
     if not path.exists():
         yield Finding(
             where, False,
@@ -299,12 +620,16 @@ def _scanner(scanner: ScannerConfig, account: Account) -> Iterator[Finding]:
         )  # fmt: skip
         return
     if not account.can(path, write):
-        fix = (
-            f"usermod -aG {hint.split()[1]} {account.name} and install the udev rules "
-            "(docs/scanners.md)"
-            if hint.startswith("group")
-            else hint
-        )
+        if hint == "fifo":
+            fix = (
+                f"chgrp {account.group} {path} && chmod g+rw {path} (and make the program "
+                "that creates it do so)"
+            )
+        else:
+            fix = (
+                f"usermod -aG {hint.split()[1]} {account.name} and install the udev rules "
+                "(docs/scanners.md)"
+            )
         yield Finding(
             where, False,
             f"user {account.name} cannot {'read and write' if write else 'read'} {path} "
@@ -342,21 +667,24 @@ def _sync(config: Config, account: Account) -> Iterator[Finding]:
     if not sync.enabled:
         yield Finding("sync", True, "disabled: an offline box, batches by `redeemd import`")
         return
-    unreadable = False
+    # The password file and the TLS key are checked with the secrets; an unreadable one
+    # fails the daemon's login whatever doctor's own (root) login says, so skip that.
     files = {
-        "password_file": _password_file(config),
+        "password_file": sync.password_file,
         "ca_file": sync.ca_file,
         "cert_file": sync.cert_file,
         "key_file": sync.key_file,
     }
+    unreadable = False
     for key, path in files.items():
         if path is not None and path.exists() and not account.can(path, write=False):
             unreadable = True
-            yield Finding(
-                "sync", False,
-                f"[sync] {key}: user {account.name} cannot read {path} "
-                f"({describe_mode(path)}): chown root:{SERVICE_USER} {path}; chmod 0640 {path}",
-            )  # fmt: skip
+            if key in ("ca_file", "cert_file"):
+                yield Finding(
+                    "sync", False,
+                    f"[sync] {key}: user {account.name} cannot read {path} "
+                    f"({describe_mode(path)}): {_secret_fix(path, account)}",
+                )  # fmt: skip
     context = None
     if sync.tls:
         try:
@@ -438,20 +766,6 @@ def _mqtt_login(sync, box_id: str) -> Finding:
         )
     who = f" as {sync.username}" if sync.username else " (anonymous)"
     return Finding("sync", True, f"broker accepted the MQTT login{who}")
-
-
-def _password_file(config: Config) -> Path | None:
-    """The password file named in the config (SyncConfig keeps only its content)."""
-    path = Path(config.source)
-    if not path.is_file():
-        return None
-    try:
-        name = tomllib.loads(path.read_text()).get("sync", {}).get("password_file", "")
-    except (OSError, ValueError):
-        return None
-    if not isinstance(name, str) or not name.strip():
-        return None
-    return Path(name.strip().replace("{state_dir}", str(config.box.state_dir))).expanduser()
 
 
 # ---------------------------------------------------------------- disk
