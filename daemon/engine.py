@@ -82,6 +82,8 @@ class Engine:
         self._recent: OrderedDict[tuple[str, bytes], list] = OrderedDict()
         self.repeat_accepted = False
         """After `handle` returned None: whether the read it repeats was accepted."""
+        self.repeat_age = 0.0
+        """After `handle` returned None: seconds since that code's previous read."""
         self._data_version = -1
         self._next_seq = ledger.last_seq(conn) + 1
         self._recorded = False
@@ -223,6 +225,7 @@ class Engine:
             del recent[oldest]
         last = recent.pop((source, key), None)
         if last is not None and last[1] is not None and now - last[0] < window:
+            self.repeat_age = now - last[0]
             last[0] = now
             recent[(source, key)] = last
             self.repeat_accepted = last[1]

@@ -207,6 +207,7 @@ class Service:
             # (not as the read before it, which may be another code), because scanners
             # in host-ACK mode wait for an answer to every read.
             self._feedback(scan.source, engine.repeat_accepted)
+            self._show_repeat(engine, scan)
 
     def _drain(self, engine: Engine, limit: float = 2.0) -> None:
         """On the way out, decide the reads already queued (the drivers are stopped,
@@ -460,6 +461,22 @@ class Service:
             os.replace(tmp, self.status_path)
         except OSError as exc:
             log.debug("cannot write %s: %s", self.status_path, exc)
+
+    def _show_repeat(self, engine: Engine, scan: Scan) -> None:
+        """A debounced repeat typed on a terminal (a stdin scanner): the person who typed
+        a code twice sees it taken as the same read, not lost. Only there: a hardware
+        scanner held over a code repeats it many times a second, and beeps for each; and
+        --json prints verdicts only (a repeat is none)."""
+        if self.as_json or not any(
+            s.name == scan.source and s.type == "stdin" for s in self.config.scanners
+        ):
+            return
+        answer = "accepted" if engine.repeat_accepted else "rejected"
+        self.out.write(
+            f"same read as {engine.repeat_age:.1f} s ago: {answer} (within the "
+            f"{self.config.scan.debounce:g} s debounce: not recorded again)\n"
+        )
+        self.out.flush()
 
     def _show(self, result: Verdict | PaymentCode) -> None:
         line = json.dumps(result.to_json()) if self.as_json else describe(result)

@@ -9,8 +9,10 @@ never touches the shared venv; PYTHONPATH makes the copy's own code the code tha
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -110,3 +112,105 @@ def test_dev_demo_redoes_an_interrupted_setup(clone):
     assert "applied issue batch" in result.stdout.decode()  # the setup ran again
     assert [v.split()[0] for v in _verdicts(result)] == ["accepted"], result.stdout
     assert (clone / ".demo" / "signed-code.txt").read_text().strip()
+
+
+def test_dev_demo_prints_a_quick_second_scan_as_the_same_read(clone):
+    # Typed twice within the 2 s debounce: one read, shown as such rather than silence.
+    result = _dev_demo(clone, b"DEMO-0002\nDEMO-0002\n")
+    out = result.stdout.decode()
+    assert [v.split()[0] for v in _verdicts(result)] == ["accepted"], out
+    [repeat] = [line for line in out.splitlines() if line.startswith("same read")]
+    assert "accepted" in repeat and "not recorded again" in repeat, repeat
+    assert "DEMO-0002" not in out
+    assert "same read" in (clone / "README.md").read_text()
+
+
+def _dev(clone: Path, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
+    """`./dev ARGS` in `clone`; any PIP_ variable given replaces all of this machine's."""
+    drop = ("REDEEMD_CONFIG", "STATE_DIRECTORY")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    if any(k.startswith("PIP_") for k in extra_env):
+        env = {k: v for k, v in env.items() if not k.startswith("PIP_")}
+    env.update(extra_env, PYTHONPATH=str(clone))
+    return subprocess.run(
+        ["./dev", *args], cwd=clone, capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+def test_dev_status_and_doctor_look_at_the_demo(clone, tmp_path):
+    _dev_demo(clone, b"DEMO-0003\n")
+    # A real box's config on the same machine is not what they read.
+    real = tmp_path / "real-box"
+    real.mkdir()
+    config = real / "config.toml"
+    config.write_text(f'[box]\nstate_dir = "{real}"\n')
+    status = _dev(clone, "status", "--json", REDEEMD_CONFIG=str(config))
+    assert status.returncode == 0, status.stderr
+    info = json.loads(status.stdout)
+    assert info["database"] == str(clone / ".demo" / "redeemd.db")
+    assert info["cache_seq"] == 2 and info["ledger_seq"] >= 1, info
+    doctor = _dev(clone, "doctor", REDEEMD_CONFIG=str(config))
+    assert str(clone / ".demo") in doctor.stdout, doctor.stdout
+    assert str(real) not in doctor.stdout + doctor.stderr
+    assert sorted(p.name for p in real.iterdir()) == ["config.toml"]
+
+
+def test_dev_status_without_a_demo_says_to_start_one(tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy2(ROOT / "dev", bare / "dev")
+    result = _dev(bare, "status")
+    assert result.returncode != 0
+    assert "run ./dev demo first" in result.stderr
+
+
+# `./dev` builds its own venv with pip; what it says when that fails. A project of one
+# package, in a scratch directory beside a copy of `dev`, with a venv of its own: pip
+# never touches the shared venv, and this machine's pip configuration is left out.
+def _project(tmp_path: Path, setup_py: str) -> Path:
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy2(ROOT / "dev", project / "dev")
+    (project / "setup.py").write_text(setup_py)
+    return project
+
+
+def test_dev_reports_a_compile_error_as_a_compile_error(tmp_path):
+    project = _project(
+        tmp_path,
+        "from setuptools import Extension, setup\n\n"
+        'setup(name="needs-headers", version="0", '
+        'ext_modules=[Extension("needs_headers", ["needs_headers.c"])])\n',
+    )
+    (project / "needs_headers.c").write_text("#include <no_such_header_for_redeemd.h>\n")
+    # Built offline: a venv made here (`./dev` keeps a working one) that sees the shared
+    # venv's setuptools (one that builds wheels by itself) through a .pth file instead of
+    # its own older one, and pip without build isolation or an index.
+    venv = project / ".venv"
+    subprocess.run(["python3", "-m", "venv", str(venv)], check=True, timeout=120)
+    subprocess.run([venv / "bin" / "pip", "uninstall", "-q", "-y", "setuptools"], check=True,
+                   timeout=120, env={**os.environ, "PIP_CONFIG_FILE": os.devnull})  # fmt: skip
+    [site] = venv.glob("lib/python3*/site-packages")
+    [shared] = VENV.glob("lib/python3*/site-packages")
+    (site / "shared-setuptools.pth").write_text(f"{shared}\n")
+    offline = {"PIP_CONFIG_FILE": os.devnull, "PIP_NO_BUILD_ISOLATION": "0", "PIP_NO_INDEX": "1"}
+    result = _dev(project, "demo", **offline)
+    assert result.returncode != 0
+    assert "did not compile" in result.stderr, result.stderr
+    assert "no_such_header_for_redeemd.h" in result.stderr, result.stderr
+    assert "network" not in result.stderr.replace("not a network one", ""), result.stderr
+    assert "no_such_header_for_redeemd.h" in (venv / "pip-install.log").read_text()
+
+
+def test_dev_reports_an_unreachable_index_as_a_network_error(tmp_path):
+    with socket.socket() as closed:  # a port nothing listens on: connection refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    project = _project(tmp_path, 'from setuptools import setup\n\nsetup(name="x", version="0")\n')
+    # pip asks the index for setuptools to build the project in isolation, and fails.
+    unreachable = {"PIP_CONFIG_FILE": os.devnull, "PIP_RETRIES": "1",
+                   "PIP_INDEX_URL": f"http://127.0.0.1:{port}/simple"}  # fmt: skip
+    result = _dev(project, "demo", **unreachable)
+    assert result.returncode != 0
+    assert "PyPI could not be reached" in result.stderr, result.stderr
+    assert "did not compile" not in result.stderr, result.stderr
