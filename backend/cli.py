@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+from backend import box_commands
 from backend.collect import DEFAULT_GROUP, Collector
 from backend.connection import BrokerUrlError
 from backend.export import ExportError, export, parse_seqs, pick_merchant
@@ -36,6 +37,7 @@ examples:
   redeemd-backend mint --dir keys/ --card 7 --serial 1 --count 10
   redeemd-backend publish --dir keys/ --broker mqtt://127.0.0.1:1883
   redeemd-backend collect --dir keys/ --broker mqtt://127.0.0.1:1883
+  redeemd-backend box add --dir keys/ --merchant acme box-0042
   redeemd-backend export --dir keys/ --out /media/usb/ 4-6
 """
 
@@ -136,6 +138,7 @@ def _parser() -> argparse.ArgumentParser:
         "--prefix", default=DEFAULT_PREFIX, help=f"topic prefix (default {DEFAULT_PREFIX})"
     )
     p.add_argument("--group", default=DEFAULT_GROUP, help="shared subscription group; collectors in one group split the load")  # fmt: skip
+    box_commands.add_parser(sub)
     return parser
 
 

@@ -4,7 +4,11 @@ Subscribes to `$share/{group}/{p}/+/box/+/events`: with a shared subscription th
 hands each message to one collector of the group, so several collectors (on one
 backend.db) can run side by side. For every message, in this order:
 
-1. parse and check the records (docs/protocol.md 16.3); a bad message is refused whole;
+1. refuse it unless its box is registered (`redeemd-backend box add`) for the merchant
+   in its topic: the collector stores only what the backend was set up for, whatever
+   the broker lets through; then parse and check the records (docs/protocol.md 16.3);
+   a bad message is refused whole. A refused message is never acked, so the box keeps
+   its records and sends them again once the box is registered;
 2. store them in one transaction, idempotent by record id, advancing the box's
    contiguous high-water mark, noting gaps and flagging double redemptions; a
    double redemption also issues a consumed-elsewhere batch in the same commit.
@@ -27,6 +31,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,6 +49,9 @@ DEFAULT_GROUP = "redeemd-collect"
 CONSUMED_EXPIRES = 30 * 86400
 # At most this many waiting events messages are stored in one commit.
 GROUP_COMMIT = 64
+# A refused box sends its records again every request_retry (30 s by default): say so
+# the first time, then at most this often per box, with the count.
+REFUSAL_LOG_EVERY = 60.0
 
 
 def _print(line: str) -> None:
@@ -74,6 +82,10 @@ class Collector:
         self._unpublished: list[IssuedBatch] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Messages refused per "merchant/box" since start (unknown box, wrong merchant,
+        # malformed), and when each was last reported.
+        self.refused: Counter[str] = Counter()
+        self._refusal_said: dict[str, float] = {}
 
     @property
     def topic(self) -> str:
@@ -98,6 +110,7 @@ class Collector:
         store = Store.open(self.dir)
         # Consumed batches a previous run committed but could not publish.
         self._unpublished = [b for b in store.unpublished() if b.kind is Kind.CONSUMED]
+        self._say_fleet(store)
         self.link.subscribe(self.topic)
         self.link.on_message(self._inbox.put)
         self.link.start()
@@ -121,6 +134,24 @@ class Collector:
             self.link.stop()
             store.close()
 
+    def _say_fleet(self, store: Store) -> None:
+        # After an upgrade, boxes that sent events before registration existed are refused
+        # until registered: say so at start, not only one refusal at a time.
+        if not store.fleet():
+            self.say(
+                f"no boxes registered in {self.dir / 'backend.db'}: every events message is "
+                f"refused until you run redeemd-backend box add --dir {self.dir} --merchant M BOX"
+            )
+        unregistered = store.seen_unregistered()
+        if unregistered:
+            names = ", ".join(f"{m}/{b}" for m, b in unregistered[:10])
+            more = f" and {len(unregistered) - 10} more" if len(unregistered) > 10 else ""
+            self.say(
+                f"{len(unregistered)} box(es) sent events before but are not registered for "
+                f"that merchant: {names}{more}; their new events are refused until "
+                "`redeemd-backend box add` (redeemd-backend box list shows them)"
+            )
+
     # ------------------------------------------------------------ one message
 
     def _handle(self, store: Store, messages: list[mqtt.MQTTMessage]) -> None:
@@ -130,9 +161,14 @@ class Collector:
             if len(parts) != 4 or parts[1] != "box" or parts[3] != "events":
                 continue
             merchant, box = parts[0], parts[2]
+            registered = store.merchant_of(box)
+            if registered != merchant:
+                self._refuse_unknown(merchant, box, registered)
+                continue
             try:
                 events = parse_message(message.payload, merchant=merchant, box=box)
             except EventError as exc:
+                self.refused[f"{merchant}/{box}"] += 1
                 self.say(f"refused events from {merchant}/{box}: {exc}")
                 continue
             if events:
@@ -155,6 +191,32 @@ class Collector:
                 self._unpublished.append(stored.consumed)
         if self._unpublished and self.link.connected.is_set():
             self._publish_consumed(store)
+
+    def _refuse_unknown(self, merchant: str, box: str, registered: str | None) -> None:
+        where = f"{merchant}/{box}"
+        self.refused[where] += 1
+        now = time.monotonic()
+        said = self._refusal_said.get(where)
+        if said is not None and now - said < REFUSAL_LOG_EVERY:
+            return
+        self._refusal_said[where] = now
+        count = self.refused[where]
+        if registered is None:
+            why = (
+                f"box {box} is not registered; if it is yours: redeemd-backend box add "
+                f"--dir {self.dir} --merchant {merchant} {box}, then write the broker ACL "
+                "again (box acl)"
+            )
+        else:
+            why = (
+                f"box {box} is registered for merchant {registered}, not {merchant}: the "
+                "broker let it write another merchant's topic; write the broker ACL again "
+                "(redeemd-backend box acl) and reload the broker"
+            )
+        self.say(
+            f"REFUSED events from {where}: {why}; nothing stored or acked, the box keeps "
+            f"its records ({count} message(s) refused from {where} so far)"
+        )
 
     def _report(self, stored: Stored, first: int, last: int) -> None:
         where = f"{stored.merchant}/{stored.box}"

@@ -128,6 +128,23 @@ def m001_initial(db: Database) -> None:
     )
 
 
+@migrations()
+def m002_fleet(db: Database) -> None:
+    db.executescript(
+        """
+        -- The boxes the backend was set up for (`redeemd-backend box add`): the collector
+        -- stores events only from these, each under its own merchant, and `box acl`
+        -- writes the broker ACL from them. A box id is its MQTT username and client id,
+        -- so it is unique across merchants.
+        CREATE TABLE fleet (
+            box TEXT PRIMARY KEY,
+            merchant TEXT NOT NULL,
+            added_at INTEGER NOT NULL
+        );
+        """
+    )
+
+
 class StoreError(RuntimeError):
     """The backend database refuses an operation; the message says why."""
 
@@ -541,6 +558,63 @@ class Store:
 
     def event_count(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+
+    # ------------------------------------------------------------ fleet
+
+    def add_boxes(self, merchant: str, boxes: Iterable[str]) -> list[str]:
+        """Register `boxes` for `merchant`; returns the ones that were new.
+
+        A box already registered for another merchant is refused (StoreError), since its
+        id is its broker username: one box id, one merchant, one ledger.
+        """
+        added = []
+        with self._transaction():
+            for box in boxes:
+                row = self.conn.execute("SELECT merchant FROM fleet WHERE box = ?", (box,))
+                known = row.fetchone()
+                if known is None:
+                    self.conn.execute(
+                        "INSERT INTO fleet(box, merchant, added_at) VALUES (?, ?, ?)",
+                        (box, merchant, int(time.time())),
+                    )
+                    added.append(box)
+                elif known[0] != merchant:
+                    raise StoreError(
+                        f"box {box} is registered for merchant {known[0]}, not {merchant}; "
+                        "a box id names one box of one merchant: give this box another id, or "
+                        f"`box remove {box}` first if it really moved"
+                    )
+        return added
+
+    def remove_boxes(self, boxes: Iterable[str]) -> list[str]:
+        """Unregister `boxes`; returns the ones that were registered. Their stored events
+        stay; the collector refuses their new ones."""
+        removed = []
+        with self._transaction():
+            for box in boxes:
+                if self.conn.execute("DELETE FROM fleet WHERE box = ?", (box,)).rowcount:
+                    removed.append(box)
+        return removed
+
+    def fleet(self) -> dict[str, str]:
+        """Every registered box and its merchant, {box: merchant}, in box order."""
+        rows = self.conn.execute("SELECT box, merchant FROM fleet ORDER BY merchant, box")
+        return dict(rows.fetchall())
+
+    def merchant_of(self, box: str) -> str | None:
+        """The merchant `box` is registered for, or None for a box the backend does not know."""
+        row = self.conn.execute("SELECT merchant FROM fleet WHERE box = ?", (box,)).fetchone()
+        return row[0] if row else None
+
+    def seen_unregistered(self) -> list[tuple[str, str]]:
+        """(merchant, box) with stored events but no such registration: after an upgrade,
+        the boxes to `box add` before the collector takes their events again (and any
+        records a box once wrote under another merchant, before the collector checked)."""
+        rows = self.conn.execute(
+            "SELECT merchant, box FROM boxes b WHERE NOT EXISTS (SELECT 1 FROM fleet f "
+            "WHERE f.box = b.box AND f.merchant = b.merchant) ORDER BY merchant, box"
+        )
+        return rows.fetchall()
 
 
 def _consumes_last_use(event: Event) -> bool:

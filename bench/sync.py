@@ -45,6 +45,7 @@ import uuid6
 from boxes import ROOT, Scratch, status_kib
 
 from backend.keystore import Keystore
+from backend.store import Store
 from cards import keys
 from storage import ledger
 from storage.database import open_database
@@ -90,6 +91,10 @@ def make_backend(directory: Path) -> Path:
             store.private("root"), store.public("issuer"), ("demo",), now - 60, now + 86400
         )
     )
+    # The collector takes events only from registered boxes (redeemd-backend box add).
+    backend = Store.open(directory)
+    backend.add_boxes("demo", [BOX])
+    backend.close()
     return directory
 
 

@@ -26,7 +26,13 @@ from cards.batch import Kind
 PREFIX = "redeemd/v1"
 
 
-def make_backend(directory: Path, merchants: tuple[str, ...] = ("demo",)) -> Keystore:
+def make_backend(
+    directory: Path,
+    merchants: tuple[str, ...] = ("demo",),
+    boxes: tuple[str, ...] = (),
+) -> Keystore:
+    """Keys and a delegation for `merchants`; `boxes` registered for the first merchant
+    (`redeemd-backend box add`), since the collector takes events only from those."""
     store = Keystore(directory)
     store.generate()
     now = int(time.time())
@@ -35,7 +41,18 @@ def make_backend(directory: Path, merchants: tuple[str, ...] = ("demo",)) -> Key
             store.private("root"), store.public("issuer"), merchants, now - 3600, now + 86400 * 30
         )
     )
+    if boxes:
+        register(directory, merchants[0], *boxes)
     return store
+
+
+def register(directory: Path, merchant: str, *boxes: str) -> None:
+    """Register `boxes` for `merchant` in backend.db, as `redeemd-backend box add` does."""
+    backend = Store.open(directory)
+    try:
+        backend.add_boxes(merchant, boxes)
+    finally:
+        backend.close()
 
 
 def roots(keystore: Keystore) -> dict[str, bytes]:

@@ -15,6 +15,7 @@ from backend_helpers import (
     issue,
     make_backend,
     record,
+    register,
     roots,
     wait_until,
 )
@@ -29,7 +30,7 @@ from cards.batch import ChunkAssembler, Kind
 @pytest.fixture
 def backend_dir(tmp_path):
     directory = tmp_path / "backend"
-    make_backend(directory)
+    make_backend(directory, boxes=("box-1", "box-2", "box-3"))
     return directory
 
 
@@ -276,3 +277,53 @@ def wait_for_ack(box: FakeBox, upto: int) -> bool:
     except AssertionError:
         return False
     return True
+
+
+def test_events_from_a_box_the_backend_does_not_know_are_refused_counted_and_never_acked(
+    collector, boxes, backend_dir
+):
+    stranger = boxes("box-9")  # not registered
+    stranger.send([record(1, "box-9")])
+    stranger.send([record(2, "box-9")])
+    known = boxes("box-1")
+    known.send([record(1, "box-1")])  # a marker: the collector handled what came before
+    wait_until(known.acks, "the registered box's ack")
+    refused = [line for line in collector.lines if line.startswith("REFUSED events")]
+    # Said once (not once per resend), with what to do; both messages counted.
+    assert len(refused) == 1, collector.lines
+    assert "box box-9 is not registered" in refused[0]
+    assert "redeemd-backend box add" in refused[0] and "--merchant demo box-9" in refused[0]
+    assert collector.refused["demo/box-9"] == 2
+    assert stranger.acks() == []
+    assert [row[0] for row in stored(backend_dir)] == ["box-1"]
+
+
+def test_events_of_a_box_under_another_merchant_are_refused_and_never_acked(
+    collector,
+    broker,
+    backend_dir,  # noqa: F811
+):
+    # box-1 belongs to demo; it writes "accepted" records into merchant other's ledger.
+    forger = FakeBox(broker.port, "box-1", merchant="other")
+    try:
+        forged = {**record(1, "box-1"), "merchant": "other"}
+        forger.send([forged])
+        wait_until(lambda: collector.refused["other/box-1"] == 1, "the refusal counted")
+        [line] = [x for x in collector.lines if x.startswith("REFUSED events from other/box-1")]
+        assert "registered for merchant demo, not other" in line and "box acl" in line
+        assert forger.acks() == []
+        assert stored(backend_dir) == []
+    finally:
+        forger.close()
+
+
+def test_a_box_registered_later_has_its_resent_records_stored(collector, boxes, backend_dir):
+    late = boxes("box-7")
+    records = [record(1, "box-7")]
+    late.send(records)
+    wait_until(lambda: collector.refused["demo/box-7"] == 1, "refused while unregistered")
+    register(backend_dir, "demo", "box-7")
+    late.send(records)  # the box resends what was not acked
+    wait_until(late.acks, "acked once registered")
+    assert late.acks() == [{"v": 1, "upto": 1, "ids": []}]
+    assert stored(backend_dir) == [("box-7", 1, records[0]["id"])]
