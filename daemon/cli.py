@@ -16,7 +16,14 @@ from daemon import config as config_mod
 from daemon import logs
 from daemon.config import Config, ConfigError
 from storage import batch_import, codes, ledger, outbox, trust
-from storage.database import StorageError, connect, open_database
+from storage.database import (
+    StorageError,
+    connect,
+    is_empty,
+    marker_path,
+    open_database,
+    refuse_if_lost,
+)
 
 HELP = """\
 redeemd validates coupon, member-card, gift-card and ticket codes offline against a
@@ -86,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print verdicts as JSON lines")
     command("check-config", cmd_check_config, "Validate the config file and exit.",
             "redeemd -c /etc/redeemd/config.toml check-config")  # fmt: skip
+    command("init", cmd_init,
+            "Create an empty database, or start over on a box whose database was lost "
+            "(redeemd refuses to start on a missing or empty one once it has used one).",
+            "redeemd init")  # fmt: skip
     p = command("import", cmd_import, "Verify and apply signed batch files (e.g. from a USB stick).",
                 "redeemd import batch-0001.rdb batch-0002.rdb")  # fmt: skip
     p.add_argument("files", nargs="+", type=Path, help="batch files, applied in sequence order")
@@ -139,6 +150,36 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"store {config.box.store}, {len(config.trust.root_keys)} root key(s), "
         f"{len(config.scanners)} scanner(s), database {config.box.database})"
     )
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """The one way to start over on an empty database once a box has used one: said
+    on purpose, because it forgets the applied batch sequence and the time floor."""
+    config = _config(args)
+    path = config.box.database
+    if not is_empty(path):
+        raise CommandError(
+            f"{path} already holds a database; `redeemd init` never overwrites one. To "
+            f"start this box over, stop redeemd and move {path}* aside (keep the files: "
+            "records not yet on the backend are only there), then run it again"
+        )
+    wal = Path(f"{path}-wal")
+    if wal.exists() and wal.stat().st_size:
+        raise CommandError(
+            f"{wal} is left from a previous database and would be read into the new one; "
+            "move it aside with the database, then run `redeemd init` again"
+        )
+    lost = marker_path(path).exists()
+    open_database(path, init=True).close()
+    print(f"initialised an empty database at {path}")
+    if lost:
+        print(
+            "this box starts over: its ledger begins again at sequence 1 and it accepts "
+            "batches from sequence 1. If it keeps its [box] id, tell the backend operator; "
+            "a new id keeps the two ledgers apart (docs/operations.md, 'Replace a box')"
+        )
+    print("next: redeemd import BATCH-FILES..., or start redeemd with [sync] enabled")
     return 0
 
 
@@ -467,6 +508,7 @@ def _alive(pid: int) -> bool:
 
 
 def _read_only(config: Config):
+    refuse_if_lost(config.box.database)
     if not config.box.database.exists():
         raise CommandError(
             f"no database at {config.box.database} yet; run `redeemd import` or `redeemd run` first"
