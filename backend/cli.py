@@ -17,7 +17,7 @@ from backend import box_commands
 from backend.collect import DEFAULT_GROUP, Collector
 from backend.connection import BrokerUrlError
 from backend.export import ExportError, export, parse_seqs, pick_merchant
-from backend.keystore import Keystore, KeystoreError
+from backend.keystore import Keystore, KeystoreError, utc
 from backend.publish import DEFAULT_PREFIX, Publisher
 from backend.store import Store, StoreError
 from cards import batch, keys, signed_code
@@ -229,14 +229,23 @@ def cmd_issue(args: argparse.Namespace) -> int:
     if args.chunk_size < 1:
         raise UsageError(f"--chunk-size {args.chunk_size} is out of range: allowed 1 or more bytes")
     expires_in = _seconds(args.expires_days, "--expires-days")
+    now = int(time.time())
+    # Before the input is read or a sequence allocated: a batch signed by a key not
+    # delegated for this merchant at created_at is refused by every box.
+    private, delegation = store.signer(args.merchant, now)
+    if now + expires_in > delegation.not_after:
+        print(
+            f"redeemd-backend: note: boxes refuse this batch from {utc(delegation.not_after)}, "
+            "when the issuer key's delegation ends, not when it expires; delegate again "
+            "with more --days for a longer-lived batch",
+            file=sys.stderr,
+        )
     text = _read_text(args.input)
     if kind is Kind.CARDS:
         templates = _cards(text, args.merchant)
         entries = batch.encode_cards(templates)
     else:
         entries = _code_entries(text, kind, store.code_key())
-    private, delegation = store.private("issuer"), store.delegation()
-    now = int(time.time())
 
     def sign(seq: int) -> bytes:
         return batch.build(
@@ -352,8 +361,10 @@ def _code_entries(text: str, kind: Kind, code_key: bytes) -> bytes:
 
 def cmd_mint(args: argparse.Namespace) -> int:
     store = Keystore(args.dir)
-    private = store.private("issuer")
-    delegation = store.delegation()
+    # A signed code names no merchant (card ids are per merchant; a box checks its own
+    # card's merchant against the delegation), so only the delegation's window can be
+    # checked here: codes signed outside it are refused by every box.
+    private, delegation = store.signer(None, int(time.time()))
     if args.count < 1:
         raise UsageError(f"--count {args.count} is out of range: allowed 1 or more")
     last = args.serial + args.count - 1

@@ -15,6 +15,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cards import keys
@@ -69,14 +73,63 @@ class Keystore:
     def save_delegation(self, delegation: keys.Delegation) -> None:
         self._write("issuer.delegation.json", json.dumps(delegation.to_json()), secret=False)
 
-    def require_signing(self) -> None:
+    def require_signing(self, merchants: Iterable[str] = ()) -> None:
         """Fail now, with the command that fixes it, if this directory cannot sign
-        batches and manifests (issuer key and its delegation), rather than at the first
-        one a running publisher or collector must sign."""
+        batches and manifests (issuer key and its delegation; for each of `merchants`,
+        a delegation for it valid now), rather than at the first one a running
+        publisher or collector must sign."""
+        now = int(time.time())
+        for merchant in merchants:
+            self.signer(merchant, now)
         self.private("issuer")
         self.delegation()
+
+    def signer(self, merchant: str | None, at: int) -> tuple[bytes, keys.Delegation]:
+        """The issuer key and its delegation, to sign something for `merchant` (None:
+        a signed code, which names none) created at `at`.
+
+        Raises KeystoreError, saying what the delegation covers and the `delegate`
+        command that fixes it, when every box would refuse what it signs: the merchant
+        is not delegated, or `at` is outside the delegation (protocol.md section 6).
+        Checked before signing, so nothing is written or published that no box takes.
+        """
+        delegation = self.delegation()
+        self._check(delegation, merchant, at)
+        return self.private("issuer"), delegation
+
+    def _check(self, delegation: keys.Delegation, merchant: str | None, at: int) -> None:
+        covered = ", ".join(delegation.merchants)
+        if merchant is not None and merchant not in delegation.merchants:
+            raise KeystoreError(
+                f"the issuer key {delegation.key_id} is not delegated for merchant "
+                f"{merchant!r}, only for {covered}: every box of {merchant!r} would refuse "
+                f"what it signs. Delegate it for all of them (a new delegation replaces the "
+                f"old one): {self._delegate_command([*delegation.merchants, merchant])}"
+            )
+        if at < delegation.not_before:
+            raise KeystoreError(
+                f"the issuer key {delegation.key_id}'s delegation only starts at "
+                f"{utc(delegation.not_before)} (this computer's clock says {utc(at)}): boxes "
+                f"refuse what it signs before then. Check the clock, or delegate again: "
+                f"{self._delegate_command(delegation.merchants)}"
+            )
+        if at > delegation.not_after:
+            raise KeystoreError(
+                f"the issuer key {delegation.key_id}'s delegation for {covered} ended at "
+                f"{utc(delegation.not_after)}: boxes refuse what it signs after that. "
+                f"Delegate it again: {self._delegate_command(delegation.merchants)}"
+            )
+
+    def _delegate_command(self, merchants: Iterable[str]) -> str:
+        flags = " ".join(f"--merchant {shlex.quote(m)}" for m in dict.fromkeys(merchants))
+        return f"redeemd-backend delegate --dir {shlex.quote(str(self.dir))} {flags} --days 365"
 
     def delegation(self) -> keys.Delegation:
         text = self._read("issuer.delegation.json", "run `redeemd-backend delegate`")
         roots = {keys.key_id(self.public("root")): self.public("root")}
         return keys.parse_delegation(json.loads(text), roots)
+
+
+def utc(at: int) -> str:
+    """A signed time as a person reads it: 2026-12-03 08:00 UTC."""
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M UTC")

@@ -107,11 +107,13 @@ class Publisher:
         self.poll = poll
         self.say = say
         self.keystore = Keystore(directory)
-        self.keystore.require_signing()
+        self.keystore.require_signing(self.merchants or ())
         self.link = Connection(broker, client_id or default_client_id("publish"), say)
         self._requests: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self._signed: dict[str, tuple[int, float]] = {}
         """merchant -> (latest_seq, monotonic time) of the last manifest the broker took."""
+        self._unsigned: dict[str, str] = {}
+        """merchant -> why its manifest cannot be signed (said once per reason)."""
         self._resign = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -189,7 +191,17 @@ class Publisher:
         return all(self.link.publish(f"{topic}/{issued.seq}", chunk) for chunk in issued.chunks())
 
     def _publish_manifest(self, merchant: str, latest: int) -> None:
-        data = sign_manifest(self.keystore, merchant, latest, self.heartbeat)
+        try:
+            self.keystore.require_signing((merchant,))
+            data = sign_manifest(self.keystore, merchant, latest, self.heartbeat)
+        except KeystoreError as exc:
+            # Every box of this merchant would refuse it (not delegated, or the delegation
+            # ended): say why once, and still serve the other merchants.
+            if self._unsigned.get(merchant) != str(exc):
+                self._unsigned[merchant] = str(exc)
+                self.say(f"manifest {merchant} not published: {exc}")
+            return
+        self._unsigned.pop(merchant, None)
         if self.link.publish(f"{self.prefix}/{merchant}/manifest", data, retain=True):
             self._signed[merchant] = (latest, time.monotonic())
             self.say(f"manifest {merchant}: latest_seq {latest}")

@@ -5,14 +5,19 @@ traceback, and nothing written."""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import ROOT
+
+from backend.keystore import Keystore
+from cards import keys
 
 
 def backend(*args: str, keys_dir: Path, input: bytes = b"") -> subprocess.CompletedProcess:
@@ -137,6 +142,67 @@ def test_sequence_every_box_refuses_is_not_issued(keys_dir, seq):
 def test_refused_input_burns_no_sequence(keys_dir):
     one_line_error(issue(keys_dir, input=b"BAD-1,-1\n"))
     assert issue(keys_dir, input=b"GOOD-1,1\n").returncode == 0
+    assert issued_batches(keys_dir) == [("demo", 1)]
+
+
+# ---------------------------------------------------------------- issuer delegation
+
+
+def delegate_for(keys_dir: Path, merchants: tuple[str, ...], not_before: int, not_after: int):
+    store = Keystore(keys_dir)
+    store.save_delegation(
+        keys.delegate(
+            store.private("root"), store.public("issuer"), merchants, not_before, not_after
+        )
+    )
+
+
+def test_issue_for_a_merchant_the_key_is_not_delegated_for_is_refused(keys_dir):
+    delegate_for(keys_dir, ("demo", "shop 2"), int(time.time()) - 60, int(time.time()) + 86400)
+    out = keys_dir.parent / "out.rdb"
+    result = backend(
+        "issue", "--merchant", "acme", "--input", "-", "--out", str(out),
+        keys_dir=keys_dir, input=b"GOOD-1,1\n",
+    )  # fmt: skip
+    line = one_line_error(result)
+    assert "is not delegated for merchant 'acme', only for demo, shop 2" in line
+    # The command that fixes it keeps the merchants the key already signs for.
+    command = (
+        f"redeemd-backend delegate --dir {shlex.quote(str(keys_dir))} --merchant demo "
+        "--merchant 'shop 2' --merchant acme --days 365"
+    )
+    assert line.endswith(command), line
+    assert_nothing_issued(keys_dir)
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "expected"),
+    [
+        (-30 * 86400, -86400, "delegation for demo ended at "),
+        (86400, 30 * 86400, "only starts at "),
+    ],
+    ids=["expired", "not-yet-valid"],
+)
+def test_issue_and_mint_with_a_delegation_outside_its_window_are_refused(
+    keys_dir, start, end, expected
+):
+    now = int(time.time())
+    delegate_for(keys_dir, ("demo",), now + start, now + end)
+    fix = f"redeemd-backend delegate --dir {shlex.quote(str(keys_dir))} --merchant demo --days 365"
+    line = one_line_error(issue(keys_dir, input=b"GOOD-1,1\n"))
+    assert expected in line and " UTC" in line and line.endswith(fix), line
+    assert_nothing_issued(keys_dir)
+    minted = backend("mint", "--card", "1", "--serial", "1", keys_dir=keys_dir)
+    assert expected in one_line_error(minted)
+    assert minted.stdout == b""
+
+
+def test_issue_outliving_its_delegation_notes_when_boxes_stop_taking_it(keys_dir):
+    now = int(time.time())
+    delegate_for(keys_dir, ("demo",), now - 60, now + 86400)
+    result = issue(keys_dir, "--expires-days", "30", input=b"GOOD-1,1\n")
+    assert result.returncode == 0, result.stderr
+    assert "note: boxes refuse this batch from " in result.stderr.decode()
     assert issued_batches(keys_dir) == [("demo", 1)]
 
 

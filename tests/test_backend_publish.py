@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 from backend_helpers import (
@@ -20,9 +21,10 @@ from backend_helpers import (
 from broker import broker  # noqa: F401  (fixture)
 from conftest import ROOT
 
-from backend.keystore import Keystore
+from backend.keystore import Keystore, KeystoreError
 from backend.publish import Publisher
-from cards import batch, manifest
+from backend.store import Store
+from cards import batch, keys, manifest
 from cards.batch import ChunkAssembler, Kind
 
 MANIFEST = f"{PREFIX}/demo/manifest"
@@ -176,6 +178,54 @@ def test_a_batch_issued_by_the_cli_while_publishing_is_picked_up_and_the_manifes
         == batch.open_file((tmp_path / "0002.rdb").read_bytes(), keystore_roots).entries
     )
     wait_until(lambda: any(m.latest_seq == 2 for m in manifests(online, keystore_roots)), "seq 2")
+
+
+def test_publisher_for_a_merchant_the_key_is_not_delegated_for_refuses_to_start(backend_dir):
+    with pytest.raises(KeystoreError, match="not delegated for merchant 'acme', only for demo"):
+        Publisher(backend_dir, "mqtt://127.0.0.1:1", merchants=["acme"])
+
+
+def test_a_merchant_no_longer_delegated_gets_no_manifest_and_the_others_still_do(
+    publisher, backend_dir, boxes
+):
+    keystore = Keystore(backend_dir)
+    now = int(time.time())
+
+    def delegate(*merchants: str) -> None:
+        keystore.save_delegation(
+            keys.delegate(
+                keystore.private("root"),
+                keystore.public("issuer"),
+                merchants,
+                now - 60,
+                now + 86400,
+            )
+        )
+
+    # acme's batch was issued while the key was delegated for it; then it was not.
+    delegate("demo", "acme")
+    store = Store.open(backend_dir)
+    try:
+        store.issue(
+            "acme",
+            Kind.REVOKE,
+            lambda seq: batch.build(
+                keystore.private("issuer"), keystore.delegation(), merchant="acme", seq=seq,
+                kind=Kind.REVOKE, entries=b"", created_at=now, expires_at=now + 86400,
+            ),
+        )  # fmt: skip
+    finally:
+        store.close()
+    issue(backend_dir)
+    delegate("demo")
+    acme = boxes("box-1", extra=(f"{PREFIX}/acme/manifest",))
+    running = publisher(heartbeat=1)
+    wait_until(lambda: "manifest demo: latest_seq 1" in running.lines, "demo's manifest")
+    # Two heartbeats later: said once, and no manifest every acme box would refuse.
+    wait_until(lambda: running.lines.count("manifest demo: latest_seq 1") >= 3, "heartbeats")
+    refused = [line for line in running.lines if line.startswith("manifest acme not published:")]
+    assert len(refused) == 1 and "not delegated for merchant 'acme'" in refused[0]
+    assert acme.messages(lambda t: t.endswith("/acme/manifest")) == []
 
 
 def test_manifest_is_resigned_every_heartbeat(publisher, backend_dir, boxes):
