@@ -271,11 +271,7 @@ def read_header(data: bytes, magic: bytes, roots: dict[str, bytes]) -> tuple[Hea
 
     header = _typed_header(body, delegation, raw, signature)
     if not delegation.allows(header.merchant, header.created_at):
-        raise BatchError(
-            f"issuer key {delegation.key_id} may not sign for merchant {header.merchant!r} "
-            f"at {header.created_at} (delegated for {list(delegation.merchants)} "
-            f"from {delegation.not_before} to {delegation.not_after})"
-        )
+        raise BatchError(delegation.refusal(header.merchant, header.created_at))
     return header, end + 64
 
 

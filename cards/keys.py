@@ -14,6 +14,7 @@ import binascii
 import hashlib
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -123,6 +124,25 @@ class Delegation:
 
     def allows(self, merchant: str, at: int) -> bool:
         return merchant in self.merchants and self.not_before <= at <= self.not_after
+
+    def refusal(self, merchant: str, at: int) -> str:
+        """Why `allows(merchant, at)` is False, in words and dates a person reads."""
+        if merchant not in self.merchants:
+            why = f"it is delegated for merchant(s) {', '.join(map(repr, self.merchants))} only"
+        else:
+            why = f"it is delegated from {iso(self.not_before)} to {iso(self.not_after)}"
+        return (
+            f"issuer key {self.key_id} may not sign for merchant {merchant!r} at {iso(at)}: {why}"
+        )
+
+
+def iso(seconds: int) -> str:
+    """Unix seconds as an ISO 8601 UTC time (2026-09-21T00:00:00Z); the number itself
+    if no calendar date has it."""
+    try:
+        return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds} (Unix seconds)"
 
 
 def delegate(

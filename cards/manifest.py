@@ -76,8 +76,5 @@ def open_manifest(data: bytes, roots: dict[str, bytes]) -> Manifest:
     if manifest.latest_seq < 0:
         raise ManifestError("manifest latest_seq is negative")
     if not sealed.delegation.allows(manifest.merchant, manifest.created_at):
-        raise ManifestError(
-            f"issuer key {sealed.delegation.key_id} may not sign for merchant "
-            f"{manifest.merchant!r} at {manifest.created_at}"
-        )
+        raise ManifestError(sealed.delegation.refusal(manifest.merchant, manifest.created_at))
     return manifest

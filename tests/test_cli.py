@@ -359,3 +359,25 @@ def test_a_key_file_that_is_not_text_is_one_clear_line_naming_it(loaded_box, com
     assert "Traceback" not in err
     assert str(path) in err and "byte 0xff at offset 0" in err, err
     assert f"copy {key} again from the backend" in err, err
+
+
+def test_a_batch_outside_its_issuer_delegation_is_refused_with_dates_not_epoch_seconds(tmp_path):
+    from conftest import make_keyset, write_box
+
+    keyset = make_keyset(not_before=CREATED, not_after=CREATED + 86_400)
+    box = write_box(tmp_path, keyset)
+    early = box.write_batch("early.rdb", keyset.cards_batch(1, created_at=CREATED - 60))
+    line = one_line_error(box.cli("import", str(early)))
+    assert (
+        "issuer key" in line and "may not sign for merchant 'demo' at 2026-09-21T14:12:20Z" in line
+    )
+    assert "delegated from 2026-09-21T14:13:20Z to 2026-09-22T14:13:20Z" in line
+    assert str(CREATED) not in line
+
+    other = make_keyset(merchants=("other",))
+    box = write_box(tmp_path / "other", other)
+    line = one_line_error(box.cli("import", str(box.write_batch("b.rdb", other.cards_batch(1)))))
+    assert (
+        "may not sign for merchant 'demo'" in line
+        and "delegated for merchant(s) 'other' only" in line
+    )
