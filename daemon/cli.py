@@ -71,11 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="redeemd", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "-c",
-        "--config",
-        help="config file (default $REDEEMD_CONFIG, then /etc/redeemd/config.toml, then built-in defaults)",
+    config_help = (
+        "config file (default $REDEEMD_CONFIG, then /etc/redeemd/config.toml, then built-in "
+        "defaults)"
     )
+    parser.add_argument("-c", "--config", help=config_help)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(metavar="COMMAND")
 
@@ -85,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )  # fmt: skip
         p.set_defaults(func=func)
+        # Before or after the command, as people type them: `redeemd -c F status` and
+        # `redeemd status -c F`. SUPPRESS: not given here keeps what was given before it.
+        p.add_argument("-c", "--config", default=argparse.SUPPRESS, help=config_help)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="debug logging")  # fmt: skip
         return p
 
     p = command(

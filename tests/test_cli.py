@@ -381,3 +381,22 @@ def test_a_batch_outside_its_issuer_delegation_is_refused_with_dates_not_epoch_s
         "may not sign for merchant 'demo'" in line
         and "delegated for merchant(s) 'other' only" in line
     )
+
+
+def test_config_is_accepted_before_or_after_every_subcommand(loaded_box):
+    parser = daemon_cli._parser()
+    needs = {"import": ["x.rdb"], "check": ["DEMO-0001"], "backup": ["x.db"], "decode": ["x.png"]}
+    for name in _subcommands(parser):
+        rest = needs.get(name, [])
+        before = parser.parse_args(["-c", "A.toml", name, *rest])
+        after = parser.parse_args([name, *rest, "-c", "B.toml", "-v"])
+        assert (before.config, after.config, after.verbose) == ("A.toml", "B.toml", True), name
+        assert parser.parse_args([name, *rest]).config is None, name
+    # And through the real command line: the file after the command is the one used.
+    config = str(loaded_box.config_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "check-config", "-c", config],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{config}: ok (box box-1")
