@@ -23,6 +23,28 @@ def version() -> str:
         return "unknown"
 
 
+# The members of one drivers[] entry, as protocol.md 16.5 and docs/schemas/status.schema.json
+# list them: what the supervisor adds to its state for `redeemd status` reaches the wire
+# only once the spec names it.
+DRIVER_FIELDS = ("name", "kind", "state", "message", "last_scan", "scans", "restarts")
+
+
+def driver_status(driver: dict) -> dict:
+    """One drivers[] entry of the status message.
+
+    `last_scan` goes out as whole Unix seconds: section 1 promises integer times in every
+    message, and the supervisor keeps the float the scan carried.
+
+    >>> driver_status({"name": "stdin", "kind": "stdin", "state": "connected",
+    ...                "message": "", "last_scan": 1780000000.75, "scans": 1, "restarts": 0})
+    {'name': 'stdin', 'kind': 'stdin', 'state': 'connected', 'message': '', 'last_scan': 1780000000, 'scans': 1, 'restarts': 0}
+    """
+    doc = {name: driver.get(name) for name in DRIVER_FIELDS}
+    if doc["last_scan"] is not None:
+        doc["last_scan"] = int(doc["last_scan"])
+    return doc
+
+
 def will_payload(box: str) -> bytes:
     return _dump({"v": 1, "box": box, "state": "offline"})
 
@@ -54,7 +76,7 @@ def status_payload(
             "outbox_depth": outbox_depth,
             "outbox_oldest_age_s": outbox_oldest_age_s,
             "publish_error": publish_error,
-            "drivers": drivers,
+            "drivers": [driver_status(d) for d in drivers],
             "alarm": alarm,
             "stuck": stuck,
             "manifests_ignored": manifests_ignored,
