@@ -34,13 +34,17 @@ from sync.worker import Sync
 log = logging.getLogger("redeemd")
 
 
+_DONE = {"check": "checked", "redeem": "redeemed", "reverse": "reversed"}
+"""What an accepted verdict did, as the console line says it."""
+
+
 def describe(result: Verdict | PaymentCode) -> str:
     """One line for a human watching the console or the journal."""
     if isinstance(result, PaymentCode):
         return f"payment: {result.scheme} payment code from {result.source} (passed on, not stored)"
     parts = []
     if result.accepted:
-        parts.append("checked" if result.action.value == "check" else result.action.value + "ed")
+        parts.append(_DONE.get(result.action.value, result.action.value))
         head = "accepted"
     else:
         head = f"rejected: {result.reason.value if result.reason else 'unknown'}"
@@ -116,7 +120,6 @@ class Service:
         self.notify = Notifier()
         self.hook: VerdictHook | None = None
         self._reload_asked = threading.Event()
-        self._driver_changes = False
         # Local API requests wait in the same queue as scans: the engine serves both,
         # in order, on this thread (the only writer).
         self.scans: queue.Queue[Scan | ApiCall | None] = queue.Queue(maxsize=1000)
@@ -271,7 +274,8 @@ class Service:
             for name in ("trust", "scan", "sync", "hooks")
             if getattr(new, name) != getattr(old, name)
         ]
-        self._reload_drivers(old, new)
+        if self._reload_drivers(old, new):
+            changed.append("scanners")
         if new.sync != old.sync:
             if self.sync is not None and not self.sync.stop(timeout=5.0):
                 log.warning("sync did not stop within 5 s")
@@ -285,16 +289,14 @@ class Service:
             self.hook = None
             self._start_hook()
         engine = Engine(engine.conn, new) if {"trust", "scan"} & set(changed) else engine
-        log.info(
-            "reloaded %s: %s", new.source, ", ".join(changed) if changed or self._driver_changes
-            else "nothing changed"
-        )  # fmt: skip
+        log.info("reloaded %s: %s", new.source, ", ".join(changed) or "nothing changed")
         self.notify.send(READY="1", STATUS=self._summary(engine))
         return engine
 
-    def _reload_drivers(self, old: Config, new: Config) -> None:
+    def _reload_drivers(self, old: Config, new: Config) -> bool:
         """Stop scanners that were removed or changed, start the new and changed ones;
-        the others keep running (a reload never interrupts an untouched scanner)."""
+        the others keep running (a reload never interrupts an untouched scanner). True
+        if any scanner was stopped or started."""
         before = {s.name: s for s in old.scanners}
         after = {s.name: s for s in new.scanners}
         gone = [name for name, s in before.items() if after.get(name) != s]
@@ -305,12 +307,12 @@ class Service:
                 log.warning("scanner %s did not stop within 2 s", name)
         for scanner in added:
             self._start_driver(scanner)
-        self._driver_changes = bool(gone or added)
         if gone or added:
             log.info(
                 "scanners: stopped %s; started %s",
                 ", ".join(gone) or "none", ", ".join(s.name for s in added) or "none",
             )  # fmt: skip
+        return bool(gone or added)
 
     def _start_drivers(self) -> None:
         for scanner in self.config.scanners:

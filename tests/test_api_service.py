@@ -23,10 +23,11 @@ def api_box(box: Box, socket: Path) -> Box:
 
 
 class Daemon:
-    def __init__(self, box: Box):
+    def __init__(self, box: Box, as_json: bool = True):
         self.box = box
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "-c", str(box.config_path), "run", "--json"],
+            [sys.executable, "-m", "daemon.cli", "-c", str(box.config_path), "run",
+             *(["--json"] if as_json else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )  # fmt: skip
@@ -216,3 +217,22 @@ def test_a_deeply_nested_line_is_refused_and_the_api_keeps_serving_everyone(daem
     assert code == 0, stderr
     assert [p["verdict"] for p in printed] == ["accepted"]
     assert "Traceback" not in stderr and "I/O loop failed" not in stderr
+
+
+def test_the_console_says_redeemed_and_reversed(daemon_box):
+    box, socket = daemon_box
+    daemon = Daemon(box, as_json=False)
+    pos = daemon.connect(socket)
+    pos.request({"cmd": "subscribe"})
+    daemon.scan("DEMO-0001")
+    redeemed = pos.event()
+    reversal = pos.request({"cmd": "reverse", "record_id": redeemed["record_id"]})
+    assert reversal["verdict"]["action"] == "reverse"
+    pos.close()
+    out, err = daemon.proc.communicate(timeout=WAIT)
+    lines = out.decode().splitlines()
+    assert [line.split()[:2] for line in lines] == [
+        ["accepted", "redeemed"],
+        ["accepted", "reversed"],
+    ]
+    assert "reverseed" not in out.decode()

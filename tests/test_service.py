@@ -315,3 +315,20 @@ def test_a_scanner_whose_driver_cannot_be_built_is_an_error_and_the_others_scan(
     assert "evdev" in state["message"] and "redeemd[drivers]" in state["message"]
     assert daemon.stop() == 0
     assert daemon.log().count("scanner wedge: hid scanners need the Python package evdev") == 1
+
+
+def test_a_reload_that_changes_only_the_scanners_says_so(loaded_box, daemons):
+    stdin = '\n[[scanner]]\ntype = "stdin"\nname = "stdin"\n'
+    loaded_box.config_path.write_text(loaded_box.config_path.read_text() + stdin)
+    daemon = daemons(loaded_box)
+    daemon.scan("DEMO-0001")
+    daemon.wait_verdicts(1)
+    extra = '\n[[scanner]]\ntype = "serial"\nname = "extra"\nport = "/dev/ttyNOPE9"\n'
+    loaded_box.config_path.write_text(loaded_box.config_path.read_text() + extra)
+    daemon.process.send_signal(signal.SIGHUP)
+    line = daemon.wait_log("reloaded")
+    assert line.rstrip().endswith(f"reloaded {loaded_box.config_path}: scanners"), line
+    assert "scanners: stopped none; started extra" in daemon.log()
+    daemon.scan("DEMO-0002")  # the untouched stdin scanner still reads
+    assert daemon.wait_verdicts(2)[1]["verdict"] == "accepted"
+    assert daemon.stop() == 0
