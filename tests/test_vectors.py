@@ -439,3 +439,32 @@ def test_manifests_signed_for_another_purpose_or_with_extra_bytes_are_refused():
     for item in load("manifest.json")["refused"]:
         with pytest.raises(ManifestError):
             manifest.open_manifest(bytes.fromhex(item["hex"]), ROOTS)
+
+
+# ---------------------------------------------------------------- card template hours
+
+
+def test_card_hours_parse_and_hold_as_documented():
+    from cards.card import CardError
+    from cards.rules import _in_window
+
+    vector = load("hours.json")
+    for item in vector["vectors"]:
+        template = {"id": 1, "merchant": "demo", "kind": "coupon", "hours": [item["hours"]]}
+        if item.get("refused"):
+            with pytest.raises(CardError):
+                parse_card(template)
+            continue
+        window = parse_card(template).hours[0]
+        assert window == (item["start_minute"], item["end_minute"]), item["note"]
+        inside = [m for m in range(24 * 60) if _in_window(m, window)]
+        assert len(inside) == item["minutes_inside"], item["note"]
+        assert [m for m in vector["probes"] if m in inside] == item["probes_inside"], item["note"]
+
+
+def test_protocol_document_names_every_signature_domain_the_code_uses():
+    # Section 6's table is what a backend signs with; the manifest's row was missing.
+    text = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text("utf-8")
+    for domain in (keys.DELEGATION_DOMAIN, batch.DOMAIN, signed_code.DOMAIN, manifest.DOMAIN):
+        assert f"`{domain.hex()}`" in text, domain
+        assert f"`{domain[:-1].decode('ascii')}\\0`" in text, domain

@@ -181,6 +181,30 @@ CONSUMED_ROWS = [
     ("GIFT-50", "0196f3a0-0000-7000-8000-000000000002", 0, 1250),
 ]
 
+# `hours` windows of card templates (protocol.md section 13): the text, what the box
+# parses it to (minutes since local midnight) or that it refuses the template, and why.
+HOURS_CASES = [
+    ("09:00-17:30", "the form producers write: 09:00 inclusive to 17:30 exclusive"),
+    ("00:00-24:00", "the whole day"),
+    ("22:00-02:00", "end before start: wraps past midnight"),
+    ("09:00-09:00", "start equal to end: the whole day"),
+    ("00:00-00:00", "start equal to end: the whole day"),
+    ("24:00-02:00", "24:00 as a start is the same as 00:00"),
+    ("22:00-24:00", "to the end of the day"),
+    ("9:0-17:30", "lenient: one-digit hour and minute (producers must not rely on it)"),
+    (" 09:00 - 17:30 ", "lenient: spaces around the times"),
+    ("009:00-10:00", "lenient: extra leading zero"),
+    ("23:60-24:00", "minute 60"),
+    ("24:01-01:00", "after 24:00"),
+    ("25:00-01:00", "hour 25"),
+    ("0900-1700", "no colon"),
+    ("09:00", "no end"),
+    ("09:00-17:30-18:00", "two dashes"),
+    ("09:00\u201317:00", "an en dash is not a dash"),
+]
+
+HOURS_PROBES = [0, 1, 119, 120, 539, 540, 599, 600, 1049, 1050, 1319, 1320, 1439]
+
 SIGNED_CODES = [
     ("ordinary code, 30 days", 1, 1, CREATED_AT, CREATED_AT + 30 * 86_400),
     ("largest field values", 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF, 0, 0xFFFFFFFF),
@@ -393,6 +417,7 @@ def main() -> None:
     )  # fmt: skip
 
     write_manifest(delegation)
+    write_hours()
 
     write("batches.json", {
         "roots": {keys.key_id(root_public): root_public.hex()},
@@ -438,6 +463,33 @@ def write_gs1_table() -> None:
         "predefined_length": GS1_PREDEFINED_LENGTH,
         "date_ais": GS1_DATE_AIS,
         "ais": ais,
+    })  # fmt: skip
+
+
+def write_hours() -> None:
+    """hours.json: card template `hours` windows as the box parses and applies them."""
+    from cards.card import CardError
+    from cards.rules import _in_window
+
+    cases = []
+    for text, note in HOURS_CASES:
+        template = {"id": 1, "merchant": MERCHANT, "kind": "coupon", "hours": [text]}
+        try:
+            start, end = parse_card(template).hours[0]
+        except CardError:
+            cases.append({"hours": text, "refused": True, "note": note})
+            continue
+        inside = [m for m in range(24 * 60) if _in_window(m, (start, end))]
+        cases.append({"hours": text, "start_minute": start, "end_minute": end,
+                      "minutes_inside": len(inside),
+                      "probes_inside": [m for m in HOURS_PROBES if m in inside],
+                      "note": note})  # fmt: skip
+    write("hours.json", {
+        "note": "minutes since local midnight; a window holds for minute m when start <= m "
+                "< end, or, when end <= start, when m >= start or m < end (protocol.md 13). "
+                "probes_inside: which of the probe minutes the window holds for.",
+        "probes": HOURS_PROBES,
+        "vectors": cases,
     })  # fmt: skip
 
 
