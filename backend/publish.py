@@ -169,7 +169,14 @@ class Publisher:
             self._answer(store, message)
         for stored in store.unpublished(self.merchants):
             # Issued while no publisher ran, possibly long ago: it goes out current.
-            issued = resign.current(stored, self.keystore)
+            try:
+                issued = resign.current(stored, self.keystore)
+            except KeystoreError as exc:
+                # Boxes ask for it once it can be signed; the other merchants go on.
+                if self._unsigned.get(stored.merchant) != str(exc):
+                    self._unsigned[stored.merchant] = str(exc)
+                    self.say(f"batch {stored.merchant}/{stored.seq} not published: {exc}")
+                continue
             if not self._publish_batch(issued, f"{self.prefix}/{issued.merchant}/batches"):
                 return
             store.mark_published(issued.merchant, issued.seq)

@@ -21,7 +21,7 @@ import json
 import struct
 import time
 
-from backend.keystore import Keystore, KeystoreError
+from backend.keystore import Keystore
 from backend.store import IssuedBatch
 from cards import batch
 
@@ -47,23 +47,17 @@ def due(issued: IssuedBatch, now: int) -> str | None:
 def current(issued: IssuedBatch, keystore: Keystore, now: int | None = None) -> IssuedBatch:
     """`issued` as it can go out now: itself, or re-signed when `due` says so.
 
-    Raises KeystoreError when the current issuer delegation cannot sign it either.
+    Raises KeystoreError, with the `delegate` command that fixes it, when the current
+    issuer delegation cannot sign for the merchant now either.
     """
     now = int(time.time()) if now is None else now
     if due(issued, now) is None:
         return issued
-    delegation = keystore.delegation()
-    if not delegation.allows(issued.merchant, now) or delegation.not_after < now + RESIGN_MARGIN:
-        raise KeystoreError(
-            f"batch {issued.merchant}/{issued.seq} expired and must be re-signed, but the "
-            f"issuer key {delegation.key_id} is delegated for {list(delegation.merchants)} "
-            f"until {delegation.not_after}; run `redeemd-backend delegate` for "
-            f"{issued.merchant}"
-        )
+    private, delegation = keystore.signer(issued.merchant, now)
     lifetime = max(issued.expires_at - issued.created_at, MIN_LIFETIME)
     data = batch.resign(
         issued.data,
-        keystore.private("issuer"),
+        private,
         delegation,
         created_at=now,
         expires_at=now + lifetime,

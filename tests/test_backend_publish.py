@@ -3,6 +3,7 @@
 # ruff: noqa: F811  (the broker and boxes fixtures are imported, then named as parameters)
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -139,6 +140,55 @@ def test_a_request_gets_exactly_the_requested_range_on_the_box_own_topic(
     assert all(t.startswith(f"{PREFIX}/demo/box/box-2/") for t, _ in asking.received)
     assert other.received == []
     assert "resent demo 2..4 to box-2 (3 batches, " in "\n".join(running.lines)
+
+
+def test_an_expired_batch_goes_out_re_signed_with_the_same_content(publisher, backend_dir, boxes):
+    keystore = Keystore(backend_dir)
+    now = int(time.time())
+    then = now - 10 * 86400
+    keystore.save_delegation(
+        keys.delegate(keystore.private("root"), keystore.public("issuer"), ("demo",),
+                      then - 3600, now + 86400)
+    )  # fmt: skip
+    entries = batch.encode_digests(os.urandom(16) for _ in range(40))
+    store = Store.open(backend_dir)
+    try:
+        old = store.issue("demo", Kind.REVOKE, lambda seq: batch.build(
+            keystore.private("issuer"), keystore.delegation(), merchant="demo", seq=seq,
+            kind=Kind.REVOKE, entries=entries, created_at=then, expires_at=then + 86400,
+            chunk_size=128,
+        ))  # fmt: skip
+    finally:
+        store.close()
+    current = issue(backend_dir)
+    online = boxes("box-1", extra=(BATCHES,))
+    running = publisher()
+    keystore_roots = roots(running.keystore)
+    # Never published while fresh: its first publish is re-signed too.
+    broadcast = wait_until(
+        lambda: (b := assembled(online, f"{PREFIX}/demo/batches", keystore_roots)) and 1 in b and b,
+        "batch 1 published",
+    )
+    assert broadcast[1].header.expires_at > now
+    assert "published revoke batch demo/1 (40 entries, " in "\n".join(running.lines)
+    assert "re-signed)" in next(x for x in running.lines if "batch demo/1 " in x)
+
+    online.request(1, 2)
+    own = f"{PREFIX}/demo/box/box-1/batches"
+    got = wait_until(
+        lambda: (b := assembled(online, own, keystore_roots)) and len(b) == 2 and b, "resend"
+    )
+    stored = batch.read_header(old.data, batch.FILE_MAGIC, keystore_roots)[0]
+    fresh = got[1].header
+    assert (fresh.merchant, fresh.seq, fresh.kind, fresh.entries_sha256, fresh.chunks) == (
+        "demo", 1, Kind.REVOKE, stored.entries_sha256, stored.chunks,
+    )  # fmt: skip
+    assert got[1].entries == entries
+    assert fresh.created_at >= now and fresh.expires_at - fresh.created_at == 86400
+    # Still valid: sent as issued, byte for byte.
+    assert got[2].header.raw == batch.open_file(current.data, keystore_roots).header.raw
+    assert "resent demo 1..2 to box-1 (2 batches, " in "\n".join(running.lines)
+    assert "re-signed 1: expired or expiring" in "\n".join(running.lines)
 
 
 def test_a_malformed_request_is_refused_and_the_publisher_carries_on(publisher, backend_dir, boxes):

@@ -6,14 +6,16 @@ import sqlite3
 import uuid
 
 import pytest
-from conftest import CREATED, KeySet, make_keyset, write_box
+from conftest import CREATED, FAR, KeySet, make_keyset, write_box
+from sqlite_utils import Database
 
 from cards import batch, signed_code
 from cards.batch import CodeStatus, Kind
 from daemon.engine import Engine
 from storage import batch_import, codes, trust
-from storage.batch_import import ImportRefused, SequenceGap
-from storage.database import open_database
+from storage.batch_import import BatchConflict, ImportRefused, SequenceGap
+from storage.database import connect, open_database
+from storage.migrations import migrations
 
 DEMO_CODES = {
     **{f"DEMO-{i:04d}": 1 for i in range(1, 11)},
@@ -101,6 +103,75 @@ def test_different_batch_with_an_applied_sequence_is_refused(loaded_box, keyset,
         _apply(conn, loaded_box, forged)
     assert _dump(conn) == before
     assert codes.lookup(conn, keyset.digest("EVIL-0001")) is None
+
+
+def resigned(keyset: KeySet, data: bytes, created_at: int = CREATED + 500) -> bytes:
+    """The same batch signed again later, as a backend does for a box back from offline."""
+    return batch.resign(
+        data, keyset.issuer_private, keyset.delegation, created_at=created_at, expires_at=FAR
+    )
+
+
+def test_a_resigned_batch_with_an_applied_sequence_is_a_replay_not_a_conflict(
+    loaded_box, keyset, conn
+):
+    again = resigned(keyset, keyset.issue_batch(DEMO_CODES, seq=2))
+    assert batch.open_file(again, keyset.roots).header.created_at == CREATED + 500
+    before = _dump(conn)
+    result = _apply(conn, loaded_box, again, now=CREATED + 600)
+    assert result.replay
+    assert _dump(conn) == before
+
+
+def test_same_sequence_and_entries_but_another_kind_is_a_conflict(loaded_box, keyset, conn):
+    _apply(conn, loaded_box, keyset.status_batch(Kind.REVOKE, ["DEMO-0001"], seq=3))
+    before = _dump(conn)
+    with pytest.raises(BatchConflict, match="possible key compromise"):
+        _apply(conn, loaded_box, keyset.status_batch(Kind.BLOCK, ["DEMO-0001"], seq=3))
+    assert _dump(conn) == before
+
+
+def test_a_batch_applied_before_entries_hashes_were_kept_is_still_a_replay_when_resigned(
+    tmp_path, keyset
+):
+    # A database made by the version before migration m004: batches 1 and 2 recorded
+    # without entries_sha256, exactly as that version inserted them.
+    box = write_box(tmp_path, keyset)
+    conn = connect(box.database)
+    migrations.apply(Database(conn), stop_before="m004_batch_entries_sha256")
+    cards, codes_batch = (
+        batch.open_file(keyset.cards_batch(1), keyset.roots),
+        batch.open_file(keyset.issue_batch(DEMO_CODES, seq=2), keyset.roots),
+    )
+    for parsed in (cards, codes_batch):
+        h = parsed.header
+        conn.execute(
+            "INSERT INTO batches(merchant, seq, kind, sha256, count, created_at, applied_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (h.merchant, h.seq, h.kind.value, h.sha256, h.count, h.created_at, CREATED),
+        )
+    trust.save_state(conn, "demo", 2, CREATED, CREATED)
+    conn.close()
+
+    conn = open_database(box.database)  # runs m004
+    assert conn.execute("SELECT seq, entries_sha256 FROM batches ORDER BY seq").fetchall() == [
+        (1, None),
+        (2, None),
+    ]
+    again = resigned(keyset, keyset.issue_batch(DEMO_CODES, seq=2))
+    assert _apply(conn, box, again, now=CREATED + 600).replay
+    with pytest.raises(BatchConflict):
+        _apply(conn, box, keyset.status_batch(Kind.REVOKE, ["DEMO-0001"], seq=2))
+    # Batches applied from now on keep their entries hash.
+    _apply(conn, box, keyset.issue_batch({"NEW-0001": 1}, seq=3))
+    stored = conn.execute("SELECT entries_sha256 FROM batches WHERE seq = 3").fetchone()[0]
+    assert (
+        stored
+        == batch.open_file(
+            keyset.issue_batch({"NEW-0001": 1}, seq=3), keyset.roots
+        ).header.entries_sha256
+    )
+    conn.close()
 
 
 def test_sequence_gap_is_refused_naming_the_missing_range(loaded_box, keyset, conn):
@@ -329,13 +400,22 @@ def test_cli_import_of_a_replayed_batch_says_nothing_to_do(loaded_box, keyset):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda ks: ks.issue_batch({"NEW-0001": 1}, seq=5), "batches 3..4"),
-        (lambda ks: ks.issue_batch({"EVIL-0001": 1}, seq=2), "a different batch demo/2"),
+        (
+            lambda ks: ks.issue_batch({"NEW-0001": 1}, seq=5),
+            "batches 3..4 for merchant 'demo' are missing; apply them first: on the backend, "
+            "`redeemd-backend export 3-4 --merchant demo",
+        ),
+        (
+            lambda ks: ks.issue_batch({"EVIL-0001": 1}, seq=2),
+            "a different batch demo/2 was already applied; refusing the conflicting one "
+            "(possible key compromise",
+        ),
         (
             lambda ks: ks.issue_batch(
                 {"NEW-0001": 1}, seq=3, created_at=CREATED - 100, expires_at=CREATED - 1
             ),
-            "expired",
+            "expired at 2026-09-21 14:13:19 UTC (1789999999); `redeemd-backend export 3 "
+            "--merchant demo",
         ),
     ],
     ids=["gap", "conflicting-seq", "expired"],

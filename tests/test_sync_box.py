@@ -11,6 +11,7 @@ Nothing waits for a fixed time: every check waits for a condition, generously.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import signal
@@ -468,6 +469,55 @@ def test_forged_truncated_and_garbage_downstream_messages_are_refused_and_change
     assert run.engine.check("NEW-0001").accepted
     assert run.state()["refused"] == len(bad), "the replay was not a refusal"
     assert connected(run)
+
+
+def test_a_conflicting_batch_over_mqtt_raises_the_key_compromise_alarm(
+    tmp_path, keyset, broker, backend, running, caplog
+):
+    box = sync_box(tmp_path, keyset, broker)
+    run = running(box).start()
+    wait_for(lambda: connected(run), "sync connected")
+    before = run.cache()
+    # Batch 2 re-signed by the backend (same entries, a year's newer signature): a replay.
+    resigned = batch.resign(
+        keyset.issue_batch(BOX_CODES, seq=2), keyset.issuer_private, keyset.delegation,
+        created_at=CREATED + 500, expires_at=FAR,
+    )  # fmt: skip
+    for chunk in batch.split(resigned):
+        backend.publish(f"{P}/batches/2", chunk)
+    # Another batch 2: only a broken backend or a stolen key makes one.
+    conflicting = batch.split(keyset.issue_batch(new_codes(5), seq=2))[0]
+    with caplog.at_level(logging.ERROR, logger="redeemd.sync"):
+        backend.publish(f"{P}/batches/2", conflicting)
+        wait_for(lambda: run.state().get("refused") == 1, "the conflicting batch refused")
+    state = run.state()
+    assert "a different batch demo/2 was already applied" in state["alarm"]
+    assert "possible key compromise" in state["alarm"] and state["last_refused"] == state["alarm"]
+    assert [r.getMessage() for r in caplog.records if "possible key compromise" in r.getMessage()]
+    published = wait_for(
+        lambda: [s for s in backend.statuses() if s.get("alarm")], "the alarm in the status message"
+    )
+    assert "possible key compromise" in published[-1]["alarm"]
+    assert run.cache() == before
+
+
+def test_a_manifest_signed_before_the_one_kept_is_ignored_and_counted(
+    tmp_path, keyset, broker, backend, running
+):
+    box = sync_box(tmp_path, keyset, broker, sync='request_retry = "1h"')
+    run = running(box).start()
+    publish_manifest(backend, keyset, latest_seq=2, created_at=CREATED + 100)
+    wait_for(lambda: run.state().get("manifest_seq") == 2, "the manifest kept")
+    publish_manifest(backend, keyset, latest_seq=9, created_at=CREATED + 50)
+    wait_for(lambda: run.state().get("manifests_ignored") == 1, "the older manifest counted")
+    publish_manifest(backend, keyset, latest_seq=9, created_at=CREATED + 40)
+    wait_for(lambda: run.state().get("manifests_ignored") == 2, "the second one counted")
+    assert run.state()["manifest_seq"] == 2 and run.state()["refused"] == 0
+    assert backend.requests() == [], "an ignored manifest asks for nothing"
+    wait_for(
+        lambda: [s for s in backend.statuses() if s.get("manifests_ignored") == 2],
+        "the count in the status message",
+    )
 
 
 # ---------------------------------------------------------------------- the real process
