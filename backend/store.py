@@ -22,9 +22,11 @@ before the collector acks it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
+import os
 import sqlite3
 import struct
 import time
@@ -226,6 +228,7 @@ class Store:
         # "database is locked", not a wait. One opener at a time, then.
         with open(directory / f"{FILENAME}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            _private(path)
             try:
                 conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
                 # Several processes share the file; a writer waits for another's commit.
@@ -661,3 +664,17 @@ def _issued(data: bytes) -> IssuedBatch:
 def _row_batch(row: tuple) -> IssuedBatch:
     merchant, seq, kind, count, created_at, expires_at, sha256, data = row
     return IssuedBatch(merchant, seq, Kind(kind), count, created_at, expires_at, sha256, data)
+
+
+def _private(path: Path) -> None:
+    """Make `path` readable by the backend's user only (0600), as its keys are, before
+    SQLite writes to it: it holds every box's ledger and every batch. SQLite gives the
+    -wal and -shm files the database's mode. A file an older release made 0644 is
+    narrowed too."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        # Missing, or another user's (SQLite then says what it cannot open).
+        with contextlib.suppress(OSError):
+            if name.stat().st_mode & 0o077:
+                name.chmod(0o600)
