@@ -9,6 +9,7 @@ a built-in default: offline, standard-input scanner, state under $STATE_DIRECTOR
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -391,10 +392,20 @@ def load(explicit: str | None = None) -> Config:
 def parse(data: dict, source: str) -> Config:
     problems: list[str] = []
     values: dict[str, dict[str, object]] = {}
-    for name in set(data) - set(SCHEMA) - {"scanner"}:
-        problems.append(
-            f"[{name}]: unknown section; allowed: {', '.join(sorted([*SCHEMA, 'scanner']))}"
+    sections = sorted([*SCHEMA, "scanner"])
+    for name in sorted(set(data) - set(SCHEMA) - {"scanner"}):
+        if isinstance(data[name], dict):
+            problems.append(f"[{name}]: unknown section; allowed: {', '.join(sections)}")
+            continue
+        # `debounce = "1s"` above every [section] line is a key of no section.
+        owners = " or ".join(f"[{s}]" for s, schema in SCHEMA.items() if name in schema)
+        where = (
+            f"it belongs under {owners}: move the line below the {owners} line"
+            if owners
+            else "no section has this key; sections: " + ", ".join(f"[{s}]" for s in sections)
         )
+        value = json.dumps(data[name], default=str)  # as TOML writes it: true, "1s"
+        problems.append(f"{name} = {value}: a key outside any section; {where}")
     for section, schema in SCHEMA.items():
         given = data.get(section, {})
         if not isinstance(given, dict):

@@ -211,6 +211,19 @@ def test_unknown_section_is_named_with_the_allowed_sections(tmp_path, key_dir):
     assert {"api", "box", "scan", "scanner", "sync", "trust"} <= allowed
 
 
+def test_a_key_above_every_section_is_named_as_such_with_the_section_it_belongs_to(
+    tmp_path, key_dir
+):
+    data = {**base(tmp_path, key_dir), "debounce": "1s", "shop": 3}  # as TOML parses them
+    debounce, shop = problems_of(data)
+    assert debounce == (
+        'debounce = "1s": a key outside any section; it belongs under [scan]: move the '
+        "line below the [scan] line"
+    )
+    assert shop.startswith("shop = 3: a key outside any section; no section has this key")
+    assert "unknown section" not in debounce + shop
+
+
 def test_section_that_is_not_a_table_is_refused(tmp_path, key_dir):
     data = base(tmp_path, key_dir)
     data["scan"] = "fast"
