@@ -43,6 +43,7 @@ from daemon import config as config_mod
 from daemon import liveness
 from daemon.config import Config, ConfigError, ScannerConfig
 from storage import trust
+from storage.database import DatabaseLost, is_empty, refuse_if_lost
 
 SERVICE_USER = "redeemd"
 # Modes of redeemd's secrets and of the directories holding them, as
@@ -379,18 +380,19 @@ def _database(config: Config, account: Account, now: float) -> Iterator[Finding]
 
 def _database_content(config: Config, now: float) -> Iterator[Finding]:
     path = config.box.database
-    if not path.exists():
+    try:
+        refuse_if_lost(path)
+    except DatabaseLost as exc:  # missing or empty, on a box that used one
+        yield Finding("database", False, str(exc))
+        return
+    if is_empty(path):
         get = (
             "start redeemd (systemctl start redeemd): it makes one and fetches batches "
             "from the broker (see the sync line)"
             if config.sync.enabled
             else "apply batches with `redeemd import FILE...`, or enable [sync] to fetch them"
         )
-        yield Finding(
-            "database", False,
-            f"no database at {path}: if this box never ran, {get}; if it ran before, its "
-            f"ledger is lost: restore the newest backup (docs/operations.md, {RESTORE_SECTION})",
-        )  # fmt: skip
+        yield Finding("database", False, f"no database at {path} yet (a new box): {get}")
         return
     mount = read_only_mount(path)
     if mount is not None:
@@ -401,14 +403,6 @@ def _database_content(config: Config, now: float) -> Iterator[Finding]:
             "it stay so in /etc/fstab; if the kernel made it read-only after disk errors "
             "(dmesg | grep -i 'read-only'), run fsck or replace the disk or SD card first",
         )  # fmt: skip
-    if path.stat().st_size == 0:
-        yield Finding(
-            "database", False,
-            f"{path} is empty (0 bytes): the ledger and the anti-rollback state (applied "
-            "batches, time floor) are gone; stop redeemd and restore the newest backup "
-            f"(docs/operations.md, {RESTORE_SECTION})",
-        )  # fmt: skip
-        return
     try:
         conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
     except sqlite3.Error as exc:

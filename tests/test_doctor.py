@@ -168,7 +168,6 @@ def test_no_database_yet_says_how_to_get_one_and_never_to_enable_sync_when_it_is
     assert code == 1
     (line,) = problems(lines, "database")
     assert "no database" in line and "redeemd import" in line and "enable [sync]" in line
-    assert "restore the newest backup" in line  # a box that ran before lost its ledger
     add(box, sync_config(broker.url))
     _, lines = doctor_lines(box, "--user", ME)
     (line,) = problems(lines, "database")
@@ -211,15 +210,19 @@ def test_a_damaged_database_says_restore_from_backup_and_where(loaded_box, damag
     assert f"\n## {doctor.RESTORE_SECTION}\n" in (ROOT / "docs" / "operations.md").read_text()
 
 
-def test_an_empty_database_file_says_the_state_is_gone_restore_from_backup(loaded_box):
-    fresh(loaded_box)
-    for path in loaded_box.dir.glob("redeemd.db-*"):
+@pytest.mark.parametrize("lost", ["emptied", "deleted"])
+def test_a_lost_database_says_the_state_is_gone_restore_from_backup(loaded_box, lost):
+    fresh(loaded_box)  # loaded_box opened its database: the box has used one
+    for path in loaded_box.dir.glob("redeemd.db*"):
         path.unlink()
-    loaded_box.database.write_bytes(b"")
+    if lost == "emptied":
+        loaded_box.database.write_bytes(b"")
     _, lines = doctor_lines(loaded_box, "--user", ME)
     (line,) = problems(lines, "database")
-    assert "is empty (0 bytes)" in line and "anti-rollback state" in line
-    assert "restore the newest backup" in line
+    what = "empty (0 bytes)" if lost == "emptied" else "missing"
+    assert f"database {loaded_box.database} is {what}, but this box has used one" in line
+    assert "anti-rollback state" in line and "Restore the database from backup" in line
+    assert doctor.RESTORE_SECTION in line and "redeemd init" in line
 
 
 def test_a_stale_cache_and_an_empty_one_are_problems(loaded_box, tmp_path, keyset):
