@@ -3,7 +3,8 @@
 A backend team validates against docs/schemas/*.schema.json (draft 2020-12) without
 reading our code, so the schemas must describe what a real box and the reference
 collector really send: here a real `redeemd run` process syncs through a real Mosquitto
-with the real `redeemd-backend collect`, and every events, ack and status message seen
+with the real `redeemd-backend collect` (scans on stdin, a redemption and its reversal
+through the local API), and every events, ack and status message seen
 on the broker (the box's own offline status and the broker's last will included) is
 validated.
 """
@@ -12,10 +13,12 @@ validated.
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import jsonschema
 import pytest
+from api_helpers import Client
 from backend_helpers import FakeBox
 from broker import broker  # noqa: F401  (fixture)
 from conftest import ROOT, wait_for
@@ -78,12 +81,23 @@ def test_real_events_acks_and_status_messages_match_the_published_schemas(fleet)
     try:
         collector = fleet.collector()
         collector.wait_line(lambda line: line.startswith("connected"), "collector connected")
-        box = fleet.box("box-1")
+        socket_path = fleet.dir / "api.sock"
+        box = fleet.box("box-1", extra=f'[api]\nsocket = "{socket_path}"\n')
         daemon = fleet.run(box)
         # Accepted, rejected (unknown code), rejected as malformed (no digest).
         daemon.scan("FLEET-0001", "FLEET-0002", "NOPE-0001", "AB\x07CD")
         verdicts = daemon.wait_verdicts(4)
         assert [v["verdict"] for v in verdicts] == ["accepted"] * 2 + ["rejected"] * 2
+        # Through the local API: a redemption with an operator, and its reversal.
+        wait_for(socket_path.exists, "the local API socket")
+        pos = Client(socket_path)
+        redeemed = pos.request(
+            {"cmd": "redeem", "code": "FLEET-0003", "operator": "anna", "key": str(uuid.uuid4())}
+        )
+        record_id = redeemed["verdict"]["record_id"]
+        reversed_ = pos.request({"cmd": "reverse", "record_id": record_id, "operator": "anna"})
+        assert reversed_["verdict"]["action"] == "reverse"
+        pos.close()
         wait_for(lambda: fleet.all_collected(box), "every record collected and acked")
 
         def statuses() -> list[dict]:
@@ -124,8 +138,12 @@ def test_real_events_acks_and_status_messages_match_the_published_schemas(fleet)
                 assert problems(kind, message) == [], (kind, message)
 
         records = [r for m in seen["events"] for r in m["records"]]
-        assert [r["seq"] for r in records][:4] == [1, 2, 3, 4]
+        assert [r["seq"] for r in records][:6] == [1, 2, 3, 4, 5, 6]
         assert records[3]["digest"] is None and records[3]["reason"] == "malformed"
+        assert (records[4]["action"], records[4]["operator"], records[4]["source"]) == (
+            "redeem", "anna", "api")  # fmt: skip
+        assert records[5]["action"] == "reverse" and records[5]["reverses"] == record_id
+        assert any(a["upto"] >= 6 for a in seen["ack"])
         assert any(a["upto"] >= 4 for a in seen["ack"])
         last_scan = scanned_status()[-1]["drivers"][0]["last_scan"]
         assert type(last_scan) is int
