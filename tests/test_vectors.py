@@ -468,3 +468,13 @@ def test_protocol_document_names_every_signature_domain_the_code_uses():
     for domain in (keys.DELEGATION_DOMAIN, batch.DOMAIN, signed_code.DOMAIN, manifest.DOMAIN):
         assert f"`{domain.hex()}`" in text, domain
         assert f"`{domain[:-1].decode('ascii')}\\0`" in text, domain
+
+
+def test_protocol_document_states_the_gs1_predefined_length_table_of_the_vectors():
+    # Section 2 step 10 writes the table out so that a backend needs no library for it.
+    text = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text("utf-8")
+    stated = {}
+    for prefixes, length in re.findall(r"^\s*\| ((?:`\d\d` ?)+) \| (\d+) \|$", text, re.M):
+        for prefix in re.findall(r"\d\d", prefixes):
+            stated[prefix] = int(length)
+    assert stated == load("gs1_ai.json")["predefined_length"]
