@@ -153,15 +153,18 @@ class Account:
         real = path.resolve()
         if real.stat().st_uid == self.uid or self.may(real, os.W_OK):
             return real
-        child = real
-        for parent in real.parents:
-            st = parent.stat()
-            # In a sticky directory (/tmp) only the entry's owner (or the directory's)
-            # may rename it.
-            sticky = st.st_mode & stat.S_ISVTX and child.lstat().st_uid != self.uid
-            if st.st_uid == self.uid or (self.may(parent, os.W_OK | os.X_OK) and not sticky):
-                return parent
-            child = parent
+        # The directories on the path as named (a symlink there can be swapped) and on
+        # the path it leads to.
+        for named in (Path(os.path.abspath(path)), real):
+            child = named
+            for parent in named.parents:
+                st = parent.stat()
+                # In a sticky directory (/tmp) only the entry's owner (or the
+                # directory's) may rename it.
+                sticky = st.st_mode & stat.S_ISVTX and child.lstat().st_uid != self.uid
+                if st.st_uid == self.uid or (self.may(parent, os.W_OK | os.X_OK) and not sticky):
+                    return parent
+                child = parent
         return None
 
 
@@ -273,7 +276,16 @@ def _guarded_files(config: Config) -> list[tuple[str, Path, bool]]:
 
 def _secrets(config: Config, account: Account) -> Iterator[Finding]:
     files = _guarded_files(config)
-    problems = [f for what, path, secret in files for f in _guard(what, path, secret, account)]
+    problems = []
+    for what, path, secret in files:
+        try:
+            problems += _guard(what, path, secret, account)
+        except OSError as exc:  # a directory on the way doctor's own user may not read
+            problems.append(
+                Finding(
+                    "secrets", False, f"{what}: cannot check {path} ({exc}): run doctor as root"
+                )
+            )
     yield from problems
     if files and not problems:
         rule = "not changeable by it, " if account.confined else ""
@@ -374,7 +386,11 @@ def _database(config: Config, account: Account, now: float) -> Iterator[Finding]
     # who may write what is judged after it, and comes first in the output.
     opened = list(_database_content(config, now))
     if read_only_mount(config.box.database) is None and config.box.state_dir.exists():
-        yield from _database_access(config, account)
+        try:
+            yield from _database_access(config, account)
+        except OSError as exc:  # a directory doctor's own user may not look into
+            yield Finding("database", False, f"cannot check who may write it ({exc}): run "
+                          "doctor as root")  # fmt: skip
     yield from opened
 
 

@@ -139,6 +139,21 @@ def test_keys_in_a_directory_the_service_owns_can_be_replaced_and_say_where_to_m
         assert f"install -d -o root -g {GID} -m 0750 {doctor.KEYS_DIR}, move it there" in line
 
 
+def test_a_key_named_through_a_symlink_in_a_directory_the_service_owns_can_be_replaced(box):
+    """The key itself is root's, but the link to it sits where the service can swap it."""
+    installed(box)
+    links = box.dir / "state"
+    links.mkdir()
+    os.chown(links, UID, GID)
+    key = box.dir / "keys" / "code.key"
+    (links / "code.key").symlink_to(key)
+    text = box.config_path.read_text().replace(f'code_key_file = "{key}"',
+                                               f'code_key_file = "{links}/code.key"')  # fmt: skip
+    box.config_path.write_text(text)
+    (line,) = secret_problems(box)
+    assert f"user svc can replace {links}/code.key: it may write to {links} " in line
+
+
 def test_keys_in_a_group_writable_directory_can_be_replaced(box):
     installed(box)
     keys = box.dir / "keys"
