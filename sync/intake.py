@@ -45,6 +45,9 @@ RETRY_BACKOFF_MAX = 8
 # the box does not trust...), asking again soon only repeats the refusal: the backoff
 # keeps doubling up to this many retry periods (64 min at the default 30 s).
 STUCK_BACKOFF_MAX = 128
+# After this many requests for the same first sequence with nothing applied, the box
+# says so in `stuck` (the backend may not run, or may not hold the batches).
+UNANSWERED_REQUESTS = 5
 
 
 class Intake:
@@ -84,6 +87,10 @@ class Intake:
         """The last conflicting batch (possible key compromise); kept until restart."""
         self.stuck: str | None = None
         """Why the next batch cannot be applied; cleared when one is."""
+        self._refused_next = False
+        """The next batch arrived and was refused: back off further (STUCK_BACKOFF_MAX)."""
+        self._unanswered = 0
+        """Requests sent since a batch was last applied."""
         self.manifests_ignored = 0
         """Valid manifests ignored because they were signed before the one kept (16.1)."""
         self.last_seq = trust.state(conn, merchant).last_seq
@@ -227,6 +234,7 @@ class Intake:
             except ImportRefused as exc:
                 self.refuse(f"{topic} (batch {seq})", str(exc))
                 self.stuck = f"batch {seq} refused: {exc}"
+                self._refused_next = True
                 continue
             except sqlite3.Error as exc:
                 self.refuse(f"{topic} (batch {seq})", f"cannot write the cache: {exc}")
@@ -235,6 +243,8 @@ class Intake:
             self.applied += 1
             self.last_applied = result.describe()
             self.stuck = None
+            self._refused_next = False
+            self._unanswered = 0
             self._tries = 0
             self._next_request = self.clock() + self.retry
             log.info("sync: %s", self.last_applied)
@@ -261,6 +271,9 @@ class Intake:
         self.last_seq = trust.state(self.conn, self.merchant).last_seq
         if self.want_to <= self.last_seq:
             self.requested = None
+            self.stuck = None  # caught up another way (`redeemd import`)
+            self._refused_next = False
+            self._unanswered = 0
             return
         first = self.last_seq + 1
         last = min(self.want_to, self.last_seq + MAX_AHEAD)
@@ -276,9 +289,16 @@ class Intake:
             return
         log.info("sync: requested batches %d..%d", first, last)
         self.requested = (first, last)
-        cap = STUCK_BACKOFF_MAX if self.stuck else RETRY_BACKOFF_MAX
+        cap = STUCK_BACKOFF_MAX if self._refused_next else RETRY_BACKOFF_MAX
         self._next_request = now + self.retry * min(2**self._tries, cap)
         self._tries = min(self._tries + 1, 16)
+        self._unanswered += 1
+        if self._unanswered >= UNANSWERED_REQUESTS and not self._refused_next:
+            self.stuck = (
+                f"asked for batches {first}..{last} {self._unanswered} times and batch "
+                f"{first} never arrived: is the backend's publisher running, and does it "
+                "hold it? (a backend that lost it issues a snapshot)"
+            )
 
     def reconnected(self) -> None:
         self._next_request = 0.0

@@ -234,6 +234,38 @@ def test_a_refused_next_batch_is_asked_for_ever_more_slowly_and_the_box_says_why
     conn.close()
 
 
+def test_a_box_whose_requests_go_unanswered_says_so_and_keeps_asking_at_the_usual_pace(
+    loaded_box,
+):
+    keyset = loaded_box.keyset
+    conn = open_database(loaded_box.database)
+    requests: list[float] = []
+    clock = [float(time.time())]
+    intake = Intake(
+        conn, merchant="demo", roots=keyset.roots, max_batch_bytes=1 << 20,
+        request_topic="request", publish=lambda topic, payload: requests.append(clock[0]) or (0, 0),
+        retry=30.0, clock=lambda: clock[0],
+    )  # fmt: skip
+    intake.on_manifest(
+        "manifest",
+        manifest.build(
+            keyset.issuer_private, keyset.delegation, merchant="demo", latest_seq=3,
+            created_at=CREATED, expires_at=FAR,
+        ),
+    )  # fmt: skip
+    for _ in range(3 * 3600 // 10):
+        intake.tick()
+        clock[0] += 10
+    assert intake.stuck and "batch 3 never arrived" in intake.stuck
+    gaps = [b - a for a, b in zip(requests, requests[1:], strict=False)]
+    assert max(gaps) == RETRY_BACKOFF_MAX * 30, "lost messages are asked for again soon"
+
+    for chunk in batch.split(keyset.issue_batch({"NEW-0001": 1}, seq=3)):
+        intake.on_chunk("box/batches/3", 3, chunk)
+    assert trust.state(conn, "demo").last_seq == 3 and intake.stuck is None
+    conn.close()
+
+
 @pytest.fixture
 def loaded_box(tmp_path):
     box = write_box(tmp_path, make_keyset())
