@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import re
 import signal
@@ -13,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from backend import box_commands
+from backend import box_commands, codes_csv
 from backend.collect import DEFAULT_GROUP, Collector
 from backend.connection import BrokerUrlError
 from backend.export import ExportError, export, parse_seqs, pick_merchant
@@ -21,10 +19,8 @@ from backend.keystore import Keystore, KeystoreError, utc
 from backend.publish import DEFAULT_PREFIX, Publisher
 from backend.store import Store, StoreError
 from cards import batch, keys, signed_code
-from cards.batch import UNLIMITED, BatchError, CodeStatus, Kind
+from cards.batch import BatchError, Kind
 from cards.card import CardError, parse_card
-from cards.digest import code_digest
-from cards.normalize import MalformedCode, normalize
 
 HELP = """\
 Reference backend for redeemd boxes.
@@ -245,7 +241,10 @@ def cmd_issue(args: argparse.Namespace) -> int:
         templates = _cards(text, args.merchant)
         entries = batch.encode_cards(templates)
     else:
-        entries = _code_entries(text, kind, store.code_key())
+        try:
+            entries = codes_csv.entries(text, kind, store.code_key())
+        except codes_csv.CsvError as exc:
+            raise UsageError(f"{_source(args.input)}: {exc}") from None
 
     def sign(seq: int) -> bytes:
         return batch.build(
@@ -278,11 +277,15 @@ def _read_text(name: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        source = "standard input" if name == "-" else name
         raise UsageError(
-            f"{source} is not valid UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start}; "
-            "save the file as UTF-8"
+            f"{_source(name)} is not valid UTF-8: byte 0x{data[exc.start]:02x} at offset "
+            f"{exc.start}; save the file as UTF-8"
         ) from None
+
+
+def _source(name: str) -> str:
+    """The --input as an error message names it."""
+    return "standard input" if name == "-" else name
 
 
 def _seconds(days: float, flag: str) -> int:
@@ -308,55 +311,6 @@ def _cards(text: str, merchant: str) -> list[dict]:
         template.setdefault("merchant", merchant)
         parse_card(template)
     return templates
-
-
-def _code_entries(text: str, kind: Kind, code_key: bytes) -> bytes:
-    rows = list(csv.reader(io.StringIO(text)))
-    if rows and rows[0] and rows[0][0].strip().lower() == "code":
-        rows = rows[1:]
-    digests = []
-    issued = []
-    for number, row in enumerate(rows, start=1):
-        if not row or not row[0].strip():
-            continue
-        try:
-            canonical = normalize(row[0].encode("utf-8")).text
-        except MalformedCode as exc:
-            raise UsageError(f"line {number}: code is not usable: {exc}") from None
-        digest = code_digest(code_key, canonical)
-        if kind in (Kind.ISSUE, Kind.SNAPSHOT):
-            try:
-                fields = [int(v) if v.strip() else 0 for v in row[1:7]]
-            except ValueError:
-                raise UsageError(
-                    f"line {number}: card_id, times, uses and balance must be integers"
-                ) from None
-            if not fields:
-                raise UsageError(f"line {number}: needs at least code,card_id")
-            card_id, not_before, not_after, uses, balance = (fields + [0] * 5)[:5]
-            for name, value, largest in (
-                ("card_id", card_id, UNLIMITED),
-                ("not_before", not_before, UNLIMITED),
-                ("not_after", not_after, UNLIMITED),
-                ("uses", uses, UNLIMITED),
-                ("balance", balance, batch.MAX_BALANCE),
-            ):
-                # A negative uses is the CSV's way to say unlimited (0xFFFFFFFF).
-                if value > largest or (value < 0 and name != "uses"):
-                    raise UsageError(
-                        f"line {number}: {name} {value} is out of range: allowed 0..{largest}"
-                    )
-            uses = UNLIMITED if uses < 0 else uses
-            issued.append(
-                (digest, card_id, not_before, not_after, uses, balance, CodeStatus.ACTIVE)
-            )
-        else:
-            digests.append(digest)
-    if kind in (Kind.ISSUE, Kind.SNAPSHOT):
-        return batch.encode_issue(issued)
-    if kind is Kind.CONSUMED:
-        raise UsageError("consumed-elsewhere batches are made by the collector, not from a CSV")
-    return batch.encode_digests(digests)
 
 
 def cmd_mint(args: argparse.Namespace) -> int:

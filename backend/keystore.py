@@ -78,11 +78,11 @@ class Keystore:
         batches and manifests (issuer key and its delegation; for each of `merchants`,
         a delegation for it valid now), rather than at the first one a running
         publisher or collector must sign."""
+        self.private("issuer")
+        self.delegation()
         now = int(time.time())
         for merchant in merchants:
             self.signer(merchant, now)
-        self.private("issuer")
-        self.delegation()
 
     def signer(self, merchant: str | None, at: int) -> tuple[bytes, keys.Delegation]:
         """The issuer key and its delegation, to sign something for `merchant` (None:
@@ -93,9 +93,10 @@ class Keystore:
         is not delegated, or `at` is outside the delegation (protocol.md section 6).
         Checked before signing, so nothing is written or published that no box takes.
         """
+        private = self.private("issuer")  # first: a missing key is the first thing to fix
         delegation = self.delegation()
         self._check(delegation, merchant, at)
-        return self.private("issuer"), delegation
+        return private, delegation
 
     def _check(self, delegation: keys.Delegation, merchant: str | None, at: int) -> None:
         covered = ", ".join(delegation.merchants)

@@ -101,8 +101,10 @@ def test_csv_card_id_outside_u32_is_one_clear_line(keys_dir, card_id):
     line = one_line_error(
         issue(keys_dir, input=f"code,card_id\nGOOD-1,1\nBAD-1,{card_id}\n".encode())
     )
+    # Line 3 of the file: the header is line 1.
     assert line == (
-        f"redeemd-backend: line 2: card_id {card_id} is out of range: allowed 0..4294967295"
+        f"redeemd-backend: standard input: line 3: card_id {card_id} is out of range: "
+        "allowed 0..4294967295"
     )
     assert_nothing_issued(keys_dir)
 
@@ -114,6 +116,34 @@ def test_csv_card_id_outside_u32_is_one_clear_line(keys_dir, card_id):
 def test_csv_time_or_balance_out_of_range_is_one_clear_line(keys_dir, row, field):
     line = one_line_error(issue(keys_dir, input=f"{row}\n".encode()))
     assert f"line 1: {field} " in line and "allowed 0.." in line
+    assert_nothing_issued(keys_dir)
+
+
+def test_csv_error_names_the_input_file_and_the_line_an_editor_shows(keys_dir):
+    codes = keys_dir.parent / "codes.csv"
+    codes.write_text("code,card_id\n\nGOOD-1,1\nBAD-1,one\n")
+    out = keys_dir.parent / "out.rdb"
+    result = backend(
+        "issue", "--merchant", "demo", "--input", str(codes), "--out", str(out), keys_dir=keys_dir
+    )
+    assert one_line_error(result) == (
+        f"redeemd-backend: {codes}: line 4: card_id 'one' is not an integer"
+    )
+    assert_nothing_issued(keys_dir)
+
+
+@pytest.mark.parametrize(
+    ("csv_text", "expected"),
+    [
+        ("code,card\nGOOD-1,1\n", "line 1: the header 'code,card' is not one this command reads"),
+        ("code,card_id\nGOOD-1,1\n,1\n", "line 3: the code is empty"),
+        ("code,card_id\nGOOD-1,1\n]Q1GOOD-1,1\n", "line 3 repeats line 2"),
+    ],
+    ids=["wrong-header", "empty-code", "repeated-code"],
+)
+def test_csv_that_no_box_should_get_is_refused_and_nothing_issued(keys_dir, csv_text, expected):
+    line = one_line_error(issue(keys_dir, input=csv_text.encode()))
+    assert line.startswith("redeemd-backend: standard input: ") and expected in line, line
     assert_nothing_issued(keys_dir)
 
 

@@ -318,7 +318,7 @@ def test_backend_issue_from_a_bad_csv_is_one_clear_line(tmp_path):
         input="code,card_id\nGOOD-1,1\nBAD-1,one\n",
     )
     line = one_line_error(result)
-    assert line == "redeemd-backend: line 2: card_id, times, uses and balance must be integers"
+    assert line == "redeemd-backend: standard input: line 3: card_id 'one' is not an integer"
     assert not out.exists()
 
 
