@@ -241,8 +241,10 @@ SCHEMA: dict[str, dict[str, tuple[Checker, object]]] = {
     },
     "trust": {
         "root_keys": (_string_list, []),
-        "root_key_files": (_string_list, ["{state_dir}/keys/root.pub"]),
-        "code_key_file": (_string, "{state_dir}/keys/code.key"),
+        # Root's, read-only to the daemon: never under state_dir, which the daemon owns
+        # and could swap trust anchors in (issue 17.4; docs/decisions.md).
+        "root_key_files": (_string_list, ["{config_dir}/keys/root.pub"]),
+        "code_key_file": (_string, "{config_dir}/keys/code.key"),
         "max_staleness": (_duration, "7d"),
         "stale_policy": (_choice("accept", "reject"), "accept"),
         "max_batch_bytes": (_positive_int, 512 << 20),
@@ -355,6 +357,12 @@ SCANNER_SCHEMA: dict[str, tuple[Checker, object]] = {
 }
 
 
+def default_config_dir() -> str:
+    # {config_dir}: /etc/redeemd, or $CONFIGURATION_DIRECTORY as systemd names it (the
+    # quick start sets it to its own directory).
+    return os.environ.get("CONFIGURATION_DIRECTORY", "").split(":")[0] or "/etc/redeemd"
+
+
 def default_state_dir() -> str:
     # systemd sets STATE_DIRECTORY for units with StateDirectory=; the quick start sets it too.
     return os.environ.get("STATE_DIRECTORY", "").split(":")[0] or "/var/lib/redeemd"
@@ -417,7 +425,8 @@ def parse(data: dict, source: str) -> Config:
     values["box"]["state_dir"] = state_dir
 
     def expand(text: str) -> Path:
-        return Path(text.replace("{state_dir}", state_dir)).expanduser()
+        text = text.replace("{state_dir}", state_dir)
+        return Path(text.replace("{config_dir}", default_config_dir())).expanduser()
 
     scanners = _scanners(data.get("scanner"), problems)
     root_keys = _root_keys(values["trust"], expand, problems)

@@ -97,8 +97,9 @@ install -m 0644 "$SRC/systemd/sysusers.d/redeemd.conf" "$ETC/sysusers.d/redeemd.
 install -m 0644 "$SRC/systemd/tmpfiles.d/redeemd.conf" "$ETC/tmpfiles.d/redeemd.conf"
 install -m 0644 "$SRC/systemd/60-redeemd-scanners.rules" "$ETC/udev/rules.d/60-redeemd-scanners.rules"
 
-# 4. The config, only if there is none: an existing box keeps its own.
-install -d -m 0750 "$ETC/redeemd"
+# 4. The config, only if there is none: an existing box keeps its own. Keys go in
+# /etc/redeemd/keys (owners and modes: tmpfiles.d/redeemd.conf).
+install -d -m 0750 "$ETC/redeemd" "$ETC/redeemd/keys"
 if [ -e "$ETC/redeemd/config.toml" ]; then
   say "kept the existing $ETC/redeemd/config.toml"
 else
@@ -106,12 +107,41 @@ else
   say "wrote $ETC/redeemd/config.toml from config.example.toml: edit [box] and [[scanner]]"
 fi
 
+# Upgrade: keys used to live in /var/lib/redeemd/keys, inside the directory the daemon
+# owns, where it could move them aside and put its own in place. Move them to
+# /etc/redeemd/keys and point the config there. Only plain files named like keys
+# move, never a link: the daemon's user could have made one to a secret of root's.
+OLD=$ROOT/var/lib/redeemd/keys
+if [ -d "$OLD" ] && [ ! -L "$OLD" ]; then
+  moved=""
+  for f in "$OLD"/*.pub "$OLD"/code.key; do
+    [ -f "$f" ] && [ ! -L "$f" ] || continue
+    name=$(basename "$f")
+    if [ -e "$ETC/redeemd/keys/$name" ]; then
+      say "kept $ETC/redeemd/keys/$name; the old $f is left for you to compare and delete"
+      continue
+    fi
+    install -m 0640 "$f" "$ETC/redeemd/keys/$name" && rm -f "$f"
+    moved="$moved $name"
+  done
+  if [ -n "$moved" ]; then
+    say "moved$moved from /var/lib/redeemd/keys to /etc/redeemd/keys: the daemon could write the old place, so compare them with the backend's (sha256sum root.pub code.key)"
+  fi
+  rmdir "$OLD" 2>/dev/null || say "$OLD still holds files that are not keys (or links): look at them, then delete it"
+fi
+if [ -f "$ETC/redeemd/keys/root.pub" ] &&
+  grep -Eq '(\{state_dir\}|/var/lib/redeemd)/keys/' "$ETC/redeemd/config.toml"; then
+  sed -i.before-keys-move -E 's#(\{state_dir\}|/var/lib/redeemd)/keys/#/etc/redeemd/keys/#g' \
+    "$ETC/redeemd/config.toml"
+  say "[trust] in $ETC/redeemd/config.toml now names /etc/redeemd/keys (the old file: config.toml.before-keys-move)"
+fi
+
 APPLY="systemd-sysusers /etc/sysusers.d/redeemd.conf
   systemd-tmpfiles --create /etc/tmpfiles.d/redeemd.conf
   udevadm control --reload && udevadm trigger --subsystem-match=tty --subsystem-match=input --subsystem-match=video4linux
   systemctl daemon-reload && systemctl enable redeemd"
 NEXT="edit /etc/redeemd/config.toml ([box] id, merchant, store; [[scanner]] from 'redeemd devices')
-  copy root.pub and code.key from the backend to /var/lib/redeemd/keys/, then run
+  copy root.pub and code.key from the backend to /etc/redeemd/keys/, then run
   systemd-tmpfiles --create /etc/tmpfiles.d/redeemd.conf   (their owner and mode)
   redeemd check-config && systemctl start redeemd
   redeemd doctor && redeemd status"

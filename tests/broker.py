@@ -115,6 +115,29 @@ class Broker:
         self.start()
 
 
+def shipped_settings(text: str, paths: dict[str, str]) -> tuple[list[str], list[str]]:
+    """The lines of a shipped mosquitto.conf (systemd/mosquitto.conf) for a test broker:
+    (global lines, lines of its listener), every file named in `paths` replaced by the
+    test's own. The `listener` line is the Broker's own (a free loopback port), and the
+    TLS files are left out: TLS is proven in test_sync_tls.py, these lines prove who may
+    log in and do what."""
+    settings: list[str] = []
+    listener: list[str] | None = None
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        key, _, value = line.partition(" ")
+        if key == "listener":
+            assert listener is None, "one listener in the shipped file"
+            listener = []
+            continue
+        if key in ("certfile", "keyfile", "cafile"):
+            continue
+        line = f"{key} {paths.get(value, value)}"
+        (settings if listener is None else listener).append(line)
+    return settings, listener or []
+
+
 @pytest.fixture
 def broker(tmp_path: Path):
     """A fresh Mosquitto for one test, on its own port and directory."""

@@ -306,6 +306,7 @@ def test_builtin_default_uses_state_directory(tmp_path, keyset, monkeypatch):
     monkeypatch.delenv("REDEEMD_CONFIG", raising=False)
     monkeypatch.setattr(config_mod, "DEFAULT_PATH", tmp_path / "no-such-config.toml")
     monkeypatch.setenv("STATE_DIRECTORY", f"{tmp_path}:/var/lib/other")
+    monkeypatch.setenv("CONFIGURATION_DIRECTORY", str(tmp_path))  # keys: {config_dir}/keys
     config = config_mod.load(None)
     assert "built-in defaults" in config.source
     assert config.box.state_dir == tmp_path
@@ -318,6 +319,7 @@ def test_builtin_default_without_keys_names_the_missing_files(tmp_path, monkeypa
     monkeypatch.delenv("REDEEMD_CONFIG", raising=False)
     monkeypatch.setattr(config_mod, "DEFAULT_PATH", tmp_path / "no-such-config.toml")
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path))
+    monkeypatch.setenv("CONFIGURATION_DIRECTORY", str(tmp_path))
     with pytest.raises(ConfigError) as caught:
         config_mod.load(None)
     joined = "\n".join(caught.value.problems)

@@ -7,8 +7,9 @@ from conftest import ROOT, write_box
 from daemon import config as config_mod
 
 
-def test_example_config_parses_and_documents_every_key(tmp_path: Path, keyset):
+def test_example_config_parses_and_documents_every_key(tmp_path: Path, keyset, monkeypatch):
     write_box(tmp_path, keyset)  # creates keys/root.pub and keys/code.key
+    monkeypatch.setenv("CONFIGURATION_DIRECTORY", str(tmp_path))  # {config_dir}/keys
     text = (ROOT / "config.example.toml").read_text()
     path = tmp_path / "example.toml"
     path.write_text(text.replace('"/var/lib/redeemd"', f'"{tmp_path}"'))
@@ -29,10 +30,11 @@ def test_example_config_parses_and_documents_every_key(tmp_path: Path, keyset):
             )
 
 
-def test_commented_scanner_examples_parse_when_uncommented(tmp_path: Path, keyset):
+def test_commented_scanner_examples_parse_when_uncommented(tmp_path: Path, keyset, monkeypatch):
     import re
 
     write_box(tmp_path, keyset)
+    monkeypatch.setenv("CONFIGURATION_DIRECTORY", str(tmp_path))  # {config_dir}/keys
     text = (ROOT / "config.example.toml").read_text().replace('"/var/lib/redeemd"', f'"{tmp_path}"')
     uncommented = re.sub(r"(?m)^# (\[\[scanner\]\]|[a-z_0-9]+ = .*)$", r"\1", text)
     path = tmp_path / "example.toml"

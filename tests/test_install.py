@@ -124,3 +124,39 @@ def test_install_refuses_a_relative_prefix(tmp_path):
     assert result.returncode == 1
     assert "--prefix must be an absolute path" in result.stderr
     assert not (tmp_path / "root" / "opt").exists()
+
+
+def test_install_moves_keys_out_of_the_state_directory_and_points_the_config_there(tmp_path):
+    """Issue 17.4: /var/lib/redeemd is the daemon's, so keys there could be swapped by it."""
+    root = tmp_path / "root"
+    old = root / "var/lib/redeemd/keys"
+    old.mkdir(parents=True)
+    (old / "root.pub").write_text("root\n")
+    (old / "code.key").write_text("code\n")
+    secret = tmp_path / "root-only-secret"
+    secret.write_text("not for the daemon\n")
+    (old / "evil.pub").symlink_to(secret)  # planted by the daemon's user: never followed
+    (root / "etc/redeemd").mkdir(parents=True)
+    example = (ROOT / "config.example.toml").read_text()
+    (root / "etc/redeemd/config.toml").write_text(
+        example.replace("{config_dir}/keys/", "{state_dir}/keys/")
+    )
+    result = install(root, shims=tmp_path / "shims")
+    assert result.returncode == 0, result.stderr
+    keys = root / "etc/redeemd/keys"
+    assert sorted(p.name for p in keys.iterdir()) == ["code.key", "root.pub"]
+    assert (keys / "root.pub").read_text() == "root\n" and mode(keys / "code.key") == 0o640
+    assert not (old / "root.pub").exists() and not (old / "code.key").exists()
+    assert "moved root.pub code.key" in result.stderr and "compare them" in result.stderr
+    config = (root / "etc/redeemd/config.toml").read_text()
+    assert 'root_key_files = ["/etc/redeemd/keys/root.pub"]' in config
+    assert 'code_key_file = "/etc/redeemd/keys/code.key"' in config
+    assert "{state_dir}/keys" in (root / "etc/redeemd/config.toml.before-keys-move").read_text()
+
+
+def test_a_fresh_install_has_an_empty_keys_directory_beside_the_config(installed):
+    root, result = installed
+    assert mode(root / "etc/redeemd/keys") == 0o750
+    assert list((root / "etc/redeemd/keys").iterdir()) == []
+    assert "/etc/redeemd/keys/" in result.stderr
+    assert not (root / "var/lib/redeemd/keys").exists()
