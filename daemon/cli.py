@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cards.batch import BatchError, open_file
 from daemon import config as config_mod
-from daemon import logs
+from daemon import liveness, logs
 from daemon.config import Config, ConfigError
 from storage import batch_import, codes, ledger, outbox, trust
 from storage.database import (
@@ -462,7 +462,7 @@ def _live_status(config: Config) -> dict[str, object]:
         }  # fmt: skip
     # Written every 2 s by a live daemon: an older file is a daemon that stopped or
     # hangs, and its pid may be a zombie or, after a reboot, another process.
-    running = age < 10 and _alive(pid)
+    running = age < liveness.STATUS_FRESH and liveness.alive(pid)
     drivers = [d for d in live.get("drivers", []) if isinstance(d, dict)]
     if not running:
         drivers = [_not_running(d, live.get("updated_at")) for d in drivers]
@@ -488,28 +488,6 @@ def _not_running(driver: dict, updated_at: object) -> dict:
         "last_state": driver.get("state"),
         "message": f"redeemd is not running; at {when} this scanner was {driver.get('state')}",
     }
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` is a running process. A zombie (killed, not yet reaped by its
-    parent) still answers kill(pid, 0) but runs no more."""
-    if pid <= 0:  # kill(0, 0) would ask our own process group
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        stat = ""
-    if stat:
-        return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process (the daemon's, run as root)
-        return True
-    return True
 
 
 def _read_only(config: Config):

@@ -220,12 +220,16 @@ def _config_problem(source: str, problem: str, account: Account) -> Finding:
         hint = f"run doctor as root (sudo redeemd doctor) to check it for user {account.name}"
     elif denied:
         path = Path(denied.group(1))
-        mode = describe_mode(path) if path.exists() else "?"
-        return Finding(
-            "config", False,
-            f"user {account.name} cannot read {path} ({mode}), so redeemd cannot start: "
-            f"as root, {_secret_fix(path, account)}",
-        )  # fmt: skip
+        try:
+            mode, fix = describe_mode(path), _secret_fix(path, account)
+        except OSError:  # a directory on the way it may not enter either
+            hint = "run doctor as root (sudo redeemd doctor) to see which directory blocks it"
+        else:
+            return Finding(
+                "config", False,
+                f"user {account.name} cannot read {path} ({mode}), so redeemd cannot start: "
+                f"as root, {fix}",
+            )  # fmt: skip
     else:
         hint = "fix it, then `redeemd check-config`"
     return Finding("config", False, f"{source}: {problem}; {hint}")

@@ -45,14 +45,14 @@ def probe(config: Config, now: float | None = None) -> Liveness:
     now = time.time() if now is None else now
     pid, age = _status_file(config.box.state_dir / "status.json", now)
     state = process_state(pid) if pid is not None else None
-    alive = state not in (None, "Z", "X")
+    running = state not in (None, "Z", "X")
     fresh = age is not None and age < STATUS_FRESH
     api = config.api
     answer = _ask_api(api.socket, config.box.id) if api.enabled else None
-    who = f", pid {pid}" if pid is not None and alive else ""
+    who = f", pid {pid}" if running else ""
     if api.enabled and answer == ANSWERED:
         return Liveness(True, pid, f"running{who}; the local API at {api.socket} answers")
-    if alive and fresh:
+    if running and fresh:
         if not api.enabled:
             return Liveness(True, pid, f"running{who} (local API disabled in [api])")
         if answer == DENIED:
@@ -75,20 +75,33 @@ def probe(config: Config, now: float | None = None) -> Liveness:
     return Liveness(False, None, f"not running ({why})")
 
 
+def alive(pid: int) -> bool:
+    """Whether `pid` is a running process: it exists and is not a zombie (a process that
+    exited and was not reaped still answers kill(pid, 0), but runs no more)."""
+    return process_state(pid) not in (None, "Z", "X")
+
+
 def process_state(pid: int) -> str | None:
-    """The kernel's one-letter state of `pid` (R, S, D, Z ...), None when it does not exist."""
+    """The kernel's one-letter state of `pid` (R, S, D, Z ...), "?" for a process that
+    exists in an unknown state, None when there is none."""
+    if pid <= 0:  # kill(0, 0) would ask about our own process group
+        return None
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
     except OSError:
-        try:
-            os.kill(pid, 0)  # no /proc (not Linux): exists, state unknown
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return "?"
-    # "pid (comm) S ...": comm may hold spaces and parentheses; the state follows the last ')'.
-    return stat.rpartition(")")[2].split()[0]
+        stat = ""
+    if stat:
+        # "pid (comm) S ...": comm may hold spaces and parentheses; the state follows the last ')'.
+        return stat.rpartition(")")[2].split()[0]
+    try:  # no /proc (not Linux)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # another user's process (the daemon's, seen by a user)
+        pass
+    return "?"
 
 
 def _status_file(path: Path, now: float) -> tuple[int | None, float | None]:
