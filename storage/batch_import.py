@@ -154,10 +154,10 @@ def _same_content(header: Header, kind: str, count: int, entries_sha256: str | N
     return (kind, entries_sha256) == (header.kind.value, header.entries_sha256)
 
 
-def _export_hint(header: Header) -> str:
+def _export_hint(header: Header, copy: str = "a re-signed copy") -> str:
     return (
         f"`redeemd-backend export {header.seq} --merchant {header.merchant} --dir KEYS "
-        "--out DIR` on the backend writes a re-signed copy (sync asks for one by itself)"
+        f"--out DIR` on the backend writes {copy} (sync asks for one by itself)"
     )
 
 
@@ -178,8 +178,8 @@ def _apply_locked(
     if now > header.issuer.not_after:
         raise BatchExpired(
             f"batch {header.seq} is signed by issuer key {header.issuer.key_id}, delegated "
-            f"until {_when(header.issuer.not_after)}; {_export_hint(header)} with the "
-            "current key"
+            f"until {_when(header.issuer.not_after)}; "
+            f"{_export_hint(header, 'a copy re-signed with the current key')}"
         )
     if (
         wall is not None
