@@ -300,8 +300,12 @@ def _secrets(config: Config, account: Account) -> Iterator[Finding]:
         )  # fmt: skip
 
 
+OPEN = "it is open to every user of the box"
+
+
 def _guard(what: str, path: Path, secret: bool, account: Account) -> Iterator[Finding]:
-    mode = describe_mode(path)
+    """The problems of one secret or trust anchor: what is wrong with the file itself, in
+    one line with one fix, and a directory on the way that blocks or endangers it."""
     blocked = account.blocked_at(path)
     if blocked is not None:
         yield Finding(
@@ -310,28 +314,26 @@ def _guard(what: str, path: Path, secret: bool, account: Account) -> Iterator[Fi
             f"({describe_mode(blocked)}), so redeemd cannot start: chown root:{account.group} "
             f"{blocked} && chmod {SECRET_DIR_MODE:04o} {blocked}",
         )  # fmt: skip
-    elif not account.may(path, os.R_OK):
-        yield Finding(
-            "secrets", False,
-            f"{what}: user {account.name} cannot read {path} ({mode}), so redeemd cannot "
-            f"start: {_secret_fix(path, account)}",
-        )  # fmt: skip
+    wrong = []
+    if blocked is None and not account.may(path, os.R_OK):
+        wrong.append(f"user {account.name} cannot read it, so redeemd cannot start")
     if secret and path.stat().st_mode & 0o007:
-        fix = _secret_fix(path, account) if account.confined else f"chmod o-rwx {path}"
-        yield Finding(
-            "secrets", False,
-            f"{what}: {path} ({mode}) is open to every user of the box: {fix}",
-        )  # fmt: skip
-    if not account.confined:
-        return
-    way = account.can_replace(path)
+        wrong.append(OPEN)
+    way = account.can_replace(path) if account.confined else None
     if way == path.resolve():
+        wrong.append(
+            f"user {account.name} can change it, so whoever takes over the daemon can "
+            "rewrite what it trusts"
+        )
+    if wrong:
+        # Your own file (the demo) or root's only needs hiding; for the service, the
+        # owner and mode of the tmpfiles layout fix every reason at once.
+        hide = wrong == [OPEN] and not account.confined
+        fix = f"chmod o-rwx {path}" if hide else _secret_fix(path, account)
         yield Finding(
-            "secrets", False,
-            f"{what}: user {account.name} can change {path} ({mode}), so whoever takes over "
-            f"the daemon can rewrite what it trusts: {_secret_fix(path, account)}",
-        )  # fmt: skip
-    elif way is not None:
+            "secrets", False, f"{what}: {path} ({describe_mode(path)}): {'; '.join(wrong)}: {fix}"
+        )
+    if way is not None and way != path.resolve():
         if way.stat().st_uid == account.uid:
             fix = (
                 f"keep it in a directory only root may change: install -d -o root -g "

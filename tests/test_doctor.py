@@ -392,7 +392,7 @@ def test_tls_broker_with_the_right_ca_the_wrong_ca_and_unreadable_files(
     key_file.chmod(0o600)
     _, lines = doctor_lines(box, "--user", "nobody")
     assert any(
-        f"[sync] key_file: user nobody cannot read {key_file}" in p
+        f"[sync] key_file: {key_file} (-rw------- root:root): user nobody cannot read it" in p
         for p in problems(lines, "secrets")
     )
     key_file.write_text("not a key\n")

@@ -65,7 +65,7 @@ def test_a_world_readable_code_key_is_a_problem_with_its_fix(box):
     key = box.dir / "keys" / "code.key"
     key.chmod(0o644)
     (line,) = secret_problems(box)
-    assert f"[trust] code_key_file: {key} (-rw-r--r-- root:{GID}) is open to every user" in line
+    assert f"[trust] code_key_file: {key} (-rw-r--r-- root:{GID}): it is open to every user" in line
     assert line.endswith(f": chmod 0640 {key}")
     assert fixed(box, line) == []
 
@@ -76,7 +76,7 @@ def test_a_code_key_the_service_cannot_read_is_a_problem_with_its_fix(box):
     os.chown(key, 0, 0)
     key.chmod(0o600)  # what the tmpfiles rule left on Debian 12 (issue 17.3)
     (line,) = secret_problems(box)
-    assert f"user svc cannot read {key} (-rw------- root:root), so redeemd cannot start" in line
+    assert f"{key} (-rw------- root:root): user svc cannot read it, so redeemd cannot start" in line
     assert line.endswith(f": chown root:{GID} {key} && chmod 0640 {key}")
     assert fixed(box, line) == []
 
@@ -86,7 +86,7 @@ def test_a_world_readable_config_is_a_problem_with_its_fix(box):
     os.chown(box.config_path, 0, 0)
     box.config_path.chmod(0o644)
     (line,) = secret_problems(box)
-    assert f"config: {box.config_path} (-rw-r--r-- root:root) is open to every user" in line
+    assert f"config: {box.config_path} (-rw-r--r-- root:root): it is open to every user" in line
     assert line.endswith(f": chown root:{GID} {box.config_path} && chmod 0640 {box.config_path}")
     assert fixed(box, line) == []
 
@@ -109,10 +109,22 @@ def test_a_world_readable_mqtt_password_and_tls_key_are_problems_with_their_fixe
     (password,) = [p for p in lines if "[sync] password_file" in p]
     (key,) = [p for p in lines if "[sync] key_file" in p]
     for line, path in ((password, password_file), (key, key_file)):
-        assert f"{path} (-rw-r--r-- root:root) is open to every user" in line
+        assert f"{path} (-rw-r--r-- root:root): it is open to every user" in line
         assert line.endswith(f": chown root:{GID} {path} && chmod 0640 {path}")
         follow(line)
     assert secret_problems(box) == []
+
+
+def test_every_reason_for_one_file_is_one_line_with_one_fix(box):
+    installed(box)
+    key = box.dir / "keys" / "code.key"
+    os.chown(key, UID, 0)
+    key.chmod(0o604)  # the service owns it, its group cannot read, everyone else can
+    (line,) = secret_problems(box)
+    assert f"{key} (-rw----r-- {UID}:root): it is open to every user of the box; " in line
+    assert "; user svc can change it, so whoever takes over the daemon" in line
+    assert line.endswith(f": chown root:{GID} {key} && chmod 0640 {key}")
+    assert fixed(box, line) == []
 
 
 def test_a_key_the_service_owns_is_a_problem_it_could_rewrite(box):
@@ -120,7 +132,7 @@ def test_a_key_the_service_owns_is_a_problem_it_could_rewrite(box):
     key = box.dir / "keys" / "root.pub"
     os.chown(key, UID, GID)
     (line,) = secret_problems(box)
-    assert f"[trust] root_key_files: user svc can change {key} (-rw-r----- {UID}:{GID})" in line
+    assert f"[trust] root_key_files: {key} (-rw-r----- {UID}:{GID}): user svc can change it" in line
     assert line.endswith(f": chown root:{GID} {key}")
     assert fixed(box, line) == []
 
@@ -199,7 +211,7 @@ def test_the_cli_flags_a_world_readable_code_key_for_the_service_user(box):
     code, lines = doctor_lines(box, "--user", "nobody")
     assert code == 1
     (line,) = problems(lines, "secrets")
-    assert f"{key} (-rw-r--r-- root:nogroup) is open to every user of the box" in line
+    assert f"{key} (-rw-r--r-- root:nogroup): it is open to every user of the box" in line
     assert line.endswith(f": chmod 0640 {key}")
 
 
