@@ -405,7 +405,10 @@ class ApiServer:
             while not self._stopping.is_set():
                 for key, mask in selector.select(0.5):
                     if key.data is _LISTEN:
-                        self._accept()
+                        try:
+                            self._accept()
+                        except Exception:  # a bug costs a connection, not the API
+                            log.exception("api: accepting a client failed")
                     elif key.data is _WAKE:
                         with contextlib.suppress(BlockingIOError):
                             while self._wake_r.recv(4096):  # type: ignore[union-attr]
@@ -456,7 +459,7 @@ class ApiServer:
             self._numbers += 1
             client = _Client(sock, self._numbers)
             self._clients[client.number] = client
-            self._interest(client)
+            self._guarded(client, self._interest)
 
     def _interest(self, client: _Client) -> None:
         events = 0
