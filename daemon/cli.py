@@ -435,8 +435,10 @@ def _last_errors(live: dict) -> list[str]:
     if live.get("alarm"):
         errors.append(f"engine: {live['alarm']}")
     sync = live.get("sync") or {}
-    for key in ("last_error", "publish_error", "last_refused"):
-        if sync.get(key):
+    shown = set()
+    for key in ("alarm", "stuck", "last_error", "publish_error", "last_refused"):
+        if sync.get(key) and sync[key] not in shown:  # a conflict is the alarm and last_refused
+            shown.add(sync[key])
             errors.append(f"sync {key}: {sync[key]}")
     for d in live.get("drivers") or []:
         if d.get("message") and d.get("state") not in ("connected", "stopped"):
