@@ -302,6 +302,7 @@ def _cards(text: str, merchant: str) -> list[dict]:
         raise UsageError(f"cards input is not JSON: {exc}") from None
     if not isinstance(templates, list):
         raise UsageError("cards input must be a JSON array of card templates")
+    seen: dict[int, int] = {}
     for number, template in enumerate(templates, start=1):
         if not isinstance(template, dict):
             raise UsageError(
@@ -309,7 +310,22 @@ def _cards(text: str, merchant: str) -> list[dict]:
                 "each element must be a JSON object (a card template)"
             )
         template.setdefault("merchant", merchant)
-        parse_card(template)
+        card = parse_card(template)
+        # Both refused by every box or silently lost there: the box takes a cards batch's
+        # templates only for the batch's merchant, and a later template replaces an
+        # earlier one with the same id.
+        if card.merchant != merchant:
+            raise UsageError(
+                f"cards input element {number} (card {card.card_id}) is for merchant "
+                f"{card.merchant!r}, not --merchant {merchant!r}: boxes refuse a cards "
+                f"batch with another merchant's card; issue it with --merchant {card.merchant}"
+            )
+        if card.card_id in seen:
+            raise UsageError(
+                f"cards input elements {seen[card.card_id]} and {number} both have id "
+                f"{card.card_id}: a card id names one template; keep one of them"
+            )
+        seen[card.card_id] = number
     return templates
 
 

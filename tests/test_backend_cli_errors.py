@@ -93,6 +93,26 @@ def test_cards_array_element_that_is_not_an_object_is_one_clear_line(keys_dir, c
     assert_nothing_issued(keys_dir)
 
 
+@pytest.mark.parametrize(
+    ("cards", "expected"),
+    [
+        (
+            b'[{"id": 1, "kind": "coupon", "merchant": "acme"}]',
+            "element 1 (card 1) is for merchant 'acme', not --merchant 'demo'",
+        ),
+        (
+            b'[{"id": 1, "kind": "coupon"}, {"id": 2, "kind": "coupon"}, {"id": 1, "kind": "gift"}]',
+            "elements 1 and 3 both have id 1",
+        ),
+    ],
+    ids=["another-merchant", "repeated-id"],
+)
+def test_cards_every_box_would_refuse_or_lose_are_not_issued(keys_dir, cards, expected):
+    line = one_line_error(issue(keys_dir, "--kind", "cards", input=cards))
+    assert expected in line, line
+    assert_nothing_issued(keys_dir)
+
+
 # ---------------------------------------------------------------- issue from CSV
 
 
