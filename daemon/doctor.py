@@ -52,7 +52,8 @@ SECRET_MODE = 0o640
 SECRET_DIR_MODE = 0o750
 # Where docs/operations.md keeps root-owned keys, for a key found in a directory the
 # service may change.
-KEYS_DIR = "/etc/redeemd/keys"
+CONFIG_DIR = "/etc/redeemd"
+KEYS_DIR = f"{CONFIG_DIR}/keys"
 # The section of docs/operations.md a damaged database sends the technician to.
 RESTORE_SECTION = "Back up and restore the ledger"
 # A clock before this was never set (a board without a real-time clock boots in 1970).
@@ -146,16 +147,18 @@ class Account:
         bits = os.R_OK | (os.W_OK if write else 0)
         return self.blocked_at(path) is None and self.may(path, bits)
 
-    def can_replace(self, path: Path) -> Path | None:
-        """How this account could put other content at `path`: the file itself (it owns
-        it or may write it) or a directory above it it may write (renaming the file, or
-        a directory on the way, aside); None if it cannot."""
+    def can_change(self, path: Path) -> bool:
+        """Whether this account may rewrite the file `path` leads to (it owns it, and so
+        may chmod it, or may write it)."""
         real = path.resolve()
-        if real.stat().st_uid == self.uid or self.may(real, os.W_OK):
-            return real
+        return real.stat().st_uid == self.uid or self.may(real, os.W_OK)
+
+    def replaces_through(self, path: Path) -> Path | None:
+        """A directory above `path` this account may write, and so put another file in
+        its place (renaming it, or a directory on the way, aside); None if none."""
         # The directories on the path as named (a symlink there can be swapped) and on
         # the path it leads to.
-        for named in (Path(os.path.abspath(path)), real):
+        for named in (Path(os.path.abspath(path)), path.resolve()):
             child = named
             for parent in named.parents:
                 st = parent.stat()
@@ -283,7 +286,7 @@ def _secrets(config: Config, account: Account) -> Iterator[Finding]:
     problems = []
     for what, path, secret in files:
         try:
-            problems += _guard(what, path, secret, account)
+            problems += _guard(what, path, secret, account, config.box.state_dir)
         except OSError as exc:  # a directory on the way doctor's own user may not read
             problems.append(
                 Finding(
@@ -303,7 +306,9 @@ def _secrets(config: Config, account: Account) -> Iterator[Finding]:
 OPEN = "it is open to every user of the box"
 
 
-def _guard(what: str, path: Path, secret: bool, account: Account) -> Iterator[Finding]:
+def _guard(
+    what: str, path: Path, secret: bool, account: Account, state_dir: Path
+) -> Iterator[Finding]:
     """The problems of one secret or trust anchor: what is wrong with the file itself, in
     one line with one fix, and a directory on the way that blocks or endangers it."""
     blocked = account.blocked_at(path)
@@ -319,8 +324,7 @@ def _guard(what: str, path: Path, secret: bool, account: Account) -> Iterator[Fi
         wrong.append(f"user {account.name} cannot read it, so redeemd cannot start")
     if secret and path.stat().st_mode & 0o007:
         wrong.append(OPEN)
-    way = account.can_replace(path) if account.confined else None
-    if way == path.resolve():
+    if account.confined and account.can_change(path):
         wrong.append(
             f"user {account.name} can change it, so whoever takes over the daemon can "
             "rewrite what it trusts"
@@ -333,20 +337,33 @@ def _guard(what: str, path: Path, secret: bool, account: Account) -> Iterator[Fi
         yield Finding(
             "secrets", False, f"{what}: {path} ({describe_mode(path)}): {'; '.join(wrong)}: {fix}"
         )
-    if way is not None and way != path.resolve():
-        if way.stat().st_uid == account.uid:
-            fix = (
-                f"keep it in a directory only root may change: install -d -o root -g "
-                f"{account.group} -m {SECRET_DIR_MODE:04o} {KEYS_DIR}, move it there and "
-                "name the new path in the config (docs/operations.md)"
-            )
-        else:
-            fix = f"chmod go-w {way}"
+    way = account.replaces_through(path) if account.confined else None
+    if way is not None:
         yield Finding(
             "secrets", False,
             f"{what}: user {account.name} can replace {path}: it may write to {way} "
-            f"({describe_mode(way)}): {fix}",
+            f"({describe_mode(way)}): {_move_fix(what, way, account, state_dir)}",
         )  # fmt: skip
+
+
+def _move_fix(what: str, way: Path, account: Account, state_dir: Path) -> str:
+    """How to keep the account from writing `way`, a directory above a guarded file."""
+    if way.stat().st_uid != account.uid:
+        return f"chmod go-w {way}"
+    state = state_dir.resolve()
+    if way != state and way not in state.parents:
+        return f"chown root:{account.group} {way} && chmod {SECRET_DIR_MODE:04o} {way}"
+    # The state directory must stay the service's: the file has to live elsewhere.
+    make = f"install -d -o root -g {account.group} -m {SECRET_DIR_MODE:04o}"
+    if what == "config":
+        return (
+            f"keep it out of the state directory: {make} {CONFIG_DIR} and move it to "
+            f"{CONFIG_DIR}/config.toml, which redeemd reads without -c"
+        )
+    return (
+        f"keep it out of the state directory: {make} {KEYS_DIR}, move it there and name "
+        "the new path in the config (docs/operations.md)"
+    )
 
 
 def _secret_fix(path: Path, account: Account) -> str:

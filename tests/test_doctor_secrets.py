@@ -137,9 +137,9 @@ def test_a_key_the_service_owns_is_a_problem_it_could_rewrite(box):
     assert fixed(box, line) == []
 
 
-def test_keys_in_a_directory_the_service_owns_can_be_replaced_and_say_where_to_move(box):
-    """Issue 17.4: the service owning the keys' directory can rename it aside and put
-    its own root.pub in place, whatever the files' own modes."""
+def test_keys_in_a_directory_the_service_owns_can_be_replaced_and_get_the_chown(box):
+    """Whatever the files' own modes, the service owning their directory can rename
+    them aside and put its own root.pub in place."""
     installed(box)
     keys = box.dir / "keys"
     os.chown(keys, UID, GID)
@@ -148,6 +148,22 @@ def test_keys_in_a_directory_the_service_owns_can_be_replaced_and_say_where_to_m
     for line in lines:
         assert f"user svc can replace {keys}/" in line
         assert f"it may write to {keys} (drwxr-x--- {UID}:{GID})" in line
+        assert line.endswith(f": chown root:{GID} {keys} && chmod 0750 {keys}")
+    follow(lines[0])
+    assert secret_problems(box) == []
+
+
+def test_keys_and_config_in_the_state_directory_say_to_move_them_out(box):
+    """Issue 17.4's layout: keys under the state directory, which the service owns and
+    must keep writing its database in, so the keys must move, not the directory."""
+    installed(box)
+    os.chown(box.dir, UID, GID)  # box.dir is the state directory
+    lines = secret_problems(box)
+    assert len(lines) == 3  # the config, code.key and root.pub
+    assert all(f"it may write to {box.dir} (drwx--x--x {UID}:{GID})" in line for line in lines)
+    (config,) = [line for line in lines if "secrets: config:" in line]
+    assert f"install -d -o root -g {GID} -m 0750 {doctor.CONFIG_DIR} and move it to " in config
+    for line in (line for line in lines if "[trust]" in line):
         assert f"install -d -o root -g {GID} -m 0750 {doctor.KEYS_DIR}, move it there" in line
 
 
