@@ -79,7 +79,7 @@ def export(
     store: Store, keystore: Keystore, merchant: str, seqs: list[int], out: Path
 ) -> list[Exported]:
     """Write batch files `{merchant}-{seq:06d}.rdb` into `out` (created if needed)."""
-    found = {b.seq: b for b in store.batches(merchant, seqs[0], seqs[-1]) if b.seq in set(seqs)}
+    found = {b.seq: b for first, last in _runs(seqs) for b in store.batches(merchant, first, last)}
     missing = [s for s in seqs if s not in found]
     if missing:
         latest = store.latest_seq(merchant)
@@ -107,3 +107,14 @@ def export(
         os.replace(aside, path)
         written.append(Exported(path, issued, why))
     return written
+
+
+def _runs(seqs: list[int]) -> list[tuple[int, int]]:
+    """Sorted sequences as (first, last) runs, so no unrequested batch is read."""
+    runs: list[tuple[int, int]] = []
+    for seq in seqs:
+        if runs and runs[-1][1] == seq - 1:
+            runs[-1] = (runs[-1][0], seq)
+        else:
+            runs.append((seq, seq))
+    return runs
