@@ -207,7 +207,11 @@ def test_dev_reports_an_unreachable_index_as_a_network_error(tmp_path):
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
     project = _project(tmp_path, 'from setuptools import setup\n\nsetup(name="x", version="0")\n')
-    # pip asks the index for setuptools to build the project in isolation, and fails.
+    # pip asks the index for setuptools to build the project in isolation, and fails
+    # (with a build-system table, as redeemd has: an older pip would use setup.py alone).
+    (project / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=61"]\nbuild-backend = "setuptools.build_meta"\n'
+    )
     unreachable = {"PIP_CONFIG_FILE": os.devnull, "PIP_RETRIES": "1",
                    "PIP_INDEX_URL": f"http://127.0.0.1:{port}/simple"}  # fmt: skip
     result = _dev(project, "demo", **unreachable)
