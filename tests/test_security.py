@@ -11,6 +11,7 @@ refused, beside a control that the same party can do its own job, so that a refu
 never passes because nothing worked at all.
 """
 
+# ruff: noqa: F811  (the broker fixture is imported, then named as a parameter)
 from __future__ import annotations
 
 import json
@@ -18,6 +19,7 @@ import os
 import queue
 import secrets
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -27,8 +29,9 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from backend_helpers import make_backend, record, register, wait_until
-from broker import Broker, shipped_settings
+from broker import Broker, broker, shipped_settings  # noqa: F401  (fixture)
 from conftest import ROOT
+from fleet import Fleet, backend_cli
 from test_install import install
 from test_systemd import tool
 
@@ -300,6 +303,86 @@ def test_a_forged_record_for_another_merchant_is_neither_delivered_nor_stored(
         assert not collector.refused, "the broker stopped it; the collector never saw it"
     finally:
         collector.stop()
+
+
+def secured(broker: Broker, acl: Path, users: tuple[str, ...]) -> dict[str, str]:
+    """Give `broker` the shipped settings, `acl` and a password for each of `users`."""
+    passwords = {user: f"pw-{user}" for user in users}
+    passwd = broker.dir / "redeemd.passwd"
+    passwd.touch()
+    for user, password in passwords.items():
+        subprocess.run(
+            [tool("mosquitto_passwd", "mosquitto"), "-b", str(passwd), user, password], check=True
+        )
+    broker.anonymous = False
+    broker.options, broker.listener_options = shipped_settings(
+        (SYSTEMD / "mosquitto.conf").read_text(),
+        {"/etc/mosquitto/redeemd.passwd": str(passwd), "/etc/mosquitto/redeemd-acl.conf": str(acl)},
+    )
+    broker.restart()
+    return passwords
+
+
+def test_the_documented_deployment_syncs_a_real_box_under_its_own_logins(tmp_path, broker):
+    """The positive control for everything above: a real daemon, collector and publisher,
+    each logging in as docs/operations.md says, through the ACL `box acl` writes."""
+    fleet = Fleet(tmp_path, broker)
+    try:
+        password_file = tmp_path / "mqtt.password"
+        password_file.write_text("pw-box-sec\n")
+        box = fleet.box(  # registers it (box add)
+            "box-sec", extra=f'username = "box-sec"\npassword_file = "{password_file}"'
+        )
+        acl = tmp_path / "redeemd-acl.conf"
+        backend_cli("box", "acl", "--dir", str(fleet.backend), "--out", str(acl))
+        passwords = secured(broker, acl, ("box-sec", *BACKEND_USERS))
+
+        def login(user: str) -> str:
+            return f"mqtt://{user}:{passwords[user]}@127.0.0.1:{broker.port}"
+
+        fleet._start("collect", "--dir", str(fleet.backend), "--broker", login("redeemd-collect"))
+        fleet._start("publish", "--dir", str(fleet.backend), "--broker", login("redeemd-publish"),
+                     "--poll", "0.2s")  # fmt: skip
+        daemon = fleet.run(box)
+        daemon.scan("FLEET-0001", "FLEET-0002")
+        assert [v["verdict"] for v in daemon.wait_verdicts(2)] == ["accepted", "accepted"]
+        wait_until(lambda: fleet.all_collected(box), "the box's records stored and acked")
+        fleet.issue("revoke", _csv(tmp_path))
+        wait_until(lambda: box.cache_seq() == 3, "the new batch reached the box")
+        assert "not authorized" not in box.stderr().lower(), box.stderr()[-2000:]
+    finally:
+        fleet.close()
+
+
+def _csv(directory: Path) -> Path:
+    path = directory / "revoke.csv"
+    path.write_text("code\nFLEET-0100\n")
+    return path
+
+
+def test_a_box_registered_later_gets_in_once_the_acl_is_written_again_and_reloaded(
+    tmp_path, broker
+):
+    backend = tmp_path / "backend"
+    make_backend(backend, merchants=("acme",))
+    backend_cli("box", "add", "--dir", str(backend), "--merchant", "acme", "box-0042")
+    acl = tmp_path / "redeemd-acl.conf"
+    backend_cli("box", "acl", "--dir", str(backend), "--out", str(acl))
+    passwords = secured(broker, acl, ("box-0042", "box-0044", *BACKEND_USERS))
+    new = Topics(PREFIX, "acme", "box-0044")
+
+    def publishes() -> bool:
+        client = Login(broker.port, "box-0044", passwords["box-0044"])
+        try:
+            return client.publish(new.events, b"hello")
+        finally:
+            client.close()
+
+    assert not publishes(), "a box with a password but not in the ACL may not publish"
+    backend_cli("box", "add", "--dir", str(backend), "--merchant", "acme", "box-0044")
+    backend_cli("box", "acl", "--dir", str(backend), "--out", str(acl))
+    broker.process.send_signal(signal.SIGHUP)  # systemctl reload mosquitto
+    wait_until(publishes, "box-0044 allowed after the reload")
 
 
 # ---------------------------------------------------------------- the box's files
