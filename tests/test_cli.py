@@ -174,7 +174,8 @@ def test_every_subcommand_has_help_with_an_example(module, parser, expected, tmp
 def test_backend_keys_batches_and_minted_codes_are_accepted_by_a_box(tmp_path):
     backend_dir = tmp_path / "backend"
     state = tmp_path / "state"
-    env = {"STATE_DIRECTORY": str(state)}
+    etc = tmp_path / "etc"  # the keys' place: {config_dir}/keys, /etc/redeemd on a box
+    env = {"STATE_DIRECTORY": str(state), "CONFIGURATION_DIRECTORY": str(etc)}
 
     def backend(*args: str, input: str | None = None) -> str:
         result = run(
@@ -227,9 +228,9 @@ def test_backend_keys_batches_and_minted_codes_are_accepted_by_a_box(tmp_path):
     assert len(minted) == 2 and all(code.startswith("RD1") for code in minted)
 
     # The technician copies the public root key and the code key onto the box.
-    (state / "keys").mkdir(parents=True)
-    shutil.copy(backend_dir / "root.pub", state / "keys" / "root.pub")
-    shutil.copy(backend_dir / "code.key", state / "keys" / "code.key")
+    (etc / "keys").mkdir(parents=True)
+    shutil.copy(backend_dir / "root.pub", etc / "keys" / "root.pub")
+    shutil.copy(backend_dir / "code.key", etc / "keys" / "code.key")
 
     assert "ok" in box("check-config").stdout
     imported = box("import", *(str(tmp_path / f"000{i}.rdb") for i in (3, 1, 2))).stdout
