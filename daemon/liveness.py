@@ -26,6 +26,8 @@ from daemon.config import Config
 # The daemon rewrites status.json every 2 s; older than this, it has stopped writing.
 STATUS_FRESH = 10.0
 API_TIMEOUT = 3.0
+# process_state of no process, of a zombie, of a dead one.
+GONE = (None, "Z", "X")
 ANSWERED = "answered"
 DENIED = "denied"
 
@@ -45,7 +47,7 @@ def probe(config: Config, now: float | None = None) -> Liveness:
     now = time.time() if now is None else now
     pid, age = _status_file(config.box.state_dir / "status.json", now)
     state = process_state(pid) if pid is not None else None
-    running = state not in (None, "Z", "X")
+    running = state not in GONE
     fresh = age is not None and age < STATUS_FRESH
     api = config.api
     answer = _ask_api(api.socket, config.box.id) if api.enabled else None
@@ -65,7 +67,7 @@ def probe(config: Config, now: float | None = None) -> Liveness:
         why = f"no status.json in {config.box.state_dir}: it never ran with this config"
     elif state is None:
         why = f"pid {pid} in status.json has exited"
-    elif state in ("Z", "X"):
+    elif state in GONE[1:]:
         why = f"pid {pid} has exited and is a zombie its parent did not reap"
     else:
         why = (
@@ -78,7 +80,7 @@ def probe(config: Config, now: float | None = None) -> Liveness:
 def alive(pid: int) -> bool:
     """Whether `pid` is a running process: it exists and is not a zombie (a process that
     exited and was not reaped still answers kill(pid, 0), but runs no more)."""
-    return process_state(pid) not in (None, "Z", "X")
+    return process_state(pid) not in GONE
 
 
 def process_state(pid: int) -> str | None:
