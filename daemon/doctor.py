@@ -26,6 +26,7 @@ config names, so a box that keeps its keys elsewhere is judged the same way.
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
 import re
@@ -756,7 +757,23 @@ def _sync(config: Config, account: Account) -> Iterator[Finding]:
                 return
     if not unreadable:
         yield Finding("sync", True, f"broker {where} reachable{' over TLS' if sync.tls else ''}")
-        yield _mqtt_login(sync, config.box.id)
+        if _daemon_logged_in(config):
+            yield Finding("sync", True, "the running daemon is logged in to the broker")
+        else:
+            yield _mqtt_login(sync, config.box.id)
+
+
+def _daemon_logged_in(config: Config) -> bool:
+    """True if the running daemon's own MQTT session is up: that proves the login, and a
+    second login as the box would take the session over on a broker that makes the
+    username the client id (use_username_as_clientid, docs/operations.md)."""
+    if not liveness.probe(config).running:
+        return False
+    try:
+        live = json.loads((config.box.state_dir / "status.json").read_text())
+        return live["sync"]["connected"] is True
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
 
 
 def _mqtt_login(sync, box_id: str) -> Finding:
