@@ -339,10 +339,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     conn = _read_only(config)
     merchant = config.box.merchant
     state = trust.state(conn, merchant)
-    newest = trust.newest_batch_time(conn, merchant)
+    # When the cache was known current (protocol.md 16.1), judged by the floored clock
+    # as the engine's stale_policy and the status message judge it (section 12).
+    newest = trust.cache_time(conn, merchant)
     now = time.time()
     oldest = outbox.oldest_ms(conn)
     floor = state.time_floor
+    judged = max(now, floor)
     info = {
         "box": config.box.id,
         "merchant": merchant,
@@ -350,8 +353,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         "config": config.source,
         "database": str(config.box.database),
         "cache_seq": state.last_seq,
-        "cache_age_s": None if newest is None else int(now - newest),
-        "stale": newest is None or now - newest > config.trust.max_staleness,
+        "cache_age_s": None if newest is None else int(judged - newest),
+        "stale": newest is None or judged - newest > config.trust.max_staleness,
         "codes": codes.count(conn),
         "cards": len(trust.cards(conn)),
         "time_floor": floor,

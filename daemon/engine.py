@@ -114,7 +114,10 @@ class Engine:
         self.issuers = trust.issuers(self.conn, self.config.trust.root_keys)
         self.floor = trust.time_floor(self.conn)
         self.cache_seq = trust.cache_seq(self.conn)
-        self.cache_time = trust.newest_batch_time(self.conn, self.config.box.merchant)
+        # When the cache was known current: the newest applied manifest or batch, as
+        # storage keeps them (the sync thread writes manifests there), so a restart or
+        # a box fed by file judges staleness as the status shows it (protocol.md 16.1).
+        self.cache_time = trust.cache_time(self.conn, self.config.box.merchant)
 
     def now(self) -> int:
         """Wall time, never earlier than the newest signed time verified (boxes without
@@ -307,7 +310,7 @@ class Engine:
             return reject(Reason.WRONG_MERCHANT, f"card belongs to merchant {card.merchant}", card)
         now = self.now()
         if self._reject_stale and self._stale(now):
-            return reject(Reason.STALE_CACHE, "the cache is older than max_staleness", card)
+            return reject(Reason.STALE_CACHE, self._stale_detail(now), card)
         if action is None:
             action = Action.CHECK if card.two_phase else Action.REDEEM
         weekday = minute = 0
@@ -328,6 +331,14 @@ class Engine:
 
     def _stale(self, now: int) -> bool:
         return self.cache_time is None or now - self.cache_time > self.config.trust.max_staleness
+
+    def _stale_detail(self, now: int) -> str:
+        if self.cache_time is None:
+            return "no batch applied yet"
+        return (
+            f"the cache was last known current {(now - self.cache_time) // 3600} h ago "
+            f"(newest applied manifest or batch), over max_staleness"
+        )
 
     # ------------------------------------------------------------------ reversal
 

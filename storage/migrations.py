@@ -134,3 +134,15 @@ def m004_batch_entries_sha256(db: Database) -> None:
     # before this step keep NULL: their entries were never kept, so the hash cannot be
     # computed; storage.batch_import compares their kind and count instead.
     db.execute("ALTER TABLE batches ADD COLUMN entries_sha256 TEXT")
+
+
+@migrations()
+def m005_trust_manifest(db: Database) -> None:
+    # The cache's age follows the signed manifest (protocol.md 16.1), and the engine's
+    # stale_policy = "reject" judges by it, so what the manifest said must survive a
+    # restart and be readable by the engine's own connection: the newest manifest kept
+    # (its latest_seq and created_at), and current_at, the created_at of the newest
+    # manifest whose latest_seq was already applied when a later manifest replaced it.
+    # NULL until a manifest arrives; the cache's age then follows the batches alone.
+    for column in ("manifest_seq", "manifest_at", "current_at"):
+        db.execute(f"ALTER TABLE trust ADD COLUMN {column} INTEGER")

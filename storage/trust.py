@@ -76,3 +76,58 @@ def newest_batch_time(conn: sqlite3.Connection, merchant: str) -> int | None:
     return conn.execute(
         "SELECT MAX(created_at) FROM batches WHERE merchant = ?", (merchant,)
     ).fetchone()[0]
+
+
+def keep_manifest(
+    conn: sqlite3.Connection, merchant: str, latest_seq: int, created_at: int, now: int
+) -> None:
+    """Keep an accepted manifest (protocol.md 16.1) and raise the time floor to its
+    `created_at` (section 12), in the caller's write transaction.
+
+    Kept on disk, not only in the sync thread's memory, because the cache's age follows
+    it and the engine's `stale_policy = "reject"` judges by that age: it must survive a
+    restart and be read by the engine's own connection, with sync running or not. A
+    manifest signed before the one kept changes nothing. When a newer manifest replaces
+    one whose `latest_seq` is applied, that one's time stays as `current_at`: the cache
+    was known current then, whatever the newer one names that has not arrived yet.
+    """
+    row = conn.execute(
+        "SELECT last_seq, manifest_seq, manifest_at, current_at FROM trust WHERE merchant = ?",
+        (merchant,),
+    ).fetchone()
+    if row is None:
+        conn.execute(
+            "INSERT INTO trust(merchant, last_seq, time_floor, updated_at, manifest_seq, "
+            "manifest_at) VALUES (?, 0, ?, ?, ?, ?)",
+            (merchant, created_at, now, latest_seq, created_at),
+        )
+        return
+    last_seq, kept_seq, kept_at, current_at = row
+    if kept_at is not None and created_at < kept_at:
+        return
+    if kept_at is not None and kept_seq <= last_seq:
+        current_at = kept_at if current_at is None else max(current_at, kept_at)
+    conn.execute(
+        "UPDATE trust SET manifest_seq = ?, manifest_at = ?, current_at = ?, "
+        "time_floor = MAX(time_floor, ?), updated_at = ? WHERE merchant = ?",
+        (latest_seq, created_at, current_at, created_at, now, merchant),
+    )
+
+
+def cache_time(conn: sqlite3.Connection, merchant: str) -> int | None:
+    """The signed time as of which the cache is known current (protocol.md 16.1): the
+    `created_at` of the newest manifest whose `latest_seq` is applied, or of the newest
+    applied batch if that is later; None while there is neither. `now` minus this is
+    the cache's age, for the status and for `stale_policy = "reject"`."""
+    newest = newest_batch_time(conn, merchant)
+    row = conn.execute(
+        "SELECT last_seq, manifest_seq, manifest_at, current_at FROM trust WHERE merchant = ?",
+        (merchant,),
+    ).fetchone()
+    if row is None:
+        return newest
+    last_seq, kept_seq, kept_at, current_at = row
+    if kept_at is not None and kept_seq <= last_seq:
+        current_at = kept_at if current_at is None else max(current_at, kept_at)
+    known = [t for t in (newest, current_at) if t is not None]
+    return max(known) if known else None

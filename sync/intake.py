@@ -145,10 +145,10 @@ class Intake:
             )  # fmt: skip
             return None
         self.manifest = manifest
-        if manifest.created_at > floor:
-            # A verified signed time: a box without a clock stays close to the truth
-            # even when no batch arrives (protocol.md section 12).
-            self._raise_floor(manifest.created_at, now)
+        # On disk: the floor (a box without a clock stays close to the truth even when
+        # no batch arrives, protocol.md section 12) and the cache's age (16.1), which
+        # the engine's stale_policy reads from storage.
+        self._keep(manifest, now)
         self.want_to = max(self.want_to, manifest.latest_seq)
         return None
 
@@ -308,19 +308,18 @@ class Intake:
 
     def cache_age(self, now: float) -> int | None:
         """now - created_at of the newest manifest whose latest_seq is applied (16.1),
-        else of the newest applied batch."""
-        newest = trust.newest_batch_time(self.conn, self.merchant)
-        if self.manifest is not None and self.manifest.latest_seq <= self.last_seq:
-            newest = max(newest or 0, self.manifest.created_at)
-        return None if newest is None else int(now - newest)
+        else of the newest applied batch, as storage keeps them (trust.cache_time)."""
+        known = trust.cache_time(self.conn, self.merchant)
+        return None if known is None else int(now - known)
 
-    def _raise_floor(self, signed_at: int, now: int) -> None:
+    def _keep(self, manifest: Manifest, now: int) -> None:
         try:
+            # Under the write lock: `redeemd import` may apply a batch from another
+            # process, and keep_manifest compares with the applied sequence.
             self.conn.execute("BEGIN IMMEDIATE")
-            # Read under the write lock: `redeemd import` may have applied a batch from
-            # another process, and save_state writes last_seq too.
-            last = trust.state(self.conn, self.merchant).last_seq
-            trust.save_state(self.conn, self.merchant, last, signed_at, now)
+            trust.keep_manifest(
+                self.conn, self.merchant, manifest.latest_seq, manifest.created_at, now
+            )
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if self.conn.in_transaction:

@@ -13,7 +13,10 @@ network past the keepalive).
 from __future__ import annotations
 
 import json
+import sqlite3
 from importlib import metadata
+
+from storage import trust
 
 
 def version() -> str:
@@ -43,6 +46,18 @@ def driver_status(driver: dict) -> dict:
     if doc["last_scan"] is not None:
         doc["last_scan"] = int(doc["last_scan"])
     return doc
+
+
+def clock(conn: sqlite3.Connection, merchant: str, wall: float) -> tuple[int, int | None]:
+    """`at` and `cache_age_s` of the status message, both by the floored clock
+    (protocol.md section 12: now = max(wall clock, time floor)) like every decision the
+    box takes, so a box without a real-time clock (booted in 1970) shows the newest
+    signed time it has verified and a cache age that is never negative. The cache's age
+    is what `stale_policy = "reject"` judges by: the newest applied manifest or batch,
+    as storage keeps them (protocol.md 16.1)."""
+    now = max(int(wall), trust.time_floor(conn))
+    known = trust.cache_time(conn, merchant)
+    return now, None if known is None else now - known
 
 
 def will_payload(box: str) -> bytes:

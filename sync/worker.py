@@ -235,14 +235,15 @@ class Sync:
     def _status_payload(self, conn: sqlite3.Connection, state: str, now: float) -> bytes:
         assert self.pump is not None and self.intake is not None
         oldest = outbox.oldest_ms(conn)
+        at, cache_age = status.clock(conn, self.merchant, now)  # floored (section 12)
         return status.status_payload(
             box=self.box,
             state=state,
-            at=int(now),
+            at=at,
             cache_seq=self.intake.last_seq,
-            cache_age_s=self.intake.cache_age(now),
+            cache_age_s=cache_age,
             outbox_depth=outbox.depth(conn),
-            outbox_oldest_age_s=None if oldest is None else int(now - oldest[0] / 1000),
+            outbox_oldest_age_s=None if oldest is None else int(at - oldest[0] / 1000),
             publish_error=self.pump.publish_error,
             drivers=self.drivers(),
             alarm=self.intake.alarm,
