@@ -40,11 +40,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlite_utils import Database
+
 from daemon import config as config_mod
 from daemon import liveness
 from daemon.config import Config, ConfigError, ScannerConfig
 from storage import trust
 from storage.database import DatabaseLost, is_empty, refuse_if_lost
+from storage.migrations import migrations
 
 SERVICE_USER = "redeemd"
 # Modes of redeemd's secrets and of the directories holding them, as
@@ -454,20 +457,28 @@ def _database_content(config: Config, now: float) -> Iterator[Finding]:
         if [r[0] for r in result] != ["ok"]:
             yield _damaged(path, "; ".join(str(r[0]) for r in result[:3]))
             return
+        schema = Database(conn, recursive_triggers=False, execute_plugins=False)
+        if not migrations.applied(schema):
+            yield _damaged(path, "not a redeemd database: none of its tables are there")
+            return
+        older = bool(migrations.pending(schema))
         floor = trust.time_floor(conn)
-        newest = trust.newest_batch_time(conn, config.box.merchant)
+        # A release's new columns arrive when the daemon starts and migrates; doctor
+        # only reads, so an older schema gets the older measure of the cache's age.
+        newest = (trust.newest_batch_time if older else trust.cache_time)(conn, config.box.merchant)
     except sqlite3.DatabaseError as exc:
-        if exc.sqlite_errorname.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT", "SQLITE_ERROR")):
-            yield _damaged(path, str(exc))  # SQLITE_ERROR: no such table, not ours
+        if exc.sqlite_errorname.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
+            yield _damaged(path, str(exc))
         else:
             yield from _unopenable(path, exc, mount)
         return
     finally:
         conn.close()
         give_back(path)
-    yield Finding("database", True, f"{path}: quick_check ok")
+    upgrade = "; from an older release: redeemd upgrades it when it (re)starts" if older else ""
+    yield Finding("database", True, f"{path}: quick_check ok{upgrade}")
     yield _clock_vs_floor(now, floor)
-    yield _cache(config, now, newest)
+    yield _cache(config, now, floor, newest)
 
 
 def _database_access(config: Config, account: Account) -> Iterator[Finding]:
@@ -574,7 +585,9 @@ def _clock_vs_floor(now: float, floor: int) -> Finding:
     return Finding("clock", True, f"{_when(now)}, after the time floor {_when(floor)}")
 
 
-def _cache(config: Config, now: float, newest: int | None) -> Finding:
+def _cache(config: Config, now: float, floor: int, newest: int | None) -> Finding:
+    """How old the cache is, judged as the engine judges stale_policy: from when it was
+    last known current (trust.cache_time), by the clock floored at the time floor."""
     if newest is None:
         get = (
             "redeemd fetches them from the broker while it runs (see the daemon and sync "
@@ -587,7 +600,7 @@ def _cache(config: Config, now: float, newest: int | None) -> Finding:
             f"no batch for merchant {config.box.merchant} applied yet, so every code is "
             f"unknown: {get}",
         )  # fmt: skip
-    age = now - newest
+    age = max(now, floor) - newest
     if age > config.trust.max_staleness:
         effect = (
             "every scan is rejected (stale_policy = reject)"
@@ -596,7 +609,8 @@ def _cache(config: Config, now: float, newest: int | None) -> Finding:
         )
         return Finding(
             "cache", False,
-            f"the newest batch is {_age(age)} old, over [trust] max_staleness "
+            f"the cache is {_age(age)} old (its newest batch, or the newest manifest "
+            f"saying there is nothing newer), over [trust] max_staleness "
             f"({_age(config.trust.max_staleness)}) and {effect}: "
             + (
                 "fix the broker link (see the sync line) or import the newest batches"
@@ -604,7 +618,7 @@ def _cache(config: Config, now: float, newest: int | None) -> Finding:
                 else "import the newest batches (`redeemd import FILE...`)"
             ),
         )  # fmt: skip
-    return Finding("cache", True, f"newest batch {_age(age)} old")
+    return Finding("cache", True, f"known current {_age(age)} ago")
 
 
 # ---------------------------------------------------------------- scanners

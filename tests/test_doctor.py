@@ -14,6 +14,7 @@ import json
 import os
 import pwd
 import shutil
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -24,11 +25,13 @@ from pathlib import Path
 import pytest
 from broker import broker, free_port  # noqa: F401  (fixture)
 from conftest import CREATED, ROOT, Box, wait_for, write_box
+from sqlite_utils import Database
 from test_api_service import Daemon
 from test_sync_tls import Authority, tls_box, tls_broker  # noqa: F401  (fixture)
 
 from daemon import doctor, liveness
 from storage.database import open_database
+from storage.migrations import migrations
 
 ME = pwd.getpwuid(os.geteuid()).pw_name
 
@@ -223,6 +226,35 @@ def test_a_lost_database_says_the_state_is_gone_restore_from_backup(loaded_box, 
     assert f"database {loaded_box.database} is {what}, but this box has used one" in line
     assert "anti-rollback state" in line and "Restore the database from backup" in line
     assert doctor.RESTORE_SECTION in line and "redeemd init" in line
+
+
+def test_a_database_from_an_older_release_is_not_damaged_and_is_not_migrated(box):
+    """Doctor only reads: a schema one migration behind this release (the daemon
+    upgrades it when it starts) is fine, not "damaged", and stays as it was."""
+    fresh(box)
+    conn = sqlite3.connect(box.database)
+    schema = Database(conn, recursive_triggers=False, execute_plugins=False)
+    newest = migrations._migrations[-1].name
+    migrations.apply(schema, stop_before=newest)
+    conn.close()
+    code, lines = doctor_lines(box, "--user", ME)
+    (line,) = [line for line in lines if line.startswith("ok       database:")]
+    assert "from an older release: redeemd upgrades it when it (re)starts" in line
+    assert not problems(lines, "database")
+    conn = sqlite3.connect(box.database)
+    assert migrations.pending(Database(conn))[0].name == newest
+    conn.close()
+
+
+def test_a_database_of_another_program_is_not_a_redeemd_database(box):
+    fresh(box)
+    conn = sqlite3.connect(box.database)
+    conn.execute("CREATE TABLE photos (name TEXT)")
+    conn.commit()
+    conn.close()
+    _, lines = doctor_lines(box, "--user", ME)
+    (line,) = problems(lines, "database")
+    assert "is damaged (not a redeemd database" in line and "restore the newest backup" in line
 
 
 def test_a_stale_cache_and_an_empty_one_are_problems(loaded_box, tmp_path, keyset):
