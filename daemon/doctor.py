@@ -54,10 +54,6 @@ SERVICE_USER = "redeemd"
 # systemd/tmpfiles.d/redeemd.conf sets them (a test holds the two together).
 SECRET_MODE = 0o640
 SECRET_DIR_MODE = 0o750
-# Where docs/operations.md keeps root-owned keys, for a key found in a directory the
-# service may change.
-CONFIG_DIR = "/etc/redeemd"
-KEYS_DIR = f"{CONFIG_DIR}/keys"
 # The section of docs/operations.md a damaged database sends the technician to.
 RESTORE_SECTION = "Back up and restore the ledger"
 # A clock before this was never set (a board without a real-time clock boots in 1970).
@@ -357,16 +353,19 @@ def _move_fix(what: str, way: Path, account: Account, state_dir: Path) -> str:
     state = state_dir.resolve()
     if way != state and way not in state.parents:
         return f"chown root:{account.group} {way} && chmod {SECRET_DIR_MODE:04o} {way}"
-    # The state directory must stay the service's: the file has to live elsewhere.
+    # The state directory must stay the service's: the file has to live elsewhere, in
+    # root's configuration directory ({config_dir}, as tmpfiles.d lays it out).
     make = f"install -d -o root -g {account.group} -m {SECRET_DIR_MODE:04o}"
     if what == "config":
+        default = config_mod.DEFAULT_PATH
         return (
-            f"keep it out of the state directory: {make} {CONFIG_DIR} and move it to "
-            f"{CONFIG_DIR}/config.toml, which redeemd reads without -c"
+            f"keep it out of the state directory: {make} {default.parent} and move it to "
+            f"{default}, which redeemd reads without -c"
         )
+    keys = Path(config_mod.default_config_dir()) / "keys"
     return (
-        f"keep it out of the state directory: {make} {KEYS_DIR}, move it there and name "
-        "the new path in the config (docs/operations.md)"
+        f"keep it out of the state directory: {make} {keys}, move it there and name the "
+        "new path in the config (docs/operations.md)"
     )
 
 

@@ -153,18 +153,20 @@ def test_keys_in_a_directory_the_service_owns_can_be_replaced_and_get_the_chown(
     assert secret_problems(box) == []
 
 
-def test_keys_and_config_in_the_state_directory_say_to_move_them_out(box):
+def test_keys_and_config_in_the_state_directory_say_to_move_them_out(box, monkeypatch):
     """Issue 17.4's layout: keys under the state directory, which the service owns and
     must keep writing its database in, so the keys must move, not the directory."""
+    monkeypatch.delenv("CONFIGURATION_DIRECTORY", raising=False)  # {config_dir}: /etc/redeemd
     installed(box)
     os.chown(box.dir, UID, GID)  # box.dir is the state directory
     lines = secret_problems(box)
     assert len(lines) == 3  # the config, code.key and root.pub
     assert all(f"it may write to {box.dir} (drwx--x--x {UID}:{GID})" in line for line in lines)
     (config,) = [line for line in lines if "secrets: config:" in line]
-    assert f"install -d -o root -g {GID} -m 0750 {doctor.CONFIG_DIR} and move it to " in config
+    assert f"install -d -o root -g {GID} -m 0750 /etc/redeemd and move it to " in config
+    assert "/etc/redeemd/config.toml, which redeemd reads without -c" in config
     for line in (line for line in lines if "[trust]" in line):
-        assert f"install -d -o root -g {GID} -m 0750 {doctor.KEYS_DIR}, move it there" in line
+        assert f"install -d -o root -g {GID} -m 0750 /etc/redeemd/keys, move it there" in line
 
 
 def test_a_key_named_through_a_symlink_in_a_directory_the_service_owns_can_be_replaced(box):
