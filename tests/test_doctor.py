@@ -149,6 +149,25 @@ def test_a_dead_or_zombie_daemon_left_in_status_json_is_not_running(loaded_box):
     assert f"not running (pid {zombie.pid} in status.json has exited)" in line
 
 
+def test_without_the_api_a_fresh_status_of_a_live_pid_is_running_and_a_stale_one_hangs(
+    loaded_box,
+):
+    box = fresh(loaded_box)
+    text = box.config_path.read_text().replace("[api]\n", "[api]\nenabled = false\n")
+    box.config_path.write_text(text)
+    status = box.dir / "status.json"
+    pid = os.getpid()  # a live process that is not a zombie: this test's own
+    status.write_text(json.dumps({"pid": pid, "updated_at": time.time()}))
+    (daemon,) = [f for f in doctor.check(str(box.config_path)) if f.check == "daemon"]
+    assert daemon.ok and daemon.message == f"running, pid {pid} (local API disabled in [api])"
+    status.write_text(json.dumps({"pid": pid, "updated_at": time.time() - 60}))
+    (daemon,) = [f for f in doctor.check(str(box.config_path)) if f.check == "daemon"]
+    assert not daemon.ok
+    assert (
+        f"pid {pid} is alive but has not updated status.json for 60 s: it hangs" in daemon.message
+    )
+
+
 def test_a_daemon_whose_api_socket_is_gone_is_a_problem(loaded_box, running):
     box = running(fresh(loaded_box))
     (box.dir / "run" / "api.sock").unlink()
