@@ -14,6 +14,7 @@ never passes because nothing worked at all.
 # ruff: noqa: F811  (the broker fixture is imported, then named as a parameter)
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import queue
@@ -33,6 +34,7 @@ from broker import Broker, broker, shipped_settings  # noqa: F401  (fixture)
 from conftest import ROOT
 from fleet import Fleet, backend_cli
 from test_install import install
+from test_sync_tls import Authority
 from test_systemd import tool
 
 from backend.collect import Collector
@@ -94,6 +96,8 @@ class Login:
         )
         if user is not None:
             self.client.username_pw_set(user, password or PASSWORDS[user])
+        if kw.get("tls_ca"):
+            self.client.tls_set(ca_certs=str(kw["tls_ca"]))
         self.client.on_connect = lambda c, u, f, reason, p: self.answers.put(("connect", reason))
         self.client.on_disconnect = lambda c, u, f, reason, p: self.disconnects.append(reason)
         self.client.on_subscribe = lambda c, u, mid, reasons, p: self.answers.put(
@@ -393,6 +397,51 @@ def test_a_box_registered_later_gets_in_once_the_acl_is_written_again_and_reload
     backend_cli("box", "acl", "--dir", str(backend), "--out", str(acl))
     broker.process.send_signal(signal.SIGHUP)  # systemctl reload mosquitto
     wait_until(publishes, "box-0044 allowed after the reload")
+
+
+class ShippedBroker(Broker):
+    """Mosquitto reading systemd/mosquitto.conf as an operator copies it: only the file
+    paths and the port are the test's, plus where a test broker logs and runs as."""
+
+    def __init__(self, directory: Path, paths: dict[str, str]):
+        super().__init__(directory)
+        self.paths = paths
+
+    def _config(self) -> Path:
+        text = (SYSTEMD / "mosquitto.conf").read_text()
+        for shipped, ours in self.paths.items():
+            text = text.replace(shipped, ours)
+        text = text.replace("\nlistener 8883\n", f"\nlistener {self.port} 127.0.0.1\n")
+        assert f"listener {self.port} 127.0.0.1" in text
+        path = self.dir / "mosquitto.conf"
+        path.write_text(f"{text}\npersistence false\nlog_dest stderr\nuser {getpass.getuser()}\n")
+        return path
+
+
+def test_the_shipped_broker_settings_run_verbatim_with_tls(tmp_path):
+    authority = Authority(tmp_path / "pki")
+    cert, key = authority.issue("broker", server=True)
+    passwd = tmp_path / "redeemd.passwd"
+    passwd.touch()
+    subprocess.run([tool("mosquitto_passwd", "mosquitto"), "-b", str(passwd), "box-0042",
+                    PASSWORDS["box-0042"]], check=True)  # fmt: skip
+    shipped = ShippedBroker(tmp_path / "broker", {
+        "/etc/mosquitto/redeemd.passwd": str(passwd),
+        "/etc/mosquitto/redeemd-acl.conf": str(SYSTEMD / "mosquitto-acl.conf"),
+        "/etc/mosquitto/certs/broker.crt": str(cert),
+        "/etc/mosquitto/certs/broker.key": str(key),
+    })  # fmt: skip
+    shipped.start()
+    try:
+        box = Login(shipped.port, "box-0042", tls_ca=authority.ca_file)
+        try:
+            assert box.accepted
+            assert box.publish(topics("box-0042").events, b"up")
+            assert not box.publish(Topics(PREFIX, "bistro", "box-0042").events, b"forged")
+        finally:
+            box.close()
+    finally:
+        shipped.stop()
 
 
 # ---------------------------------------------------------------- the box's files
