@@ -159,9 +159,8 @@ def cmd_acl(args: argparse.Namespace) -> int:
         fleet = store.fleet()
     finally:
         store.close()
-    text = broker_acl.render(
-        fleet, args.prefix, args.backend_users or broker_acl.DEFAULT_BACKEND_USERS
-    )
+    users = args.backend_users or broker_acl.DEFAULT_BACKEND_USERS
+    text = broker_acl.render(fleet, args.prefix, users)
     if args.out is None:
         sys.stdout.write(text)
         return 0
@@ -170,5 +169,10 @@ def cmd_acl(args: argparse.Namespace) -> int:
     part.write_text(text)
     part.chmod(0o644)
     os.replace(part, args.out)
-    print(f"wrote {args.out}: {len(fleet)} box(es); reload the broker: systemctl reload mosquitto")
+    # The backend users are not remembered: name them, so a forgotten --backend-user
+    # (a second collector locked out) shows here, not in the collector's log.
+    print(
+        f"wrote {args.out}: {len(fleet)} box(es), backend users {', '.join(users)}; "
+        "reload the broker: systemctl reload mosquitto"
+    )
     return 0
