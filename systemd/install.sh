@@ -74,7 +74,7 @@ else
 fi
 build=$(mktemp -d)
 trap 'rm -rf "$build"' EXIT
-for part in pyproject.toml README.md cards drivers storage sync daemon backend; do
+for part in pyproject.toml README.md cards runtime drivers storage sync daemon backend; do
   cp -r "$SRC/$part" "$build/"
 done
 find "$build" -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""How redeemd's long-running parts run: owned threads and retry backoff (no domain here)."""
