@@ -303,8 +303,8 @@ class Service:
         added = [s for name, s in after.items() if before.get(name) != s]
         for name in gone:
             supervisor = self.supervisors.pop(name, None)
-            if supervisor is not None and not supervisor.stop(timeout=2.0):
-                log.warning("scanner %s did not stop within 2 s", name)
+            if supervisor is not None:
+                supervisor.stop(timeout=2.0)  # one that hangs is logged by its thread name
         for scanner in added:
             self._start_driver(scanner)
         if gone or added:
@@ -319,10 +319,9 @@ class Service:
             self._start_driver(scanner)
 
     def _start_driver(self, scanner: ScannerConfig) -> None:
-        supervisor = Supervisor(build_driver(scanner), self.scans.put)
         # The thread ends by putting None, so the loop notices an ended source.
-        supervisor.thread = threading.Thread(
-            target=self._drive, args=(supervisor,), name=f"scanner-{scanner.name}", daemon=True
+        supervisor = Supervisor(
+            build_driver(scanner), self.scans.put, on_end=lambda: self.scans.put(None)
         )
         self.supervisors[scanner.name] = supervisor
         supervisor.start()
@@ -422,20 +421,13 @@ class Service:
         if self.api is not None and not self.api.stop(timeout=2.0):
             log.warning("the local API did not stop within 2 s")
 
-    def _drive(self, supervisor: Supervisor) -> None:
-        try:
-            supervisor._loop()
-        finally:
-            self.scans.put(None)
-
     def _stop_drivers(self) -> None:
         # Signal every driver first, then wait: shutdown takes the longest single wait,
         # not the sum of them.
         for supervisor in self.supervisors.values():
-            supervisor._stop.set()
-        for name, supervisor in self.supervisors.items():
-            if not supervisor.stop(timeout=2.0):
-                log.warning("scanner %s did not stop within 2 s", name)
+            supervisor.ask_stop()
+        for supervisor in self.supervisors.values():
+            supervisor.stop(timeout=2.0)  # a scanner that hangs is logged by its thread name
 
     def _feedback(self, source: str, accepted: bool) -> None:
         supervisor = self.supervisors.get(source)

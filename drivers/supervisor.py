@@ -3,15 +3,15 @@
 A scanner that is unplugged, refuses to open or sends garbage must never take the
 daemon down, and must come back by itself when it can. The supervisor owns the thread,
 catches whatever the driver raises, records it in the driver's state for
-`redeemd status`, waits (exponential backoff with full jitter, so a fleet of boxes on
-one flaky hub does not retry in lockstep) and runs the driver again.
+`redeemd status`, waits (runtime.backoff: exponential with full jitter, so a fleet of
+boxes on one flaky hub does not retry in lockstep) and runs the driver again. The thread
+is a runtime.threads.OwnedThread: stopping closes the driver and joins it, bounded.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from cards.scan import Scan
+from runtime.backoff import Backoff
+from runtime.threads import OwnedThread
 
 log = logging.getLogger("redeemd.drivers")
 
@@ -104,6 +106,11 @@ class Unavailable:
 
 
 class Supervisor:
+    """Runs one driver in its own owned thread `scanner-NAME`, again after every failure.
+
+    `on_end` runs on that thread when it is about to end (stopped, or the source ended
+    for good): the service uses it to notice an ended source without polling."""
+
     def __init__(
         self,
         driver: Driver,
@@ -112,31 +119,37 @@ class Supervisor:
         initial_backoff: float = 0.5,
         max_backoff: float = 30.0,
         gone_retry: float = GONE_RETRY,
+        on_end: Callable[[], None] | None = None,
     ):
         self.driver = driver
         self.state = DriverState(driver.name, driver.kind)
         self._last_failure: tuple[str, str] | None = None
         self._emit = emit
         self._stop = threading.Event()
-        self._initial = initial_backoff
-        self._max = max_backoff
+        self._backoff = Backoff(initial_backoff, max_backoff)
         self._gone_retry = gone_retry
-        self.thread = threading.Thread(
-            target=self._loop, name=f"scanner-{driver.name}", daemon=True
+        self._on_end = on_end
+        self.thread = OwnedThread(
+            f"scanner-{driver.name}", self._run, wake=self._close, stopping=self._stop
         )
 
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self, timeout: float = 2.0) -> bool:
-        """Ask the driver to stop and wait for its thread; True if it has ended."""
+    def ask_stop(self) -> None:
+        """Tell the driver to stop without waiting (see `stop`)."""
         self._stop.set()
+
+    def stop(self, timeout: float = 2.0) -> bool:
+        """Ask the driver to stop (close() unblocks its read) and wait at most `timeout`
+        seconds for its thread; True if it has ended."""
+        return self.thread.stop(timeout)
+
+    def _close(self) -> None:
         try:
             self.driver.close()
         except Exception:  # closing a dead device may fail; the thread still ends
             log.debug("closing scanner %s failed", self.driver.name, exc_info=True)
-        self.thread.join(timeout)
-        return not self.thread.is_alive()
 
     @property
     def ended(self) -> bool:
@@ -147,8 +160,14 @@ class Supervisor:
         self.state.last_scan = scan.at or time.time()
         self._emit(scan)
 
+    def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            if self._on_end is not None:
+                self._on_end()
+
     def _loop(self) -> None:
-        delay = self._initial
         while not self._stop.is_set():
             started = time.monotonic()
             gone = False
@@ -168,14 +187,12 @@ class Supervisor:
                 self.state.message = f"{type(exc).__name__}: {exc}"
                 log.exception("scanner %s failed; restarting it", self.driver.name)
             if time.monotonic() - started > 60:
-                delay = self._initial  # it ran fine for a while: start backing off afresh
+                self._backoff.reset()  # it ran fine for a while: start backing off afresh
             # Looking for a device that is not there costs a stat() or a failed open():
             # look every `gone_retry`, so a replugged scanner is back at once rather than
             # after a backoff grown while it was away.
-            if self._stop.wait(self._gone_retry if gone else random.uniform(0, delay)):
+            if self._stop.wait(self._gone_retry if gone else self._backoff.next()):
                 break
-            if not gone:
-                delay = min(delay * 2, self._max)
             self.state.restarts += 1
         if self._stop.is_set():
             self.state.state = "stopped"

@@ -172,7 +172,7 @@ def test_driver_bug_shows_error_with_its_message_and_restarts_with_backoff_besid
     monkeypatch,
 ):
     backoff = RecordedBackoff()
-    monkeypatch.setattr("drivers.supervisor.random", backoff)
+    monkeypatch.setattr("runtime.backoff.random", backoff)
     scans: queue.Queue[Scan] = queue.Queue()
     healthy = HealthyDriver()
     crashing = CrashingDriver(3, beside=healthy)
