@@ -17,8 +17,13 @@ set to that layout sends for the same codes (per key change MSC_SCAN, EV_KEY, SY
 2 ms apart; Shift around capitals and symbols), one report per `feed()` as the HID
 driver reads them, and a `Scan` per decoded code. Floor: a loop over the same events
 doing one dict lookup per key-down (with a Shift flag) and joining on Enter, which
-decodes exactly this input and nothing more. The key sequences are derived from the
-layout's own xkb keymap, and both paths must return the codes before anything is timed.
+decodes exactly this input and nothing more. Plain: `ReferenceKeyDecoder`
+(drivers/keymap_reference.py), the same decoding through xkbcommon's public API with
+every key told to xkb, which the differential test holds `KeyDecoder` to: the distance
+between "plain" and "ours" is what KeyDecoder's tricks (per-state tables, leaving xkb
+out, calls into the binding's cffi module) buy, and "plain" alone would miss the target.
+The key sequences are derived from the layout's own xkb keymap, and all three paths must
+return the codes before anything is timed.
 
 Per-scan figures are the median over rounds of (round time / scans), ours and floor
 taking turns round by round; the best round is shown too (on a busy or virtual machine
@@ -69,6 +74,7 @@ from cards.scan import Scan
 from drivers.camera import AIM_IDENTIFIERS, CameraScanner, decode_frame, zbar_scanner
 from drivers.dedupe import Deduper
 from drivers.keymap import KeyDecoder, decode
+from drivers.keymap_reference import ReferenceKeyDecoder
 from drivers.serial import SerialScanner
 from drivers.supervisor import DriverState
 
@@ -312,8 +318,10 @@ def run_hid(
     rounds: int,
 ) -> bool:
     decoder = KeyDecoder(layout)
+    reference = ReferenceKeyDecoder(layout)
     table = {(shifted, code): char for char, (code, shifted) in keys.items()}
     emitted: list[Scan] = []
+    plain_out: list[Scan] = []
     typed_out: list[bytes] = []
     emit, now = emitted.append, time.time
     ev_key, enter = e.EV_KEY, e.KEY_ENTER
@@ -327,6 +335,13 @@ def run_hid(
         emitted.clear()
         for reports in scans:
             ours_scan(reports)
+
+    def plain_round() -> None:
+        plain_out.clear()
+        for reports in scans:
+            for report in reports:
+                for code in reference.feed(report):
+                    plain_out.append(Scan(code=code, source=SOURCE, at=now()))
 
     def floor_round() -> None:
         typed_out.clear()
@@ -347,22 +362,27 @@ def run_hid(
                             chars.append(table[shifted, event.code])
 
     ours_round()
+    plain_round()
     floor_round()
     check(f"hid {layout} {label}", [s.code for s in emitted], [c.encode() for c in expected])
+    check(
+        f"hid {layout} {label} plain", [s.code for s in plain_out], [c.encode() for c in expected]
+    )
     check(f"hid {layout} {label} floor", typed_out, [c.encode() for c in expected])
 
     o, best, f = per_scan(ours_round, floor_round, len(scans), rounds)
     p99 = percentile(one_at_a_time(ours_scan, scans), 99)
+    # Same turns, ours against plain: the plain decoder's figure, and ours beside it again
+    # so that the ratio compares two runs under the same load.
+    o2, _, plain = per_scan(ours_round, plain_round, len(scans), max(3, rounds // 3))
     events = sum(len(r) for r in scans[0])
-    return report_scan(
-        f"hid {layout}  {label + f' ({events} events)':<36}",
-        f"KeyDecoder({layout!r}).feed -> Scan",
-        "dict lookup per key-down",
-        o,
-        best,
-        f,
-        p99,
+    name = f"hid {layout}  {label + f' ({events} events)':<36}"
+    ok = report_scan(
+        name, f"KeyDecoder({layout!r}).feed -> Scan", "dict lookup per key-down", o, best, f, p99
     )
+    reference_name = "ReferenceKeyDecoder.feed -> Scan"
+    print(f"{name} plain  {reference_name:<38} {plain:7.2f} us/scan  ({plain / o2:.1f}x ours)")
+    return ok
 
 
 # --- camera -------------------------------------------------------------------------------

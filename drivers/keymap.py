@@ -44,8 +44,13 @@ from types import MappingProxyType
 from evdev import InputEvent, ecodes
 from xkbcommon import xkb
 
-# The hot path calls libxkbcommon through the package's cffi module directly: the
-# wrapper methods build an enum.IntFlag per call, which tripled the decode time.
+# The hot path calls libxkbcommon through the binding's (private) cffi module and the
+# C state of its KeyboardState (`._state`): the public methods build an enum.IntFlag per
+# call. This and the tables below are kept because bench/drivers.py shows they matter:
+# its "plain" line, drivers/keymap_reference.py doing the same decoding through the
+# public API, is 4-5x slower than KeyDecoder and misses the 50 us/scan target on its own
+# (docs/decisions.md, "Hot paths", has each trick's share). tests/test_keymap.py holds
+# KeyDecoder to that reference event by event.
 from xkbcommon._ffi import ffi, lib
 
 from cards.normalize import OVERSIZED
@@ -86,12 +91,12 @@ _SYN_DROPPED = ecodes.SYN_DROPPED
 _KEY_RIGHTBRACE = ecodes.KEY_RIGHTBRACE
 _COMPOSING = xkb.ComposeStatus.XKB_COMPOSE_COMPOSING
 _COMPOSED = xkb.ComposeStatus.XKB_COMPOSE_COMPOSED
-_TERMINATOR_SYMS = frozenset(
+TERMINATOR_SYMS = frozenset(
     xkb.keysym_from_name(name) for name in ("Return", "KP_Enter", "Tab", "ISO_Left_Tab")
 )
 # What xkb's Control transformation makes of Ctrl+M, Ctrl+J, Ctrl+I: scanners in
 # "control character" mode send their terminator that way.
-_TERMINATOR_TEXT = frozenset("\r\n\t")
+TERMINATOR_TEXT = frozenset("\r\n\t")
 _KEYPAD_DIGITS = {getattr(ecodes, f"KEY_KP{digit}"): str(digit) for digit in range(10)}
 # Dead keysyms (dead_grave ... dead_currency and friends) start a compose sequence.
 _DEAD_FIRST, _DEAD_LAST = 0xFE50, 0xFE93
@@ -130,7 +135,8 @@ def _components(state) -> tuple[int, int, int, int, int, int]:
 
 
 @cache
-def _keymap(layout: str) -> xkb.Keymap:
+def compiled_keymap(layout: str) -> xkb.Keymap:
+    """The xkb keymap of a configured layout name ("us", "uk", "de", "fr")."""
     try:
         xkb_layout = LAYOUTS[layout]
     except KeyError:
@@ -146,7 +152,7 @@ def _keymap(layout: str) -> xkb.Keymap:
 
 
 @cache
-def _compose_table() -> xkb.ComposeTable | None:
+def compose_table() -> xkb.ComposeTable | None:
     """The X11 compose table (libx11-data), for dead keys; None if the box has none."""
     with _context_lock:
         try:
@@ -168,9 +174,9 @@ def _shift_tables(layout: str, where: tuple[int, ...]) -> Mapping[int, Mapping[i
     them, or between them, the Shift release restores `where`: with and without a key
     cancelling Shift's clearLocks, which is all such a key can do to xkb's filters.
     """
-    keymap = _keymap(layout)
+    keymap = compiled_keymap(layout)
     shifted = (1 << keymap.mod_get_index("Shift"), *where[1:])
-    dead_keys_compose = _compose_table() is not None
+    dead_keys_compose = compose_table() is not None
     utf8 = ffi.new("char[64]")
 
     def pressed(shift: int) -> xkb.KeyboardState | None:
@@ -203,9 +209,9 @@ def _shift_tables(layout: str, where: tuple[int, ...]) -> Mapping[int, Mapping[i
                 continue
             text = ffi.string(utf8, 64).decode("utf-8", "replace")
             sym = lib.xkb_state_key_get_one_sym(reader._state, keycode)
-            if sym in _TERMINATOR_SYMS or text in _TERMINATOR_TEXT:
+            if sym in TERMINATOR_SYMS or text in TERMINATOR_TEXT:
                 continue
-            if dead_keys_compose and _DEAD_FIRST <= sym <= _DEAD_LAST:
+            if dead_keys_compose and is_dead_key(sym):
                 continue
             # The key released before Shift, and after it.
             before, after = pressed(shift), pressed(shift)
@@ -228,6 +234,23 @@ def _shift_tables(layout: str, where: tuple[int, ...]) -> Mapping[int, Mapping[i
     return MappingProxyType(tables)
 
 
+def is_dead_key(sym: int) -> bool:
+    """Whether a keysym is a dead key (dead_grave ... dead_currency and friends)."""
+    return _DEAD_FIRST <= sym <= _DEAD_LAST
+
+
+def alt_code(digits: str) -> str:
+    """The character typed by Alt + these keypad digits ("" for Alt+0)."""
+    number = int(digits) % 256
+    if number == 0:
+        return ""
+    if number < 32:
+        return chr(number)
+    # Windows Alt codes: with a leading zero the ANSI code page, without it the OEM one.
+    codec = "cp1252" if digits.startswith("0") else "cp437"
+    return bytes([number]).decode(codec, errors="replace")
+
+
 class KeyDecoder:
     """Decoder state for ONE input device: its buffer, modifiers and timing.
 
@@ -245,10 +268,10 @@ class KeyDecoder:
         self._gap_us = round(gap * 1_000_000)
         self.min_length = min_length
         self.numlock = numlock
-        self._keymap = _keymap(layout)
+        self._keymap = compiled_keymap(layout)
         self._ctrl = self._keymap.mod_get_index("Control")
         self._alt = self._keymap.mod_get_index("Mod1")  # Alt in every xkb layout
-        table = _compose_table()
+        table = compose_table()
         self._compose = table.compose_state_new() if table is not None else None
         self._utf8 = ffi.new("char[64]")
         # What a key types depends only on the keycode and the state's modifiers and
@@ -511,7 +534,7 @@ class KeyDecoder:
                     self._last_key = event
                     if self._alt_digits and not self._alt_down:
                         char = self._alt_code()
-                        if char in _TERMINATOR_TEXT:
+                        if char in TERMINATOR_TEXT:
                             self._finish(out)
                         else:
                             self._append(char)
@@ -542,7 +565,7 @@ class KeyDecoder:
     def _finish(self, out: list[bytes]) -> None:
         if self._alt_digits:
             char = self._alt_code()
-            if char not in _TERMINATOR_TEXT:
+            if char not in TERMINATOR_TEXT:
                 self._append(char)
         chars = self._chars
         if len(chars) > MAX_CHARS:
@@ -564,11 +587,11 @@ class KeyDecoder:
         self._meanings[code] = (text, sym)
         # What `_press` would do with this key in this state, when the press leaves
         # the state as it is: plain text for `feed` to add without asking.
-        if self._alt_down or sym in _TERMINATOR_SYMS or text in _TERMINATOR_TEXT:
+        if self._alt_down or sym in TERMINATOR_SYMS or text in TERMINATOR_TEXT:
             return text, sym
         if code == _KEY_RIGHTBRACE and self._ctrl_down:
             self._texts[code] = GS
-        elif text and not (self._compose is not None and _DEAD_FIRST <= sym <= _DEAD_LAST):
+        elif text and not (self._compose is not None and is_dead_key(sym)):
             self._texts[code] = text
             if self._quiet is not _NOTHING and self._changes_nothing(code):
                 self._quiet[code] = text  # type: ignore[index]  # a dict unless _NOTHING
@@ -584,14 +607,14 @@ class KeyDecoder:
             if code in _KEYPAD_DIGITS:
                 self._alt_digits = (self._alt_digits + _KEYPAD_DIGITS[code])[-4:]
             return
-        if sym in _TERMINATOR_SYMS or text in _TERMINATOR_TEXT:
+        if sym in TERMINATOR_SYMS or text in TERMINATOR_TEXT:
             self._finish(out)
             return
         if code == _KEY_RIGHTBRACE and self._ctrl_down:
             # Scanners send "Ctrl+]" as the HID usage of the US ] key whatever layout
             # they are set to (on de/fr that key is + or $, whose Ctrl form is nothing).
             text = GS
-        elif self._composing or (self._compose is not None and _DEAD_FIRST <= sym <= _DEAD_LAST):
+        elif self._composing or (self._compose is not None and is_dead_key(sym)):
             text = self._composed(sym, text)
         self._append(text)
 
@@ -610,16 +633,8 @@ class KeyDecoder:
         return result
 
     def _alt_code(self) -> str:
-        """The character typed by Alt + keypad digits ("" for Alt+0)."""
         digits, self._alt_digits = self._alt_digits, ""
-        number = int(digits) % 256
-        if number == 0:
-            return ""
-        if number < 32:
-            return chr(number)
-        # Windows Alt codes: with a leading zero the ANSI code page, without it the OEM one.
-        codec = "cp1252" if digits.startswith("0") else "cp437"
-        return bytes([number]).decode(codec, errors="replace")
+        return alt_code(digits)
 
     def _append(self, text: str) -> None:
         # A burst that overflowed keeps MAX_CHARS + 1 items until it ends, and `_finish`

@@ -12,10 +12,12 @@ from evdev import InputEvent
 from evdev import ecodes as e
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from xkbcommon import xkb
 
 from cards.normalize import OVERSIZED, normalize
 from drivers import keymap
 from drivers.keymap import KeyDecoder, decode
+from drivers.keymap_reference import ReferenceKeyDecoder
 
 STEP_US = 2_000  # 2 ms between reports: a fast scanner
 
@@ -431,20 +433,6 @@ def test_any_key_sequence_never_raises_nor_yields_a_terminator(steps, layout, mi
 # --- leaving xkb out ------------------------------------------------------------------
 
 
-class _TellsXkbEverything(KeyDecoder):
-    """The decoder as it was before it learned to leave xkb out: every press and
-    release goes to xkb, and every change re-reads all of xkb's state."""
-
-    def _changes_nothing(self, code: int) -> bool:
-        return False
-
-    def _shift_tables(self, where):
-        return keymap._NO_SHIFTS
-
-    def _state_changed(self, changed: int = -1) -> None:
-        super()._state_changed(-1)
-
-
 def _xkb_components(decoder: KeyDecoder) -> tuple[int, ...]:
     """xkb's state as it would be had the decoder told it everything: with a Shift held
     that xkb was not told of, its state plus Shift depressed."""
@@ -453,6 +441,20 @@ def _xkb_components(decoder: KeyDecoder) -> tuple[int, ...]:
         return components
     assert components[0] == 0
     return (1 << decoder._keymap.mod_get_index("Shift"), *components[1:])
+
+
+def _reference_components(decoder: ReferenceKeyDecoder) -> tuple[int, ...]:
+    """The reference decoder's xkb state, read through xkbcommon's public API."""
+    component = xkb.StateComponent
+    state = decoder.state
+    return (
+        state.serialize_mods(component.XKB_STATE_MODS_DEPRESSED),
+        state.serialize_mods(component.XKB_STATE_MODS_LATCHED),
+        state.serialize_mods(component.XKB_STATE_MODS_LOCKED),
+        state.serialize_layout(component.XKB_STATE_LAYOUT_DEPRESSED),
+        state.serialize_layout(component.XKB_STATE_LAYOUT_LATCHED),
+        state.serialize_layout(component.XKB_STATE_LAYOUT_LOCKED),
+    )
 
 
 def test_plain_keys_and_capitals_are_decoded_without_asking_xkb(monkeypatch):
@@ -619,9 +621,9 @@ def _shift_sessions(draw) -> list[tuple]:
     layout=st.sampled_from(["us", "uk", "de", "fr"]),
     numlock=st.booleans(),
 )
-def test_leaving_xkb_out_never_changes_what_is_decoded(steps, layout, numlock):
+def test_fast_decoder_decodes_as_the_plain_reference_decoder_event_by_event(steps, layout, numlock):
     ours = KeyDecoder(layout, numlock=numlock, min_length=1)
-    reference = _TellsXkbEverything(layout, numlock=numlock, min_length=1)
+    reference = ReferenceKeyDecoder(layout, numlock=numlock, min_length=1)
     kb = Keyboard()
     for what, a, b in steps:
         kb.events = []
@@ -635,7 +637,7 @@ def test_leaving_xkb_out_never_changes_what_is_decoded(steps, layout, numlock):
             kb.wait(a / 1_000_000)
         for event in kb.events:
             assert ours.feed([event]) == reference.feed([event])
-            assert _xkb_components(ours) == keymap._components(reference._state)
+            assert _xkb_components(ours) == _reference_components(reference)
         assert ours.flush(kb.now) == reference.flush(kb.now)
         assert (ours.pending, ours.deadline) == (reference.pending, reference.deadline)
     assert ours.flush(kb.now + 1) == reference.flush(kb.now + 1)
