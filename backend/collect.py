@@ -35,17 +35,20 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
-
 from backend import publish
-from backend.connection import Connection, default_client_id
+from backend.connection import Connection, Message, default_client_id
 from backend.events import Event, EventError, parse_message
 from backend.keystore import Keystore, KeystoreError
 from backend.store import IssuedBatch, Store, Stored
 from cards import batch, keys
 from cards.batch import BatchError, Kind
+from runtime.threads import OwnedThread
+from sync.session import STOP_BOUND
 
 DEFAULT_GROUP = "redeemd-collect"
+# How long `stop` waits for the thread: its round ends at once once stopped (a publish
+# waiting for a PUBACK gives up), then the broker connection stops (its own bound).
+STOP_WAIT = STOP_BOUND + 5.0
 CONSUMED_EXPIRES = 30 * 86400
 # At most this many waiting events messages are stored in one commit.
 GROUP_COMMIT = 64
@@ -78,10 +81,10 @@ class Collector:
         # delegation the collector could only flag them, so refuse to start instead.
         self.keystore.require_signing()
         self.link = Connection(broker, client_id or default_client_id(f"collect-{group}"), say)
-        self._inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self._inbox: queue.Queue[Message] = queue.Queue()
         self._unpublished: list[IssuedBatch] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = OwnedThread("collect", self.run)
+        self._stop = self._worker.stopping
         # Messages refused per "merchant/box" since start (unknown box, wrong merchant,
         # malformed), and when each was last reported.
         self.refused: Counter[str] = Counter()
@@ -94,19 +97,20 @@ class Collector:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name="collect", daemon=True)
-        self._thread.start()
+        """Run in an owned thread `collect` (`run` blocks instead)."""
+        self._worker.start()
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(30)
-            self._thread = None
+    def stop(self, timeout: float = STOP_WAIT) -> bool:
+        """Stop and join the thread, waiting at most `timeout` seconds; True if it ended.
+        A publish waiting for the broker gives up at once (link.cancel), so a hung broker
+        does not hold the stop."""
+        return self._worker.stop(timeout)
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Collect until `stop` (or `self.stop()`) is set. Owns the connection and
         does all database work on this thread, never on paho's network thread."""
         stop = stop or self._stop
+        self.link.cancel = stop
         store = Store.open(self.dir)
         # Consumed batches a previous run committed but could not publish.
         self._unpublished = [b for b in store.unpublished() if b.kind is Kind.CONSUMED]
@@ -154,7 +158,7 @@ class Collector:
 
     # ------------------------------------------------------------ one message
 
-    def _handle(self, store: Store, messages: list[mqtt.MQTTMessage]) -> None:
+    def _handle(self, store: Store, messages: list[Message]) -> None:
         parsed: list[tuple[str, str, list[Event]]] = []
         for message in messages:
             parts = message.topic[len(self.prefix) + 1 :].split("/")

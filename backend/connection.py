@@ -1,10 +1,13 @@
 """One MQTT v5 connection for a backend process, that outlives the broker going away.
 
-paho-mqtt 2.x with callback API v2. The connection owns one network thread: it
-connects, runs paho's loop, and after a lost connection waits a random time between 0
-and an exponentially growing cap (full jitter) before reconnecting, so a fleet of
-backend processes restarted together does not hammer a recovering broker in step.
-Subscriptions are renewed on every connect (the broker may have lost the session).
+It is the box's session (sync/session.py): one reconnecting paho client for the whole
+project, with its network thread (joined on stop within a bound), its full-jitter
+backoff and its fresh paho client per connection. What differs for a backend is set
+here: no last will, a broker session kept SESSION_EXPIRY seconds across a blip (and
+ended by a clean stop), a blocking publish that waits for the PUBACK, and the lines
+an operator reads on stdout (docs/backend.md) said from the session's Up and Down
+events. Subscriptions are renewed on every connect (the broker may have lost the
+session).
 
     >>> link = Connection("mqtt://127.0.0.1:1883", "redeemd-publish", say=print)
     >>> link.on_connect(lambda: link.subscribe("redeemd/v1/+/box/+/request"))
@@ -12,32 +15,40 @@ Subscriptions are renewed on every connect (the broker may have lost the session
     >>> link.publish("redeemd/v1/acme/manifest", data, retain=True)
     True
     >>> link.stop()
+    True
 """
 
 from __future__ import annotations
 
 import os
-import random
 import socket
-import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from sync.session import STOP_BOUND, Down, Event, Message, Session, Up
 
-BACKOFF_FIRST = 0.5
-BACKOFF_CAP = 30.0
 PUBLISH_TIMEOUT = 30.0
 # The broker keeps a backend client's session (and queues its messages) this long after
 # the connection drops, so a blip loses nothing. It must stay short: the broker keeps
 # handing a shared subscription's share of messages to a session whose collector is
-# gone, until the session expires. A clean stop ends the session at once (below);
+# gone, until the session expires. A clean stop ends the session at once (Session);
 # after a crash the boxes resend what was not acked (their `request_retry`).
 SESSION_EXPIRY = 30
+KEEPALIVE = 30
+# A failed attempt is said the first time and then every this many in a row.
+SAY_EVERY = 10
+_CREDENTIALS = "; check the user and password in the broker URL (mqtt://user:password@host)"
+REFUSAL_HINTS = {
+    0x85: "; the broker does not accept this client id",
+    0x86: _CREDENTIALS + " against the broker's password list",
+    0x87: _CREDENTIALS + " and that the broker's ACL lets this user connect",
+    0x8A: "; the broker has banned this client",
+    0x88: "; the broker is up but not serving; it is retried",
+    0x89: "; the broker is busy; it is retried",
+}
 
 
 def default_client_id(role: str) -> str:
@@ -87,25 +98,49 @@ def parse_broker_url(text: str) -> BrokerUrl:
     )
 
 
+@dataclass(frozen=True)
+class LinkSettings:
+    """What sync.session.Session needs, from a broker URL (TLS with the system CAs)."""
+
+    broker: str
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: str | None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive: int = KEEPALIVE
+    max_inflight: int = 16
+
+    @classmethod
+    def from_url(cls, url: BrokerUrl) -> LinkSettings:
+        return cls(str(url), url.host, url.port, url.tls, url.username, url.password)
+
+
 class Connection:
     def __init__(self, url: str, client_id: str, say: Callable[[str], None]):
         self.url = parse_broker_url(url)
         self.say = say
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
-        )
-        if self.url.username:
-            self.client.username_pw_set(self.url.username, self.url.password)
-        if self.url.tls:
-            self.client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
-        self.client.on_connect = self._connected
-        self.client.on_disconnect = self._disconnected
         self.connected = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.cancel: threading.Event | None = None
+        """The owner's stop event: a publish waiting for its PUBACK gives up once it is set."""
         self._hooks: list[Callable[[], None]] = []
-        self._subscriptions: list[str] = []
+        self._handler: Callable[[Message], None] | None = None
         self._was_connected = False
+        self._failures = 0
+        self.session = Session(
+            LinkSettings.from_url(self.url),
+            client_id,
+            will=None,
+            subscriptions=[],
+            events=self._event,
+            keep_session=SESSION_EXPIRY,
+            refusal_hints=REFUSAL_HINTS,
+            logger=None,
+            thread_name=f"mqtt-{client_id}",
+        )
 
     def on_connect(self, hook: Callable[[], None]) -> None:
         """Call `hook` after every successful connect. It runs on the network thread, so
@@ -115,102 +150,60 @@ class Connection:
 
     def subscribe(self, topic: str) -> None:
         """Subscribe now if connected, and again after every reconnect."""
-        self._subscriptions.append(topic)
-        if self.connected.is_set():
-            self.client.subscribe(topic, qos=1)
+        self.session.subscribe(topic)
 
-    def on_message(self, handler: Callable[[mqtt.MQTTMessage], None]) -> None:
-        self.client.on_message = lambda client, userdata, message: handler(message)
+    def on_message(self, handler: Callable[[Message], None]) -> None:
+        """`handler(message)` on the network thread: hand it over (a queue put)."""
+        self._handler = handler
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"mqtt {self.url}", daemon=True)
-        self._thread.start()
+        self.session.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Disconnect cleanly and join the network thread."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+    def stop(self, timeout: float = STOP_BOUND) -> bool:
+        """Disconnect cleanly (the broker forgets the session) and join the network
+        thread, waiting at most `timeout` seconds; True if it ended."""
+        stopped = self.session.stop(timeout)
+        self.connected.clear()
+        return stopped
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
         """Publish at QoS 1 and wait for the broker's PUBACK; False if it did not come
-        (not connected, connection lost, refused). The caller retries later."""
-        if not self.connected.is_set():
-            return False
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            return False
-        try:
-            info.wait_for_publish(PUBLISH_TIMEOUT)
-        except (RuntimeError, ValueError):
-            return False
-        return info.is_published()
+        (not connected, connection lost, refused, stopping). The caller retries later."""
+        return self.session.wait_published(
+            topic, payload, PUBLISH_TIMEOUT, retain=retain, cancel=self.cancel
+        )
 
     def send(self, topic: str, payload: bytes) -> None:
         """Publish at QoS 1 without waiting (acks: a lost one is repeated on the next
         resend of the same records)."""
-        self.client.publish(topic, payload, qos=1)
+        self.session.publish(topic, payload)
 
     # ------------------------------------------------------------ network thread
 
-    def _run(self) -> None:
-        attempt = 0
-        first = True
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = SESSION_EXPIRY
-        while not self._stop.is_set():
-            try:
-                if first:
-                    self.client.connect(
-                        self.url.host, self.url.port, keepalive=30,
-                        clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY, properties=properties,
-                    )  # fmt: skip
-                    first = False
-                else:
-                    self.client.reconnect()
-            except (OSError, ssl.SSLError) as exc:
-                attempt += 1
-                delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_FIRST * 2**attempt))
-                if attempt == 1 or attempt % 10 == 0:
-                    self.say(f"broker {self.url} unreachable ({exc}); retrying")
-                self._stop.wait(delay)
-                continue
-            rc = mqtt.MQTT_ERR_SUCCESS
-            while rc == mqtt.MQTT_ERR_SUCCESS and not self._stop.is_set():
-                rc = self.client.loop(timeout=0.2)
-                if self.connected.is_set():
-                    attempt = 0
-            if self._stop.is_set():
-                break
+    def _event(self, event: Event) -> None:
+        if isinstance(event, Message):
+            if self._handler is not None:
+                self._handler(event)
+        elif isinstance(event, Up):
+            self._failures = 0
+            self.say(f"{'reconnected' if self._was_connected else 'connected'} to {self.url}")
+            self._was_connected = True
+            self.connected.set()
+            for hook in self._hooks:
+                hook()
+        elif isinstance(event, Down):
             self.connected.clear()
-            attempt += 1
-            self._stop.wait(random.uniform(0, min(BACKOFF_CAP, BACKOFF_FIRST * 2**attempt)))
-        if self.connected.is_set():
-            # Session expiry 0 on DISCONNECT: the broker forgets this session and its
-            # place in shared subscriptions now, instead of queueing for it.
-            goodbye = Properties(PacketTypes.DISCONNECT)
-            goodbye.SessionExpiryInterval = 0
-            self.client.disconnect(properties=goodbye)
-            # Let the loop write the DISCONNECT packet before the socket closes.
-            for _ in range(10):
-                if self.client.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS:
-                    break
-        self.connected.clear()
+            self._down(event)
 
-    def _connected(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            self.say(f"broker {self.url} refused the connection: {reason_code}")
+    def _down(self, event: Down) -> None:
+        if event.kind == "lost":
+            self.say(f"lost the broker {self.url} ({event.cause}); reconnecting")
             return
-        for topic in self._subscriptions:
-            client.subscribe(topic, qos=1)
-        self.say(f"{'reconnected' if self._was_connected else 'connected'} to {self.url}")
-        self._was_connected = True
-        self.connected.set()
-        for hook in self._hooks:
-            hook()
-
-    def _disconnected(self, client, userdata, flags, reason_code, properties) -> None:
-        if self.connected.is_set() and not self._stop.is_set():
-            self.say(f"lost the broker {self.url} ({reason_code}); reconnecting")
-        self.connected.clear()
+        self._failures += 1
+        if event.kind == "refused":
+            self.say(event.reason)  # what is wrong and what to do, every time
+        elif self._failures == 1 or self._failures % SAY_EVERY == 0:
+            if event.kind == "unreachable":
+                self.say(f"broker {self.url} unreachable ({event.cause}); retrying")
+            else:
+                self.say(f"{event.reason}; retrying")

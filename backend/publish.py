@@ -28,15 +28,18 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
-
 from backend import resign
-from backend.connection import Connection, default_client_id
+from backend.connection import Connection, Message, default_client_id
 from backend.keystore import Keystore, KeystoreError
 from backend.store import IssuedBatch, Store
 from cards import keys, manifest
+from runtime.threads import OwnedThread
+from sync.session import STOP_BOUND
 
 DEFAULT_PREFIX = "redeemd/v1"
+# How long `stop` waits for the thread: its round ends at once once stopped (a publish
+# waiting for a PUBACK gives up), then the broker connection stops (its own bound).
+STOP_WAIT = STOP_BOUND + 5.0
 DEFAULT_HEARTBEAT = 3600.0
 MAX_RESEND = 1000
 """At most this many batches answer one request; the box asks again for the rest."""
@@ -109,30 +112,31 @@ class Publisher:
         self.keystore = Keystore(directory)
         self.keystore.require_signing(self.merchants or ())
         self.link = Connection(broker, client_id or default_client_id("publish"), say)
-        self._requests: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self._requests: queue.Queue[Message] = queue.Queue()
         self._signed: dict[str, tuple[int, float]] = {}
         """merchant -> (latest_seq, monotonic time) of the last manifest the broker took."""
         self._unsigned: dict[str, str] = {}
         """merchant -> why its manifest cannot be signed (said once per reason)."""
         self._resign = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = OwnedThread("publish", self.run)
+        self._stop = self._worker.stopping
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name="publish", daemon=True)
-        self._thread.start()
+        """Run in an owned thread `publish` (`run` blocks instead)."""
+        self._worker.start()
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(30)
-            self._thread = None
+    def stop(self, timeout: float = STOP_WAIT) -> bool:
+        """Stop and join the thread, waiting at most `timeout` seconds; True if it ended.
+        A publish waiting for the broker gives up at once (link.cancel), so a hung broker
+        does not hold the stop."""
+        return self._worker.stop(timeout)
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Publish until `stop` (or `self.stop()`) is set. Owns the connection."""
         stop = stop or self._stop
+        self.link.cancel = stop
         store = Store.open(self.dir)
         for topic in self._request_topics():
             self.link.subscribe(topic)
@@ -213,7 +217,7 @@ class Publisher:
             self._signed[merchant] = (latest, time.monotonic())
             self.say(f"manifest {merchant}: latest_seq {latest}")
 
-    def _answer(self, store: Store, message: mqtt.MQTTMessage) -> None:
+    def _answer(self, store: Store, message: Message) -> None:
         parts = message.topic[len(self.prefix) + 1 :].split("/")
         if len(parts) != 4 or parts[1] != "box" or parts[3] != "request":
             return

@@ -206,10 +206,19 @@ class Session:
             return None
         return generation, info.mid
 
-    def wait_published(self, topic: str, payload: bytes, timeout: float, *, retain: bool) -> bool:
+    def wait_published(
+        self,
+        topic: str,
+        payload: bytes,
+        timeout: float,
+        *,
+        retain: bool,
+        cancel: threading.Event | None = None,
+    ) -> bool:
         """Publish and wait (at most `timeout` s) for the broker's PUBACK: False if it
-        did not come. Gives up at once when the connection is lost or the session is
-        stopping, so an owner waiting here never holds up a shutdown."""
+        did not come. Gives up at once when the connection is lost, the session is
+        stopping or `cancel` (the owner's stop) is set, so an owner waiting here never
+        holds up a shutdown."""
         with self._lock:
             client = self._client if self.connected else None
             generation = self._generation
@@ -222,7 +231,7 @@ class Session:
                 return False
             while not info.is_published():
                 left = deadline - time.monotonic()
-                if left <= 0 or self._stop.is_set():
+                if left <= 0 or self._stop.is_set() or (cancel is not None and cancel.is_set()):
                     return False
                 with self._lock:
                     if not self.connected or self._generation != generation:
