@@ -65,9 +65,20 @@ def parse_card(value: dict) -> Card:
     1
     """
     known = {
-        "id", "merchant", "kind", "title", "uses", "balance", "stores", "weekdays",
-        "hours", "valid_from", "valid_until", "two_phase", "reversal_window",
-    }  # fmt: skip
+        "id",
+        "merchant",
+        "kind",
+        "title",
+        "uses",
+        "balance",
+        "stores",
+        "weekdays",
+        "hours",
+        "valid_from",
+        "valid_until",
+        "two_phase",
+        "reversal_window",
+    }
     if not isinstance(value, dict):
         raise CardError(f"a card template must be a JSON object, got {value!r}")
     unknown = set(value) - known

@@ -197,9 +197,17 @@ def _apply_locked(
     conn.execute(
         "INSERT INTO batches(merchant, seq, kind, sha256, count, created_at, applied_at, "
         "entries_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (header.merchant, header.seq, header.kind.value, header.sha256, header.count,
-         header.created_at, now, header.entries_sha256),
-    )  # fmt: skip
+        (
+            header.merchant,
+            header.seq,
+            header.kind.value,
+            header.sha256,
+            header.count,
+            header.created_at,
+            now,
+            header.entries_sha256,
+        ),
+    )
     return ImportResult(header.merchant, header.seq, header.kind, header.count)
 
 

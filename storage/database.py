@@ -106,8 +106,9 @@ def mark(database: str | Path, *, again: bool = False) -> None:
         log.warning(
             "cannot write %s (%s): without it a lost database would not be noticed; the "
             "directory of the database must be writable by redeemd's user",
-            marker, exc.strerror or exc,
-        )  # fmt: skip
+            marker,
+            exc.strerror or exc,
+        )
 
 
 def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
