@@ -7,7 +7,7 @@ service) implements `submit` by queueing the request for the engine thread and w
 for its answer, so the engine stays the only writer. Command semantics live in
 `daemon.api_commands`.
 
-Threads, both owned by the server (`start` / `stop`):
+Threads, both owned by the server (`start` / `stop`, runtime.threads.OwnedThread):
 - `api-io`: one selector over the listening socket, every client and a wake-up pair.
   It never blocks on a client: each has a bounded output buffer, and a client that lets
   it overflow (connects and never reads) is dropped alone.
@@ -39,6 +39,8 @@ import threading
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
+
+from runtime.threads import OwnedThread
 
 log = logging.getLogger("redeemd.api")
 
@@ -203,7 +205,13 @@ class ApiServer:
         self._outbox: collections.deque[tuple[_Client | None, bytes]] = collections.deque()
         self._requests: queue.Queue[tuple[_Client, dict] | None] = queue.Queue()
         self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._io = OwnedThread("api-io", self._io_loop, wake=self._wake, stopping=self._stopping)
+        self._answering = OwnedThread(
+            "api-requests",
+            self._request_loop,
+            wake=lambda: self._requests.put(None),
+            stopping=self._stopping,
+        )
         self._sock: socket.socket | None = None
         self._lock_file: int | None = None
         self._inode: tuple[int, int] | None = None
@@ -245,12 +253,13 @@ class ApiServer:
         self._wake_w.setblocking(False)
         self._selector.register(self._sock, selectors.EVENT_READ, _LISTEN)  # type: ignore[arg-type]
         self._selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
-        self._threads = [
-            threading.Thread(target=self._io_loop, name="api-io", daemon=True),
-            threading.Thread(target=self._request_loop, name="api-requests", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._io.start()
+        self._answering.start()
+
+    @property
+    def _threads(self) -> list[OwnedThread]:
+        """Both threads (tests check they survive a bug in one request)."""
+        return [self._io, self._answering]
 
     def _take_lock(self) -> None:
         # A lock beside the socket tells a live server from a stale socket file left by a
@@ -313,16 +322,12 @@ class ApiServer:
     def stop(self, timeout: float = 2.0) -> bool:
         """Close every client, remove the socket and join both threads. False if a
         thread was still running after `timeout` seconds."""
-        self._stopping.set()
-        self._wake()
-        self._requests.put(None)
-        alive = False
-        for thread in self._threads:
-            thread.join(timeout)
-            alive = alive or thread.is_alive()
-        if not any(t.is_alive() for t in self._threads if t.name == "api-io"):
+        self._stopping.set()  # both threads see it before either is joined
+        io_ended = self._io.stop(timeout)
+        answering_ended = self._answering.stop(timeout)
+        if io_ended:
             self._release()
-        return not alive
+        return io_ended and answering_ended
 
     def _release(self) -> None:
         if self._sock is not None:
