@@ -29,8 +29,10 @@ class Backoff:
         first: float,
         cap: float,
         *,
-        uniform: Callable[[float, float], float] = random.uniform,
+        uniform: Callable[[float, float], float] | None = None,
     ):
+        """`uniform(low, high)` draws the wait (tests pass one that records the bounds);
+        by default `random.uniform`."""
         if first <= 0 or cap < first:
             raise ValueError(f"backoff needs 0 < first <= cap, got first={first} cap={cap}")
         self.first = first
@@ -45,7 +47,7 @@ class Backoff:
 
     def next(self) -> float:
         """The wait before the next attempt; each call doubles the ceiling (up to `cap`)."""
-        delay = self._uniform(0.0, self._ceiling)
+        delay = (self._uniform or random.uniform)(0.0, self._ceiling)
         self._ceiling = min(self._ceiling * 2, self.cap)
         return delay
 
