@@ -22,7 +22,8 @@ import os
 import queue
 import signal
 import subprocess
-import threading
+
+from runtime.threads import OwnedThread
 
 log = logging.getLogger("redeemd")
 
@@ -38,7 +39,7 @@ class VerdictHook:
         self.dropped = 0
         self.last_error: str | None = None
         self._queue: queue.Queue[dict | None] = queue.Queue(maxsize=QUEUE)
-        self._thread = threading.Thread(target=self._run, name="hook-on-verdict", daemon=True)
+        self._thread = OwnedThread("hook-on-verdict", self._run)
 
     def start(self) -> None:
         self._thread.start()
@@ -63,10 +64,7 @@ class VerdictHook:
             except queue.Empty:
                 break
         self._queue.put(None)
-        if self._thread.ident is None:
-            return True
-        self._thread.join(timeout + self.timeout)
-        return not self._thread.is_alive()
+        return self._thread.join(timeout + self.timeout)
 
     def state(self) -> dict[str, object]:
         return {

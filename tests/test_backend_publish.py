@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -314,3 +316,29 @@ def test_publish_cli_republishes_after_a_broker_restart_and_answers_requests(
         wait_until(lambda: len(assembled(box, own, keystore_roots)) == 2, "resent batches")
     finally:
         assert process.stop() == 0
+
+
+def test_stop_returns_while_a_publish_waits_for_a_hung_broker(publisher, backend_dir, broker):
+    issue(backend_dir)
+    running = publisher()
+    wait_until(lambda: "manifest demo: latest_seq 1" in running.lines, "first manifest")
+    waiting = threading.Event()
+    publish = running.link.publish
+
+    def noted(*args, **kwargs):  # the real publish, noting that one has begun
+        waiting.set()
+        return publish(*args, **kwargs)
+
+    running.link.publish = noted
+    broker.process.send_signal(signal.SIGSTOP)  # up, connected, never answers again
+    try:
+        issue(backend_dir)
+        assert waiting.wait(10), "the publisher did not try to publish the new batch"
+        # The publish waits for a PUBACK that never comes (PUBLISH_TIMEOUT is 30 s):
+        # stopping gives it up and joins the publisher's and the connection's threads.
+        assert running.stop() is True
+    finally:
+        broker.process.send_signal(signal.SIGCONT)
+    alive = {t.name for t in threading.enumerate()}
+    assert "publish" not in alive and not any(name.startswith("mqtt-") for name in alive)
+    assert not any(line.startswith("published revoke batch demo/2") for line in running.lines)

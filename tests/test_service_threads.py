@@ -11,10 +11,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import threading
 
 from broker import broker  # noqa: F401  (fixture)
 from conftest import wait_for
+from test_service import Daemon
 
 from daemon import config as config_mod
 from daemon.service import Service
@@ -38,6 +40,8 @@ def test_run_returns_with_no_thread_left_behind(loaded_box, broker, tmp_path):
     service = Service(config, out=out, as_json=True)
     before = set(threading.enumerate())
 
+    running: list[threading.Thread] = []
+
     def drive() -> None:
         # O_RDWR: opening does not wait for the daemon's end of the FIFO.
         fd = os.open(fifo, os.O_RDWR)
@@ -46,6 +50,7 @@ def test_run_returns_with_no_thread_left_behind(loaded_box, broker, tmp_path):
             wait_for(lambda: out.getvalue().count("\n") >= 2, "two verdicts")
             wait_for(lambda: service.sync is not None and service.sync.state().get("connected"),
                      "sync connected")  # fmt: skip
+            running.extend(t for t in threading.enumerate() if t not in before)
         finally:
             os.close(fd)
             service.stopping.set()  # what SIGTERM does
@@ -58,3 +63,34 @@ def test_run_returns_with_no_thread_left_behind(loaded_box, broker, tmp_path):
     assert [v["verdict"] for v in verdicts] == ["accepted", "accepted"]
     left = [t for t in threading.enumerate() if t not in before and t is not driver]
     assert left == [], f"threads left behind: {[t.name for t in left]}"
+    # Each part ran in a thread of its own name, and none was a daemon thread (which
+    # the interpreter would kill wherever it stood instead of the service joining it).
+    started = {t.name: t for t in running if t is not driver}
+    parts = {"scanner-fifo", "sync", "sync-network", "api-io", "api-requests", "hook-on-verdict"}
+    assert parts <= set(started), sorted(started)
+    daemons = sorted(name for name, t in started.items() if t.daemon)
+    assert daemons == [], f"daemon threads: {daemons}"
+
+
+def test_redeemd_run_stops_on_sigterm_while_the_broker_hangs(loaded_box, broker, tmp_path):
+    """The real daemon process: every thread is joined within its bound even when the
+    broker takes the connection and then never answers (no thread left for the
+    interpreter to wait on, none reported as hanging)."""
+    loaded_box.config_path.write_text(
+        loaded_box.config_path.read_text()
+        + f'\n[sync]\nenabled = true\nbroker = "{broker.url}"\n'
+        + f'\n[api]\nsocket = "{tmp_path / "api.sock"}"\n'
+    )
+    daemon = Daemon(loaded_box)
+    try:
+        daemon.wait_log("sync: connected")
+        broker.process.send_signal(signal.SIGSTOP)
+        try:
+            daemon.scan("DEMO-0001")  # its record waits for a PUBACK that never comes
+            assert daemon.wait_verdicts(1)[0]["verdict"] == "accepted"
+            assert daemon.stop() == 0
+        finally:
+            broker.process.send_signal(signal.SIGCONT)
+    finally:
+        daemon.kill()
+    assert "did not stop" not in daemon.log(), daemon.log()[-2000:]

@@ -218,3 +218,50 @@ def test_driver_bug_shows_error_with_its_message_and_restarts_with_backoff_besid
         for supervisor in supervisors:
             assert supervisor.stop(timeout=5)
     assert crashing_status.state == healthy_status.state == "stopped"
+
+
+class BlockedDriver(FlakyDriver):
+    """Blocked in a read that does not look at the stop event, like a driver inside
+    os.read() on a device: only close() ends it, or `release` if close() does not."""
+
+    def __init__(self, ends_on_close: bool):
+        super().__init__([])
+        self.name = "blocked"
+        self.ends_on_close = ends_on_close
+        self.reading = threading.Event()
+        self.release = threading.Event()
+
+    def run(self, emit, stop, state):
+        state.state = "connected"
+        self.reading.set()
+        self.release.wait()
+
+    def close(self) -> None:
+        super().close()
+        if self.ends_on_close:
+            self.release.set()
+
+
+def test_stop_closes_a_driver_blocked_in_a_read_and_joins_its_thread():
+    driver = BlockedDriver(ends_on_close=True)
+    supervisor = Supervisor(driver, lambda scan: None)
+    supervisor.start()
+    assert driver.reading.wait(10)
+    assert supervisor.stop(timeout=5)
+    assert driver.closed.is_set() and not supervisor.thread.is_alive()
+    assert supervisor.state.state == "stopped"
+
+
+def test_a_scanner_thread_still_running_after_its_bound_is_named_in_the_log(caplog):
+    driver = BlockedDriver(ends_on_close=False)
+    ended = threading.Event()
+    supervisor = Supervisor(driver, lambda scan: None, on_end=ended.set)
+    supervisor.start()
+    assert driver.reading.wait(10)
+    with caplog.at_level(logging.WARNING, logger="redeemd"):
+        assert supervisor.stop(timeout=0.2) is False
+    assert "thread scanner-blocked did not stop within 0.2 s" in caplog.text
+    assert supervisor.thread.is_alive() and not ended.is_set()
+    driver.release.set()  # the read returns at last: the thread ends, and tells its owner
+    assert supervisor.thread.join(10)
+    assert ended.is_set() and supervisor.state.state == "stopped"

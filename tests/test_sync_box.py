@@ -610,3 +610,36 @@ def test_sync_config_errors_name_the_key(tmp_path, keyset):
         assert f"[sync] {key}" in text
     result = box.cli("check-config")
     assert result.returncode == 2 and b"password_file" in result.stderr
+
+
+# ---------------------------------------------------------------------- stopping
+
+
+def _sync_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name in ("sync", "sync-network")]
+
+
+def test_sync_stops_within_its_bound_while_the_broker_hangs(tmp_path, keyset, broker, running):
+    run = running(sync_box(tmp_path, keyset, broker)).start()
+    wait_for(lambda: connected(run), "connected")
+    broker.process.send_signal(signal.SIGSTOP)  # connected, and never answers again
+    try:
+        run.scan("DEMO-0001")  # a record on its way, waiting for a PUBACK
+        wait_for(lambda: run.state().get("in_flight"), "the record in flight")
+        # The offline status waits for its PUBACK at most 2 s, the network thread is
+        # woken by the disconnect: both threads end within the bound.
+        assert run.sync.stop(timeout=10) is True
+    finally:
+        broker.process.send_signal(signal.SIGCONT)
+    assert _sync_threads() == []
+    assert run.depth() == 1  # never acked: still in the outbox for the next run
+
+
+def test_sync_stops_within_its_bound_while_the_broker_is_down(tmp_path, keyset, broker, running):
+    box = sync_box(tmp_path, keyset, broker)
+    broker.stop()
+    run = running(box).start()
+    # Refused connections: the network thread waits in its backoff (up to 60 s).
+    wait_for(lambda: "cannot connect" in (run.state().get("last_error") or ""), "a failed connect")
+    assert run.sync.stop(timeout=10) is True
+    assert _sync_threads() == []
