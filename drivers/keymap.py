@@ -44,14 +44,15 @@ from types import MappingProxyType
 from evdev import InputEvent, ecodes
 from xkbcommon import xkb
 
-# The hot path calls libxkbcommon through the binding's (private) cffi module and the
-# C state of its KeyboardState (`._state`): the public methods build an enum.IntFlag per
-# call. This and the tables below are kept because bench/drivers.py shows they matter:
-# its "plain" line, drivers/keymap_reference.py doing the same decoding through the
-# public API, is 4-5x slower than KeyDecoder and misses the 50 us/scan target on its own
-# (docs/decisions.md, "Hot paths", has each trick's share). tests/test_keymap.py holds
-# KeyDecoder to that reference event by event.
-from xkbcommon._ffi import ffi, lib
+# The per-key path (`KeyDecoder.feed`, `_state_changed`) calls libxkbcommon through the
+# binding's private cffi module and the C state of its KeyboardState (`._state`): the
+# public methods build an enum.IntFlag per call. What runs once per state or per key
+# learned uses the public API. The private calls and the tables below are kept because
+# bench/drivers.py shows they matter: its "plain" line, drivers/keymap_reference.py
+# doing the same decoding through the public API, is 4-5x slower than KeyDecoder and
+# misses the 50 us/scan target on its own (docs/decisions.md, "Hot paths", has each
+# trick's share). tests/test_keymap.py holds KeyDecoder to that reference event by event.
+from xkbcommon._ffi import lib
 
 from cards.normalize import OVERSIZED
 
@@ -74,16 +75,14 @@ _LAYOUT_LATCHED = lib.XKB_STATE_LAYOUT_LATCHED
 _LAYOUT_LOCKED = lib.XKB_STATE_LAYOUT_LOCKED
 # The state components other than the depressed modifiers; Shift, Ctrl, Alt and AltGr
 # change none of them, so on a change reported without these bits only one is re-read.
+_PUBLIC = xkb.StateComponent  # for the paths that run once per state or per key learned
 _OTHER_COMPONENTS = _LATCHED | _LOCKED | _LAYOUT_DEPRESSED | _LAYOUT_LATCHED | _LAYOUT_LOCKED
 _TABLE_LIMIT = 64  # modifier states remembered per decoder
 # Bound once: attribute lookups on the cffi module cost as much as the calls themselves
 # on the per-key path.
 _update_key = lib.xkb_state_update_key
-_update_mask = lib.xkb_state_update_mask
 _serialize_mods = lib.xkb_state_serialize_mods
 _serialize_layout = lib.xkb_state_serialize_layout
-_mod_is_active = lib.xkb_state_mod_index_is_active
-_get_utf8 = lib.xkb_state_key_get_utf8
 _EV_KEY = ecodes.EV_KEY
 _EV_SYN = ecodes.EV_SYN
 _SYN_REPORT = ecodes.SYN_REPORT
@@ -121,9 +120,21 @@ _NOTHING: Mapping[int, str] = MappingProxyType({})
 _NO_SHIFTS: Mapping[int, Mapping[int, str]] = MappingProxyType({})
 
 
-def _components(state) -> tuple[int, int, int, int, int, int]:
+def components(state: xkb.KeyboardState) -> tuple[int, int, int, int, int, int]:
     """Everything xkb serializes about a state: depressed, latched and locked modifiers,
     then depressed, latched and locked layout (the effective ones follow from these)."""
+    return (
+        state.serialize_mods(_PUBLIC.XKB_STATE_MODS_DEPRESSED),
+        state.serialize_mods(_PUBLIC.XKB_STATE_MODS_LATCHED),
+        state.serialize_mods(_PUBLIC.XKB_STATE_MODS_LOCKED),
+        state.serialize_layout(_PUBLIC.XKB_STATE_LAYOUT_DEPRESSED),
+        state.serialize_layout(_PUBLIC.XKB_STATE_LAYOUT_LATCHED),
+        state.serialize_layout(_PUBLIC.XKB_STATE_LAYOUT_LOCKED),
+    )
+
+
+def _components(state) -> tuple[int, int, int, int, int, int]:
+    """`components` of a C state, for `KeyDecoder._state_changed` on the per-key path."""
     return (
         _serialize_mods(state, _DEPRESSED),
         _serialize_mods(state, _LATCHED),
@@ -177,16 +188,16 @@ def _shift_tables(layout: str, where: tuple[int, ...]) -> Mapping[int, Mapping[i
     keymap = compiled_keymap(layout)
     shifted = (1 << keymap.mod_get_index("Shift"), *where[1:])
     dead_keys_compose = compose_table() is not None
-    utf8 = ffi.new("char[64]")
+    down, up = xkb.KeyDirection.XKB_KEY_DOWN, xkb.KeyDirection.XKB_KEY_UP
 
     def pressed(shift: int) -> xkb.KeyboardState | None:
         """A fresh state in `where` with `shift` pressed, if that gives `shifted`."""
-        owner = keymap.state_new()  # owns the C state (freed with it)
-        _update_mask(owner._state, *where)
-        if _components(owner._state) != where:
+        state = keymap.state_new()
+        state.update_mask(*where)
+        if components(state) != where:
             return None
-        _update_key(owner._state, shift, _DOWN)
-        return owner if _components(owner._state) == shifted else None
+        state.update_key(shift, down)
+        return state if components(state) == shifted else None
 
     tables = {}
     for shift_code in _SHIFT_KEYS:
@@ -194,8 +205,8 @@ def _shift_tables(layout: str, where: tuple[int, ...]) -> Mapping[int, Mapping[i
         alone = pressed(shift)
         if alone is None:
             continue
-        _update_key(alone._state, shift, _UP)
-        if _components(alone._state) != where:
+        alone.update_key(shift, up)
+        if components(alone) != where:
             continue
         reader = pressed(shift)
         if reader is None:
@@ -205,10 +216,10 @@ def _shift_tables(layout: str, where: tuple[int, ...]) -> Mapping[int, Mapping[i
         table = {}
         for code in range(_KEY_MAX + 1):
             keycode = code + _XKB_OFFSET
-            if code == shift_code or _get_utf8(reader._state, keycode, utf8, 64) <= 0:
+            text = reader.key_get_string(keycode)
+            if code == shift_code or not text:
                 continue
-            text = ffi.string(utf8, 64).decode("utf-8", "replace")
-            sym = lib.xkb_state_key_get_one_sym(reader._state, keycode)
+            sym = reader.key_get_one_sym(keycode)
             if sym in TERMINATOR_SYMS or text in TERMINATOR_TEXT:
                 continue
             if dead_keys_compose and is_dead_key(sym):
@@ -218,16 +229,16 @@ def _shift_tables(layout: str, where: tuple[int, ...]) -> Mapping[int, Mapping[i
             if (
                 before is None
                 or after is None
-                or _update_key(before._state, keycode, _DOWN)
-                or _update_key(before._state, keycode, _UP)
-                or _update_key(after._state, keycode, _DOWN)
+                or before.update_key(keycode, down)
+                or before.update_key(keycode, up)
+                or after.update_key(keycode, down)
             ):
                 continue
-            _update_key(before._state, shift, _UP)
-            _update_key(after._state, shift, _UP)
-            if _components(before._state) != where or _components(after._state) != where:
+            before.update_key(shift, up)
+            after.update_key(shift, up)
+            if components(before) != where or components(after) != where:
                 continue
-            if _update_key(after._state, keycode, _UP) or _components(after._state) != where:
+            if after.update_key(keycode, up) or components(after) != where:
                 continue
             table[code] = text
         tables[shift_code] = table
@@ -273,7 +284,6 @@ class KeyDecoder:
         self._alt = self._keymap.mod_get_index("Mod1")  # Alt in every xkb layout
         table = compose_table()
         self._compose = table.compose_state_new() if table is not None else None
-        self._utf8 = ffi.new("char[64]")
         # What a key types depends only on the keycode and the state's modifiers and
         # layout group, and a scanner types the same few dozen keys in two or three
         # modifier states (none, Shift): so per state (all its serialized components,
@@ -307,8 +317,8 @@ class KeyDecoder:
         # A kiosk has nobody to press NumLock, and a scanner that types keypad digits
         # expects them to be digits: start with it on (a NumLock key event toggles it).
         if self.numlock:
-            _update_key(self._state, ecodes.KEY_NUMLOCK + _XKB_OFFSET, _DOWN)
-            _update_key(self._state, ecodes.KEY_NUMLOCK + _XKB_OFFSET, _UP)
+            self._state_obj.update_key(ecodes.KEY_NUMLOCK + _XKB_OFFSET, _DOWN)
+            self._state_obj.update_key(ecodes.KEY_NUMLOCK + _XKB_OFFSET, _UP)
         # Key down -> whether xkb was left out of its press (see `_changes_nothing`).
         self._pressed: dict[int, bool] = {}
         self._held = 0  # keys down whose press xkb saw
@@ -351,8 +361,8 @@ class KeyDecoder:
         tables = (
             {},
             {},
-            _mod_is_active(state, self._alt, _DEPRESSED) == 1,
-            _mod_is_active(state, self._ctrl, _DEPRESSED) == 1,
+            self._state_obj.mod_index_is_active(self._alt, _PUBLIC.XKB_STATE_MODS_DEPRESSED),
+            self._state_obj.mod_index_is_active(self._ctrl, _PUBLIC.XKB_STATE_MODS_DEPRESSED),
             _NOTHING if busy else {},
             _NO_SHIFTS if busy else self._shift_tables((depressed, *self._others)),
         )
@@ -377,14 +387,15 @@ class KeyDecoder:
         lock or group action, creates no filter, and telling xkb about it is a no-op,
         in this state and on its release in any state with no filter either.
         """
-        scratch_obj = self._keymap.state_new()  # freed with it
-        scratch = scratch_obj._state
-        where = (_serialize_mods(self._state, _DEPRESSED), *self._others)
-        _update_mask(scratch, *where)
-        if _components(scratch) != where:
+        scratch = self._keymap.state_new()
+        where = (self._state_obj.serialize_mods(_PUBLIC.XKB_STATE_MODS_DEPRESSED), *self._others)
+        scratch.update_mask(*where)
+        if components(scratch) != where:
             return False
         keycode = code + _XKB_OFFSET
-        return _update_key(scratch, keycode, _DOWN) == 0 and _update_key(scratch, keycode, _UP) == 0
+        return not scratch.update_key(keycode, xkb.KeyDirection.XKB_KEY_DOWN) and not (
+            scratch.update_key(keycode, xkb.KeyDirection.XKB_KEY_UP)
+        )
 
     def _shift_tables(self, where: tuple[int, ...]) -> Mapping[int, Mapping[int, str]]:
         """`_shifts` for the state `where`, one with no modifier depressed or latched."""
@@ -580,10 +591,9 @@ class KeyDecoder:
 
     def _learn(self, code: int) -> tuple[str, int]:
         """What `code` types in the current state, remembered in the state's tables."""
-        state, keycode = self._state, code + _XKB_OFFSET
-        size = lib.xkb_state_key_get_utf8(state, keycode, self._utf8, 64)
-        text = ffi.string(self._utf8, 64).decode("utf-8", "replace") if size > 0 else ""
-        sym = lib.xkb_state_key_get_one_sym(state, keycode)
+        keycode = code + _XKB_OFFSET
+        text = self._state_obj.key_get_string(keycode)
+        sym = self._state_obj.key_get_one_sym(keycode)
         self._meanings[code] = (text, sym)
         # What `_press` would do with this key in this state, when the press leaves
         # the state as it is: plain text for `feed` to add without asking.

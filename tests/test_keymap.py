@@ -436,7 +436,7 @@ def test_any_key_sequence_never_raises_nor_yields_a_terminator(steps, layout, mi
 def _xkb_components(decoder: KeyDecoder) -> tuple[int, ...]:
     """xkb's state as it would be had the decoder told it everything: with a Shift held
     that xkb was not told of, its state plus Shift depressed."""
-    components = keymap._components(decoder._state)
+    components = keymap.components(decoder._state_obj)
     if decoder._virtual_shift < 0:
         return components
     assert components[0] == 0
