@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from cards.scan import Scan
 from cards.verdict import Action, Verdict
 from daemon.api import Error, error
+from daemon.debounce import Repeat
 from daemon.engine import Engine, PaymentCode
 from storage.api_requests import RequestKey
 
@@ -188,7 +189,7 @@ class Commands:
         raw = code.encode("utf-8", "surrogatepass")  # type: ignore[union-attr]
         scan = Scan(code=raw, source="manual", at=time.time())
         result = self.engine.handle(scan)
-        if result is None:
+        if isinstance(result, Repeat):
             # Typed twice inside the debounce window: one scan, answered the same way.
             if self._last_manual is not None and self._last_manual[0] == code:
                 return {**self._last_manual[1], "repeat": True}

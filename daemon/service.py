@@ -23,6 +23,7 @@ from cards.verdict import Verdict
 from daemon.api import ApiCall, ApiServer, ApiUnavailable, Error, error
 from daemon.api_commands import Commands
 from daemon.config import Config, ConfigError, ScannerConfig
+from daemon.debounce import Repeat
 from daemon.engine import Engine, PaymentCode
 from daemon.hooks import VerdictHook
 from daemon.notify import Notifier
@@ -197,7 +198,13 @@ class Service:
             self._answer(engine, scan)
             return
         result = engine.handle(scan)
-        if result is not None:
+        if isinstance(result, Repeat):
+            # A debounced repeat is the same read: answer it as that read was answered
+            # (not as the read before it, which may be another code), because scanners
+            # in host-ACK mode wait for an answer to every read.
+            self._feedback(scan.source, result.accepted)
+            self._show_repeat(result, scan)
+        else:
             self._show(result)
             if self.commands is not None:
                 self.commands.scanned(scan, result)
@@ -205,12 +212,6 @@ class Service:
             self._feedback(scan.source, isinstance(result, PaymentCode) or result.accepted)
             if self.hook is not None and isinstance(result, Verdict):
                 self.hook.submit(result.to_json())
-        else:
-            # A debounced repeat is the same read: answer it as that read was answered
-            # (not as the read before it, which may be another code), because scanners
-            # in host-ACK mode wait for an answer to every read.
-            self._feedback(scan.source, engine.repeat_accepted)
-            self._show_repeat(engine, scan)
 
     def _drain(self, engine: Engine, limit: float = 2.0) -> None:
         """On the way out, decide the reads already queued (the drivers are stopped,
@@ -456,7 +457,7 @@ class Service:
         except OSError as exc:
             log.debug("cannot write %s: %s", self.status_path, exc)
 
-    def _show_repeat(self, engine: Engine, scan: Scan) -> None:
+    def _show_repeat(self, repeat: Repeat, scan: Scan) -> None:
         """A debounced repeat typed on a terminal (a stdin scanner): the person who typed
         a code twice sees it taken as the same read, not lost. Only there: a hardware
         scanner held over a code repeats it many times a second, and beeps for each; and
@@ -465,9 +466,9 @@ class Service:
             s.name == scan.source and s.type == "stdin" for s in self.config.scanners
         ):
             return
-        answer = "accepted" if engine.repeat_accepted else "rejected"
+        answer = "accepted" if repeat.accepted else "rejected"
         self.out.write(
-            f"same read as {engine.repeat_age:.1f} s ago: {answer} (within the "
+            f"same read as {repeat.age:.1f} s ago: {answer} (within the "
             f"{self.config.scan.debounce:g} s debounce: not recorded again)\n"
         )
         self.out.flush()

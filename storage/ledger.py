@@ -87,10 +87,44 @@ def last_seq(conn: sqlite3.Connection) -> int:
     return conn.execute("SELECT COALESCE(MAX(seq), 0) FROM ledger").fetchone()[0]
 
 
-def append(conn: sqlite3.Connection, record: Redemption) -> None:
-    """Insert the record; the ledger_to_outbox trigger queues it for sync. The caller
-    owns the transaction."""
-    conn.execute(INSERT, record.row())
+def append(
+    conn: sqlite3.Connection,
+    seq: int,
+    record_id: bytes,
+    at_ms: int,
+    box: str,
+    merchant: str,
+    store: str,
+    digest: bytes | None,
+    card_id: int | None,
+    action: str,
+    uses: int | None,
+    amount: int | None,
+    uses_left: int | None,
+    balance: int | None,
+    verdict: str,
+    reason: str | None,
+    source: str,
+    symbology: str | None,
+    operator: str | None,
+    cache_seq: int,
+    reverses: bytes | None = None,
+) -> None:
+    """Insert one ledger row. The values are a Redemption's fields, in its order
+    (COLUMNS), and this function is the one place that turns them into the row, so a
+    caller never builds the INSERT's tuple itself. They are taken as values rather than
+    as a Redemption because this runs on every scan, where building that 20-field frozen
+    dataclass costs about 5 us, more than the Python of the rest of the row. Whatever
+    queues the row for sync happens here (the schema's trigger today). The caller owns
+    the transaction."""
+    conn.execute(
+        INSERT,
+        (
+            seq, record_id, at_ms, box, merchant, store, digest, card_id, action, uses,
+            amount, uses_left, balance, verdict, reason, source, symbology, operator,
+            cache_seq, reverses,
+        ),
+    )  # fmt: skip
 
 
 def by_id(conn: sqlite3.Connection, record_id: bytes) -> Redemption | None:

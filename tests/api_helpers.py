@@ -17,6 +17,7 @@ from conftest import wait_for  # noqa: F401  (tests import it from here)
 from cards.scan import Scan
 from daemon.api import ApiCall, ApiServer, Error, error
 from daemon.api_commands import Commands
+from daemon.debounce import Repeat
 from daemon.engine import Engine
 
 WAIT = 20.0  # generous: reaching it means something hangs, and the test says what
@@ -123,6 +124,6 @@ class EngineLoop:
                 continue
             scan, done = item
             result = self.engine.handle(scan)
-            if result is not None:
+            if not isinstance(result, Repeat):
                 self.commands.scanned(scan, result)
             done.put(result)

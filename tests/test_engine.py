@@ -15,6 +15,7 @@ from cards.digest import code_digest
 from cards.normalize import OVERSIZED
 from cards.scan import Scan, scanned
 from cards.verdict import Action, Outcome, Reason, Verdict
+from daemon.debounce import Repeat
 from daemon.engine import Engine, PaymentCode
 from storage import batch_import, codes, ledger, outbox
 from storage.database import open_database
@@ -36,6 +37,12 @@ def clock() -> Clock:
 
 
 @pytest.fixture
+def ticks() -> Clock:
+    """The monotonic clock that times the debounce window."""
+    return Clock(1000.0)
+
+
+@pytest.fixture
 def engine(loaded_box, clock) -> Engine:
     """An engine with no debounce, so repeats in a test are separate scans."""
     write_box(loaded_box.dir, loaded_box.keyset, debounce="0s")
@@ -43,10 +50,13 @@ def engine(loaded_box, clock) -> Engine:
 
 
 @pytest.fixture
-def debounced(loaded_box, clock) -> Engine:
-    """An engine whose debounce window outlasts any test run."""
-    write_box(loaded_box.dir, loaded_box.keyset, debounce="1h")
-    return Engine(open_database(loaded_box.database), loaded_box.config, clock=clock)
+def debounced(loaded_box, clock, ticks) -> Engine:
+    """An engine with a 2 s debounce window on a monotonic clock the test moves by hand
+    (it stands still unless the test moves it)."""
+    write_box(loaded_box.dir, loaded_box.keyset, debounce="2s")
+    return Engine(
+        open_database(loaded_box.database), loaded_box.config, clock=clock, monotonic=ticks
+    )
 
 
 def scan(code: str | bytes, source: str = "front") -> Scan:
@@ -123,13 +133,13 @@ def test_same_code_from_same_scanner_inside_window_is_one_scan(debounced):
     first = debounced.handle(scan("DEMO-0001"))
     repeat = debounced.handle(scan("DEMO-0001"))
     assert first.accepted
-    assert repeat is None
+    assert repeat == Repeat(accepted=True, age=0.0)
     assert len(ledger_rows(debounced)) == 1
 
 
 def test_same_malformed_read_inside_window_is_one_scan(debounced):
     assert reason(debounced.handle(scan(b"ju\x01nk"))) == "malformed"
-    assert debounced.handle(scan(b"ju\x01nk")) is None
+    assert debounced.handle(scan(b"ju\x01nk")) == Repeat(accepted=False, age=0.0)
     assert len(ledger_rows(debounced)) == 1
 
 
@@ -144,7 +154,7 @@ def test_every_over_long_read_inside_the_window_is_recorded(debounced):
     assert [(r.reason, r.source, r.digest) for r in rows] == [("malformed", "front", None)] * 3
     # ... and they leave the debounce of real reads alone.
     assert debounced.handle(scan(b"ju\x01nk")).box_seq == 4
-    assert debounced.handle(scan(b"ju\x01nk")) is None
+    assert isinstance(debounced.handle(scan(b"ju\x01nk")), Repeat)
 
 
 def test_same_code_from_another_scanner_is_not_debounced(debounced):
@@ -165,10 +175,32 @@ def test_a_repeat_is_answered_as_the_read_it_repeats_not_as_the_last_read(deboun
     # read's verdict (a host-ACK scanner waits for an answer to every read).
     assert debounced.handle(scan("DEMO-0001")).accepted
     assert reason(debounced.handle(scan("NOPE-1234"))) == "unknown_code"
-    assert debounced.handle(scan("DEMO-0001")) is None
-    assert debounced.repeat_accepted is True
-    assert debounced.handle(scan("NOPE-1234")) is None
-    assert debounced.repeat_accepted is False
+    assert debounced.handle(scan("DEMO-0001")) == Repeat(accepted=True, age=0.0)
+    assert debounced.handle(scan("NOPE-1234")) == Repeat(accepted=False, age=0.0)
+
+
+def test_a_repeat_says_how_long_ago_its_read_was(debounced, ticks):
+    assert debounced.handle(scan("DEMO-0001")).accepted
+    ticks.now += 1.5
+    assert debounced.handle(scan("DEMO-0001")) == Repeat(accepted=True, age=1.5)
+
+
+def test_a_scanner_held_over_a_code_stays_one_read_while_it_keeps_reading(debounced, ticks):
+    # Each repeat restarts the window: a code held under the scanner is one read
+    # however long it is held, as long as the reads keep coming.
+    assert debounced.handle(scan("DEMO-0001")).accepted
+    for _ in range(5):
+        ticks.now += 1.9
+        assert isinstance(debounced.handle(scan("DEMO-0001")), Repeat)
+    assert len(ledger_rows(debounced)) == 1
+
+
+def test_the_same_code_after_the_window_is_a_new_scan(debounced, ticks):
+    assert debounced.handle(scan("DEMO-0001")).accepted
+    ticks.now += 2.0
+    again = debounced.handle(scan("DEMO-0001"))
+    assert reason(again) == "already_redeemed" and again.box_seq == 2
+    assert len(ledger_rows(debounced)) == 2
 
 
 # ---------------------------------------------------------------- uses and balances
@@ -519,8 +551,7 @@ def test_a_rescan_after_a_storage_error_is_tried_again_not_debounced(loaded_box,
         blocker.close()
     # The cashier scans again at once: nothing was recorded, so this is a new try.
     assert debounced.handle(scan("DEMO-0002")).accepted
-    assert debounced.handle(scan("DEMO-0002")) is None  # and now a repeat of that
-    assert debounced.repeat_accepted is True
+    assert debounced.handle(scan("DEMO-0002")) == Repeat(accepted=True, age=0.0)  # and now a repeat
 
 
 def test_full_database_rejects_as_storage_error_and_recovers_without_gap(engine):

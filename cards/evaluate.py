@@ -1,0 +1,191 @@
+"""The verdict for one scanned code, from what the box looked up: no I/O, no clock.
+
+`cards.rules.decide` judges a code against its card. Before that, a code must be one
+the box may judge at all: a signed code's signature, issuer and delegation; a card
+the cache knows; this box's merchant; a cache recent enough to trust (stale_policy
+"reject"). `evaluate` makes all of those checks in their documented order
+(docs/reasons.md) and then hands over to `decide`, so the whole verdict is one pure
+function of (code text, the code's stored row, what the box trusts, time, policy).
+The engine around it does the I/O: look up, evaluate, record, answer.
+
+Every refusal carries a reason from the closed `Reason` list. `evaluate` never raises
+for any stored row or trust state: a code that cannot be judged is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime, tzinfo
+
+from cards import signed_code
+from cards.card import Card
+from cards.classify import payment_scheme
+from cards.keys import Delegation
+from cards.rules import CodeState, Context, Decision, decide, resolve
+from cards.verdict import Action, Outcome, Reason
+
+CodeRow = tuple[int, "int | None", "int | None", "int | None", "int | None", int]
+"""A code's stored row as `storage.codes.LOOKUP` selects it: card_id, not_before,
+not_after, uses_left, balance, status (NULL/0 = the card's default)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The box's configuration that a verdict depends on."""
+
+    merchant: str
+    store: str
+    pass_payment_codes: bool
+    """True: a wallet payment code goes to the POS app; False: it is refused."""
+    reject_stale: bool
+    """stale_policy = "reject": refuse every code while the cache is older than
+    `max_staleness` seconds."""
+    max_staleness: float
+    zone: tzinfo | None
+    """Time zone for a card's weekdays and hours; None means the system's local time."""
+
+
+@dataclass(frozen=True, slots=True)
+class Trusted:
+    """What the box trusts now, read from its database when a batch changes it."""
+
+    cards: Mapping[int, Card]
+    issuers: Mapping[str, Delegation]
+    cache_time: int | None = None
+    """When the cache was last known current (newest applied manifest or batch);
+    None before the first batch."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """What the caller asks for: a scan (action None: redeem, or check for a two-phase
+    card), a check, or a redemption of `uses` uses or of `amount` minor units."""
+
+    action: Action | None = None
+    amount: int | None = None
+    uses: int = 1
+
+
+SCAN = Ask()
+CHECK = Ask(Action.CHECK)
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """A decision and the card it was made under (None when no card was found)."""
+
+    decision: Decision
+    card: Card | None = None
+    keeps_digest: bool = True
+    """False for a refused payment code: its digest would identify a customer's
+    payment code, so the record keeps none."""
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentPass:
+    """A wallet payment code to hand to the POS app; never stored or recorded."""
+
+    scheme: str
+
+
+def refusal(reason: Reason, detail: str) -> Decision:
+    """A refusal made before any code state is known (no uses or balance to show)."""
+    return Decision(Outcome.REJECTED, Action.REJECT, reason, detail)
+
+
+def _refused(reason: Reason, detail: str, card: Card | None = None) -> Evaluation:
+    return Evaluation(Decision(Outcome.REJECTED, Action.REJECT, reason, detail), card)
+
+
+def evaluate(
+    text: str,
+    row: CodeRow | None,
+    trusted: Trusted,
+    now: int,
+    policy: Policy,
+    ask: Ask = SCAN,
+) -> Evaluation | PaymentPass:
+    """The verdict for normalised code `text` whose stored row is `row` (None: not
+    listed), at `now` (Unix seconds, already floored at the time floor)."""
+    if signed_code.looks_signed(text):
+        found = _signed(text, row, trusted)
+        if isinstance(found, Evaluation):
+            return found
+        card, state = found
+    elif row is None:
+        scheme = payment_scheme(text)
+        if scheme is None:
+            return _refused(Reason.UNKNOWN_CODE, "code is not in the cache")
+        if policy.pass_payment_codes:
+            return PaymentPass(scheme)
+        detail = f"{scheme} payment codes are not accepted here"
+        return Evaluation(refusal(Reason.PAYMENT_CODE, detail), None, keeps_digest=False)
+    else:
+        card_id, not_before, not_after, uses_left, balance, status = row
+        card = trusted.cards.get(card_id)
+        if card is None:
+            return _refused(Reason.UNKNOWN_CARD, f"card {card_id} is not in the cache")
+        state = resolve(card, status, not_before, not_after, uses_left, balance)
+
+    if card.merchant != policy.merchant:
+        return _refused(Reason.WRONG_MERCHANT, f"card belongs to merchant {card.merchant}", card)
+    if policy.reject_stale and stale(trusted.cache_time, now, policy.max_staleness):
+        return _refused(Reason.STALE_CACHE, stale_detail(trusted.cache_time, now), card)
+    action = ask.action
+    if action is None:
+        action = Action.CHECK if card.two_phase else Action.REDEEM
+    weekday = minute = 0
+    if card.weekdays or card.hours:  # local time only for cards that need it
+        local = datetime.fromtimestamp(now, policy.zone) if policy.zone else _system_local(now)
+        weekday, minute = local.isoweekday(), local.hour * 60 + local.minute
+    ctx = Context(now, weekday, minute, policy.store, action, ask.amount, ask.uses)
+    return Evaluation(decide(card, state, ctx), card)
+
+
+def _signed(
+    text: str, row: CodeRow | None, trusted: Trusted
+) -> Evaluation | tuple[Card, CodeState]:
+    """A signed code's card and state, or its refusal. Its signature, issuer and
+    delegation are checked before anything it claims is believed."""
+    try:
+        signed = signed_code.parse(text)
+    except ValueError as exc:
+        return _refused(Reason.MALFORMED, str(exc))
+    issuer = trusted.issuers.get(signed.key_id)
+    if issuer is None:
+        return _refused(Reason.BAD_SIGNATURE, f"issuer key {signed.key_id} is not known here")
+    if not signed_code.verify(signed, issuer.public_key):
+        return _refused(Reason.BAD_SIGNATURE, "signature does not verify")
+    if not signed_code.inside_delegation(signed, issuer):
+        # A leaked issuer key cannot mint codes that outlive its delegation.
+        return _refused(Reason.BAD_SIGNATURE, "code is valid beyond its issuer key's delegation")
+    card = trusted.cards.get(signed.card_id)
+    if card is None:
+        return _refused(Reason.UNKNOWN_CARD, f"card {signed.card_id} is not in the cache")
+    if card.merchant not in issuer.merchants:
+        return _refused(Reason.BAD_SIGNATURE, "issuer key may not sign for this card's merchant")
+    not_before, not_after = signed_code.window(signed, card, issuer)
+    # A signed code is listed only once it was used (or revoked): until then it has
+    # the card's defaults, inside the window it was signed for.
+    _, _, _, uses_left, balance, status = row or (None, None, None, None, None, 0)
+    state = resolve(card, status, None, None, uses_left, balance)
+    return card, replace(state, not_before=not_before, not_after=not_after)
+
+
+def stale(cache_time: int | None, now: int, max_staleness: int) -> bool:
+    """Whether a cache last known current at `cache_time` is too old to trust at `now`."""
+    return cache_time is None or now - cache_time > max_staleness
+
+
+def stale_detail(cache_time: int | None, now: int) -> str:
+    if cache_time is None:
+        return "no batch applied yet"
+    return (
+        f"the cache was last known current {(now - cache_time) // 3600} h ago "
+        f"(newest applied manifest or batch), over max_staleness"
+    )
+
+
+def _system_local(now: int) -> datetime:
+    return datetime.fromtimestamp(now).astimezone()
