@@ -33,7 +33,6 @@ in a photo taken at the counter.
 
 from __future__ import annotations
 
-import functools
 import glob
 import logging
 import os
@@ -46,12 +45,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 import numpy as np
 
 from cards.scan import Scan
-from drivers.dedupe import Deduper
+from drivers.dedupe import Code, Deduper
 from drivers.supervisor import DeviceGone, DriverError, DriverState
 
 log = logging.getLogger("redeemd.drivers.camera")
@@ -67,6 +66,9 @@ its `no_frame_timeout` setting."""
 
 STOP_POLL = 0.5
 """How often a read waiting for a frame looks at the stop flag."""
+
+RATE_EVERY = 10.0
+"""How often, in seconds, the scanner's state message gives the frames decoded a second."""
 
 
 def is_camera(device: str) -> bool:
@@ -225,10 +227,42 @@ def _stop_process(process: subprocess.Popen, timeout: float = 2.0) -> None:
             process.wait()
 
 
+class FrameDecoder(Protocol):
+    """Finds the codes in one frame. zbar's today (`ZbarDecoder`); another decoder goes
+    behind the same method, and nothing else in the driver changes."""
+
+    def decode(self, image: np.ndarray) -> set[Code]:
+        """(symbology, data) of every code in a 2-D uint8 frame. Symbologies are named as
+        zbar names them ("QR-Code", "EAN-13"...): `drivers.dedupe` decides by these names
+        which codes need several sightings, and AIM_IDENTIFIERS maps them for the ledger,
+        so a decoder with other names maps them to these."""
+        ...
+
+
+class ZbarDecoder:
+    """zbar-py with the driver's configuration (`zbar_scanner`) as a `FrameDecoder`.
+    Raises DriverError when zbar is not usable."""
+
+    def __init__(self) -> None:
+        self._scanner = zbar_scanner()
+
+    def decode(self, image: np.ndarray) -> set[Code]:
+        return decode_frame(self._scanner, image)
+
+
 class CameraScanner:
+    """A camera (or a video or image file) as a scanner: frames from ffmpeg
+    (`FfmpegFrames`), codes from a `FrameDecoder`, scans from `Deduper`, and what the
+    scanner's state shows from `_Progress`. `make_decoder` is called on every start."""
+
     kind = "camera"
 
-    def __init__(self, name: str, settings: Mapping[str, object]):
+    def __init__(
+        self,
+        name: str,
+        settings: Mapping[str, object],
+        make_decoder: Callable[[], FrameDecoder] = ZbarDecoder,
+    ):
         self.name = name
         self.device = str(settings["device"])
         self.width = int(settings.get("width", 640))  # type: ignore[call-overload]
@@ -239,7 +273,8 @@ class CameraScanner:
         self.rescan_after = float(settings.get("rescan_after", 2.0))  # type: ignore[arg-type]
         self.min_sightings_1d = int(settings.get("min_sightings_1d", 2))  # type: ignore[call-overload]
         self.no_frame_timeout = float(settings.get("no_frame_timeout", NO_FRAME_TIMEOUT))  # type: ignore[arg-type]
-        self._process: subprocess.Popen | None = None
+        self.make_decoder = make_decoder
+        self._frames: FfmpegFrames | None = None
         self._lock = threading.Lock()
 
     def command(self) -> list[str]:
@@ -248,16 +283,102 @@ class CameraScanner:
         )
 
     def run(self, emit: Callable[[Scan], None], stop: threading.Event, state: DriverState) -> None:
-        scanner = zbar_scanner()
+        decoder = self.make_decoder()
         command = self.command()
         command[0] = find_ffmpeg(self.ffmpeg)
         deduper = Deduper(self.rescan_after, self.min_sightings_1d)
-        camera = is_camera(self.device)
         # After the checks above: a box without ffmpeg or zbar needs fixing (error)
         # whether or not its camera is plugged in.
-        if camera and not os.path.exists(self.device):
+        shape = (self.height, self.width)
+        frames = FfmpegFrames(
+            self.name, self.device, command, shape, self.fps, stop, self.no_frame_timeout
+        )
+        with self._lock:
+            self._frames = frames
+        progress = _Progress(state, self.device, self.width, self.height)
+        try:
+            while not stop.is_set() and (image := frames.next()) is not None:
+                progress.frame(frames.skipped)
+                for symbology, data in deduper.feed(decoder.decode(image), frames.time()):
+                    aim = AIM_IDENTIFIERS.get(symbology)
+                    emit(Scan(code=data, source=self.name, symbology=aim, at=time.time()))
+            if not stop.is_set():
+                frames.ended()
+        finally:
+            with self._lock:
+                self._frames = None
+            frames.close()
+
+    def feedback(self, accepted: bool) -> None:
+        pass  # a webcam has no beeper; the POS shows the verdict
+
+    def close(self) -> None:
+        # Called from the service thread. Ending ffmpeg closes the pipe, so a read in
+        # progress returns at once; run() reaps the process in its finally block.
+        with self._lock:
+            frames = self._frames
+        if frames is not None:
+            frames.terminate()
+
+
+class _Progress:
+    """What the scanner's state says while frames come: `connected` from the first frame
+    on, and every RATE_EVERY seconds how many frames a second are decoded."""
+
+    def __init__(self, state: DriverState, device: str, width: int, height: int):
+        self._state = state
+        self._what = f"{device} {width}x{height}"
+        self._connected = False
+        self._frames = 0
+        self._since = time.monotonic()
+        if state.state == "starting":
+            # On a retry the state keeps saying why the last attempt failed until a
+            # frame arrives: that is what a technician needs to read.
+            state.message = f"waiting for the first frame from {device}"
+
+    def frame(self, skipped: int | None) -> None:
+        """One more frame is about to be decoded; `skipped` counts those dropped so far."""
+        if not self._connected:
+            self._connected = True
+            self._state.state = "connected"
+            self._state.message = ""
+        self._frames += 1
+        elapsed = time.monotonic() - self._since
+        if elapsed >= RATE_EVERY:
+            note = f", {skipped} skipped in all" if skipped is not None else ""
+            rate = self._frames / elapsed
+            self._state.message = f"{self._what}, {rate:.1f} frames/s decoded{note}"
+            self._since, self._frames = time.monotonic(), 0
+
+
+class FfmpegFrames:
+    """The frames of one ffmpeg run, each a 2-D uint8 array of the configured size.
+
+    A live camera's frames are read in a thread of their own and `next` gives the newest
+    (`_NewestFrame`); a file's are read in turn, every one of them. `ended` says why the
+    stream ended (it raises unless a file was read to its end) and `close`, called in
+    every case, stops ffmpeg and reaps it. `terminate` may be called from another thread.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        device: str,
+        command: list[str],
+        shape: tuple[int, int],
+        fps: int,
+        stop: threading.Event,
+        no_frame_timeout: float,
+    ):
+        self.name = name
+        self.device = device
+        self.live = is_camera(device)
+        self.count = 0
+        self._fps = fps
+        self._stop = stop
+        if self.live and not os.path.exists(device):
             raise DeviceGone(
-                f"camera {self.device} is not there (unplugged? wrong number?); "
+                f"camera {device} is not there (unplugged? wrong number?); "
                 "`redeemd devices` lists the cameras on this box"
             )
         try:
@@ -274,113 +395,76 @@ class CameraScanner:
             )
         except OSError as exc:
             raise DriverError(f"cannot start {command[0]}: {exc}; {INSTALL_FFMPEG}") from None
-        with self._lock:
-            self._process = process
+        log.debug("scanner %s: %s", name, " ".join(command))
+        self._process = process
         assert process.stdout is not None and process.stderr is not None
-        stderr = _StderrTail(process.stderr)
-        if state.state == "starting":
-            # On a retry the state keeps saying why the last attempt failed until a
-            # frame arrives: that is what a technician needs to read.
-            state.message = f"waiting for the first frame from {self.device}"
-        log.debug("scanner %s: %s", self.name, " ".join(command))
-
-        shape = (self.height, self.width)
-        stdout = process.stdout
-        newest: _NewestFrame | None = None
-        next_image: Callable[[], np.ndarray | None]
-        if camera:
-            newest = _NewestFrame(
-                shape, lambda view: self._read_frame(stdout, view, stop, True), self.name
+        self._stdout = stdout = process.stdout
+        self._stderr = _StderrTail(process.stderr)
+        self._newest: _NewestFrame | None = None
+        if self.live:
+            timeout = no_frame_timeout
+            self._newest = _NewestFrame(
+                shape, lambda view: read_frame(stdout, view, stop, timeout, device), name
             )
-            next_image = functools.partial(newest.take, stop)
         else:
             # A file has no "now": every frame is decoded, in order. One buffer for every
-            # frame; `whole` is a 2-D view of it, so reading a frame into the buffer is
-            # the only copy between the pipe and zbar.
-            buffer = bytearray(self.width * self.height)
-            view = memoryview(buffer)
-            whole = np.frombuffer(buffer, dtype=np.uint8).reshape(shape)
+            # frame; `_whole` is a 2-D view of it, so reading a frame into the buffer is
+            # the only copy between the pipe and the decoder.
+            buffer = bytearray(shape[0] * shape[1])
+            self._view = memoryview(buffer)
+            self._whole = np.frombuffer(buffer, dtype=np.uint8).reshape(shape)
 
-            def next_image() -> np.ndarray | None:
-                return whole if self._read_frame(stdout, view, stop, False) else None
+    def next(self) -> np.ndarray | None:
+        """The next frame, valid until the following call; None at the end or on stop."""
+        if self._newest is not None:
+            image = self._newest.take(self._stop)
+        elif read_frame(self._stdout, self._view, self._stop):
+            image = self._whole
+        else:
+            image = None
+        if image is not None:
+            self.count += 1
+        return image
 
-        frames = 0
-        rate_since, rate_frames = time.monotonic(), 0
+    def time(self) -> float:
+        """When the last frame was taken, in seconds: now for a camera, its place in a file."""
+        return time.monotonic() if self.live else (self.count - 1) / self._fps
+
+    @property
+    def skipped(self) -> int | None:
+        """Frames of a live camera dropped because the decoder was busy; None for a file."""
+        return self._newest.skipped if self._newest is not None else None
+
+    def ended(self) -> None:
+        """After `next` gave None without a stop: log a file read to its end, or raise
+        the error that says why the stream ended (from ffmpeg's status and stderr)."""
+        # The pipe ended: ffmpeg has exited or is about to. Its status says why.
         try:
-            while not stop.is_set():
-                image = next_image()
-                if image is None:
-                    break
-                if frames == 0:
-                    state.state = "connected"
-                    state.message = ""
-                at = time.monotonic() if camera else frames / self.fps
-                frames += 1
-                for symbology, data in deduper.feed(decode_frame(scanner, image), at):
-                    aim = AIM_IDENTIFIERS.get(symbology)
-                    emit(Scan(code=data, source=self.name, symbology=aim, at=time.time()))
-                rate_frames += 1
-                elapsed = time.monotonic() - rate_since
-                if elapsed >= 10:
-                    skipped = f", {newest.skipped} skipped in all" if newest else ""
-                    state.message = (
-                        f"{self.device} {self.width}x{self.height}, "
-                        f"{rate_frames / elapsed:.1f} frames/s decoded{skipped}"
-                    )
-                    rate_since, rate_frames = time.monotonic(), 0
-            if stop.is_set():
-                return
-            # The pipe ended: ffmpeg has exited or is about to. Its status says why.
-            try:
-                status = process.wait(5)
-            except subprocess.TimeoutExpired:
-                status = None
-            stderr.join(1.0)
-            if status == 0 and not camera:
-                log.info("scanner %s: %s: %d frames read", self.name, self.device, frames)
-                return
-            raise self._failure(status, stderr.summary())
-        finally:
-            with self._lock:
-                self._process = None
-            _stop_process(process)
-            # The reader ends at the pipe's end, then its pipe may close; closed under a
-            # reader still inside read(), the descriptor could be reused by the next
-            # ffmpeg's pipe. A stuck reader keeps the pipe (a daemon thread, logged).
-            if newest is None or newest.join(2.0):
-                process.stdout.close()
-            else:
-                log.error("scanner %s: frame reader did not end; leaving its pipe open", self.name)
-            stderr.join(2.0)
-            process.stderr.close()
+            status = self._process.wait(5)
+        except subprocess.TimeoutExpired:
+            status = None
+        self._stderr.join(1.0)
+        if status == 0 and not self.live:
+            log.info("scanner %s: %s: %d frames read", self.name, self.device, self.count)
+            return
+        raise self._failure(status, self._stderr.summary())
 
-    def _read_frame(
-        self, stream: IO[bytes], view: memoryview, stop: threading.Event, camera: bool
-    ) -> bool:
-        """Fill `view` with exactly one frame. False at the end of the stream or on stop."""
-        filled, size = 0, len(view)
-        waiting_since = time.monotonic()
-        fd = stream.fileno()
-        while filled < size:
-            # select() first so that a camera that stops sending cannot hold the thread
-            # past a stop request or unnoticed forever.
-            ready, _, _ = select.select([fd], [], [], STOP_POLL)
-            if stop.is_set():
-                return False
-            if not ready:
-                if camera and time.monotonic() - waiting_since > self.no_frame_timeout:
-                    raise DriverError(
-                        f"camera {self.device} delivered no frame for "
-                        f"{self.no_frame_timeout:g} s; restarting it "
-                        "(check the USB cable and `redeemd devices`)"
-                    )
-                continue
-            # The pipe hands over at most 64 KiB at a time: a frame takes several reads.
-            count = stream.readinto(view[filled:])  # type: ignore[attr-defined]
-            if not count:
-                return False  # a partial frame at the end is dropped
-            filled += count
-        return True
+    def terminate(self) -> None:
+        """Ask ffmpeg to end, which ends the stream; `close` still has to be called."""
+        if self._process.poll() is None:
+            self._process.terminate()
+
+    def close(self) -> None:
+        _stop_process(self._process)
+        # The reader ends at the pipe's end, then its pipe may close; closed under a
+        # reader still inside read(), the descriptor could be reused by the next
+        # ffmpeg's pipe. A stuck reader keeps the pipe (a daemon thread, logged).
+        if self._newest is None or self._newest.join(2.0):
+            self._stdout.close()
+        else:
+            log.error("scanner %s: frame reader did not end; leaving its pipe open", self.name)
+        self._stderr.join(2.0)
+        self._process.stderr.close()  # type: ignore[union-attr]
 
     def _failure(self, status: int | None, said: str) -> DriverError:
         """The error for an ffmpeg that ended; `said` is the end of its stderr."""
@@ -391,10 +475,9 @@ class CameraScanner:
         else:
             what = f"ffmpeg exited with status {status}"
         message = f"camera {self.device}: {what}: {said}"
-        camera = is_camera(self.device)
         # Unplugged while streaming, V4L2 answers ENODEV ("No such device"); udev may
         # remove the node only after ffmpeg has exited, so either sign means gone.
-        if camera and (
+        if self.live and (
             not os.path.exists(self.device)
             or "No such device" in said
             or "No such file or directory" in said
@@ -408,16 +491,41 @@ class CameraScanner:
             message += " (this node is not a capture device; a UVC camera's capture node is usually the lower /dev/videoN)"
         return DriverError(message)
 
-    def feedback(self, accepted: bool) -> None:
-        pass  # a webcam has no beeper; the POS shows the verdict
 
-    def close(self) -> None:
-        # Called from the service thread. Ending ffmpeg closes the pipe, so a read in
-        # progress returns at once; run() reaps the process in its finally block.
-        with self._lock:
-            process = self._process
-        if process is not None and process.poll() is None:
-            process.terminate()
+def read_frame(
+    stream: IO[bytes],
+    view: memoryview,
+    stop: threading.Event,
+    no_frame_timeout: float | None = None,
+    device: str = "",
+) -> bool:
+    """Fill `view` with exactly one frame. False at the end of the stream or on stop.
+
+    With `no_frame_timeout` (a live camera), raises DriverError when no byte came for
+    that long; a file's ffmpeg may take as long as it needs."""
+    filled, size = 0, len(view)
+    waiting_since = time.monotonic()
+    fd = stream.fileno()
+    while filled < size:
+        # select() first so that a camera that stops sending cannot hold the thread
+        # past a stop request or unnoticed forever.
+        ready, _, _ = select.select([fd], [], [], STOP_POLL)
+        if stop.is_set():
+            return False
+        if not ready:
+            if no_frame_timeout is not None and time.monotonic() - waiting_since > no_frame_timeout:
+                raise DriverError(
+                    f"camera {device} delivered no frame for "
+                    f"{no_frame_timeout:g} s; restarting it "
+                    "(check the USB cable and `redeemd devices`)"
+                )
+            continue
+        # The pipe hands over at most 64 KiB at a time: a frame takes several reads.
+        count = stream.readinto(view[filled:])  # type: ignore[attr-defined]
+        if not count:
+            return False  # a partial frame at the end is dropped
+        filled += count
+    return True
 
 
 class _NewestFrame:
@@ -542,11 +650,12 @@ def decode_images(
         if not Path(name).is_file():
             log.warning("%s: no such file", name)
             continue
+        # Each image (or video frame) as a binary PGM at its own size, one after another.
+        command = [binary, "-hide_banner", "-nostdin", "-loglevel", "error", "-i", name]
+        command += ["-f", "image2pipe", "-c:v", "pgm", "-pix_fmt", "gray", "-"]
         process = subprocess.Popen(
-            [binary, "-hide_banner", "-nostdin", "-loglevel", "error", "-i", name,
-             "-f", "image2pipe", "-c:v", "pgm", "-pix_fmt", "gray", "-"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         assert process.stdout is not None and process.stderr is not None
         stderr = _StderrTail(process.stderr)
         found: set[tuple[str, bytes]] = set()

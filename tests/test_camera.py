@@ -258,10 +258,9 @@ def test_frame_is_assembled_from_short_reads(tmp_path):
     thread.start()
     buffer = bytearray(W * H)
     with os.fdopen(reader, "rb", buffering=0) as stream:
-        driver = CameraScanner("cam", settings(tmp_path / "unused.mkv"))
-        assert driver._read_frame(stream, memoryview(buffer), threading.Event(), camera=False)
+        assert camera.read_frame(stream, memoryview(buffer), threading.Event())
         assert bytes(buffer) == data
-        assert not driver._read_frame(stream, memoryview(buffer), threading.Event(), False)
+        assert not camera.read_frame(stream, memoryview(buffer), threading.Event())
     thread.join()
 
 
@@ -287,6 +286,37 @@ def test_qr_held_in_view_is_one_scan_and_shown_again_after_a_gap_is_a_second(tmp
     scans = scans_from(video, rescan_after=2.0)
     assert codes(scans) == [QR_SCAN, QR_SCAN]
     assert {s.source for s in scans} == {"cam"}
+
+
+def test_another_decoder_behind_the_frame_decoder_interface_replaces_zbar(tmp_path):
+    """What issue 11 needs to put zxing-cpp in zbar's place: the driver asks only
+    `decode(image)` of whatever `make_decoder` makes, once per frame, on every start."""
+
+    class Counting:
+        """zbar, counting the frames it is handed and naming its codes in upper case."""
+
+        def __init__(self) -> None:
+            self.frames = 0
+            self.zbar = camera.ZbarDecoder()
+
+        def decode(self, image):
+            self.frames += 1
+            return {(kind, data.upper()) for kind, data in self.zbar.decode(image)}
+
+    decoders: list[Counting] = []
+
+    def make() -> Counting:
+        decoders.append(Counting())
+        return decoders[-1]
+
+    video = write_video(tmp_path / "held.mkv", [blank()] * 3 + [frame(qr("demo-0001"))] * 5)
+    scans: list[Scan] = []
+    driver = CameraScanner("cam", settings(video), make_decoder=make)
+    driver.run(scans.append, threading.Event(), DriverState("cam", "camera"))
+    assert codes(scans) == [("]Q1", b"DEMO-0001")]
+    assert [d.frames for d in decoders] == [8]
+    driver.run(scans.append, threading.Event(), DriverState("cam", "camera"))
+    assert len(decoders) == 2  # a restart makes a new one
 
 
 def test_qr_missed_for_a_few_frames_while_held_is_still_one_scan(tmp_path):
