@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from cards.batch import UNLIMITED, Batch, CodeStatus, Header, Kind
 from cards.card import CardError, parse_card
 from cards.rules import UNLIMITED_USES, resolve
-from storage import trust
+from storage import ledger, trust
 
 INSERT_ISSUED = (
     "INSERT INTO codes(digest, card_id, not_before, not_after, uses_left, balance, status) "
@@ -267,8 +267,9 @@ def _apply_unblock(conn: sqlite3.Connection, batch: Batch) -> None:
 
 def _apply_consumed(conn: sqlite3.Connection, batch: Batch) -> None:
     cards = trust.cards(conn)
+    ledger.index_ids(conn)  # the ledger has no index on id of its own (migration m006)
     for digest, record_id, uses, amount in batch.consumed_entries():
-        own = conn.execute("SELECT 1 FROM ledger WHERE id = ?", (record_id,)).fetchone()
+        own = ledger.by_id(conn, record_id) is not None
         seen = conn.execute(
             "INSERT OR IGNORE INTO consumed_seen(record_id) VALUES (?)", (record_id,)
         ).rowcount

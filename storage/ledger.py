@@ -114,9 +114,9 @@ def append(
     (COLUMNS), and this function is the one place that turns them into the row, so a
     caller never builds the INSERT's tuple itself. They are taken as values rather than
     as a Redemption because this runs on every scan, where building that 20-field frozen
-    dataclass costs about 5 us, more than the Python of the rest of the row. Whatever
-    queues the row for sync happens here (the schema's trigger today). The caller owns
-    the transaction."""
+    dataclass costs about 5 us, more than the Python of the rest of the row. Nothing
+    else is written: the row waits in the outbox, a view of the ledger, until an ack
+    moves past it (storage/outbox.py). The caller owns the transaction."""
     conn.execute(
         INSERT,
         (
@@ -128,10 +128,40 @@ def append(
 
 
 def by_id(conn: sqlite3.Connection, record_id: bytes) -> Redemption | None:
+    """The record with this id: looked up in ledger_ids, then among the rows after its
+    `ids` mark, which index_ids has not reached yet (those since the last ack or batch
+    import: the ledger has no index on id, so that a scan writes no index page)."""
+    columns = ", ".join(COLUMNS)
     row = conn.execute(
-        f"SELECT {', '.join(COLUMNS)} FROM ledger WHERE id = ?", (record_id,)
+        f"SELECT {columns} FROM ledger WHERE seq = (SELECT seq FROM ledger_ids WHERE id = ?)",
+        (record_id,),
     ).fetchone()
+    if row is None:
+        row = conn.execute(
+            f"SELECT {columns} FROM ledger WHERE seq > "
+            "(SELECT seq FROM ledger_marks WHERE name = 'ids') AND id = ? ORDER BY seq LIMIT 1",
+            (record_id,),
+        ).fetchone()
     return Redemption(*row) if row else None
+
+
+def index_ids(conn: sqlite3.Connection) -> int:
+    """Add the ids of the rows after the `ids` mark to ledger_ids and move the mark;
+    returns how many. Run by every ack and batch import, in their transactions: the
+    entries go in together, many per page, instead of one index page written per scan.
+    UUIDv7 ids are unique by construction; a duplicate would keep its first row (OR
+    IGNORE) rather than stop every later ack."""
+    mark = conn.execute("SELECT seq FROM ledger_marks WHERE name = 'ids'").fetchone()[0]
+    last = last_seq(conn)
+    if last <= mark:
+        return 0
+    added = conn.execute(
+        "INSERT OR IGNORE INTO ledger_ids(id, seq) SELECT id, seq FROM ledger "
+        "WHERE seq > ? AND seq <= ? ORDER BY seq",
+        (mark, last),
+    ).rowcount
+    conn.execute("UPDATE ledger_marks SET seq = ? WHERE name = 'ids'", (last,))
+    return added
 
 
 def is_reversed(conn: sqlite3.Connection, record_id: bytes) -> bool:

@@ -146,3 +146,85 @@ def m005_trust_manifest(db: Database) -> None:
     # NULL until a manifest arrives; the cache's age then follows the batches alone.
     for column in ("manifest_seq", "manifest_at", "current_at"):
         db.execute(f"ALTER TABLE trust ADD COLUMN {column} INTEGER")
+
+
+@migrations()
+def m006_outbox_from_the_ledger(db: Database) -> None:
+    # Issue 10, fewer writes per scan: every accepted scan wrote 4 WAL pages (the ledger
+    # row, its entry in the UNIQUE index on ledger.id, an outbox row, the code's state)
+    # where 2 must change. The outbox becomes a view of the ledger: the records after
+    # the `acked` mark that are not in outbox_acked (acked by id, out of order, ahead of
+    # the mark). A scan writes no outbox row; an ack moves the mark. Record ids are
+    # indexed in ledger_ids, written in bulk off the scan path (storage.ledger.index_ids,
+    # run by every ack and batch import) up to the `ids` mark; storage.ledger.by_id looks
+    # up the index, then the few rows after the mark. So the ledger is rebuilt without
+    # its UNIQUE(id) (SQLite cannot drop a constraint's index), once, as SQLite's ALTER
+    # TABLE page says: new table, copy, drop, rename. Records waiting in the old outbox
+    # stay waiting: the mark goes just before the first of them, and the acked ones
+    # after it go to outbox_acked.
+    db.executescript(
+        """
+        CREATE TABLE ledger_marks (
+            name TEXT PRIMARY KEY,
+            seq INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        CREATE TABLE outbox_acked (seq INTEGER PRIMARY KEY);
+        CREATE TABLE ledger_ids (
+            id BLOB PRIMARY KEY,
+            seq INTEGER NOT NULL
+        ) WITHOUT ROWID;
+
+        INSERT INTO ledger_marks(name, seq) VALUES (
+            'acked',
+            COALESCE((SELECT MIN(seq) FROM outbox) - 1, (SELECT MAX(seq) FROM ledger), 0)
+        );
+        INSERT INTO outbox_acked(seq)
+            SELECT seq FROM ledger
+            WHERE seq > (SELECT seq FROM ledger_marks WHERE name = 'acked')
+            AND seq NOT IN (SELECT seq FROM outbox);
+        INSERT OR IGNORE INTO ledger_ids(id, seq) SELECT id, seq FROM ledger ORDER BY seq;
+        INSERT INTO ledger_marks(name, seq)
+            VALUES ('ids', (SELECT COALESCE(MAX(seq), 0) FROM ledger));
+
+        CREATE TABLE ledger_new (
+            seq INTEGER PRIMARY KEY,
+            id BLOB NOT NULL,
+            at_ms INTEGER NOT NULL,
+            box TEXT NOT NULL,
+            merchant TEXT NOT NULL,
+            store TEXT NOT NULL,
+            digest BLOB,
+            card_id INTEGER,
+            action TEXT NOT NULL,
+            uses INTEGER,
+            amount INTEGER,
+            uses_left INTEGER,
+            balance INTEGER,
+            verdict TEXT NOT NULL,
+            reason TEXT,
+            source TEXT NOT NULL,
+            symbology TEXT,
+            operator TEXT,
+            cache_seq INTEGER NOT NULL,
+            reverses BLOB
+        );
+        INSERT INTO ledger_new(seq, id, at_ms, box, merchant, store, digest, card_id,
+            action, uses, amount, uses_left, balance, verdict, reason, source, symbology,
+            operator, cache_seq, reverses)
+        SELECT seq, id, at_ms, box, merchant, store, digest, card_id, action, uses, amount,
+            uses_left, balance, verdict, reason, source, symbology, operator, cache_seq,
+            reverses
+        FROM ledger ORDER BY seq;
+        DROP TABLE outbox;
+        DROP TABLE ledger;
+        ALTER TABLE ledger_new RENAME TO ledger;
+        CREATE INDEX ledger_reverses ON ledger(reverses) WHERE reverses IS NOT NULL;
+
+        -- What the box still has to deliver: read by the pump, status and snapshot
+        -- replays as the outbox table was, so their queries did not change.
+        CREATE VIEW outbox AS
+            SELECT seq FROM ledger
+            WHERE seq > (SELECT seq FROM ledger_marks WHERE name = 'acked')
+            AND seq NOT IN (SELECT seq FROM outbox_acked);
+        """
+    )

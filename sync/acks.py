@@ -1,5 +1,5 @@
 """Application acks from the backend (docs/protocol.md 16.4): the only way a record
-leaves the outbox.
+leaves the outbox (storage/outbox.py: a mark moved, nothing deleted from the ledger).
 
 `{"v":1,"upto":N,"ids":[ID, ...]}` means the backend has committed every record of this
 box with seq <= N and also the listed ids. A PUBACK never removes anything: it only
@@ -54,24 +54,27 @@ def parse(payload: bytes) -> Ack:
 
 
 def apply(conn: sqlite3.Connection, ack: Ack, sent_upto: int) -> int:
-    """Remove the acked records from the outbox; returns how many were still waiting.
+    """Mark the acked records delivered; returns how many were still waiting.
 
     Only records this process has already sent (seq <= `sent_upto`) can be acked: a
     backend that acks far ahead (a box restored from an old backup, a confused
-    collector) must not delete records it has never received.
+    collector) must not delete records it has never received. The same transaction
+    indexes the ids of the records written since the last one (storage.ledger.index_ids),
+    so the ids the ack names are found by the index and the scan path writes none.
     """
-    seqs = []
-    for record_id in ack.ids:
-        record = ledger.by_id(conn, record_id)
-        if record is not None and record.seq <= sent_upto:
-            seqs.append(record.seq)
     upto = min(ack.upto, sent_upto)
-    if upto <= 0 and not seqs:
+    if upto <= 0 and not ack.ids:
         return 0
     conn.execute("BEGIN IMMEDIATE")
     try:
+        ledger.index_ids(conn)
+        seqs = []
+        for record_id in ack.ids:
+            record = ledger.by_id(conn, record_id)
+            if record is not None and upto < record.seq <= sent_upto:
+                seqs.append(record.seq)
         removed = outbox.ack_upto(conn, upto) if upto > 0 else 0
-        removed += outbox.ack(conn, (s for s in seqs if s > upto))
+        removed += outbox.ack(conn, seqs) if seqs else 0
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:

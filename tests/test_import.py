@@ -12,10 +12,11 @@ from sqlite_utils import Database
 from cards import batch, signed_code
 from cards.batch import CodeStatus, Kind
 from daemon.engine import Engine
-from storage import batch_import, codes, trust
+from storage import batch_import, codes, ledger, trust
 from storage.batch_import import BatchConflict, ImportRefused, SequenceGap
 from storage.database import connect, open_database
 from storage.migrations import migrations
+from sync import acks
 
 DEMO_CODES = {
     **{f"DEMO-{i:04d}": 1 for i in range(1, 11)},
@@ -329,7 +330,8 @@ def test_snapshot_replaces_the_cache_but_keeps_local_unacked_redemptions(loaded_
 def test_snapshot_after_ack_takes_the_backends_view(loaded_box, keyset):
     conn, engine = _engine(loaded_box)
     assert engine.redeem("LUNCH-0001", "pos").accepted
-    conn.execute("DELETE FROM outbox")  # the backend acknowledged everything
+    everything = ledger.last_seq(conn)  # the backend acknowledged everything
+    acks.apply(conn, acks.Ack(everything, ()), sent_upto=everything)
     rows = [(keyset.digest("LUNCH-0001"), 3, 0, 0, 1, 0, CodeStatus.ACTIVE)]
     _apply(conn, loaded_box, keyset.build(Kind.SNAPSHOT, batch.encode_issue(rows), seq=3))
     assert engine.check("LUNCH-0001").uses_left == 1

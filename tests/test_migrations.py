@@ -11,8 +11,8 @@ from storage.database import StorageError, connect, open_database
 from storage.migrations import migrations
 
 TABLES = {
-    "codes", "cards", "issuer_keys", "trust", "batches", "ledger", "outbox", "consumed_seen",
-    "api_requests",
+    "codes", "cards", "issuer_keys", "trust", "batches", "ledger", "consumed_seen",
+    "api_requests", "ledger_marks", "outbox_acked", "ledger_ids",
 }  # fmt: skip
 
 
@@ -31,6 +31,8 @@ def test_fresh_database_records_every_migration(tmp_path):
     assert migrations.pending(Database(conn)) == []
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert tables >= TABLES
+    views = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'view'")}
+    assert views == {"outbox"}
 
 
 def test_opening_twice_is_idempotent_and_keeps_data(tmp_path):
@@ -90,7 +92,7 @@ def test_read_only_connection_also_uses_synchronous_full_and_cannot_write(tmp_pa
     assert reader.execute("PRAGMA synchronous").fetchone()[0] == 2
     assert reader.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     with pytest.raises(sqlite3.OperationalError, match="readonly"):
-        reader.execute("INSERT INTO outbox(seq) VALUES (1)")
+        reader.execute("INSERT INTO cards(card_id, merchant, body) VALUES (1, 'demo', '{}')")
 
 
 def test_damaged_file_is_refused_with_a_message(tmp_path):
@@ -100,12 +102,82 @@ def test_damaged_file_is_refused_with_a_message(tmp_path):
         open_database(path)
 
 
-def test_every_ledger_row_enters_the_outbox_through_the_trigger(tmp_path):
-    from storage.database import open_database
-
+def test_every_ledger_row_waits_in_the_outbox_without_an_outbox_row(tmp_path):
     conn = open_database(tmp_path / "t.db")
+    for seq in (1, 2):
+        _insert_ledger_row(conn, seq)
+    assert conn.execute("SELECT seq FROM outbox").fetchall() == [(1,), (2,)]
+    assert conn.execute("SELECT COUNT(*) FROM outbox_acked").fetchone()[0] == 0
+
+
+def test_ledger_has_no_index_written_by_a_redemption(tmp_path):
+    # Each index on the ledger is one more WAL page for every scan (issue 10): only the
+    # partial index of reversals, which a redemption's NULL `reverses` does not enter.
+    conn = open_database(tmp_path / "t.db")
+    indexes = conn.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'ledger'"
+    ).fetchall()
+    assert [name for name, _ in indexes] == ["ledger_reverses"]
+    assert "WHERE reverses IS NOT NULL" in indexes[0][1]
+    triggers = conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall()
+    assert triggers == []
+
+
+def _insert_ledger_row(conn: sqlite3.Connection, seq: int, record_id: bytes | None = None) -> None:
     conn.execute(
         "INSERT INTO ledger(seq, id, at_ms, box, merchant, store, action, verdict, source, "
-        "cache_seq) VALUES (1, x'00', 0, 'b', 'm', 's', 'reject', 'rejected', 'x', 0)"
+        "cache_seq) VALUES (?, ?, ?, 'b', 'm', 's', 'reject', 'rejected', 'x', 0)",
+        (seq, record_id or seq.to_bytes(16, "big"), seq * 1000),
     )
-    assert conn.execute("SELECT seq FROM outbox").fetchall() == [(1,)]
+
+
+def _database_of_the_previous_release(path) -> sqlite3.Connection:
+    """A database as the release before m006 left it: the outbox a table filled by the
+    ledger_to_outbox trigger, rows deleted from it by acks (out of order too)."""
+    conn = connect(path)
+    migrations.apply(Database(conn), stop_before="m006_outbox_from_the_ledger")
+    for seq in range(1, 9):
+        _insert_ledger_row(conn, seq)
+    # Acked: 1-2 by upto, then 4 and 7 by id; waiting: 3, 5, 6, 8.
+    conn.execute("DELETE FROM outbox WHERE seq IN (1, 2, 4, 7)")
+    return conn
+
+
+def test_records_waiting_in_the_old_outbox_still_wait_after_the_upgrade(tmp_path):
+    from storage import ledger, outbox
+
+    path = tmp_path / "old.db"
+    _database_of_the_previous_release(path).close()
+    conn = open_database(path)
+    assert outbox.pending(conn, 100) == [3, 5, 6, 8]
+    assert outbox.depth(conn) == 4
+    assert outbox.acked_upto(conn) == 2
+    assert [r.seq for r in outbox.records(conn, 0, 100)] == [3, 5, 6, 8]
+    assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    # The ids of the old rows are indexed; a row written after the upgrade is found too.
+    assert ledger.by_id(conn, (4).to_bytes(16, "big")).seq == 4
+    _insert_ledger_row(conn, 9)
+    assert ledger.by_id(conn, (9).to_bytes(16, "big")).seq == 9
+    assert outbox.pending(conn, 100) == [3, 5, 6, 8, 9]
+    # Acks after the upgrade remove them, out of order as before.
+    conn.execute("BEGIN IMMEDIATE")
+    assert outbox.ack(conn, [6, 4]) == 1
+    assert outbox.ack_upto(conn, 5) == 2
+    conn.execute("COMMIT")
+    assert outbox.pending(conn, 100) == [8, 9]
+    assert outbox.acked_upto(conn) == 7
+
+
+def test_an_empty_old_outbox_leaves_every_record_acked(tmp_path):
+    from storage import outbox
+
+    path = tmp_path / "old.db"
+    old = _database_of_the_previous_release(path)
+    old.execute("DELETE FROM outbox")
+    old.close()
+    conn = open_database(path)
+    assert outbox.depth(conn) == 0
+    assert outbox.acked_upto(conn) == 8
+    _insert_ledger_row(conn, 9)
+    assert outbox.pending(conn, 100) == [9]

@@ -262,6 +262,47 @@ def test_scans_while_the_broker_is_down_all_arrive_when_it_is_back(
     assert connected(run)
 
 
+def test_records_waiting_in_the_outbox_of_the_previous_release_are_sent_after_the_upgrade(
+    tmp_path, keyset, broker, backend, running
+):
+    from sqlite_utils import Database
+
+    from storage import batch_import
+    from storage.migrations import migrations
+
+    box = write_box(
+        tmp_path,
+        keyset,
+        extra=f'[sync]\nenabled = true\nbroker = "{broker.url}"\nrequest_retry = "10m"\n',
+    )
+    # The database as the release before m006 leaves it: the outbox a table that the
+    # ledger_to_outbox trigger fills, acks deleting from it, 2 and 4 acked by id.
+    old = connect(box.database)
+    migrations.apply(Database(old), stop_before="m006_outbox_from_the_ledger")
+    for data in (keyset.cards_batch(1), keyset.issue_batch(BOX_CODES, seq=2)):
+        batch_import.apply(old, batch.open_file(data, keyset.roots), merchant="demo", now=CREATED)
+    old_engine = Engine(old, box.config)
+    for i in range(1, 6):
+        assert old_engine.handle(Scan(f"DEMO-{i:04d}".encode(), "counter")).accepted
+    old.execute("DELETE FROM outbox WHERE seq IN (2, 4)")
+    old.close()
+
+    run = running(box)  # opens the database as the daemon does: m006 runs here
+    assert run.depth() == 3
+    assert run.scan("DEMO-0006").accepted
+    run.start()
+    wait_for(lambda: set(backend.seqs()) >= {1, 3, 5, 6}, "the old outbox's records sent")
+    assert 2 not in backend.seqs() and 4 not in backend.seqs(), "acked before the upgrade"
+    assert backend.seqs() == sorted(backend.seqs())
+    ids = {r["seq"]: r["id"] for m in backend.events() for r in m}
+    backend.ack(upto=1, ids=[ids[5]])
+    wait_for(lambda: run.depth() == 2, "records 1 and 5 acknowledged")
+    left = [r[0] for r in run.reader.execute("SELECT seq FROM outbox ORDER BY seq")]
+    assert left == [3, 6]
+    backend.ack(upto=6)
+    wait_for(lambda: run.depth() == 0, "everything acknowledged")
+
+
 def test_acks_for_unknown_ids_are_harmless(tmp_path, keyset, broker, backend, running):
     box = sync_box(tmp_path, keyset, broker, sync='request_retry = "10m"')
     run = running(box).start()
