@@ -342,3 +342,16 @@ def test_stop_returns_while_a_publish_waits_for_a_hung_broker(publisher, backend
     alive = {t.name for t in threading.enumerate()}
     assert "publish" not in alive and not any(name.startswith("mqtt-") for name in alive)
     assert not any(line.startswith("published revoke batch demo/2") for line in running.lines)
+
+
+def test_a_refused_login_says_what_to_check_in_the_broker_url(publisher, broker):
+    broker.anonymous = False  # and the URL names no user: the broker says no
+    broker.restart()
+    running = publisher()
+    line = wait_until(
+        lambda: next((x for x in running.lines if "refused the connection" in x), None),
+        "the refusal said",
+    )
+    assert line.startswith(f"broker {broker.url} refused the connection: "), line
+    assert "check the user and password in the broker URL" in line, line
+    assert not running.link.connected.is_set()
