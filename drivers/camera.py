@@ -52,6 +52,7 @@ import numpy as np
 from cards.scan import Scan
 from drivers.dedupe import Code, Deduper
 from drivers.supervisor import DeviceGone, DriverError, DriverState
+from runtime.threads import OwnedThread
 
 log = logging.getLogger("redeemd.drivers.camera")
 
@@ -183,7 +184,7 @@ class _StderrTail:
     def __init__(self, stream: IO[bytes], keep: int = 20):
         self.lines: deque[str] = deque(maxlen=keep)
         self._stream = stream
-        self._thread = threading.Thread(target=self._drain, name="ffmpeg-stderr", daemon=True)
+        self._thread = OwnedThread("ffmpeg-stderr", self._drain)
         self._thread.start()
 
     def _drain(self) -> None:
@@ -458,7 +459,7 @@ class FfmpegFrames:
         _stop_process(self._process)
         # The reader ends at the pipe's end, then its pipe may close; closed under a
         # reader still inside read(), the descriptor could be reused by the next
-        # ffmpeg's pipe. A stuck reader keeps the pipe (a daemon thread, logged).
+        # ffmpeg's pipe. A stuck reader keeps the pipe (OwnedThread logs it by name).
         if self._newest is None or self._newest.join(2.0):
             self._stdout.close()
         else:
@@ -551,9 +552,7 @@ class _NewestFrame:
         self._error: BaseException | None = None
         self._changed = threading.Condition()
         self.skipped = 0
-        self._thread = threading.Thread(
-            target=self._read, args=(read_frame,), name=f"camera-{name}", daemon=True
-        )
+        self._thread = OwnedThread(f"camera-{name}", lambda: self._read(read_frame))
         self._thread.start()
 
     def _read(self, read_frame: Callable[[memoryview], bool]) -> None:
@@ -593,8 +592,7 @@ class _NewestFrame:
 
     def join(self, timeout: float) -> bool:
         """Wait for the reader to end; False if it has not."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        return self._thread.join(timeout)
 
 
 def _read_exact(stream: IO[bytes], size: int) -> bytes | None:

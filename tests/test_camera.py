@@ -794,3 +794,33 @@ def test_a_camera_failing_the_same_way_is_logged_once_and_status_keeps_the_cause
             assert supervisor.stop(timeout=30)
     warnings = [r.getMessage() for r in caplog.records if "scanner cam" in r.getMessage()]
     assert len(warnings) == 1 and "Permission denied" in warnings[0], warnings
+
+
+def test_a_live_cameras_reader_threads_are_owned_not_daemon_threads_and_end_with_the_run(
+    tmp_path,
+):
+    video = write_video(tmp_path / "live.mkv", [blank()] * 3 + [frame(qr("DEMO-0001"))] * 3)
+    fake = script(
+        tmp_path / "ffmpeg",
+        f'exec "{REAL_FFMPEG}" -hide_banner -loglevel error -nostdin -i "{video}" '
+        "-f rawvideo -pix_fmt gray -\n",
+    )
+    seen: dict[str, bool] = {}
+
+    class Looking(camera.ZbarDecoder):
+        """zbar, noting the driver's threads while it decodes."""
+
+        def decode(self, image):
+            for thread in threading.enumerate():
+                if thread.name in ("camera-cam", "ffmpeg-stderr"):
+                    seen[thread.name] = thread.daemon
+            return super().decode(image)
+
+    node = Path("/dev/null")  # a /dev path is a live camera to the driver
+    driver = CameraScanner("cam", settings(node, ffmpeg=fake), make_decoder=Looking)
+    with pytest.raises(DriverError):  # a live stream that ends is a failure
+        driver.run(lambda scan: None, threading.Event(), DriverState("cam", "camera"))
+    # The interpreter kills a daemon thread wherever it is at exit; these are joined.
+    assert seen == {"camera-cam": False, "ffmpeg-stderr": False}
+    names = {thread.name for thread in threading.enumerate()}
+    assert not names & {"camera-cam", "ffmpeg-stderr"}
