@@ -32,15 +32,14 @@ scan, whatever the floor.
 
 Camera: frames of the given size, a code (QR with the coupon URL, or EAN-13) printed
 on paper under uneven light with sensor noise (sigma 2, a new noise field per frame for
-12 frames, cycled), or the paper alone. CameraScanner has no per-frame function to call:
-its loop is inside `run()`. So "driver" is the real `CameraScanner.run()` reading a
-generated YUV4MPEG (raw 8-bit gray) file through its ffmpeg pipe, exactly as it reads a
-video file, frames per second from its first frame to its return (ffmpeg's start-up is
-shown separately); it must emit exactly the one expected scan (or none) and read every
-frame. "frame fn" is the driver's per-frame functions on the same frames in memory
-(`decode_frame` + `Deduper.feed` + `Scan`). Floor: a zbar-py Scanner with the driver's
-configuration scanning the same frames, nothing around it. Best of the rounds for each,
-taking turns. Target: driver >= 90% of the floor.
+12 frames, cycled), or the paper alone. "driver" is the real `CameraScanner.run()`
+reading a generated YUV4MPEG (raw 8-bit gray) file through its ffmpeg pipe, exactly as it
+reads a video file, frames per second from its first frame to its return (ffmpeg's
+start-up is shown separately); it must emit exactly the one expected scan (or none) and
+read every frame. "frame fn" is the driver's per-frame jobs on the same frames in memory
+(`ZbarDecoder.decode` + `Deduper.feed` + `Scan`), without the frame source. Floor: a
+zbar-py Scanner with the driver's configuration scanning the same frames, nothing around
+it. Best of the rounds for each, taking turns. Target: driver >= 90% of the floor.
 
 Exit status 1 when any target is missed (a MISS line), 0 when all are met.
 """
@@ -71,7 +70,7 @@ from evdev import InputEvent
 from evdev import ecodes as e
 
 from cards.scan import Scan
-from drivers.camera import AIM_IDENTIFIERS, CameraScanner, decode_frame, zbar_scanner
+from drivers.camera import AIM_IDENTIFIERS, CameraScanner, ZbarDecoder
 from drivers.dedupe import Deduper
 from drivers.keymap import KeyDecoder, decode
 from drivers.keymap_reference import ReferenceKeyDecoder
@@ -476,7 +475,7 @@ def run_camera(
 ) -> bool:
     frames, expected = camera_frames(width, height, what)
     floor_scanner = zbar.Scanner([("ZBAR_NONE", "ZBAR_CFG_ENABLE", 1)])
-    driver_scanner = zbar_scanner()
+    driver_decoder = ZbarDecoder()
     label = f"camera  {f'{width}x{height}':<9} {'no code' if what == 'none' else what:<8}"
 
     # Size the run from the floor's speed: about `seconds` of frames per measurement.
@@ -500,9 +499,7 @@ def run_camera(
         deduper, found = Deduper(), []
         t0 = time.perf_counter()
         for i, image in enumerate(sequence):
-            for symbology, data in deduper.feed(
-                decode_frame(driver_scanner, image), i / CAMERA_FPS
-            ):
+            for symbology, data in deduper.feed(driver_decoder.decode(image), i / CAMERA_FPS):
                 aim = AIM_IDENTIFIERS.get(symbology)
                 found.append(Scan(code=data, source=SOURCE, symbology=aim, at=time.time()))
         rate = count / (time.perf_counter() - t0)
@@ -564,7 +561,7 @@ def run_camera(
         f"{label} driver    CameraScanner.run, ffmpeg pipe {d:7.1f} frames/s  "
         f"({count} frames; ffmpeg start {min(startups) * 1e3:.0f} ms not counted)"
     )
-    print(f"{label} frame fn  decode_frame + Deduper + Scan  {fn:7.1f} frames/s")
+    print(f"{label} frame fn  ZbarDecoder + Deduper + Scan   {fn:7.1f} frames/s")
     if expected:
         code_note = f"code read in {seen}/{count} frames"
     else:
