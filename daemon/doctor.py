@@ -631,15 +631,15 @@ def _scanner(scanner: ScannerConfig, account: Account) -> Iterator[Finding]:
         yield Finding(where, False, missing)
         return
     if scanner.type == "stdin":
-        if settings["path"] == "-":
+        if settings.path == "-":
             yield Finding(where, True, "standard input")
             return
         # The driver opens a FIFO read/write, so that it never sees end-of-file.
-        path, write, hint = Path(str(settings["path"])), True, "fifo"
+        path, write, hint = Path(settings.path), True, "fifo"
     elif scanner.type == "serial":
-        path, write, hint = Path(str(settings["port"])), True, "group dialout"
+        path, write, hint = Path(settings.port), True, "group dialout"
     elif scanner.type == "hid":
-        device = str(settings["device"])
+        device = settings.device
         if not device.startswith("/"):
             yield Finding(
                 where, True,
@@ -648,7 +648,7 @@ def _scanner(scanner: ScannerConfig, account: Account) -> Iterator[Finding]:
             return
         path, write, hint = Path(device), False, "group input"
     else:  # camera
-        path = Path(str(settings["device"]))
+        path = Path(settings.device)
         write = path.exists() and path.is_char_device()
         hint = "group video"
     if not path.exists() and hint == "fifo":
@@ -699,7 +699,7 @@ def _missing_software(scanner: ScannerConfig) -> str | None:
         from drivers.camera import find_ffmpeg, zbar_scanner
 
         try:
-            find_ffmpeg(str(scanner.settings.get("ffmpeg", "ffmpeg")))
+            find_ffmpeg(scanner.settings.ffmpeg)
             zbar_scanner()
         except DriverError as exc:
             return str(exc)

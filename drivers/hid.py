@@ -44,6 +44,7 @@ from evdev import InputEvent
 
 from cards.scan import Scan, scanned
 from drivers.keymap import KeyDecoder
+from drivers.settings import HidSettings
 from drivers.supervisor import DriverError, DriverState
 
 log = logging.getLogger("redeemd.drivers.hid")
@@ -232,16 +233,17 @@ class HidScanner:
     def __init__(
         self,
         name: str,
-        settings: Mapping[str, object],
+        settings: HidSettings | Mapping[str, object],
         *,
         backend: InputBackend | None = None,
     ):
         self.name = name
-        self.device = str(settings["device"])
-        self.layout = str(settings.get("layout", "us"))
-        self.grab = bool(settings.get("grab", True))
-        self.gap = float(settings.get("gap", 0.1))  # type: ignore[arg-type]
-        self.min_length = int(settings.get("min_length", 3))  # type: ignore[call-overload]
+        self.settings = s = HidSettings.of(settings)  # keys and defaults: drivers/settings.py
+        self.device = s.device
+        self.layout = s.layout
+        self.grab = s.grab
+        self.gap = s.gap
+        self.min_length = s.min_length
         self.backend: InputBackend = backend or EvdevBackend()
         KeyDecoder(self.layout)  # an unknown layout fails here, at configuration time
         self._closed = threading.Event()

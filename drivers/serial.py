@@ -36,6 +36,7 @@ import serial
 from cards.scan import Scan, scanned
 from drivers.feedback import Feedback, feedback_from
 from drivers.serial_framing import SerialFramer
+from drivers.settings import SerialSettings
 from drivers.supervisor import DeviceGone, DriverError, DriverState
 
 log = logging.getLogger("redeemd.drivers.serial")
@@ -67,19 +68,24 @@ _GONE_ERRNOS = frozenset((errno.ENOENT, errno.ENODEV, errno.ENXIO, errno.EIO))
 class SerialScanner:
     kind = "serial"
 
-    def __init__(self, name: str, settings: Mapping[str, object]):
+    def __init__(self, name: str, settings: SerialSettings | Mapping[str, object]):
+        """`settings`: the [[scanner]] block's, or a mapping checked against the same
+        model (drivers/settings.py holds every key's type and default)."""
         self.name = name
-        self.port = str(settings["port"])
-        self.baudrate = int(settings.get("baudrate", 9600))  # type: ignore[call-overload]
-        self.bytesize = int(settings.get("bytesize", 8))  # type: ignore[call-overload]
-        self.parity = str(settings.get("parity", "none"))
-        self.stopbits = settings.get("stopbits", 1)
-        self.flow = str(settings.get("flow", "none"))
-        self.terminator = str(settings.get("terminator", "auto"))
-        self.idle_gap = float(settings.get("idle_gap", 0.05))  # type: ignore[arg-type]
-        self.prefix = _text_bytes(settings.get("prefix", ""))
-        self.suffix = _text_bytes(settings.get("suffix", ""))
-        self.commands: Feedback = feedback_from(settings)
+        self.settings = s = SerialSettings.of(settings)
+        self.port = s.port
+        self.baudrate = s.baudrate
+        self.bytesize = s.bytesize
+        self.parity = s.parity
+        self.stopbits = s.stopbits
+        self.flow = s.flow
+        self.terminator = s.terminator
+        self.idle_gap = s.idle_gap
+        self.prefix = s.prefix.encode("utf-8")
+        self.suffix = s.suffix.encode("utf-8")
+        self.commands: Feedback = feedback_from(
+            {"feedback": s.feedback, "good_read": s.good_read, "bad_read": s.bad_read}
+        )
         self._lock = threading.Lock()
         """Guards `_port` between the reading thread and feedback() on the engine thread."""
         self._port: serial.Serial | None = None
@@ -285,12 +291,6 @@ class SerialScanner:
         # its tty has not hung up (yet).
         if os.path.realpath(self.port) != device or not os.path.exists(device):
             raise DeviceGone(f"{self.port} disconnected (the path no longer leads to {device})")
-
-
-def _text_bytes(value: object) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    return str(value).encode("utf-8")
 
 
 def _errno_of(exc: Exception) -> int | None:

@@ -12,15 +12,17 @@ from collections.abc import Callable, Mapping
 
 from cards.scan import Scan, scanned
 from drivers.framing import LineFramer
+from drivers.settings import StdinSettings
 from drivers.supervisor import DriverState
 
 
 class StreamScanner:
     kind = "stdin"
 
-    def __init__(self, name: str, settings: Mapping[str, object]):
+    def __init__(self, name: str, settings: StdinSettings | Mapping[str, object]):
         self.name = name
-        self.path = str(settings.get("path", "-"))
+        self.settings = StdinSettings.of(settings)
+        self.path = self.settings.path
 
     def run(self, emit: Callable[[Scan], None], stop: threading.Event, state: DriverState) -> None:
         if self.path == "-":

@@ -298,6 +298,91 @@ def test_missing_config_file_is_refused_with_a_hint(tmp_path):
     assert "REDEEMD_CONFIG" in caught.value.problems[0]
 
 
+def test_scanner_key_problems_name_the_block_key_value_and_what_is_allowed(tmp_path, key_dir):
+    data = base(tmp_path, key_dir)
+    data["scanner"] = [
+        {"type": "serial", "name": "a", "parity": "weird", "stopbits": True, "baud": 19200},
+        {"type": "hid", "name": "b", "gap": "soon"},
+    ]
+    problems = problems_of(data)
+    assert (
+        "[[scanner]] #1 parity = 'weird': must be one of 'none', 'even', 'odd', 'mark', 'space'"
+        in problems
+    )
+    assert "[[scanner]] #1 stopbits = True: must be one of 1, 1.5, 2" in problems
+    (unknown,) = [p for p in problems if p.startswith("[[scanner]] #1 baud:")]
+    assert unknown.startswith(
+        "[[scanner]] #1 baud: unknown key; allowed: type, name, port, baudrate"
+    )
+    assert "[[scanner]] #1 port: missing; it is required" in problems
+    assert "[[scanner]] #2 device: missing; it is required" in problems
+    assert any(
+        p.startswith("[[scanner]] #2 gap = 'soon': must be a duration such as") for p in problems
+    )
+    assert len(problems) == 6
+
+
+def test_sync_problems_are_all_named_at_once(tmp_path, key_dir):
+    data = base(tmp_path, key_dir)
+    data["sync"] = {
+        "broker": "mqtt://box:secret@broker.example",
+        "cert_file": str(key_dir / "code.key"),
+        "keepalive": "2s",
+    }
+    problems = problems_of(data)
+    assert sorted(problems) == [
+        "[sync] broker: do not put a password in the URL (it shows in logs and status); "
+        "use password_file",
+        "[sync] ca_file / cert_file / key_file: TLS files need an mqtts:// broker URL",
+        "[sync] cert_file and key_file: give both (a client certificate and its key)",
+        "[sync] keepalive = '2s': must be a duration between \"5s\" and 65535 s (0 for none)",
+    ]
+
+
+def test_scanner_settings_reach_the_driver_as_the_typed_model(tmp_path, key_dir):
+    from drivers.serial import SerialScanner
+    from drivers.settings import SerialSettings
+
+    data = base(tmp_path, key_dir)
+    data["scanner"] = [
+        {"type": "serial", "name": "counter", "port": "/dev/ttyS9", "baudrate": 19200,
+         "idle_gap": "20ms", "feedback": "raw", "good_read": "07"},
+    ]  # fmt: skip
+    (scanner,) = config_mod.parse(data, "t").scanners
+    assert isinstance(scanner.settings, SerialSettings)
+    assert scanner.settings.idle_gap == pytest.approx(0.02)
+    driver = SerialScanner(scanner.name, scanner.settings)
+    assert driver.settings is scanner.settings
+    assert (driver.line, driver.idle_gap, driver.commands.good) == ("19200 8N1", 0.02, b"\x07")
+
+
+def test_a_driver_built_by_hand_gets_the_models_defaults_and_refuses_a_misspelt_key():
+    from pydantic import ValidationError
+
+    from drivers.serial import SerialScanner
+    from drivers.settings import SerialSettings
+    from drivers.stdin import StreamScanner
+
+    driver = SerialScanner("counter", {"port": "/dev/ttyS9"})
+    assert driver.settings == SerialSettings(port="/dev/ttyS9")
+    assert (driver.line, driver.terminator, driver.idle_gap) == ("9600 8N1", "auto", 0.05)
+    assert StreamScanner("stdin", {}).path == "-"
+    with pytest.raises(ValidationError, match="baudrat"):
+        SerialScanner("counter", {"port": "/dev/ttyS9", "baudrat": 19200})
+
+
+def test_defaults_are_the_same_with_or_without_a_loaded_file(tmp_path, key_dir, monkeypatch):
+    """A section's default is its model's, also where a section is made without the
+    loader (the old dataclasses had their own: /run/redeemd/api.sock beside
+    {runtime_dir}/api.sock)."""
+    from daemon.config_model import Api, Sync
+
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path))
+    config = config_mod.parse(base(tmp_path, key_dir), "t")
+    assert config.api == Api() and config.api.socket == tmp_path / "api.sock"
+    assert config.sync == Sync() and (config.sync.host, config.sync.port) == ("127.0.0.1", 1883)
+
+
 # ---------------------------------------------------------------- where the file comes from
 
 

@@ -288,7 +288,7 @@ def test_every_snippet_parses_with_the_config_parser(tmp_path, keyset):
     snippets = "\n".join(d.snippet() for d in devices)
     box = write_box(tmp_path / "box", keyset, extra=snippets)
     config = config_mod.load(str(box.config_path))
-    parsed = {(s.type, s.name, s.settings.get("port") or s.settings.get("device")) for s in config.scanners}  # fmt: skip
+    parsed = {(s.type, s.name, getattr(s.settings, "port", None) or getattr(s.settings, "device", None)) for s in config.scanners}  # fmt: skip
     assert parsed == {(d.type, d.config_name, d.config_path) for d in devices}
     names = [s.name for s in config.scanners]
     assert "honeywell" in names and "honeywell-2" in names
@@ -316,7 +316,7 @@ def test_paths_with_quotes_and_backslashes_are_escaped_in_snippets(tmp_path, key
     (device,) = list_devices(str(tmp_path))
     box = write_box(tmp_path / "box", keyset, extra=device.snippet())
     (scanner,) = config_mod.load(str(box.config_path)).scanners
-    assert scanner.settings["device"] == "/dev/input/by-id/" + odd
+    assert scanner.settings.device == "/dev/input/by-id/" + odd
 
 
 # ---------------------------------------------------------------- nothing found

@@ -274,7 +274,7 @@ def test_every_terminator_the_framer_knows_is_accepted_in_the_config(tmp_path, k
         block = f'[[scanner]]\ntype = "serial"\nname = "counter"\nport = "/dev/ttyACM0"\nterminator = "{terminator}"'
         box = write_box(tmp_path, keyset, extra=block)
         [scanner] = config_mod.load(str(box.config_path)).scanners
-        assert scanner.settings["terminator"] == terminator
+        assert scanner.settings.terminator == terminator
 
 
 def test_unknown_terminator_is_refused():
