@@ -641,3 +641,13 @@ def test_fast_decoder_decodes_as_the_plain_reference_decoder_event_by_event(step
         assert ours.flush(kb.now) == reference.flush(kb.now)
         assert (ours.pending, ours.deadline) == (reference.pending, reference.deadline)
     assert ours.flush(kb.now + 1) == reference.flush(kb.now + 1)
+
+
+def test_docstring_examples_hold():
+    import doctest
+
+    from drivers import keymap_reference
+
+    for module in (keymap, keymap_reference):
+        failed, _ = doctest.testmod(module)
+        assert failed == 0, f"{module.__name__} docstring examples fail"
