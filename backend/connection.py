@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from sync.session import STOP_BOUND, Down, Event, Message, Session, Up
+from sync.session import STOP_BOUND, Down, Event, Loss, Message, Session, Up
 
 PUBLISH_TIMEOUT = 30.0
 # The broker keeps a backend client's session (and queues its messages) this long after
@@ -196,14 +196,14 @@ class Connection:
             self._down(event)
 
     def _down(self, event: Down) -> None:
-        if event.kind == "lost":
+        if event.kind is Loss.LOST:
             self.say(f"lost the broker {self.url} ({event.cause}); reconnecting")
             return
         self._failures += 1
-        if event.kind == "refused":
+        if event.kind is Loss.REFUSED:
             self.say(event.reason)  # what is wrong and what to do, every time
         elif self._failures == 1 or self._failures % SAY_EVERY == 0:
-            if event.kind == "unreachable":
+            if event.kind is Loss.UNREACHABLE:
                 self.say(f"broker {self.url} unreachable ({event.cause}); retrying")
             else:
                 self.say(f"{event.reason}; retrying")

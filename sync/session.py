@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
@@ -71,16 +72,27 @@ class Up:
     generation: int
 
 
+class Loss(StrEnum):
+    """Why there is no connection (Down.kind)."""
+
+    LOST = "lost"
+    """It was up and went away."""
+    UNREACHABLE = "unreachable"
+    """No TCP or TLS connection to the broker."""
+    REFUSED = "refused"
+    """The broker's CONNACK said no (credentials, client id, not authorised)."""
+    CLOSED = "closed"
+    """Closed before the broker answered the CONNECT."""
+
+
 @dataclass(frozen=True)
 class Down:
-    """No connection after an attempt or a connection: `reason` is the sentence for the
-    log and status; `kind` says which: "lost" (it was up), "unreachable" (no TCP/TLS
-    connection), "refused" (the broker's CONNACK said no) or "closed" (closed before the
-    broker answered); `cause` is the underlying error alone."""
+    """No connection, after a connection or a failed attempt: `reason` is the sentence
+    for the log and status, `cause` the underlying error alone."""
 
     generation: int
     reason: str
-    kind: str = "lost"
+    kind: Loss = Loss.LOST
     cause: str = ""
 
 
@@ -303,12 +315,12 @@ class Session:
                     f"cannot connect to {self.settings.broker}: {exc}; the broker's certificate "
                     "must be signed by [sync] ca_file (or a system CA when it is empty) and "
                     "name the host in [sync] broker",
-                    "unreachable",
+                    Loss.UNREACHABLE,
                     str(exc),
                 )
             except (OSError, ssl.SSLError, ValueError) as exc:
                 self._fail(
-                    f"cannot connect to {self.settings.broker}: {exc}", "unreachable", str(exc)
+                    f"cannot connect to {self.settings.broker}: {exc}", Loss.UNREACHABLE, str(exc)
                 )
             else:
                 with self._lock:
@@ -333,15 +345,15 @@ class Session:
                 cause = mqtt.error_string(rc)
                 if was_connected:
                     self._fail(
-                        f"connection to {self.settings.broker} lost ({cause})", "lost", cause
+                        f"connection to {self.settings.broker} lost ({cause})", Loss.LOST, cause
                     )
                 elif self._refusal:
-                    self._fail(self._refusal, "refused", self._refusal)
+                    self._fail(self._refusal, Loss.REFUSED, self._refusal)
                 else:
                     self._fail(
                         f"connection to {self.settings.broker} closed before the broker "
                         f"answered ({cause})",
-                        "closed",
+                        Loss.CLOSED,
                         cause,
                     )
             if self.connects != ok_before:
@@ -349,7 +361,7 @@ class Session:
             if self._stop.wait(self._backoff.next()):
                 break
 
-    def _fail(self, message: str, kind: str, cause: str) -> None:
+    def _fail(self, message: str, kind: Loss, cause: str) -> None:
         if message != self.last_error and self._log is not None:
             self._log.warning("sync: %s; retrying with backoff", message)
         self.last_error = message
