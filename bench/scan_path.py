@@ -27,7 +27,8 @@ checkpointed empty and autocheckpoint off; the WAL's frame count (PRAGMA
 wal_checkpoint's `log`) divided by the scans is the pages each commit writes, which is
 what wears an SD card or eMMC and what each fsync waits for. Also shown: the pages the
 backend's acks of those records write on the box (acks of ACK_RECORDS records, as the
-pump sends them), per record: the other half of the outbox's cost.
+pump sends them), per record: the other half of the outbox's cost; and the pages of a
+redemption through the local API, which also stores its request's idempotency key.
 
 Targets (issue 10): p50 <= 1.3x floor, p99 <= 2x floor, <= 2 WAL pages per accepted
 redemption (its ledger row and the code's state).
@@ -49,9 +50,10 @@ from boxes import Scratch, build_cache, percentile, scan_code
 from cards.batch import CodeStatus
 from cards.digest import code_digest
 from cards.scan import Scan
-from cards.verdict import Outcome
+from cards.verdict import Outcome, Verdict
 from daemon.engine import Engine
 from storage import codes, ledger
+from storage.api_requests import RequestKey
 from storage.database import open_database
 from sync import acks
 
@@ -94,7 +96,7 @@ def main() -> int:
 def run(scratch, count: int, scans: int) -> None:
     total = scans + WARMUP
     started = time.perf_counter()
-    cache = build_cache(scratch, count, total + PAGE_SCANS, name=f"box-{count}")
+    cache = build_cache(scratch, count, total + 2 * PAGE_SCANS, name=f"box-{count}")
     floor_path = cache.path.with_name("floor.db")
     replay_path = cache.path.with_name("replay.db")
     shutil.copyfile(cache.path, floor_path)
@@ -129,7 +131,7 @@ def run(scratch, count: int, scans: int) -> None:
         t0 = clock()
         verdict = engine.handle(read)
         t1 = clock()
-        if verdict is None or verdict.outcome is not Outcome.ACCEPTED:
+        if not isinstance(verdict, Verdict) or verdict.outcome is not Outcome.ACCEPTED:
             refused += 1
         return t1 - t0
 
@@ -157,6 +159,15 @@ def run(scratch, count: int, scans: int) -> None:
         replay.execute("COMMIT")
         return clock() - t0
 
+    def api_once(i: int) -> None:
+        # A redemption through the local API: the same row and state, plus its request's
+        # idempotency key (storage/api_requests.py).
+        nonlocal refused
+        key = RequestKey(f"bench-{i}", "f" * 64)
+        verdict = engine.redeem(scan_code(i), "api", request=key)
+        if not isinstance(verdict, Verdict) or verdict.outcome is not Outcome.ACCEPTED:
+            refused += 1
+
     samplers = [("engine", engine_once), ("floor", floor_once), ("replay", replay_once)]
     gc.collect()
     for i in range(total):
@@ -171,6 +182,7 @@ def run(scratch, count: int, scans: int) -> None:
         "replay": wal_pages(replay, replay_once, range(total, total + PAGE_SCANS)),
     }
     ack_pages = ack_pages_per_record(conn, ledger.last_seq(conn) - PAGE_SCANS)
+    api_pages = wal_pages(conn, api_once, range(total + PAGE_SCANS, total + 2 * PAGE_SCANS))
     conn.close()
     floor.close()
     replay.close()
@@ -200,7 +212,8 @@ def run(scratch, count: int, scans: int) -> None:
     print(
         f"{label} pages   WAL pages per scan: engine {pages['engine']:.2f}, floor "
         f"{pages['floor']:.2f}, replay {pages['replay']:.2f} (target <= {PAGES_TARGET:.0f}) "
-        f"{page_verdict}; acks add {ack_pages:.3f} per record"
+        f"{page_verdict}; acks add {ack_pages:.3f} per record; a local API redeem "
+        f"{api_pages:.2f}"
     )
 
 

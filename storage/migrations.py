@@ -228,3 +228,25 @@ def m006_outbox_from_the_ledger(db: Database) -> None:
             AND seq NOT IN (SELECT seq FROM outbox_acked);
         """
     )
+
+
+@migrations()
+def m007_api_requests_without_seq_index(db: Database) -> None:
+    # Issue 10: the UNIQUE on api_requests.seq was one more index page written by every
+    # redemption through the local API (4.86 WAL pages against a scan's 2.06), and
+    # nothing looks a key up by its ledger row: a retry finds it by key, and the prune
+    # at start walks the few keys there are. Rebuilt without it, as m006 the ledger.
+    db.executescript(
+        """
+        CREATE TABLE api_requests_new (
+            key TEXT PRIMARY KEY,
+            fingerprint TEXT NOT NULL,
+            seq INTEGER NOT NULL REFERENCES ledger(seq),
+            verdict TEXT NOT NULL
+        ) WITHOUT ROWID;
+        INSERT INTO api_requests_new(key, fingerprint, seq, verdict)
+            SELECT key, fingerprint, seq, verdict FROM api_requests;
+        DROP TABLE api_requests;
+        ALTER TABLE api_requests_new RENAME TO api_requests;
+        """
+    )

@@ -123,6 +123,27 @@ def test_ledger_has_no_index_written_by_a_redemption(tmp_path):
     assert triggers == []
 
 
+def test_api_requests_are_found_by_key_with_no_second_index(tmp_path):
+    # Every redemption through the local API writes its key: an index on its ledger
+    # row as well was one more page each time, for a lookup nobody makes.
+    conn = open_database(tmp_path / "t.db")
+    indexes = conn.execute("PRAGMA index_list(api_requests)").fetchall()
+    assert [(origin, unique) for _, _, unique, origin, _ in indexes] == [("pk", 1)]
+
+
+def test_api_requests_keep_their_keys_through_m007(tmp_path):
+    path = tmp_path / "old.db"
+    old = connect(path)
+    migrations.apply(Database(old), stop_before="m007_api_requests_without_seq_index")
+    _insert_ledger_row(old, 1)
+    old.execute("INSERT INTO api_requests VALUES ('key-1', 'fp', 1, '{\"ok\":true}')")
+    old.close()
+    conn = open_database(path)
+    assert conn.execute("SELECT * FROM api_requests").fetchall() == [
+        ("key-1", "fp", 1, '{"ok":true}')
+    ]
+
+
 def _insert_ledger_row(conn: sqlite3.Connection, seq: int, record_id: bytes | None = None) -> None:
     conn.execute(
         "INSERT INTO ledger(seq, id, at_ms, box, merchant, store, action, verdict, source, "
