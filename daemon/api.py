@@ -40,7 +40,7 @@ from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 
-from runtime.threads import OwnedThread
+from runtime.threads import OwnedThread, stop_all
 
 log = logging.getLogger("redeemd.api")
 
@@ -322,12 +322,10 @@ class ApiServer:
     def stop(self, timeout: float = 2.0) -> bool:
         """Close every client, remove the socket and join both threads. False if a
         thread was still running after `timeout` seconds."""
-        self._stopping.set()  # both threads see it before either is joined
-        io_ended = self._io.stop(timeout)
-        answering_ended = self._answering.stop(timeout)
-        if io_ended:
+        ended = stop_all([self._io, self._answering], timeout)
+        if not self._io.is_alive():
             self._release()
-        return io_ended and answering_ended
+        return ended
 
     def _release(self) -> None:
         if self._sock is not None:

@@ -28,6 +28,7 @@ from daemon.engine import Engine, PaymentCode
 from daemon.hooks import VerdictHook
 from daemon.notify import Notifier
 from drivers.supervisor import Driver, Supervisor, Unavailable
+from runtime.threads import stop_all
 from storage import api_requests
 from storage.database import open_database
 from sync.worker import Sync
@@ -424,11 +425,8 @@ class Service:
 
     def _stop_drivers(self) -> None:
         # Signal every driver first, then wait: shutdown takes the longest single wait,
-        # not the sum of them.
-        for supervisor in self.supervisors.values():
-            supervisor.ask_stop()
-        for supervisor in self.supervisors.values():
-            supervisor.stop(timeout=2.0)  # a scanner that hangs is logged by its thread name
+        # not the sum of them. A scanner that hangs is logged by its thread name.
+        stop_all([s.thread for s in self.supervisors.values()], timeout=2.0)
 
     def _feedback(self, source: str, accepted: bool) -> None:
         supervisor = self.supervisors.get(source)

@@ -136,10 +136,6 @@ class Supervisor:
     def start(self) -> None:
         self.thread.start()
 
-    def ask_stop(self) -> None:
-        """Tell the driver to stop without waiting (see `stop`)."""
-        self._stop.set()
-
     def stop(self, timeout: float = 2.0) -> bool:
         """Ask the driver to stop (close() unblocks its read) and wait at most `timeout`
         seconds for its thread; True if it has ended."""

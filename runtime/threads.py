@@ -13,13 +13,16 @@ logged by name, so the journal says which part hung, and `stop` returns False.
     >>> worker.start()
     >>> worker.stop(timeout=2.0)   # sets worker.stopping, wakes, joins; False if it hung
     True
+    >>> stop_all([a, b], timeout=2.0)   # both asked first, joined against one deadline
+    True
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 
 log = logging.getLogger("redeemd")
 
@@ -55,13 +58,17 @@ class OwnedThread:
     def stop(self, timeout: float) -> bool:
         """Ask the thread to stop, wake it and wait at most `timeout` seconds; True if it
         has ended (or never started)."""
+        self.ask_stop()
+        return self.join(timeout)
+
+    def ask_stop(self) -> None:
+        """Set `stopping` and wake the thread, without waiting for it."""
         self.stopping.set()
         if self._wake is not None:
             try:
                 self._wake()
             except Exception:  # waking a dead device may fail; the stop event still holds
                 log.debug("waking thread %s failed", self.name, exc_info=True)
-        return self.join(timeout)
 
     def join(self, timeout: float) -> bool:
         """Wait at most `timeout` seconds for the thread to end; True if it has."""
@@ -84,3 +91,14 @@ class OwnedThread:
             self._run()
         except Exception:  # the owner sees the thread gone; the journal says why
             log.exception("thread %s failed", self.name)
+
+
+def stop_all(threads: Iterable[OwnedThread], timeout: float) -> bool:
+    """Ask every thread to stop first, then join them against one deadline: stopping
+    several takes the longest single wait, not the sum. True if all have ended."""
+    threads = list(threads)
+    for thread in threads:
+        thread.ask_stop()
+    deadline = time.monotonic() + timeout
+    ended = [thread.join(max(0.0, deadline - time.monotonic())) for thread in threads]
+    return all(ended)

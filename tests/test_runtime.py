@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from runtime.backoff import Backoff
-from runtime.threads import OwnedThread
+from runtime.threads import OwnedThread, stop_all
 
 
 def test_backoff_ceiling_doubles_up_to_the_cap_and_a_reset_starts_it_over():
@@ -77,3 +77,14 @@ def test_a_thread_stopping_itself_does_not_wait_for_itself():
     worker.start()
     assert worker.join(10)
     assert answers == [False] and worker.stopping.is_set()
+
+
+def test_stop_all_asks_every_thread_before_waiting_for_any():
+    # `first` ends only once `second` has been asked to stop: stopping them one after
+    # the other would wait out the whole bound on `first`.
+    second = OwnedThread("worker-5", lambda: second.stopping.wait())
+    first = OwnedThread("worker-4", lambda: second.stopping.wait())
+    for worker in (first, second):
+        worker.start()
+    assert stop_all([first, second], timeout=10.0)
+    assert not first.is_alive() and not second.is_alive()
