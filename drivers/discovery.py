@@ -30,7 +30,9 @@ import struct
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Protocol, get_args
+
+from drivers.settings import Layout
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,8 @@ class Device:
         ]
         if self.type == "hid":
             lines.append(
-                'layout = "us"  # the keyboard layout the scanner is set to: us, uk, de, fr'
+                'layout = "us"  # the keyboard layout the scanner is set to: '
+                + ", ".join(get_args(Layout))
             )
         if self.type == "serial" and self.vendor_id is None:
             lines.append("baudrate = 9600  # an RS-232 scanner: set the rate it is configured for")

@@ -55,9 +55,13 @@ from xkbcommon import xkb
 from xkbcommon._ffi import lib
 
 from cards.normalize import OVERSIZED
+from drivers.settings import HidSettings
 
 # Config name -> xkeyboard-config layout name.
 LAYOUTS = {"us": "us", "uk": "gb", "de": "de", "fr": "fr"}
+# A decoder made without them runs with a [[scanner]] type = "hid" block's defaults.
+GAP = HidSettings.default("gap")
+MIN_LENGTH = HidSettings.default("min_length")
 
 GS = "\x1d"
 # Longer than any code normalize accepts: past this the burst is junk, and the rest of it
@@ -272,7 +276,12 @@ class KeyDecoder:
     """
 
     def __init__(
-        self, layout: str = "us", *, gap: float = 0.1, min_length: int = 3, numlock: bool = True
+        self,
+        layout: str = "us",
+        *,
+        gap: float = GAP,
+        min_length: int = MIN_LENGTH,
+        numlock: bool = True,
     ):
         self.layout = layout
         self.gap = gap
@@ -657,8 +666,8 @@ def decode(
     events: Iterable[InputEvent],
     layout: str = "us",
     *,
-    gap: float = 0.1,
-    min_length: int = 3,
+    gap: float = GAP,
+    min_length: int = MIN_LENGTH,
     numlock: bool = True,
 ) -> list[bytes]:
     """Every code in a finished sequence of events, including one left unterminated at

@@ -29,8 +29,10 @@ from xkbcommon import xkb
 
 from cards.normalize import OVERSIZED
 from drivers.keymap import (
+    GAP,
     GS,
     MAX_CHARS,
+    MIN_LENGTH,
     TERMINATOR_SYMS,
     TERMINATOR_TEXT,
     alt_code,
@@ -50,7 +52,12 @@ class ReferenceKeyDecoder:
     """Decoder state for one input device, with the interface of `KeyDecoder`."""
 
     def __init__(
-        self, layout: str = "us", *, gap: float = 0.1, min_length: int = 3, numlock: bool = True
+        self,
+        layout: str = "us",
+        *,
+        gap: float = GAP,
+        min_length: int = MIN_LENGTH,
+        numlock: bool = True,
     ):
         self.layout = layout
         self.gap = gap

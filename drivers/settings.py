@@ -18,9 +18,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, TypeAdapter
 
 from drivers.feedback import PRESETS
 from drivers.serial_framing import TERMINATORS
@@ -125,6 +125,15 @@ class Settings(BaseModel):
             return settings
         return cls.model_validate(dict(settings))
 
+    @classmethod
+    def default(cls, key: str) -> Any:
+        """The default of `key` as a driver gets it ("100ms" -> 0.1), for code that takes
+        one setting as a parameter (drivers/keymap.py's KeyDecoder)."""
+        field = cls.model_fields[key]
+        return TypeAdapter(Annotated[field.annotation, *field.metadata]).validate_python(
+            field.default
+        )
+
 
 class StdinSettings(Settings):
     path: PathText = "-"
@@ -153,9 +162,13 @@ class SerialSettings(Settings):
     bad_read: HexBytes = Field("")
 
 
+Layout = Literal["us", "uk", "de", "fr"]
+"""The keyboard countries a HID scanner may be set to (drivers/keymap.py maps them)."""
+
+
 class HidSettings(Settings):
     device: PathText
-    layout: Literal["us", "uk", "de", "fr"] = "us"
+    layout: Layout = "us"
     grab: Boolean = True
     gap: Duration = Field("100ms")
     """A pause longer than this between keys ends a read."""

@@ -371,6 +371,19 @@ def test_a_driver_built_by_hand_gets_the_models_defaults_and_refuses_a_misspelt_
         SerialScanner("counter", {"port": "/dev/ttyS9", "baudrat": 19200})
 
 
+def test_the_hid_layouts_the_config_allows_are_the_ones_the_keymap_maps():
+    # drivers/keymap.py needs libxkbcommon, so the model cannot import its table; this holds
+    # the two together.
+    from typing import get_args
+
+    from drivers import keymap
+    from drivers.settings import HidSettings, Layout
+
+    assert set(get_args(Layout)) == set(keymap.LAYOUTS)
+    assert (keymap.GAP, keymap.MIN_LENGTH) == (0.1, 3)
+    assert HidSettings.of({"device": "0c2e:0b61"}).gap == keymap.KeyDecoder("us").gap == 0.1
+
+
 def test_defaults_are_the_same_with_or_without_a_loaded_file(tmp_path, key_dir, monkeypatch):
     """A section's default is its model's, also where a section is made without the
     loader (the old dataclasses had their own: /run/redeemd/api.sock beside
