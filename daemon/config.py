@@ -222,6 +222,7 @@ def _scanners(given: object, problems: list[str]) -> tuple[ScannerConfig, ...]:
         return ()
     places = Places.from_environment()
     result = []
+    names = []  # also of blocks with other problems: a clash is worth knowing at once
     for index, table in enumerate(given):
         where = f"[[scanner]] #{index + 1}"
         if not isinstance(table, dict):
@@ -235,6 +236,8 @@ def _scanners(given: object, problems: list[str]) -> tuple[ScannerConfig, ...]:
             problems,
             places,
         )
+        if head is not None:
+            names.append(head.name)
         kind = table.get("type")
         model = SCANNER_SETTINGS.get(kind) if isinstance(kind, str) else None
         if model is None:  # no type, or an unknown one: reported above
@@ -243,8 +246,7 @@ def _scanners(given: object, problems: list[str]) -> tuple[ScannerConfig, ...]:
         settings = _checked(where, model, rest, problems, places, also=head_keys)
         if head is not None and settings is not None:
             result.append(ScannerConfig(head.type, head.name, settings))  # type: ignore[arg-type]
-    names = [s.name for s in result]
-    for name in {n for n in names if names.count(n) > 1}:
+    for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"[[scanner]] name = {name!r}: used twice; names must be unique")
     return tuple(result)
 

@@ -274,6 +274,15 @@ def test_duplicate_scanner_names_are_refused(tmp_path, key_dir):
     assert "'front'" in problem and "names must be unique" in problem
 
 
+def test_a_name_used_twice_is_named_also_beside_other_problems_of_the_block(tmp_path, key_dir):
+    data = base(tmp_path, key_dir)
+    data["scanner"] = [{"type": "serial", "name": "front"}, {"type": "stdin", "name": "front"}]
+    assert problems_of(data) == [
+        "[[scanner]] #1 port: missing; it is required",
+        "[[scanner]] name = 'front': used twice; names must be unique",
+    ]
+
+
 def test_scanner_needs_known_type_and_a_name(tmp_path, key_dir):
     data = base(tmp_path, key_dir)
     data["scanner"] = [{"type": "laser", "name": "a"}, {"type": "stdin"}]
