@@ -116,7 +116,7 @@ Event = Up | Down | Message | Published
 
 
 class LinkSettings(Protocol):
-    """What the session needs from `[sync]` (daemon.config.SyncConfig provides it)."""
+    """What the session needs from `[sync]` (daemon.config_model.Sync provides it)."""
 
     broker: str
     host: str
