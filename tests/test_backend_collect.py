@@ -20,6 +20,7 @@ from backend_helpers import (
     wait_until,
 )
 from broker import broker  # noqa: F401  (fixture)
+from tcp_proxy import TcpProxy
 
 from backend.collect import Collector
 from backend.store import Store
@@ -327,3 +328,29 @@ def test_a_box_registered_later_has_its_resent_records_stored(collector, boxes, 
     wait_until(late.acks, "acked once registered")
     assert late.acks() == [{"v": 1, "upto": 1, "ids": []}]
     assert stored(backend_dir) == [("box-7", 1, records[0]["id"])]
+
+
+def test_records_sent_while_the_collector_line_is_cut_arrive_through_its_kept_session(
+    backend_dir,
+    broker,  # noqa: F811
+    boxes,
+):
+    proxy = TcpProxy(broker.port).start()
+    lines: list[str] = []
+    collector = Collector(backend_dir, proxy.url, say=lines.append, client_id="kept")
+    collector.start()
+    try:
+        wait_until(collector.link.connected.is_set, "collector connected")
+        box = boxes("box-1")
+        box.send([record(1, "box-1")])
+        wait_until(lambda: any(a["upto"] == 1 for a in box.acks()), "record 1 acked")
+        assert proxy.cut() == 1
+        # FakeBox never resends: the broker keeps them for the collector's session.
+        for seq in (2, 3, 4):
+            box.send([record(seq, "box-1")])
+        wait_until(lambda: any(a["upto"] == 4 for a in box.acks()), "records 2..4 acked")
+        assert [seq for _, seq, _ in stored(backend_dir)] == [1, 2, 3, 4]
+        assert any(line.startswith("reconnected to") for line in lines), lines
+    finally:
+        collector.stop()
+        proxy.stop()
