@@ -40,11 +40,12 @@ def pending(conn: sqlite3.Connection, limit: int) -> list[int]:
 
 def records(conn: sqlite3.Connection, after: int, limit: int) -> list[Redemption]:
     """The next `limit` waiting ledger records with box sequence > `after`, in order."""
-    columns = ", ".join(f"l.{c}" for c in COLUMNS)
+    # From the later of `after` and the mark, on the ledger itself: through the view
+    # SQLite starts at the mark and walks every record the pump has already sent.
     rows = conn.execute(
-        f"SELECT {columns} FROM outbox o JOIN ledger l USING (seq) WHERE o.seq > ? "
-        "ORDER BY o.seq LIMIT ?",
-        (after, limit),
+        f"SELECT {', '.join(COLUMNS)} FROM ledger WHERE seq > ? "
+        "AND seq NOT IN (SELECT seq FROM outbox_acked) ORDER BY seq LIMIT ?",
+        (max(after, acked_upto(conn)), limit),
     )
     return [Redemption(*row) for row in rows]
 
