@@ -31,6 +31,7 @@ from drivers.supervisor import Driver, Supervisor, Unavailable
 from runtime.threads import stop_all
 from storage import api_requests
 from storage.database import open_database
+from storage.migrations import MIGRATION_TIMEOUT_S, pending_on
 from sync.worker import Sync
 
 log = logging.getLogger("redeemd")
@@ -134,6 +135,13 @@ class Service:
         self.sync: Sync | None = None
 
     def run(self) -> int:
+        if pending_on(self.config.box.database):
+            # Copying a table can outlast the unit's start timeout; killed, the
+            # migration would roll back and start over on every restart.
+            self.notify.send(
+                EXTEND_TIMEOUT_USEC=str(MIGRATION_TIMEOUT_S * 1_000_000),
+                STATUS="migrating the database",
+            )
         conn = open_database(self.config.box.database)
         engine = Engine(conn, self.config)
         forgotten = api_requests.prune(conn, int(time.time() * 1000))

@@ -7,10 +7,32 @@ Every step is tested on a database created by the steps before it.
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 migrations = Migrations("redeemd")
+
+MIGRATION_TIMEOUT_S = 30 * 60
+"""What the service asks systemd for (EXTEND_TIMEOUT_USEC) before migrating: a step
+that copies a table (m006 copies the ledger, about 17 s per million records on a fast
+disk, several times that on an SD card) can outlast the unit's 60 s start."""
+
+
+def pending_on(path: str | Path) -> list[str]:
+    """Names of the steps opening the database at `path` would run, read without
+    writing; [] when there is no database yet (creating one is quick)."""
+    if not Path(path).exists() or Path(path).stat().st_size == 0:
+        return []
+    conn = sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        db = Database(conn, recursive_triggers=False, execute_plugins=False)
+        return [m.name for m in migrations.pending(db)]
+    finally:
+        conn.close()
 
 
 @migrations()

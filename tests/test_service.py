@@ -154,6 +154,34 @@ def test_ready_status_watchdog_and_stopping_reach_systemd(loaded_box, daemons, t
         notify.close()
 
 
+def test_a_start_that_migrates_asks_systemd_for_more_time_first(loaded_box, daemons, tmp_path):
+    from storage.migrations import MIGRATION_TIMEOUT_S
+
+    # A database of the release before m006: the migration copies the ledger.
+    conn = sqlite3.connect(loaded_box.database)
+    conn.execute("DELETE FROM _sqlite_migrations WHERE name >= 'm006'")
+    conn.executescript(
+        "DROP VIEW outbox; DROP TABLE ledger_marks; DROP TABLE outbox_acked; "
+        "DROP TABLE ledger_ids; CREATE TABLE outbox (seq INTEGER PRIMARY KEY);"
+    )
+    conn.close()
+    notify = NotifySocket(tmp_path / "notify")
+    try:
+        daemon = daemons(loaded_box, {"NOTIFY_SOCKET": str(notify.path)})
+        wait_for(lambda: notify.having("READY"), "READY=1")
+        extend = notify.having("EXTEND_TIMEOUT_USEC")
+        assert [m["EXTEND_TIMEOUT_USEC"] for m in extend] == [str(MIGRATION_TIMEOUT_S * 10**6)]
+        assert notify.messages.index(extend[0]) < notify.messages.index(notify.having("READY")[0])
+        assert daemon.stop() == 0
+        # Started again on the migrated database: nothing to ask for.
+        notify.messages.clear()
+        daemons(loaded_box, {"NOTIFY_SOCKET": str(notify.path)})
+        wait_for(lambda: notify.having("READY"), "READY=1 again")
+        assert notify.having("EXTEND_TIMEOUT_USEC") == []
+    finally:
+        notify.close()
+
+
 def test_sighup_reloads_the_config_keeps_scanning_and_a_broken_file_changes_nothing(
     loaded_box, daemons
 ):
