@@ -126,7 +126,7 @@ def parse(data: dict, source: str) -> Config:
         if name == "box":  # {state_dir} in the other sections is the box's
             places = replace(places, state_dir=str(sections["box"].state_dir))
 
-    scanners = _scanners(data.get("scanner"), problems)
+    scanners = _scanners(data.get("scanner"), problems, places)
     trust = _with_keys(sections["trust"], problems)
     sync = _with_password(sections["sync"], given["sync"], problems)
     _check_hook(sections["hooks"], given["hooks"], problems)
@@ -214,13 +214,12 @@ def _problem(where: str, model: type[BaseModel], given: dict, error: Any) -> str
     return f"{where} {key} = {given.get(key, error['input'])!r}: must be {allowed}"
 
 
-def _scanners(given: object, problems: list[str]) -> tuple[ScannerConfig, ...]:
+def _scanners(given: object, problems: list[str], places: Places) -> tuple[ScannerConfig, ...]:
     if given is None:
         return (ScannerConfig("stdin", "stdin", StdinSettings()),)
     if not isinstance(given, list):
         problems.append("[[scanner]]: must be an array of tables ([[scanner]] blocks)")
         return ()
-    places = Places.from_environment()
     result = []
     names = []  # also of blocks with other problems: a clash is worth knowing at once
     for index, table in enumerate(given):

@@ -56,6 +56,7 @@ import numpy as np
 
 from cards.scan import Scan
 from drivers.dedupe import Code, Deduper
+from drivers.settings import CameraSettings
 from drivers.supervisor import DeviceGone, DriverError, DriverState
 from runtime.threads import OwnedThread
 
@@ -63,12 +64,6 @@ log = logging.getLogger("redeemd.drivers.camera")
 
 INSTALL_FFMPEG = "install ffmpeg (apt install ffmpeg)"
 INSTALL_ZBAR = "install zbar-py (pip install 'redeemd[drivers]'; it bundles libzbar)"
-
-NO_FRAME_TIMEOUT = 15.0
-"""A camera that delivers no frame for this long has hung (a UVC camera can stop
-streaming after a USB glitch without its device node going away): restart it. Generous
-because some cameras take several seconds to start streaming. A scanner's own value is
-its `no_frame_timeout` setting."""
 
 STOP_POLL = 0.5
 """How often a read waiting for a frame looks at the stop flag."""
@@ -266,19 +261,20 @@ class CameraScanner:
     def __init__(
         self,
         name: str,
-        settings: Mapping[str, object],
+        settings: CameraSettings | Mapping[str, object],
         make_decoder: Callable[[], FrameDecoder] = ZbarDecoder,
     ):
         self.name = name
-        self.device = str(settings["device"])
-        self.width = int(settings.get("width", 640))  # type: ignore[call-overload]
-        self.height = int(settings.get("height", 480))  # type: ignore[call-overload]
-        self.fps = int(settings.get("fps", 10))  # type: ignore[call-overload]
-        self.ffmpeg = str(settings.get("ffmpeg", "ffmpeg"))
-        self.input_format = str(settings.get("input_format", "") or "")
-        self.rescan_after = float(settings.get("rescan_after", 2.0))  # type: ignore[arg-type]
-        self.min_sightings_1d = int(settings.get("min_sightings_1d", 2))  # type: ignore[call-overload]
-        self.no_frame_timeout = float(settings.get("no_frame_timeout", NO_FRAME_TIMEOUT))  # type: ignore[arg-type]
+        self.settings = s = CameraSettings.of(settings)  # keys and defaults: drivers/settings.py
+        self.device = s.device
+        self.width = s.width
+        self.height = s.height
+        self.fps = s.fps
+        self.ffmpeg = s.ffmpeg
+        self.input_format = s.input_format
+        self.rescan_after = s.rescan_after
+        self.min_sightings_1d = s.min_sightings_1d
+        self.no_frame_timeout = s.no_frame_timeout
         self.make_decoder = make_decoder
         self._frames: FfmpegFrames | None = None
         self._lock = threading.Lock()
