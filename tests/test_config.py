@@ -224,6 +224,18 @@ def test_a_key_above_every_section_is_named_as_such_with_the_section_it_belongs_
     assert "unknown section" not in debounce + shop
 
 
+def test_what_the_loader_reads_from_files_cannot_be_written_inline(tmp_path, key_dir):
+    """The code key and the MQTT password come only from their files (mode 0640, root's),
+    never from the config file itself, which is copied around and shown."""
+    data = base(tmp_path, key_dir)
+    data["trust"]["code_key"] = "c2VjcmV0"
+    data["sync"] = {"password": "hunter2"}
+    trust, sync = problems_of(data)
+    assert trust.startswith("[trust] code_key: unknown key; allowed: root_keys, root_key_files")
+    assert sync.startswith("[sync] password: unknown key; allowed: enabled, broker")
+    assert "password_file" in sync and "hunter2" not in sync and "c2VjcmV0" not in trust
+
+
 def test_section_that_is_not_a_table_is_refused(tmp_path, key_dir):
     data = base(tmp_path, key_dir)
     data["scan"] = "fast"
