@@ -22,7 +22,7 @@ from cards import signed_code
 from cards.card import Card
 from cards.classify import payment_scheme
 from cards.keys import Delegation
-from cards.rules import CodeState, Context, Decision, decide, resolve
+from cards.rules import CodeState, Context, Decision, Redeemed, decide, decide_reverse, resolve
 from cards.verdict import Action, Outcome, Reason
 
 CodeRow = tuple[int, "int | None", "int | None", "int | None", "int | None", int]
@@ -80,6 +80,9 @@ class Evaluation:
     keeps_digest: bool = True
     """False for a refused payment code: its digest would identify a customer's
     payment code, so the record keeps none."""
+    recorded: bool = True
+    """False for a reversal refused before anything it names was found (no accepted
+    redemption with that id, or its card or code gone): answered, not recorded."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +174,40 @@ def _signed(
     _, _, _, uses_left, balance, status = row or (None, None, None, None, None, 0)
     state = resolve(card, status, None, None, uses_left, balance)
     return card, replace(state, not_before=not_before, not_after=not_after)
+
+
+@dataclass(frozen=True, slots=True)
+class Original:
+    """The ledger record a reversal names, as the engine read it."""
+
+    action: str
+    verdict: str
+    card_id: int | None
+    at: int
+    """Unix seconds of the redemption."""
+    uses: int
+    amount: int | None
+    already_reversed: bool
+
+
+def evaluate_reverse(
+    original: Original | None, row: CodeRow | None, trusted: Trusted, now: int
+) -> Evaluation:
+    """The verdict for reversing `original` (None: no record with that id), whose
+    code's stored row is `row`, at `now` (docs/reasons.md, a reversal)."""
+    if original is None or original.action != Action.REDEEM or original.verdict != Outcome.ACCEPTED:
+        return Evaluation(
+            refusal(Reason.NOT_REVERSIBLE, "no accepted redemption with that id"), recorded=False
+        )
+    card = trusted.cards.get(original.card_id or -1)
+    if card is None or row is None:
+        return Evaluation(
+            refusal(Reason.UNKNOWN_CARD, "card or code no longer in the cache"), recorded=False
+        )
+    _, not_before, not_after, uses_left, balance, status = row
+    state = resolve(card, status, not_before, not_after, uses_left, balance)
+    redeemed = Redeemed(original.at, original.uses, original.amount, original.already_reversed)
+    return Evaluation(decide_reverse(card, state, redeemed, now), card)
 
 
 def stale(cache_time: int | None, now: int, max_staleness: int) -> bool:

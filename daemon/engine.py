@@ -26,14 +26,16 @@ from cards.evaluate import (
     SCAN,
     Ask,
     Evaluation,
+    Original,
     PaymentPass,
     Policy,
     Trusted,
     evaluate,
+    evaluate_reverse,
     refusal,
 )
 from cards.normalize import OVERSIZED, MalformedCode, normalize, normalize_text
-from cards.rules import UNLIMITED_USES, Redeemed, decide_reverse, resolve
+from cards.rules import UNLIMITED_USES
 from cards.scan import Scan
 from cards.verdict import Action, Outcome, Reason, Verdict
 from daemon.config import Config
@@ -254,31 +256,22 @@ class Engine:
     def _reverse(
         self, rid: bytes, scan: Scan, operator: str | None, request: RequestKey | None
     ) -> Verdict:
-        source = scan.source
+        """Look up the redemption and its code, evaluate the reversal, record it."""
         self._refresh()
-        original = ledger.by_id(self.conn, rid)
-        if (
-            original is None
-            or original.action != Action.REDEEM
-            or original.verdict != Outcome.ACCEPTED
-        ):
-            return Verdict(Outcome.REJECTED, Action.REJECT, Reason.NOT_REVERSIBLE,
-                           "no accepted redemption with that id", source=source)  # fmt: skip
-        card = self.trusted.cards.get(original.card_id or -1)
-        row = codes.lookup(self.conn, original.digest or b"")
-        if card is None or row is None:
-            return Verdict(Outcome.REJECTED, Action.REJECT, Reason.UNKNOWN_CARD,
-                           "card or code no longer in the cache", source=source)  # fmt: skip
-        state = resolve(card, row.status, row.not_before, row.not_after, row.uses_left, row.balance)
-        uses = original.uses or 1
-        redeemed = Redeemed(
-            original.at_ms // 1000, uses, original.amount, ledger.is_reversed(self.conn, rid)
-        )
-        decision = decide_reverse(card, state, redeemed, self.now())
-        return self._record(
-            Evaluation(decision, card), original.digest, scan,
-            Ask(Action.REVERSE, original.amount, uses), operator, request, reverses=rid,
-        )  # fmt: skip
+        redemption = ledger.by_id(self.conn, rid)
+        original = row = None
+        if redemption is not None:
+            original = Original(
+                redemption.action, redemption.verdict, redemption.card_id,
+                redemption.at_ms // 1000, redemption.uses or 1, redemption.amount,
+                ledger.is_reversed(self.conn, rid),
+            )  # fmt: skip
+            row = self.conn.execute(codes.LOOKUP, (redemption.digest or b"",)).fetchone()
+        found = evaluate_reverse(original, row, self.trusted, self.now())
+        if not found.recorded or redemption is None or original is None:
+            return self._answer(found, None, scan.source)
+        ask = Ask(Action.REVERSE, original.amount, original.uses)
+        return self._record(found, redemption.digest, scan, ask, operator, request, rid)
 
     # ------------------------------------------------------------------ recording
 
@@ -358,7 +351,7 @@ class Engine:
                     decision.status,
                 ),
             )
-        verdict = self._verdict(found, digest, scan.source, record_text, seq, amount)
+        verdict = self._verdict(found, short(digest), scan.source, record_text, seq, amount)
         if request is not None:
             api_requests.record(self.conn, request, seq, verdict.to_json())
         return verdict
@@ -367,16 +360,16 @@ class Engine:
         """The request committed under an idempotency key, with the verdict it got."""
         return api_requests.lookup(self.conn, key)
 
-    def _answer(self, found: Evaluation, digest: bytes, source: str) -> Verdict:
-        """The verdict of an evaluation that is not recorded (a check)."""
-        return self._verdict(
-            found, digest if found.keeps_digest else None, source, None, None, None
-        )
+    def _answer(self, found: Evaluation, digest: bytes | None, source: str) -> Verdict:
+        """The verdict of an evaluation that is not recorded (a check, a reversal of
+        nothing): without a digest it shows no digest prefix at all."""
+        prefix = short(digest) if digest is not None and found.keeps_digest else ""
+        return self._verdict(found, prefix, source, None, None, None)
 
     @staticmethod
     def _verdict(
         found: Evaluation,
-        digest: bytes | None,
+        digest_prefix: str,
         source: str,
         record_id: str | None,
         seq: int | None,
@@ -387,6 +380,6 @@ class Engine:
         # cost more than the frozen dataclass they build.
         return Verdict(
             decision.outcome, decision.action, decision.reason, decision.detail,
-            short(digest), card.card_id if card else None, str(card.kind) if card else None,
+            digest_prefix, card.card_id if card else None, str(card.kind) if card else None,
             decision.uses_left, decision.balance, amount, record_id, seq, source,
         )  # fmt: skip

@@ -20,10 +20,12 @@ from cards.evaluate import (
     SCAN,
     Ask,
     Evaluation,
+    Original,
     PaymentPass,
     Policy,
     Trusted,
     evaluate,
+    evaluate_reverse,
 )
 from cards.rules import UNLIMITED_USES
 from cards.verdict import Action, Outcome, Reason
@@ -241,6 +243,45 @@ def test_a_signed_looking_code_that_does_not_decode_is_malformed():
     assert refused(evaluate(broken, None, TRUSTED, NOW, POLICY)) == (Reason.MALFORMED, None)
 
 
+# ---------------------------------------------------------------- reversals
+
+LUNCH = Card(card_id=6, merchant="demo", kind=CardKind.COUPON, uses=3, reversal_window=600)
+WITH_LUNCH = Trusted({**CARDS, 6: LUNCH}, TRUSTED.issuers, TRUSTED.cache_time)
+
+
+def redeemed(**fields) -> Original:
+    base = dict(
+        action="redeem", verdict="accepted", card_id=6, at=NOW - 60, uses=1, amount=None,
+        already_reversed=False,
+    )  # fmt: skip
+    return Original(**{**base, **fields})
+
+
+def test_a_reversal_inside_the_window_gives_the_uses_back_and_is_recorded():
+    result = evaluate_reverse(redeemed(uses=2), row(6, uses_left=1), WITH_LUNCH, NOW)
+    assert result.recorded and result.card is LUNCH
+    assert result.decision.action is Action.REVERSE and result.decision.uses_left == 3
+
+
+def test_a_reversal_of_nothing_reversible_is_answered_but_not_recorded():
+    for original in (None, redeemed(action="reject"), redeemed(verdict="rejected")):
+        result = evaluate_reverse(original, row(6), WITH_LUNCH, NOW)
+        assert refused(result) == (Reason.NOT_REVERSIBLE, None) and not result.recorded
+
+
+def test_a_reversal_whose_card_or_code_is_gone_is_answered_but_not_recorded():
+    for original, stored in ((redeemed(card_id=99), row(99)), (redeemed(), None)):
+        result = evaluate_reverse(original, stored, WITH_LUNCH, NOW)
+        assert refused(result) == (Reason.UNKNOWN_CARD, None) and not result.recorded
+
+
+def test_a_reversal_refused_by_the_rules_is_recorded():
+    late = evaluate_reverse(redeemed(at=NOW - 601), row(6, uses_left=2), WITH_LUNCH, NOW)
+    assert refused(late) == (Reason.REVERSAL_WINDOW_PASSED, 6) and late.recorded
+    twice = evaluate_reverse(redeemed(already_reversed=True), row(6), WITH_LUNCH, NOW)
+    assert refused(twice) == (Reason.ALREADY_REVERSED, 6) and twice.recorded
+
+
 # ---------------------------------------------------------------- never raises
 
 small = st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1))
@@ -302,3 +343,25 @@ def test_evaluate_never_raises_and_always_gives_a_reasoned_verdict(
     else:
         assert decision.reason is None and result.card is not None
         assert result.card.merchant == policy.merchant
+
+
+originals = st.one_of(
+    st.none(),
+    st.builds(
+        Original,
+        st.sampled_from(["redeem", "check", "reverse", "reject"]),
+        st.sampled_from(["accepted", "rejected"]),
+        st.one_of(st.none(), st.integers(-(2**31), 2**32)),
+        st.integers(0, 2**32),
+        st.integers(1, 2**31),
+        small,
+        st.booleans(),
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(originals, rows, trusts, st.integers(0, 2**32 - 1))
+def test_evaluate_reverse_never_raises(original, stored, trusted, now):
+    decision = evaluate_reverse(original, stored, trusted, now).decision
+    assert decision.outcome is Outcome.ACCEPTED or isinstance(decision.reason, Reason)
