@@ -22,58 +22,64 @@ from backend import broker_acl
 from backend.keystore import Keystore
 from backend.publish import DEFAULT_PREFIX
 from backend.store import Store, StoreError
+from runtime.cli import Commands, Handler
 
 EXAMPLE = "redeemd-backend box add --dir keys/ --merchant acme box-0042"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Add `box` and its actions to redeemd-backend's command parser."""
-    box = sub.add_parser(
+def add_to(commands: Commands) -> None:
+    """Add `box` and its actions to redeemd-backend's commands."""
+    box = commands.group(
         "box",
-        help="Register boxes for a merchant; write the broker ACL for them.",
-        description=(
-            "Register boxes for a merchant; write the broker ACL for them. The collector "
-            "stores events only from registered boxes, each under its own merchant.\n\n"
-            f"example:\n  {EXAMPLE}\n"
-            "  redeemd-backend box acl --dir keys/ --out /etc/mosquitto/redeemd-acl.conf"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "Register boxes for a merchant; write the broker ACL for them.",
+        EXAMPLE,
+        "redeemd-backend box acl --dir keys/ --out /etc/mosquitto/redeemd-acl.conf",
+        details="The collector stores events only from registered boxes, each under its own "
+        "merchant.",
     )
-    actions = box.add_subparsers(metavar="ACTION")
 
-    def action(name: str, func, summary: str, example: str) -> argparse.ArgumentParser:
-        p = actions.add_parser(
-            name, help=summary, description=f"{summary}\n\nexample:\n  {example}",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )  # fmt: skip
-        p.add_argument("--dir", type=Path, required=True, help="the backend's key directory")
-        p.set_defaults(func=_speaking(func))
-        return p
+    def action(name: str, func: Handler, summary: str, example: str) -> argparse.ArgumentParser:
+        return box.add(name, _speaking(func), summary, example)
 
-    p = action("add", cmd_add, "Register boxes for a merchant (its box ids = broker usernames).",
-               EXAMPLE)  # fmt: skip
+    p = action(
+        "add", cmd_add, "Register boxes for a merchant (its box ids = broker usernames).", EXAMPLE
+    )
     p.add_argument("--merchant", required=True)
     p.add_argument("boxes", nargs="+", metavar="BOX", help="box ids ([box] id of each box)")
-    p = action("remove", cmd_remove, "Unregister boxes: their new events are refused.",
-               "redeemd-backend box remove --dir keys/ box-0042")  # fmt: skip
+    p = action(
+        "remove",
+        cmd_remove,
+        "Unregister boxes: their new events are refused.",
+        "redeemd-backend box remove --dir keys/ box-0042",
+    )
     p.add_argument("boxes", nargs="+", metavar="BOX")
-    action("list", cmd_list, "List registered boxes, and boxes that sent events unregistered.",
-           "redeemd-backend box list --dir keys/")  # fmt: skip
-    p = action("acl", cmd_acl, "Write the Mosquitto ACL for the registered boxes.",
-               "redeemd-backend box acl --dir keys/ --out /etc/mosquitto/redeemd-acl.conf")  # fmt: skip
+    action(
+        "list",
+        cmd_list,
+        "List registered boxes, and boxes that sent events unregistered.",
+        "redeemd-backend box list --dir keys/",
+    )
+    p = action(
+        "acl",
+        cmd_acl,
+        "Write the Mosquitto ACL for the registered boxes.",
+        "redeemd-backend box acl --dir keys/ --out /etc/mosquitto/redeemd-acl.conf",
+    )
     p.add_argument("--out", type=Path, help="write here (atomically, mode 0644); default stdout")
     p.add_argument(
         "--prefix", default=DEFAULT_PREFIX, help=f"topic prefix (default {DEFAULT_PREFIX})"
     )
     p.add_argument(
-        "--backend-user", action="append", dest="backend_users", metavar="NAME",
+        "--backend-user",
+        action="append",
+        dest="backend_users",
+        metavar="NAME",
         help="a broker user of a backend process, one per process (repeat); default "
         + " and ".join(broker_acl.DEFAULT_BACKEND_USERS),
-    )  # fmt: skip
-    box.set_defaults(func=lambda args: _usage(box))
+    )
 
 
-def _speaking(func):
+def _speaking(func: Handler) -> Handler:
     """A bad name is a message and exit 1, like every other redeemd-backend error."""
 
     def run(args: argparse.Namespace) -> int:
@@ -84,11 +90,6 @@ def _speaking(func):
             return 1
 
     return run
-
-
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2
 
 
 def cmd_add(args: argparse.Namespace) -> int:

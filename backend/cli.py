@@ -21,6 +21,7 @@ from backend.store import Store, StoreError
 from cards import batch, keys, signed_code
 from cards.batch import BatchError, Kind
 from cards.card import CardError, parse_card
+from runtime.cli import Commands, program
 
 HELP = """\
 Reference backend for redeemd boxes.
@@ -51,30 +52,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (
-        KeystoreError, UsageError, BatchError, CardError, keys.TrustError, OSError, StoreError,
-        BrokerUrlError, signed_code.SignedCodeError, ExportError,
-    ) as exc:  # fmt: skip
+        KeystoreError,
+        UsageError,
+        BatchError,
+        CardError,
+        keys.TrustError,
+        OSError,
+        StoreError,
+        BrokerUrlError,
+        signed_code.SignedCodeError,
+        ExportError,
+    ) as exc:
         print(f"redeemd-backend: {exc}", file=sys.stderr)
         return 1
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="redeemd-backend",
-        description=HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(metavar="COMMAND")
-
-    def command(name: str, func, summary: str, example: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(
-            name, help=summary, description=f"{summary}\n\nexample:\n  {example}",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )  # fmt: skip
-        p.add_argument("--dir", type=Path, required=True, help="the backend's key directory")
-        p.set_defaults(func=func)
-        return p
-
+    parser = program("redeemd-backend", HELP)
+    commands = Commands(parser, common=key_directory)
+    command = commands.add
     p = command(
         "keygen",
         cmd_keygen,
@@ -82,28 +78,48 @@ def _parser() -> argparse.ArgumentParser:
         "redeemd-backend keygen --dir keys/",
     )
     p.add_argument("--force", action="store_true", help="replace existing keys")
-    p = command("delegate", cmd_delegate, "Sign the issuer key with the root key for merchants.",
-                "redeemd-backend delegate --dir keys/ --merchant acme --days 365")  # fmt: skip
+    p = command(
+        "delegate",
+        cmd_delegate,
+        "Sign the issuer key with the root key for merchants.",
+        "redeemd-backend delegate --dir keys/ --merchant acme --days 365",
+    )
     p.add_argument("--merchant", action="append", required=True, help="repeat for several")
     p.add_argument("--days", type=int, default=365)
-    p = command("issue", cmd_issue, "Write a signed batch file from a CSV of codes or a JSON list of cards.",
-                "redeemd-backend issue --dir keys/ --merchant acme --input codes.csv --out 0002.rdb")  # fmt: skip
+    p = command(
+        "issue",
+        cmd_issue,
+        "Write a signed batch file from a CSV of codes or a JSON list of cards.",
+        "redeemd-backend issue --dir keys/ --merchant acme --input codes.csv --out 0002.rdb",
+    )
     p.add_argument("--merchant", required=True)
     p.add_argument("--kind", choices=[k.value for k in Kind], default="issue")
-    p.add_argument("--input", default="-", help="CSV (code,card_id[,not_before,not_after,uses,balance]) "
-                   "or, for --kind cards, a JSON array of card templates; - for stdin")  # fmt: skip
+    p.add_argument(
+        "--input",
+        default="-",
+        help="CSV (code,card_id[,not_before,not_after,uses,balance]) "
+        "or, for --kind cards, a JSON array of card templates; - for stdin",
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seq", type=int, help="sequence number (default: next after the last issued)")
     p.add_argument("--expires-days", type=float, default=30.0)
     p.add_argument("--chunk-size", type=int, default=batch.DEFAULT_CHUNK_SIZE)
-    p = command("mint", cmd_mint, "Print signed codes (valid offline before any batch lists them).",
-                "redeemd-backend mint --dir keys/ --card 7 --serial 1 --count 10 --days 30")  # fmt: skip
+    p = command(
+        "mint",
+        cmd_mint,
+        "Print signed codes (valid offline before any batch lists them).",
+        "redeemd-backend mint --dir keys/ --card 7 --serial 1 --count 10 --days 30",
+    )
     p.add_argument("--card", type=int, required=True)
     p.add_argument("--serial", type=int, required=True, help="first serial")
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--days", type=float, default=30.0)
-    p = command("publish", cmd_publish, "Publish batches and the signed manifest over MQTT; answer resend requests.",
-                "redeemd-backend publish --dir keys/ --broker mqtt://127.0.0.1:1883 --merchant acme")  # fmt: skip
+    p = command(
+        "publish",
+        cmd_publish,
+        "Publish batches and the signed manifest over MQTT; answer resend requests.",
+        "redeemd-backend publish --dir keys/ --broker mqtt://127.0.0.1:1883 --merchant acme",
+    )
     p.add_argument("--broker", required=True, help="mqtt://[user:pass@]host[:port] or mqtts://...")
     p.add_argument(
         "--prefix", default=DEFAULT_PREFIX, help=f"topic prefix (default {DEFAULT_PREFIX})"
@@ -119,23 +135,45 @@ def _parser() -> argparse.ArgumentParser:
         default="1h",
         help="re-sign the manifest at least this often (default 1h)",
     )
-    p.add_argument("--poll", type=_duration, default="1s", help="how often backend.db is checked for new batches (default 1s)")  # fmt: skip
-    p = command("export", cmd_export, "Write stored batches as files for boxes fed by USB stick (expired ones re-signed).",
-                "redeemd-backend export --dir keys/ --merchant acme --out /media/usb/ 4-6 9")  # fmt: skip
+    p.add_argument(
+        "--poll",
+        type=_duration,
+        default="1s",
+        help="how often backend.db is checked for new batches (default 1s)",
+    )
+    p = command(
+        "export",
+        cmd_export,
+        "Write stored batches as files for boxes fed by USB stick (expired ones re-signed).",
+        "redeemd-backend export --dir keys/ --merchant acme --out /media/usb/ 4-6 9",
+    )
     p.add_argument("seqs", nargs="+", metavar="SEQ", help="a sequence (4) or a range (4-6 or 4..6)")
     p.add_argument(
         "--out", type=Path, required=True, help="directory for the files (created if needed)"
     )
     p.add_argument("--merchant", help="default: the only merchant in backend.db")
-    p = command("collect", cmd_collect, "Store box events in backend.db, ack them, flag gaps and double redemptions.",
-                "redeemd-backend collect --dir keys/ --broker mqtt://127.0.0.1:1883 --group main")  # fmt: skip
+    p = command(
+        "collect",
+        cmd_collect,
+        "Store box events in backend.db, ack them, flag gaps and double redemptions.",
+        "redeemd-backend collect --dir keys/ --broker mqtt://127.0.0.1:1883 --group main",
+    )
     p.add_argument("--broker", required=True, help="mqtt://[user:pass@]host[:port] or mqtts://...")
     p.add_argument(
         "--prefix", default=DEFAULT_PREFIX, help=f"topic prefix (default {DEFAULT_PREFIX})"
     )
-    p.add_argument("--group", default=DEFAULT_GROUP, help="shared subscription group; collectors in one group split the load")  # fmt: skip
-    box_commands.add_parser(sub)
+    p.add_argument(
+        "--group",
+        default=DEFAULT_GROUP,
+        help="shared subscription group; collectors in one group split the load",
+    )
+    box_commands.add_to(commands)
     return parser
+
+
+def key_directory(parser: argparse.ArgumentParser) -> None:
+    """--dir, which every command (and every `box` action) takes."""
+    parser.add_argument("--dir", type=Path, required=True, help="the backend's key directory")
 
 
 def _duration(text: str) -> float:
@@ -157,9 +195,13 @@ def _until_signalled(run) -> int:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     publisher = Publisher(
-        args.dir, args.broker, prefix=args.prefix, merchants=args.merchant,
-        heartbeat=args.heartbeat, poll=args.poll,
-    )  # fmt: skip
+        args.dir,
+        args.broker,
+        prefix=args.prefix,
+        merchants=args.merchant,
+        heartbeat=args.heartbeat,
+        poll=args.poll,
+    )
     print(
         f"publishing from {args.dir / 'backend.db'} to {args.broker} under {args.prefix}/",
         flush=True,
@@ -206,9 +248,12 @@ def cmd_delegate(args: argparse.Namespace) -> int:
     store = Keystore(args.dir)
     now = int(time.time())
     delegation = keys.delegate(
-        store.private("root"), store.public("issuer"), tuple(args.merchant), now - 3600,
+        store.private("root"),
+        store.public("issuer"),
+        tuple(args.merchant),
+        now - 3600,
         now + args.days * 86400,
-    )  # fmt: skip
+    )
     store.save_delegation(delegation)
     print(
         f"issuer key {delegation.key_id} may sign for {', '.join(args.merchant)} for {args.days} days"
@@ -248,10 +293,16 @@ def cmd_issue(args: argparse.Namespace) -> int:
 
     def sign(seq: int) -> bytes:
         return batch.build(
-            private, delegation, merchant=args.merchant, seq=seq, kind=kind, entries=entries,
-            created_at=now, expires_at=now + expires_in,
+            private,
+            delegation,
+            merchant=args.merchant,
+            seq=seq,
+            kind=kind,
+            entries=entries,
+            created_at=now,
+            expires_at=now + expires_in,
             chunk_size=args.chunk_size,
-        )  # fmt: skip
+        )
 
     # backend.db allocates the sequence and keeps the batch, so `publish` can send it
     # and answer resend requests for it.

@@ -15,6 +15,7 @@ from cards.batch import BatchError, open_file
 from daemon import config as config_mod
 from daemon import liveness, logs
 from daemon.config import Config, ConfigError
+from runtime.cli import Commands, program
 from storage import batch_import, codes, ledger, outbox, trust
 from storage.database import (
     StorageError,
@@ -68,71 +69,115 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="redeemd", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = program("redeemd", HELP)
     config_help = (
         "config file (default $REDEEMD_CONFIG, then /etc/redeemd/config.toml, then built-in "
         "defaults)"
     )
     parser.add_argument("-c", "--config", help=config_help)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(metavar="COMMAND")
 
-    def command(name: str, func, summary: str, example: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(
-            name, help=summary, description=f"{summary}\n\nexample:\n  {example}",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )  # fmt: skip
-        p.set_defaults(func=func)
+    def also_after_the_command(p: argparse.ArgumentParser) -> None:
         # Before or after the command, as people type them: `redeemd -c F status` and
         # `redeemd status -c F`. SUPPRESS: not given here keeps what was given before it.
         p.add_argument("-c", "--config", default=argparse.SUPPRESS, help=config_help)
-        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                       help="debug logging")  # fmt: skip
-        return p
+        p.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+        )
 
+    commands = Commands(parser, common=also_after_the_command)
+    command = commands.add
     p = command(
         "run", cmd_run, "Run the daemon in the foreground.", "redeemd run --json < scans.txt"
     )
     p.add_argument("--json", action="store_true", help="print verdicts as JSON lines")
-    command("check-config", cmd_check_config, "Validate the config file and exit.",
-            "redeemd -c /etc/redeemd/config.toml check-config")  # fmt: skip
-    command("init", cmd_init,
-            "Create an empty database, or start over on a box whose database was lost "
-            "(redeemd refuses to start on a missing or empty one once it has used one).",
-            "redeemd init")  # fmt: skip
-    p = command("import", cmd_import, "Verify and apply signed batch files (e.g. from a USB stick).",
-                "redeemd import batch-0001.rdb batch-0002.rdb")  # fmt: skip
+    command(
+        "check-config",
+        cmd_check_config,
+        "Validate the config file and exit.",
+        "redeemd -c /etc/redeemd/config.toml check-config",
+    )
+    command(
+        "init",
+        cmd_init,
+        "Create an empty database, or start over on a box whose database was lost "
+        "(redeemd refuses to start on a missing or empty one once it has used one).",
+        "redeemd init",
+    )
+    p = command(
+        "import",
+        cmd_import,
+        "Verify and apply signed batch files (e.g. from a USB stick).",
+        "redeemd import batch-0001.rdb batch-0002.rdb",
+    )
     p.add_argument("files", nargs="+", type=Path, help="batch files, applied in sequence order")
-    p = command("check", cmd_check, "Show the verdict for a code without redeeming or recording it.",
-                "redeemd check DEMO-0001")  # fmt: skip
+    p = command(
+        "check",
+        cmd_check,
+        "Show the verdict for a code without redeeming or recording it.",
+        "redeemd check DEMO-0001",
+    )
     p.add_argument("code")
-    p = command("ledger", cmd_ledger, "Export the ledger (every verdict) as JSON lines or CSV.",
-                "redeemd ledger --format csv --after 1200 > ledger.csv")  # fmt: skip
+    p = command(
+        "ledger",
+        cmd_ledger,
+        "Export the ledger (every verdict) as JSON lines or CSV.",
+        "redeemd ledger --format csv --after 1200 > ledger.csv",
+    )
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     p.add_argument("--after", type=int, default=0, help="only records with box sequence > N")
-    p = command("backup", cmd_backup, "Copy the database to a file, safely while redeemd runs.",
-                "redeemd backup /var/lib/redeemd/backup/redeemd-$(date +%F).db")  # fmt: skip
+    p = command(
+        "backup",
+        cmd_backup,
+        "Copy the database to a file, safely while redeemd runs.",
+        "redeemd backup /var/lib/redeemd/backup/redeemd-$(date +%F).db",
+    )
     p.add_argument("file", type=Path, help="where to write the copy (must not exist yet)")
-    command("devices", cmd_devices, "List serial ports, input devices and cameras, with config snippets.",
-            "redeemd devices")  # fmt: skip
-    p = command("decode", cmd_decode, "Print the codes found in image files (camera check).",
-                "redeemd decode shelf-photo.png qr.jpg")  # fmt: skip
-    p.add_argument("images", nargs="+", type=Path,
-                   help="image (or video) files, any format ffmpeg reads: PNG, JPEG ...")  # fmt: skip
-    p = command("status", cmd_status,
-                "Show cache, trust and outbox state, and each scanner's driver state "
-                "(connected, disconnected, error ...).", "redeemd status --json")  # fmt: skip
+    command(
+        "devices",
+        cmd_devices,
+        "List serial ports, input devices and cameras, with config snippets.",
+        "redeemd devices",
+    )
+    p = command(
+        "decode",
+        cmd_decode,
+        "Print the codes found in image files (camera check).",
+        "redeemd decode shelf-photo.png qr.jpg",
+    )
+    p.add_argument(
+        "images",
+        nargs="+",
+        type=Path,
+        help="image (or video) files, any format ffmpeg reads: PNG, JPEG ...",
+    )
+    p = command(
+        "status",
+        cmd_status,
+        "Show cache, trust and outbox state, and each scanner's driver state "
+        "(connected, disconnected, error ...).",
+        "redeemd status --json",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = command("doctor", cmd_doctor,
-                "Check config, database, clock, scanner permissions, broker, disk and cache "
-                "freshness; one line per problem with the fix (exit 1 if any).",
-                "sudo redeemd doctor --user redeemd")  # fmt: skip
-    p.add_argument("--user", help="judge device and file access for this user (default: "
-                   "redeemd when run as root and it exists, else you)")  # fmt: skip
-    p.add_argument("--min-free", type=int, default=100, metavar="MB",
-                   help="free space wanted on the state directory's disk (default 100)")  # fmt: skip
+    p = command(
+        "doctor",
+        cmd_doctor,
+        "Check config, database, clock, scanner permissions, broker, disk and cache "
+        "freshness; one line per problem with the fix (exit 1 if any).",
+        "sudo redeemd doctor --user redeemd",
+    )
+    p.add_argument(
+        "--user",
+        help="judge device and file access for this user (default: redeemd when run as root "
+        "and it exists, else you)",
+    )
+    p.add_argument(
+        "--min-free",
+        type=int,
+        default=100,
+        metavar="MB",
+        help="free space wanted on the state directory's disk (default 100)",
+    )
     return parser
 
 
@@ -462,9 +507,14 @@ def _live_status(config: Config) -> dict[str, object]:
         pid = int(live.get("pid", 0))
     except (OSError, ValueError, TypeError, AttributeError):
         return {
-            "daemon": "not running (no status.json)", "status_age_s": None, "alarm": None,
-            "drivers": [], "sync": None, "hook": None, "api": None,
-        }  # fmt: skip
+            "daemon": "not running (no status.json)",
+            "status_age_s": None,
+            "alarm": None,
+            "drivers": [],
+            "sync": None,
+            "hook": None,
+            "api": None,
+        }
     # Written every 2 s by a live daemon: an older file is a daemon that stopped or
     # hangs, and its pid may be a zombie or, after a reboot, another process.
     running = age < liveness.STATUS_FRESH and liveness.alive(pid)
