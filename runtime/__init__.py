@@ -1,1 +1,2 @@
-"""How redeemd's long-running parts run: owned threads and retry backoff (no domain here)."""
+"""How redeemd's processes run: owned threads, retry backoff and the command-line
+scaffold both CLIs share (no domain here, nothing of ours imported)."""
