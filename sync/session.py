@@ -191,7 +191,8 @@ class Session:
         """Disconnect cleanly (the broker then does not publish the last will, and
         forgets a kept session) and wait at most `timeout` seconds for the network
         thread; True if it ended. A thread inside a connection attempt ends within
-        2 * CONNECT_TIMEOUT (STOP_BOUND covers it)."""
+        2 * CONNECT_TIMEOUT (STOP_BOUND covers it), after resolving the broker's name
+        (bounded by resolv.conf only)."""
         return self.thread.stop(timeout)
 
     def subscribe(self, topic: str) -> None:
