@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from cards.scan import Scan
 from cards.verdict import Action, Verdict
 from daemon.api import Error, error
+from daemon.config_model import Api
 from daemon.debounce import Repeat
 from daemon.engine import Engine, PaymentCode
 from storage.api_requests import RequestKey
@@ -68,7 +69,7 @@ class Commands:
         *,
         status: Callable[[], dict] = dict,
         shown: Callable[[Result], None] | None = None,
-        confirm_within: float = 600.0,
+        confirm_within: float = Api.default("confirm_within"),
         clock: Callable[[], float] = time.monotonic,
     ):
         """`publish` sends an event to subscribers; `status` adds the service's part of

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationInfo
+from pydantic import BaseModel, Field, PlainValidator, ValidationInfo
 
 from cards import keys
 from drivers.settings import (
@@ -34,6 +34,7 @@ from drivers.settings import (
     Identifier,
     PositiveInt,
     ScannerSettings,
+    Settings,
     check_duration,
     check_string,
     check_string_list,
@@ -95,7 +96,7 @@ def _state_dir(value: object, info: ValidationInfo) -> Path:
 def _database(value: object, info: ValidationInfo) -> Path:
     # {state_dir} is this section's state_dir, which is validated first.
     places = places_of(info)
-    state_dir = info.data.get("state_dir") or places.state_dir
+    state_dir = (info.data or {}).get("state_dir") or places.state_dir
     return replace(places, state_dir=str(state_dir)).expand(check_string(value))
 
 
@@ -180,10 +181,9 @@ OptionalText = Annotated[str, PlainValidator(_optional)]
 """A string, stripped; "" for none."""
 
 
-class Section(BaseModel):
-    """A [section]: typed, immutable; keys it does not name are refused."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+class Section(Settings):
+    """A [section]: typed, immutable; keys it does not name are refused. `default(key)`
+    gives a key's default to code that takes it as a parameter."""
 
 
 def loaded(default: Any) -> Any:
@@ -247,7 +247,7 @@ class Api(Section):
 
 def _username(value: object, info: ValidationInfo) -> str | None:
     # "" falls back to a user in the broker URL (mqtt://user@host), else none.
-    url = urlsplit(str(info.data.get("broker", "")))
+    url = urlsplit(str((info.data or {}).get("broker", "")))
     return _optional(value) or (unquote(url.username) if url.username else None) or None
 
 

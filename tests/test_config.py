@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -409,12 +410,16 @@ def test_defaults_are_the_same_with_or_without_a_loaded_file(tmp_path, key_dir, 
     """A section's default is its model's, also where a section is made without the
     loader (the old dataclasses had their own: /run/redeemd/api.sock beside
     {runtime_dir}/api.sock)."""
+    from daemon.api_commands import Commands
     from daemon.config_model import Api, Sync
 
     monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path))
     config = config_mod.parse(base(tmp_path, key_dir), "t")
     assert config.api == Api() and config.api.socket == tmp_path / "api.sock"
     assert config.sync == Sync() and (config.sync.host, config.sync.port) == ("127.0.0.1", 1883)
+    # The local API's commands, made without the config (tests, tools), confirm as long.
+    confirm = inspect.signature(Commands).parameters["confirm_within"].default
+    assert confirm == config.api.confirm_within == 600.0
 
 
 # ---------------------------------------------------------------- where the file comes from
