@@ -99,12 +99,14 @@ class Feedback:
 
 
 def feedback_from(settings: Mapping[str, object]) -> Feedback:
-    """The Feedback for a serial scanner's settings (`feedback`, `good_read`, `bad_read`).
+    """The Feedback for a serial scanner's settings (`feedback`, and for "raw" `good_read`
+    and `bad_read`). Their defaults are SerialSettings' (drivers/settings.py), not this
+    function's.
 
     >>> feedback_from({"feedback": "honeywell"}).command(True)
     b'\\x1b7,'
     """
-    preset = str(settings.get("feedback", "none"))
+    preset = str(settings["feedback"])
     if preset == "none":
         return Feedback("none")
     if preset == "honeywell":
@@ -117,7 +119,7 @@ def feedback_from(settings: Mapping[str, object]) -> Feedback:
             replies=(SSI_ACK_REPLY,),
         )
     if preset == "raw":
-        good, bad = settings.get("good_read", b""), settings.get("bad_read", b"")
+        good, bad = settings["good_read"], settings["bad_read"]
         return Feedback(preset, good=_as_bytes(good), bad=_as_bytes(bad))
     raise ValueError(f"feedback {preset!r}: must be one of {', '.join(PRESETS)}")
 
