@@ -406,6 +406,15 @@ def test_the_hid_layouts_the_config_allows_are_the_ones_the_keymap_maps():
     assert HidSettings.of({"device": "0c2e:0b61"}).gap == keymap.KeyDecoder("us").gap == 0.1
 
 
+def test_the_serial_parities_the_config_allows_are_the_ones_the_driver_maps():
+    from typing import get_args
+
+    from drivers import serial
+    from drivers.settings import SerialSettings
+
+    assert set(get_args(SerialSettings.model_fields["parity"].annotation)) == set(serial._PARITY)
+
+
 def test_defaults_are_the_same_with_or_without_a_loaded_file(tmp_path, key_dir, monkeypatch):
     """A section's default is its model's, also where a section is made without the
     loader (the old dataclasses had their own: /run/redeemd/api.sock beside
