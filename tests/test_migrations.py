@@ -190,6 +190,15 @@ def test_records_waiting_in_the_old_outbox_still_wait_after_the_upgrade(tmp_path
     assert outbox.acked_upto(conn) == 7
 
 
+def test_depth_reads_a_database_of_the_previous_release_without_migrating_it(tmp_path):
+    from storage import outbox
+
+    path = tmp_path / "old.db"
+    _database_of_the_previous_release(path).close()
+    reader = connect(path, readonly=True)  # as doctor and `redeemd status` read it
+    assert outbox.depth(reader) == 4
+
+
 def test_an_empty_old_outbox_leaves_every_record_acked(tmp_path):
     from storage import outbox
 
