@@ -43,11 +43,6 @@ class Event:
     reverses: str | None
     raw: str
 
-    @property
-    def id_bytes(self) -> bytes:
-        """The record id as 16 raw bytes, as it goes into a consumed batch entry."""
-        return uuid.UUID(self.id).bytes
-
 
 def parse_message(payload: bytes, *, merchant: str, box: str) -> list[Event]:
     """The records of one events message, checked against the topic's merchant and box."""

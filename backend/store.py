@@ -559,9 +559,6 @@ class Store:
         )
         return [Conflict(*r) for r in rows]
 
-    def event_count(self) -> int:
-        return self.conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
-
     # ------------------------------------------------------------ fleet
 
     def add_boxes(self, merchant: str, boxes: Iterable[str]) -> list[str]:

@@ -409,7 +409,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "clock_behind_floor": now < floor,
         "ledger_seq": ledger.last_seq(conn),
         "outbox_depth": outbox.depth(conn),
-        "outbox_oldest_age_s": None if oldest is None else int(now - oldest[0] / 1000),
+        "outbox_oldest_age_s": None if oldest is None else int(now - oldest / 1000),
         "broker": config.sync.broker if config.sync.enabled else None,
     }
     conn.close()

@@ -72,14 +72,6 @@ def default_config_dir() -> str:
     return Places.from_environment().config_dir
 
 
-def default_state_dir() -> str:
-    return Places.from_environment().state_dir
-
-
-def default_runtime_dir() -> str:
-    return Places.from_environment().runtime_dir
-
-
 def resolve_path(explicit: str | None) -> Path | None:
     """Which file to read: -c PATH, then $REDEEMD_CONFIG, then the default if it exists."""
     if explicit:

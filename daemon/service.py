@@ -27,7 +27,7 @@ from daemon.debounce import Repeat
 from daemon.engine import Engine, PaymentCode
 from daemon.hooks import VerdictHook
 from daemon.notify import Notifier
-from drivers.supervisor import Driver, Supervisor, Unavailable
+from drivers.supervisor import Driver, Status, Supervisor, Unavailable
 from runtime.threads import stop_all
 from storage import api_requests
 from storage.database import open_database
@@ -241,15 +241,16 @@ class Service:
 
     def _summary(self, engine: Engine) -> str:
         """The STATUS= line systemctl status shows."""
-        connected = [s for s in self.supervisors.values() if s.state.state == "connected"]
+        connected = [s for s in self.supervisors.values() if s.state.state is Status.CONNECTED]
         parts = [
             f"cache seq {engine.cache_seq}",
             f"scanners {len(connected)}/{len(self.supervisors)}",
         ]
         if self.sync is not None:
             state = self.sync.state()
-            link = "online" if state.get("connected") else "offline"
-            parts.append(f"sync {link}, outbox {state.get('outbox_depth', '?')}")
+            link = "online" if state.connected else "offline"
+            depth = "?" if state.outbox_depth is None else state.outbox_depth
+            parts.append(f"sync {link}, outbox {depth}")
         if engine.alarm:
             parts.append(f"ALARM {engine.alarm}")
         return "; ".join(parts)
@@ -420,7 +421,7 @@ class Service:
     def _api_status(self) -> dict[str, object]:
         return {
             "drivers": [s.state.to_json() for s in list(self.supervisors.values())],
-            "sync": self.sync.state() if self.sync is not None else {"enabled": False},
+            "sync": self.sync.state().to_json() if self.sync is not None else {"enabled": False},
             "api": self._api_state(),
         }
 
@@ -452,7 +453,7 @@ class Service:
             "updated_at": time.time(),
             "alarm": engine.alarm,
             "drivers": [s.state.to_json() for s in self.supervisors.values()],
-            "sync": self.sync.state() if self.sync is not None else {"enabled": False},
+            "sync": self.sync.state().to_json() if self.sync is not None else {"enabled": False},
             "hook": self.hook.state() if self.hook is not None else None,
             "api": self._api_state(),
         }

@@ -57,7 +57,7 @@ import numpy as np
 from cards.scan import Scan
 from drivers.dedupe import Code, Deduper
 from drivers.settings import CameraSettings
-from drivers.supervisor import DeviceGone, DriverError, DriverState
+from drivers.supervisor import DeviceGone, DriverError, DriverState, Status
 from runtime.threads import OwnedThread
 
 log = logging.getLogger("redeemd.drivers.camera")
@@ -333,7 +333,7 @@ class _Progress:
         self._connected = False
         self._frames = 0
         self._since = time.monotonic()
-        if state.state == "starting":
+        if state.state is Status.STARTING:
             # On a retry the state keeps saying why the last attempt failed until a
             # frame arrives: that is what a technician needs to read.
             state.message = f"waiting for the first frame from {device}"
@@ -342,7 +342,7 @@ class _Progress:
         """One more frame is about to be decoded; `skipped` counts those dropped so far."""
         if not self._connected:
             self._connected = True
-            self._state.state = "connected"
+            self._state.state = Status.CONNECTED
             self._state.message = ""
         self._frames += 1
         elapsed = time.monotonic() - self._since

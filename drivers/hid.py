@@ -45,7 +45,7 @@ from evdev import InputEvent
 from cards.scan import Scan, scanned
 from drivers.keymap import KeyDecoder
 from drivers.settings import HidSettings
-from drivers.supervisor import DriverError, DriverState
+from drivers.supervisor import DriverError, DriverState, Status
 
 log = logging.getLogger("redeemd.drivers.hid")
 
@@ -408,20 +408,20 @@ class HidScanner:
 
     def _report(self, readers: dict[str, _Reader], state: DriverState, denied: list[str]) -> None:
         if readers:
-            state.state = "connected"
+            state.state = Status.CONNECTED
             state.message = "reading " + ", ".join(r.label for r in readers.values())
             return
         # Input devices it may not open: the scanner may well be one of them, and the box
         # needs fixing (a group), not a plug: an error until it can see them all.
         if denied:
-            state.state = "error"
+            state.state = Status.ERROR
             state.message = (
                 f"{len(denied)} input devices could not be opened (permission denied), so "
                 f"none seen matches {self.device!r}: add the user redeemd runs as to the "
                 "'input' group"
             )
         else:
-            state.state = "disconnected"
+            state.state = Status.DISCONNECTED
             state.message = (
                 f"no input device matches {self.device!r}; waiting for it to be plugged in"
             )

@@ -37,7 +37,7 @@ from cards.scan import Scan, scanned
 from drivers.feedback import Feedback, feedback_from
 from drivers.serial_framing import SerialFramer
 from drivers.settings import SerialSettings
-from drivers.supervisor import DeviceGone, DriverError, DriverState
+from drivers.supervisor import DeviceGone, DriverError, DriverState, Status
 
 log = logging.getLogger("redeemd.drivers.serial")
 
@@ -135,7 +135,7 @@ class SerialScanner:
             self._port = port
         where = f"{self.port} -> {device}" if device != self.port else self.port
         opened = f"{where} {self.line}"
-        state.state = "connected"
+        state.state = Status.CONNECTED
         state.message = f"open {opened}"
         log.info("scanner %s: open %s", self.name, opened)
         framer = self.framer()
@@ -186,11 +186,11 @@ class SerialScanner:
 
     def _gone(self, message: str, state: DriverState) -> None:
         """Show the scanner as disconnected; log the change, not every look for it."""
-        if state.state != "disconnected":
+        if state.state is not Status.DISCONNECTED:
             log.warning("scanner %s: %s", self.name, message)
         elif message != state.message:
             log.info("scanner %s: %s", self.name, message)
-        state.state = "disconnected"
+        state.state = Status.DISCONNECTED
         state.message = message
 
     def _stopping(self, stop: threading.Event) -> bool:

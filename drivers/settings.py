@@ -110,7 +110,6 @@ Boolean = Annotated[bool, PlainValidator(_boolean)]
 Text = Annotated[str, PlainValidator(_text)]
 """Any string, "" included."""
 HexBytes = Annotated[bytes, PlainValidator(_hex_bytes)]
-StringList = Annotated[tuple[str, ...], PlainValidator(check_string_list)]
 
 
 class Settings(BaseModel):

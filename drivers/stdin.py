@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from cards.scan import Scan, scanned
 from drivers.framing import LineFramer
 from drivers.settings import StdinSettings
-from drivers.supervisor import DriverState
+from drivers.supervisor import DriverState, Status
 
 
 class StreamScanner:
@@ -31,7 +31,7 @@ class StreamScanner:
             # O_RDWR on a FIFO: the read end never sees EOF when a writer goes away, so
             # an integration can reopen it at will.
             fd, owned = os.open(self.path, os.O_RDWR | os.O_NONBLOCK), True
-        state.state = "connected"
+        state.state = Status.CONNECTED
         framer = LineFramer()
         try:
             while not stop.is_set():

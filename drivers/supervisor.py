@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Protocol
 
 from cards.scan import Scan
@@ -45,14 +46,28 @@ GONE_RETRY = 1.0
 _GONE_ERRNOS = frozenset((errno.ENOENT, errno.ENODEV, errno.ENXIO, errno.EIO))
 
 
+class Status(StrEnum):
+    """Where a scanner is, as `redeemd status` and status.json name it (the words are
+    the contract, so a StrEnum: it compares and serialises as its word)."""
+
+    STARTING = "starting"
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+    """Not there: unplugged, or not plugged in yet; looked for again every second."""
+    ERROR = "error"
+    """Something on the box needs fixing; retried with backoff."""
+    ENDED = "ended"
+    """Its input closed (stdin at end of file); not run again."""
+    STOPPED = "stopped"
+
+
 @dataclass
 class DriverState:
     """Live state of one scanner, shown by `redeemd status`. Written by its thread only."""
 
     name: str
     kind: str
-    state: str = "starting"
-    """starting, connected, disconnected, error, ended (source closed), stopped."""
+    state: Status = Status.STARTING
     message: str = ""
     last_scan: float | None = None
     scans: int = 0
@@ -73,7 +88,7 @@ class Driver(Protocol):
 
         Raise DriverError or OSError when the device is lost or cannot be opened; the
         supervisor reports it and calls run() again after a backoff. Set
-        `state.state = "connected"` once the device is open.
+        `state.state = Status.CONNECTED` once the device is open.
         """
         ...
 
@@ -123,7 +138,7 @@ class Supervisor:
     ):
         self.driver = driver
         self.state = DriverState(driver.name, driver.kind)
-        self._last_failure: tuple[str, str] | None = None
+        self._last_failure: tuple[Status, str] | None = None
         self._emit = emit
         self._stop = threading.Event()
         self._backoff = Backoff(initial_backoff, max_backoff)
@@ -149,7 +164,7 @@ class Supervisor:
 
     @property
     def ended(self) -> bool:
-        return self.state.state in ("ended", "stopped")
+        return self.state.state in (Status.ENDED, Status.STOPPED)
 
     def _count(self, scan: Scan) -> None:
         self.state.scans += 1
@@ -170,16 +185,16 @@ class Supervisor:
             try:
                 self.driver.run(self._count, self._stop, self.state)
                 if not self._stop.is_set():
-                    self.state.state = "ended"
+                    self.state.state = Status.ENDED
                     log.info("scanner %s: input ended", self.driver.name)
                 break
             except (DriverError, OSError) as exc:
                 gone = isinstance(exc, DeviceGone) or (
                     not isinstance(exc, DriverError) and exc.errno in _GONE_ERRNOS
                 )
-                self._report("disconnected" if gone else "error", str(exc))
+                self._report(Status.DISCONNECTED if gone else Status.ERROR, str(exc))
             except Exception as exc:  # a driver bug must not end the daemon
-                self.state.state = "error"
+                self.state.state = Status.ERROR
                 self.state.message = f"{type(exc).__name__}: {exc}"
                 log.exception("scanner %s failed; restarting it", self.driver.name)
             if time.monotonic() - started > 60:
@@ -191,15 +206,15 @@ class Supervisor:
                 break
             self.state.restarts += 1
         if self._stop.is_set():
-            self.state.state = "stopped"
+            self.state.state = Status.STOPPED
             self.state.message = ""
 
-    def _report(self, state: str, message: str) -> None:
+    def _report(self, state: Status, message: str) -> None:
         """Record a failure; log it only when it is news, so that a scanner left
         unplugged does not write the same line to the journal at every retry. News: not
         the failure reported last time, or the driver connected in between (a driver
         may change its state and message while it tries, so they are no record)."""
-        news = self.state.state == "connected" or (state, message) != self._last_failure
+        news = self.state.state is Status.CONNECTED or (state, message) != self._last_failure
         self._last_failure = (state, message)
         self.state.state, self.state.message = state, message
         level = logging.WARNING if news else logging.DEBUG

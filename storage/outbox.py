@@ -40,13 +40,11 @@ def depth(conn: sqlite3.Connection) -> int:
 
 
 def oldest_ms(conn: sqlite3.Connection) -> int | None:
-    return conn.execute(
+    """When the oldest waiting record was made (ms since the epoch); None when none waits."""
+    row = conn.execute(
         "SELECT l.at_ms FROM outbox o JOIN ledger l USING (seq) ORDER BY o.seq LIMIT 1"
     ).fetchone()
-
-
-def pending(conn: sqlite3.Connection, limit: int) -> list[int]:
-    return [r[0] for r in conn.execute("SELECT seq FROM outbox ORDER BY seq LIMIT ?", (limit,))]
+    return None if row is None else row[0]
 
 
 def records(conn: sqlite3.Connection, after: int, limit: int) -> list[Redemption]:

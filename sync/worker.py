@@ -9,7 +9,7 @@ through PRAGMA data_version).
     >>> sync = Sync(config.sync, box="box-1", merchant="demo", database=path,
     ...             roots=config.trust.root_keys, max_batch_bytes=512 << 20)
     >>> sync.start()
-    >>> sync.state()["connected"]
+    >>> sync.state().connected
     True
     >>> sync.stop()      # publishes "offline", disconnects cleanly, joins both threads
 """
@@ -21,6 +21,7 @@ import queue
 import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -44,6 +45,37 @@ class SyncSettings(LinkSettings, Protocol):
     max_records: int
     status_every: float
     request_retry: float
+
+
+@dataclass(frozen=True)
+class SyncState:
+    """What sync is doing, for status.json, `redeemd status` and systemd's STATUS line.
+    Replaced whole by the sync thread, so any thread may read the one it holds."""
+
+    enabled: bool = True
+    connected: bool = False
+    broker: str | None = None
+    last_error: str | None = None
+    publish_error: str | None = None
+    outbox_depth: int | None = None
+    in_flight: int | None = None
+    sent_upto: int | None = None
+    events_messages: int | None = None
+    cache_seq: int | None = None
+    manifest_seq: int | None = None
+    requested: tuple[int, int] | None = None
+    """The batches asked for and not yet all here (first, last)."""
+    batches_applied: int | None = None
+    last_applied: str | None = None
+    refused: int | None = None
+    last_refused: str | None = None
+    alarm: str | None = None
+    stuck: str | None = None
+    manifests_ignored: int | None = None
+    dropped: int | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
 
 
 class Sync:
@@ -82,7 +114,7 @@ class Sync:
         self.intake: Intake | None = None
         self.error: str | None = None
         self.dropped = 0
-        self._state: dict[str, object] = {"enabled": True, "connected": False}
+        self._state = SyncState()
 
     # ------------------------------------------------------------------ owner API
 
@@ -95,9 +127,9 @@ class Sync:
         at most 2 s for the offline status and 2 s for the network thread."""
         return self.thread.stop(timeout) and not self.session.thread.is_alive()
 
-    def state(self) -> dict[str, object]:
-        """For status.json and `redeemd status` (a copy, safe from any thread)."""
-        return dict(self._state)
+    def state(self) -> SyncState:
+        """For status.json and `redeemd status` (immutable, safe from any thread)."""
+        return self._state
 
     def update_trust(self, roots: dict[str, bytes], max_batch_bytes: int) -> None:
         """New root keys after a reload, without dropping the broker session. The
@@ -128,7 +160,7 @@ class Sync:
         except Exception as exc:
             self.error = f"cannot open the database for sync: {exc}"
             log.error("sync: %s", self.error)
-            self._state = {"enabled": True, "connected": False, "last_error": self.error}
+            self._state = SyncState(last_error=self.error)
             return
         try:
             self._serve(conn)
@@ -243,7 +275,7 @@ class Sync:
             cache_seq=self.intake.last_seq,
             cache_age_s=cache_age,
             outbox_depth=outbox.depth(conn),
-            outbox_oldest_age_s=None if oldest is None else int(at - oldest[0] / 1000),
+            outbox_oldest_age_s=None if oldest is None else int(at - oldest / 1000),
             publish_error=self.pump.publish_error,
             drivers=self.drivers(),
             alarm=self.intake.alarm,
@@ -263,28 +295,27 @@ class Sync:
         except sqlite3.Error:
             depth = None
         intake, pump = self.intake, self.pump
-        self._state = {
-            "enabled": True,
-            "broker": self.settings.broker,
-            "connected": self.session.connected,
-            "last_error": self.error or self.session.last_error,
-            "publish_error": pump.publish_error,
-            "outbox_depth": depth,
-            "in_flight": len(pump.inflight),
-            "sent_upto": pump.sent_upto,
-            "events_messages": pump.messages,
-            "cache_seq": intake.last_seq,
-            "manifest_seq": intake.manifest.latest_seq if intake.manifest else None,
-            "requested": list(intake.requested) if intake.requested else None,
-            "batches_applied": intake.applied,
-            "last_applied": intake.last_applied,
-            "refused": intake.refused,
-            "last_refused": intake.last_refused,
-            "alarm": intake.alarm,
-            "stuck": intake.stuck,
-            "manifests_ignored": intake.manifests_ignored,
-            "dropped": self.dropped,
-        }
+        self._state = SyncState(
+            broker=self.settings.broker,
+            connected=self.session.connected,
+            last_error=self.error or self.session.last_error,
+            publish_error=pump.publish_error,
+            outbox_depth=depth,
+            in_flight=len(pump.inflight),
+            sent_upto=pump.sent_upto,
+            events_messages=pump.messages,
+            cache_seq=intake.last_seq,
+            manifest_seq=intake.manifest.latest_seq if intake.manifest else None,
+            requested=intake.requested,
+            batches_applied=intake.applied,
+            last_applied=intake.last_applied,
+            refused=intake.refused,
+            last_refused=intake.last_refused,
+            alarm=intake.alarm,
+            stuck=intake.stuck,
+            manifests_ignored=intake.manifests_ignored,
+            dropped=self.dropped,
+        )
 
     def _shutdown(self, conn: sqlite3.Connection) -> None:
         if self.pump is not None and self.session.connected:
@@ -294,4 +325,4 @@ class Sync:
             except Exception:
                 log.debug("sync: could not publish the offline status", exc_info=True)
         self.session.stop(timeout=2.0)  # one still connecting is logged by its thread name
-        self._state = {**self._state, "connected": False}
+        self._state = replace(self._state, connected=False)

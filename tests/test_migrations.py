@@ -170,7 +170,7 @@ def test_records_waiting_in_the_old_outbox_still_wait_after_the_upgrade(tmp_path
     path = tmp_path / "old.db"
     _database_of_the_previous_release(path).close()
     conn = open_database(path)
-    assert outbox.pending(conn, 100) == [3, 5, 6, 8]
+    assert outbox.seqs_waiting(conn, range(1, 101)) == [3, 5, 6, 8]
     assert outbox.depth(conn) == 4
     assert outbox.acked_upto(conn) == 2
     assert [r.seq for r in outbox.records(conn, 0, 100)] == [3, 5, 6, 8]
@@ -180,13 +180,13 @@ def test_records_waiting_in_the_old_outbox_still_wait_after_the_upgrade(tmp_path
     assert ledger.by_id(conn, (4).to_bytes(16, "big")).seq == 4
     _insert_ledger_row(conn, 9)
     assert ledger.by_id(conn, (9).to_bytes(16, "big")).seq == 9
-    assert outbox.pending(conn, 100) == [3, 5, 6, 8, 9]
+    assert outbox.seqs_waiting(conn, range(1, 101)) == [3, 5, 6, 8, 9]
     # Acks after the upgrade remove them, out of order as before.
     conn.execute("BEGIN IMMEDIATE")
     assert outbox.ack(conn, [6, 4]) == 1
     assert outbox.ack_upto(conn, 5) == 2
     conn.execute("COMMIT")
-    assert outbox.pending(conn, 100) == [8, 9]
+    assert outbox.seqs_waiting(conn, range(1, 101)) == [8, 9]
     assert outbox.acked_upto(conn) == 7
 
 
@@ -210,4 +210,4 @@ def test_an_empty_old_outbox_leaves_every_record_acked(tmp_path):
     assert outbox.depth(conn) == 0
     assert outbox.acked_upto(conn) == 8
     _insert_ledger_row(conn, 9)
-    assert outbox.pending(conn, 100) == [9]
+    assert outbox.seqs_waiting(conn, range(1, 101)) == [9]

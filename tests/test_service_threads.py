@@ -48,7 +48,7 @@ def test_run_returns_with_no_thread_left_behind(loaded_box, broker, tmp_path):
         try:
             os.write(fd, b"DEMO-0001\nDEMO-0002\n")
             wait_for(lambda: out.getvalue().count("\n") >= 2, "two verdicts")
-            wait_for(lambda: service.sync is not None and service.sync.state().get("connected"),
+            wait_for(lambda: service.sync is not None and service.sync.state().connected,
                      "sync connected")  # fmt: skip
             running.extend(t for t in threading.enumerate() if t not in before)
         finally:

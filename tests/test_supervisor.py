@@ -10,7 +10,7 @@ import queue
 import threading
 
 from cards.scan import Scan
-from drivers.supervisor import DeviceGone, DriverError, DriverState, Supervisor
+from drivers.supervisor import DeviceGone, DriverError, DriverState, Status, Supervisor
 
 
 class FlakyDriver:
@@ -265,3 +265,19 @@ def test_a_scanner_thread_still_running_after_its_bound_is_named_in_the_log(capl
     driver.release.set()  # the read returns at last: the thread ends, and tells its owner
     assert supervisor.thread.join(10)
     assert ended.is_set() and supervisor.state.state == "stopped"
+
+
+def test_driver_states_are_one_closed_enum_that_status_json_writes_as_words():
+    state = DriverState("front", "stdin")
+    assert state.state is Status.STARTING
+    # The words are what `redeemd status` and status.json show.
+    assert {s.value for s in Status} == {
+        "starting",
+        "connected",
+        "disconnected",
+        "error",
+        "ended",
+        "stopped",
+    }
+    state.state = Status.DISCONNECTED
+    assert json.loads(json.dumps(state.to_json()))["state"] == "disconnected"

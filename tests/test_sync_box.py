@@ -33,7 +33,7 @@ from cards.scan import Scan
 from daemon.engine import Engine
 from storage import outbox, trust
 from storage.database import connect, open_database
-from sync.worker import Sync
+from sync.worker import Sync, SyncState
 
 P = "redeemd/v1/demo"
 BOX = f"{P}/box/box-1"
@@ -163,7 +163,7 @@ class Running:
     def depth(self) -> int:
         return outbox.depth(self.reader)
 
-    def state(self) -> dict:
+    def state(self) -> SyncState:
         return self.sync.state()
 
     def cache(self) -> tuple:
@@ -191,7 +191,7 @@ def running(request):
 
 
 def connected(run: Running) -> bool:
-    return bool(run.state().get("connected"))
+    return bool(run.state().connected)
 
 
 # ---------------------------------------------------------------------- upstream
@@ -213,7 +213,7 @@ def test_events_arrive_in_order_and_leave_the_outbox_only_after_an_ack(
     assert backend.seqs() == list(range(1, 31))
     assert max(len(m) for m in backend.events()) > 1, "a backlog goes several records a message"
     assert all(len(m) <= 7 for m in backend.events())
-    wait_for(lambda: run.state()["in_flight"] == 0, "every events message PUBACKed")
+    wait_for(lambda: run.state().in_flight == 0, "every events message PUBACKed")
     assert run.depth() == 30, "a PUBACK is not the backend's ack"
 
     record_25 = next(r for m in backend.events() for r in m if r["seq"] == 25)
@@ -246,7 +246,7 @@ def test_scans_while_the_broker_is_down_all_arrive_when_it_is_back(
     verdicts += [run.scan(f"NOPE-{i}") for i in range(15)]
     assert all(v.accepted for v in verdicts[:10]), "the engine works offline"
     assert run.depth() == 25
-    assert run.state()["last_error"], "status says why sync is not connected"
+    assert run.state().last_error, "status says why sync is not connected"
 
     broker.start()
     backend.connect()
@@ -314,7 +314,7 @@ def test_acks_for_unknown_ids_are_harmless(tmp_path, keyset, broker, backend, ru
     run.scan("DEMO-0009")
     wait_for(lambda: 4 in backend.seqs(), "sync still sending after unknown acks")
     assert run.depth() == 4
-    assert run.state()["refused"] == 0
+    assert run.state().refused == 0
 
     # An ack far ahead of what was sent only covers what this box has sent.
     backend.ack(upto=10**9)
@@ -344,7 +344,7 @@ def test_acl_refusing_the_events_topic_is_reported_and_records_stay(
         run.scan("DEMO-0001")
         run.scan("DEMO-0002")
         run.start()
-        error = wait_for(lambda: run.state().get("publish_error"), "the PUBACK failure in status")
+        error = wait_for(lambda: run.state().publish_error, "the PUBACK failure in status")
         assert "0x87" in error and "events" in error
         assert run.depth() == 2
         published = wait_for(
@@ -391,7 +391,7 @@ def test_manifest_ahead_makes_the_box_request_the_exact_missing_range(
     assert backend.requests()[0] == {"v": 1, "from": 3, "to": 5}
     wait_for(lambda: len(backend.requests()) >= 2, "the request repeated while nothing comes")
     assert all(r == {"v": 1, "from": 3, "to": 5} for r in backend.requests())
-    assert run.state()["manifest_seq"] == 5
+    assert run.state().manifest_seq == 5
 
 
 def test_chunked_batches_out_of_order_are_applied_and_change_verdicts(
@@ -430,7 +430,7 @@ def test_chunked_batches_out_of_order_are_applied_and_change_verdicts(
         lambda: [s for s in backend.statuses() if s.get("cache_seq") == 4], "status with cache 4"
     )
     assert status[-1]["state"] == "online"
-    assert run.state()["refused"] == 0
+    assert run.state().refused == 0
 
 
 def test_an_applied_batch_is_acknowledged_at_once_in_the_retained_status(
@@ -498,17 +498,17 @@ def test_forged_truncated_and_garbage_downstream_messages_are_refused_and_change
     ]
     for topic, payload in bad:
         backend.publish(topic, payload)
-    wait_for(lambda: run.state()["refused"] == len(bad), f"{len(bad)} refusals")
+    wait_for(lambda: run.state().refused == len(bad), f"{len(bad)} refusals")
     assert run.cache() == before
     assert run.engine.check("NEW-0001").reason.value == "unknown_code"
-    assert run.state()["manifest_seq"] is None
+    assert run.state().manifest_seq is None
 
     # A replay of an applied batch is ignored quietly; the real batch 3 still applies.
     backend.publish(f"{P}/batches/2", batch.split(keyset.issue_batch(BOX_CODES, seq=2))[0])
     backend.publish(f"{P}/batches/3", good3)
     wait_for(lambda: trust.state(run.reader, "demo").last_seq == 3, "the good batch applied")
     assert run.engine.check("NEW-0001").accepted
-    assert run.state()["refused"] == len(bad), "the replay was not a refusal"
+    assert run.state().refused == len(bad), "the replay was not a refusal"
     assert connected(run)
 
 
@@ -530,10 +530,10 @@ def test_a_conflicting_batch_over_mqtt_raises_the_key_compromise_alarm(
     conflicting = batch.split(keyset.issue_batch(new_codes(5), seq=2))[0]
     with caplog.at_level(logging.ERROR, logger="redeemd.sync"):
         backend.publish(f"{P}/batches/2", conflicting)
-        wait_for(lambda: run.state().get("refused") == 1, "the conflicting batch refused")
+        wait_for(lambda: run.state().refused == 1, "the conflicting batch refused")
     state = run.state()
-    assert "a different batch demo/2 was already applied" in state["alarm"]
-    assert "possible key compromise" in state["alarm"] and state["last_refused"] == state["alarm"]
+    assert state.alarm is not None and "a different batch demo/2 was already applied" in state.alarm
+    assert "possible key compromise" in state.alarm and state.last_refused == state.alarm
     assert [r.getMessage() for r in caplog.records if "possible key compromise" in r.getMessage()]
     published = wait_for(
         lambda: [s for s in backend.statuses() if s.get("alarm")], "the alarm in the status message"
@@ -548,12 +548,12 @@ def test_a_manifest_signed_before_the_one_kept_is_ignored_and_counted(
     box = sync_box(tmp_path, keyset, broker, sync='request_retry = "1h"')
     run = running(box).start()
     publish_manifest(backend, keyset, latest_seq=2, created_at=CREATED + 100)
-    wait_for(lambda: run.state().get("manifest_seq") == 2, "the manifest kept")
+    wait_for(lambda: run.state().manifest_seq == 2, "the manifest kept")
     publish_manifest(backend, keyset, latest_seq=9, created_at=CREATED + 50)
-    wait_for(lambda: run.state().get("manifests_ignored") == 1, "the older manifest counted")
+    wait_for(lambda: run.state().manifests_ignored == 1, "the older manifest counted")
     publish_manifest(backend, keyset, latest_seq=9, created_at=CREATED + 40)
-    wait_for(lambda: run.state().get("manifests_ignored") == 2, "the second one counted")
-    assert run.state()["manifest_seq"] == 2 and run.state()["refused"] == 0
+    wait_for(lambda: run.state().manifests_ignored == 2, "the second one counted")
+    assert run.state().manifest_seq == 2 and run.state().refused == 0
     assert backend.requests() == [], "an ignored manifest asks for nothing"
     wait_for(
         lambda: [s for s in backend.statuses() if s.get("manifests_ignored") == 2],
@@ -666,7 +666,7 @@ def test_sync_stops_within_its_bound_while_the_broker_hangs(tmp_path, keyset, br
     broker.process.send_signal(signal.SIGSTOP)  # connected, and never answers again
     try:
         run.scan("DEMO-0001")  # a record on its way, waiting for a PUBACK
-        wait_for(lambda: run.state().get("in_flight"), "the record in flight")
+        wait_for(lambda: run.state().in_flight, "the record in flight")
         # The offline status waits for its PUBACK at most 2 s, the network thread is
         # woken by the disconnect: both threads end within the bound.
         assert run.sync.stop(timeout=10) is True
@@ -681,6 +681,6 @@ def test_sync_stops_within_its_bound_while_the_broker_is_down(tmp_path, keyset, 
     broker.stop()
     run = running(box).start()
     # Refused connections: the network thread waits in its backoff (up to 60 s).
-    wait_for(lambda: "cannot connect" in (run.state().get("last_error") or ""), "a failed connect")
+    wait_for(lambda: "cannot connect" in (run.state().last_error or ""), "a failed connect")
     assert run.sync.stop(timeout=10) is True
     assert _sync_threads() == []

@@ -200,7 +200,7 @@ def test_box_syncs_over_tls_with_a_client_certificate_and_a_password(tmp_path, k
     box = tls_box(tmp_path / "box", keyset, tls_broker)
     sync = start_sync(box)
     try:
-        wait_for(lambda: sync.state().get("connected"), "the box connected over TLS")
+        wait_for(lambda: sync.state().connected, "the box connected over TLS")
         events = wait_for(lambda: backend.on("/events"), "the box's records over TLS")
         assert [r["seq"] for r in events[0]["records"]] == [1, 2]
         status = wait_for(lambda: backend.on("/status"), "the retained status over TLS")
@@ -222,9 +222,9 @@ def test_a_wrong_password_is_reported_and_the_records_stay(tmp_path, keyset, tls
     box = tls_box(tmp_path / "box", keyset, tls_broker, password="wrong")
     sync = start_sync(box)
     try:
-        error = wait_for(lambda: sync.state().get("last_error"), "the refusal in the status")
+        error = wait_for(lambda: sync.state().last_error, "the refusal in the status")
         assert "refused the connection" in error and "password_file" in error, error
-        assert not sync.state()["connected"]
+        assert not sync.state().connected
         reader = connect(box.database)
         try:
             assert outbox.depth(reader) == 2
@@ -239,8 +239,8 @@ def test_a_broker_certificate_from_an_unknown_authority_is_refused(tmp_path, key
     box = tls_box(tmp_path / "box", keyset, tls_broker, ca=stranger.ca_file)
     sync = start_sync(box)
     try:
-        error = wait_for(lambda: sync.state().get("last_error"), "the TLS failure in the status")
+        error = wait_for(lambda: sync.state().last_error, "the TLS failure in the status")
         assert "certificate verify failed" in error and "ca_file" in error, error
-        assert not sync.state()["connected"]
+        assert not sync.state().connected
     finally:
         assert sync.stop(10)
