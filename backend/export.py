@@ -97,7 +97,7 @@ def export(
     ready = [(resign.current(found[s], keystore, now), resign.due(found[s], now)) for s in seqs]
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for issued, why in ready:
+    for issued, resigned in ready:
         path = out / f"{merchant}-{issued.seq:06d}.rdb"
         aside = path.with_name(f".{path.name}.part")
         with open(aside, "wb") as f:
@@ -105,7 +105,7 @@ def export(
             f.flush()
             os.fsync(f.fileno())
         os.replace(aside, path)
-        written.append(Exported(path, issued, why))
+        written.append(Exported(path, issued, resigned))
     return written
 
 

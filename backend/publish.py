@@ -65,13 +65,17 @@ def parse_request(payload: bytes) -> tuple[int, int]:
         raise RequestError(f"not JSON: {exc}") from None
     if not isinstance(value, dict) or value.get("v") != 1:
         raise RequestError('not a v1 request (expected {"v":1,"from":F,"to":T})')
-    first, last = value.get("from"), value.get("to")
-    for name, number in (("from", first), ("to", last)):
-        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-            raise RequestError(f"'{name}' must be an integer >= 1, got {number!r}")
+    first, last = _seq(value, "from"), _seq(value, "to")
     if first > last:
         raise RequestError(f"'from' {first} is after 'to' {last}")
     return first, last
+
+
+def _seq(request: dict[str, object], name: str) -> int:
+    number = request.get(name)
+    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+        raise RequestError(f"'{name}' must be an integer >= 1, got {number!r}")
+    return number
 
 
 def sign_manifest(
@@ -195,7 +199,7 @@ class Publisher:
             latest = store.latest_seq(merchant)
             signed = self._signed.get(merchant)
             due = signed is None or time.monotonic() - signed[1] >= self.heartbeat
-            if reconnected or due or signed[0] != latest:
+            if reconnected or due or signed is None or signed[0] != latest:
                 self._publish_manifest(merchant, latest)
 
     def _publish_batch(self, issued: IssuedBatch, topic: str) -> bool:

@@ -471,7 +471,7 @@ class Store:
         candidates = [e for e in new if _consumes_last_use(e)]
         # Every such stored record of these digests, in one query per 500 digests.
         by_digest: dict[str, list[tuple[str, str]]] = {}
-        digests = sorted({e.digest for e in candidates})
+        digests = sorted({e.digest for e in candidates if e.digest is not None})
         for i in range(0, len(digests), 500):
             part = digests[i : i + 500]
             rows = self.conn.execute(
@@ -486,17 +486,20 @@ class Store:
                 by_digest.setdefault(digest, []).append((other_id, other_box))
         found = []
         for event in candidates:
-            for other_id, other_box in by_digest.get(event.digest, ()):
+            digest = event.digest
+            if digest is None:
+                continue
+            for other_id, other_box in by_digest.get(digest, ()):
                 if other_box == event.box:
                     continue
                 cursor = self.conn.execute(
                     "INSERT OR IGNORE INTO conflicts(merchant, digest, first_id, first_box, "
                     "second_id, second_box, detected_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (merchant, event.digest, other_id, other_box, event.id, event.box, now),
+                    (merchant, digest, other_id, other_box, event.id, event.box, now),
                 )
                 if cursor.rowcount == 1:
                     found.append(
-                        Conflict(merchant, event.digest, other_box, other_id, event.box, event.id)
+                        Conflict(merchant, digest, other_box, other_id, event.box, event.id)
                     )
         return tuple(found)
 

@@ -22,6 +22,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from cards import envelope, keys
 
@@ -121,7 +122,7 @@ class Batch:
     def consumed_entries(self) -> Iterator[tuple[bytes, bytes, int, int]]:
         return CONSUMED_ENTRY.iter_unpack(self.entries)
 
-    def card_templates(self) -> list[dict]:
+    def card_templates(self) -> list[dict[str, Any]]:
         try:
             value = json.loads(self.entries)
         # ValueError: integers over Python's 4300-digit limit; RecursionError: deep nesting.
@@ -158,7 +159,7 @@ def encode_consumed(rows: Iterable[tuple[bytes, bytes, int, int]]) -> bytes:
     return b"".join(CONSUMED_ENTRY.pack(*row) for row in rows)
 
 
-def encode_cards(templates: list[dict]) -> bytes:
+def encode_cards(templates: list[dict[str, Any]]) -> bytes:
     return keys.canonical_json(templates)
 
 
@@ -275,8 +276,10 @@ def read_header(data: bytes, magic: bytes, roots: dict[str, bytes]) -> tuple[Hea
     return header, end + 64
 
 
-def _typed_header(body: dict, delegation: keys.Delegation, raw: bytes, sig: bytes) -> Header:
-    def need(name: str, kind: type):
+def _typed_header(
+    body: dict[str, Any], delegation: keys.Delegation, raw: bytes, sig: bytes
+) -> Header:
+    def need(name: str, kind: type) -> Any:
         value = body.get(name)
         if isinstance(value, bool) or not isinstance(value, kind):
             raise BatchError(f"header field '{name}' must be {kind.__name__}, got {value!r}")

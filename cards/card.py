@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 
 class CardKind(StrEnum):
@@ -58,7 +59,7 @@ class Card:
         return self.kind in BALANCE_KINDS
 
 
-def parse_card(value: dict) -> Card:
+def parse_card(value: dict[str, Any]) -> Card:
     """Build a Card from its JSON object.
 
     >>> parse_card({"id": 7, "merchant": "demo", "kind": "coupon"}).uses
@@ -84,13 +85,13 @@ def parse_card(value: dict) -> Card:
     unknown = set(value) - known
     if unknown:
         raise CardError(f"card has unknown fields {sorted(unknown)}; allowed: {sorted(known)}")
-    card_id = _int(value, "id", required=True)
+    card_id = _count(value, "id")
     if card_id > 0xFFFFFFFF:
         raise CardError(
             f"card id {card_id} does not fit in 32 bits (entries and signed codes carry u32)"
         )
     try:
-        kind = CardKind(value.get("kind"))
+        kind = CardKind(str(value.get("kind")))
     except ValueError:
         allowed = ", ".join(k.value for k in CardKind)
         raise CardError(
@@ -140,10 +141,12 @@ def parse_card(value: dict) -> Card:
     )
 
 
-def _int(value: dict, name: str, required: bool = False) -> int | None:
+def _int(value: dict[str, Any], name: str) -> int | None:
+    return None if value.get(name) is None else _count(value, name)
+
+
+def _count(value: dict[str, Any], name: str) -> int:
     item = value.get(name)
-    if item is None and not required:
-        return None
     if not isinstance(item, int) or isinstance(item, bool) or item < 0:
         raise CardError(f"card field '{name}' must be a non-negative integer, got {item!r}")
     return item

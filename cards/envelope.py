@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from cards import keys
 
@@ -23,7 +24,7 @@ class EnvelopeError(ValueError):
 
 @dataclass(frozen=True)
 class Envelope:
-    body: dict
+    body: dict[str, Any]
     delegation: keys.Delegation
     raw: bytes
     signature: bytes
@@ -31,7 +32,7 @@ class Envelope:
     """Offset of the first byte after the signature."""
 
 
-def seal(magic: bytes, domain: bytes, body: dict, issuer_private: bytes) -> bytes:
+def seal(magic: bytes, domain: bytes, body: dict[str, Any], issuer_private: bytes) -> bytes:
     header = keys.canonical_json(body)
     signature = keys.sign(issuer_private, domain, header)
     return magic + _U32.pack(len(header)) + header + signature

@@ -126,9 +126,10 @@ def evaluate(
         return Evaluation(refusal(Reason.PAYMENT_CODE, detail), None, keeps_digest=False)
     else:
         card_id, not_before, not_after, uses_left, balance, status = row
-        card = trusted.cards.get(card_id)
-        if card is None:
+        listed = trusted.cards.get(card_id)
+        if listed is None:
             return _refused(Reason.UNKNOWN_CARD, f"card {card_id} is not in the cache")
+        card = listed
         state = resolve(card, status, not_before, not_after, uses_left, balance)
 
     if card.merchant != policy.merchant:
@@ -210,7 +211,7 @@ def evaluate_reverse(
     return Evaluation(decide_reverse(card, state, redeemed, now), card)
 
 
-def stale(cache_time: int | None, now: int, max_staleness: int) -> bool:
+def stale(cache_time: int | None, now: int, max_staleness: float) -> bool:
     """Whether a cache last known current at `cache_time` is too old to trust at `now`."""
     return cache_time is None or now - cache_time > max_staleness
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -199,7 +200,7 @@ def parse_delegation(value: object, roots: dict[str, bytes]) -> Delegation:
     return delegation
 
 
-def _field(obj: dict, name: str, kind: type):
+def _field(obj: dict[str, Any], name: str, kind: type) -> Any:
     if name not in obj:
         raise KeyError(f"missing field '{name}'")
     value = obj[name]

@@ -9,6 +9,7 @@ never be replayed as the other. docs/protocol.md section 16.1.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from cards import envelope, keys
 
@@ -60,7 +61,7 @@ def open_manifest(data: bytes, roots: dict[str, bytes]) -> Manifest:
         raise ManifestError("trailing bytes after the manifest signature")
     body = sealed.body
 
-    def need(name: str, kind: type):
+    def need(name: str, kind: type) -> Any:
         value = body.get(name)
         if isinstance(value, bool) or not isinstance(value, kind):
             raise ManifestError(f"manifest field '{name}' must be {kind.__name__}, got {value!r}")

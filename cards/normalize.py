@@ -140,7 +140,9 @@ def normalize_full(raw: bytes, max_length: int = DEFAULT_MAX_LENGTH) -> Normaliz
     try:
         text = data.decode(codec)
     except (UnicodeDecodeError, LookupError) as exc:
-        raise MalformedCode(f"not valid {codec} text: {exc.reason}") from None
+        # LookupError: an ECI naming a codec this Python does not have (no `reason`).
+        why = exc.reason if isinstance(exc, UnicodeDecodeError) else str(exc)
+        raise MalformedCode(f"not valid {codec} text: {why}") from None
     text = text.strip()
     if not text:
         raise MalformedCode("empty code")

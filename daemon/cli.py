@@ -415,8 +415,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     conn.close()
     live = _live_status(config)
     info.update(live)
+    sync = live["sync"]
     info["broker_connected"] = (
-        (live["sync"] or {}).get("connected") if config.sync.enabled else None
+        (sync.get("connected") if isinstance(sync, dict) else None) if config.sync.enabled else None
     )
     info["last_errors"] = _last_errors(live)
     if args.json:

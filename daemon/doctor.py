@@ -283,7 +283,7 @@ def _guarded_files(config: Config) -> list[tuple[str, Path, bool]]:
 
 def _secrets(config: Config, account: Account) -> Iterator[Finding]:
     files = _guarded_files(config)
-    problems = []
+    problems: list[Finding] = []
     for what, path, secret in files:
         try:
             problems += _guard(what, path, secret, account, config.box.state_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class RequestKey:
 class Recorded:
     fingerprint: str
     seq: int
-    verdict: dict
+    verdict: dict[str, Any]
 
 
 def lookup(conn: sqlite3.Connection, key: str) -> Recorded | None:
@@ -33,7 +34,9 @@ def lookup(conn: sqlite3.Connection, key: str) -> Recorded | None:
     return Recorded(row[0], row[1], json.loads(row[2])) if row else None
 
 
-def record(conn: sqlite3.Connection, request: RequestKey, seq: int, verdict: dict) -> None:
+def record(
+    conn: sqlite3.Connection, request: RequestKey, seq: int, verdict: dict[str, Any]
+) -> None:
     """Insert the key; the caller owns the transaction (the ledger row's)."""
     conn.execute(
         "INSERT INTO api_requests(key, fingerprint, seq, verdict) VALUES (?, ?, ?, ?)",

@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cards.batch import UNLIMITED, Batch, CodeStatus, Header, Kind
-from cards.card import CardError, parse_card
+from cards.card import Card, CardError, parse_card
 from cards.rules import UNLIMITED_USES, resolve
 from storage import ledger, trust
 
@@ -248,7 +249,7 @@ def _apply_snapshot(conn: sqlite3.Connection, batch: Batch) -> None:
         _consume(conn, cards, digest, sign * uses, sign * amount)
 
 
-def _apply_status(status: int):
+def _apply_status(status: int) -> Callable[[sqlite3.Connection, Batch], None]:
     statement = SET_STATUS.format(status=status)
 
     def apply_status(conn: sqlite3.Connection, batch: Batch) -> None:
@@ -278,7 +279,9 @@ def _apply_consumed(conn: sqlite3.Connection, batch: Batch) -> None:
         _consume(conn, cards, digest, uses, amount)
 
 
-def _consume(conn: sqlite3.Connection, cards: dict, digest: bytes, uses: int, amount: int) -> None:
+def _consume(
+    conn: sqlite3.Connection, cards: dict[int, Card], digest: bytes, uses: int, amount: int
+) -> None:
     row = conn.execute(
         "SELECT card_id, not_before, not_after, uses_left, balance, status FROM codes "
         "WHERE digest = ?",

@@ -31,4 +31,5 @@ def lookup(conn: sqlite3.Connection, digest: bytes) -> CodeRow | None:
 
 
 def count(conn: sqlite3.Connection) -> int:
-    return conn.execute("SELECT COUNT(*) FROM codes").fetchone()[0]
+    value: int = conn.execute("SELECT COUNT(*) FROM codes").fetchone()[0]
+    return value

@@ -46,7 +46,7 @@ class Redemption:
     cache_seq: int
     reverses: bytes | None = None
 
-    def row(self) -> tuple:
+    def row(self) -> tuple[object, ...]:
         # Spelled out: this runs on every scan and a getattr loop costs more than the insert.
         return (
             self.seq, self.id, self.at_ms, self.box, self.merchant, self.store, self.digest,
@@ -84,7 +84,8 @@ def new_id() -> tuple[bytes, str]:
 
 
 def last_seq(conn: sqlite3.Connection) -> int:
-    return conn.execute("SELECT COALESCE(MAX(seq), 0) FROM ledger").fetchone()[0]
+    value: int = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM ledger").fetchone()[0]
+    return value
 
 
 def append(

@@ -35,8 +35,10 @@ def depth(conn: sqlite3.Connection) -> int:
     except sqlite3.OperationalError:
         # A database of a release before m006 (doctor reads one without migrating it):
         # its outbox is a table.
-        return conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-    return max(row[0], 0)
+        value: int = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        return value
+    waiting: int = max(row[0], 0)
+    return waiting
 
 
 def oldest_ms(conn: sqlite3.Connection) -> int | None:
@@ -68,7 +70,8 @@ def first_seq(conn: sqlite3.Connection) -> int | None:
 
 def acked_upto(conn: sqlite3.Connection) -> int:
     """Every record with box sequence <= this is acknowledged."""
-    return conn.execute("SELECT seq FROM ledger_marks WHERE name = 'acked'").fetchone()[0]
+    value: int = conn.execute("SELECT seq FROM ledger_marks WHERE name = 'acked'").fetchone()[0]
+    return value
 
 
 def seqs_waiting(conn: sqlite3.Connection, seqs: Iterable[int]) -> list[int]:
@@ -102,7 +105,7 @@ def ack_upto(conn: sqlite3.Connection, upto: int) -> int:
     upto = min(upto, conn.execute("SELECT COALESCE(MAX(seq), 0) FROM ledger").fetchone()[0])
     if upto <= mark:
         return 0
-    removed = conn.execute("SELECT COUNT(*) FROM outbox WHERE seq <= ?", (upto,)).fetchone()[0]
+    removed: int = conn.execute("SELECT COUNT(*) FROM outbox WHERE seq <= ?", (upto,)).fetchone()[0]
     conn.execute("UPDATE ledger_marks SET seq = ? WHERE name = 'acked'", (upto,))
     _settle(conn)
     return removed
@@ -119,4 +122,5 @@ def _settle(conn: sqlite3.Connection) -> None:
 
 
 def _last_acked(conn: sqlite3.Connection) -> int:
-    return conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox_acked").fetchone()[0]
+    value: int = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox_acked").fetchone()[0]
+    return value

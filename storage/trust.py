@@ -26,7 +26,8 @@ def state(conn: sqlite3.Connection, merchant: str) -> TrustState:
 
 def time_floor(conn: sqlite3.Connection) -> int:
     """The newest signed time this box has verified, over all merchants."""
-    return conn.execute("SELECT COALESCE(MAX(time_floor), 0) FROM trust").fetchone()[0]
+    value: int = conn.execute("SELECT COALESCE(MAX(time_floor), 0) FROM trust").fetchone()[0]
+    return value
 
 
 def save_state(conn: sqlite3.Connection, merchant: str, seq: int, floor: int, now: int) -> None:
@@ -68,14 +69,16 @@ def cards(conn: sqlite3.Connection) -> dict[int, Card]:
 
 
 def cache_seq(conn: sqlite3.Connection) -> int:
-    return conn.execute("SELECT COALESCE(MAX(last_seq), 0) FROM trust").fetchone()[0]
+    value: int = conn.execute("SELECT COALESCE(MAX(last_seq), 0) FROM trust").fetchone()[0]
+    return value
 
 
 def newest_batch_time(conn: sqlite3.Connection, merchant: str) -> int | None:
     """created_at of the newest applied batch: how fresh the cache is."""
-    return conn.execute(
+    newest: int | None = conn.execute(
         "SELECT MAX(created_at) FROM batches WHERE merchant = ?", (merchant,)
     ).fetchone()[0]
+    return newest
 
 
 def keep_manifest(

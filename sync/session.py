@@ -37,6 +37,7 @@ from typing import Protocol
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from runtime.backoff import Backoff
 from runtime.threads import OwnedThread
@@ -116,19 +117,41 @@ Event = Up | Down | Message | Published
 
 
 class LinkSettings(Protocol):
-    """What the session needs from `[sync]` (daemon.config_model.Sync provides it)."""
+    """What the session needs from `[sync]` (daemon.config_model.Sync provides it).
+    Read-only properties, so a frozen model or dataclass satisfies it."""
 
-    broker: str
-    host: str
-    port: int
-    tls: bool
-    username: str | None
-    password: str | None
-    ca_file: Path | None
-    cert_file: Path | None
-    key_file: Path | None
-    keepalive: int
-    max_inflight: int
+    @property
+    def broker(self) -> str: ...
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def tls(self) -> bool: ...
+
+    @property
+    def username(self) -> str | None: ...
+
+    @property
+    def password(self) -> str | None: ...
+
+    @property
+    def ca_file(self) -> Path | None: ...
+
+    @property
+    def cert_file(self) -> Path | None: ...
+
+    @property
+    def key_file(self) -> Path | None: ...
+
+    @property
+    def keepalive(self) -> int: ...
+
+    @property
+    def max_inflight(self) -> int: ...
 
 
 def use_credentials(client: mqtt.Client, settings: LinkSettings) -> None:
@@ -266,7 +289,7 @@ class Session:
         if self.keep_session:
             # Session expiry 0 on DISCONNECT: the broker forgets this session and its
             # place in shared subscriptions now, instead of queueing for it.
-            goodbye = Properties(PacketTypes.DISCONNECT)
+            goodbye = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
             goodbye.SessionExpiryInterval = 0
         client.disconnect(properties=goodbye)
 
@@ -289,7 +312,7 @@ class Session:
         return client
 
     def _connect_properties(self) -> Properties:
-        properties = Properties(PacketTypes.CONNECT)
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.MaximumPacketSize = MAX_PACKET
         if self.keep_session:
             properties.SessionExpiryInterval = self.keep_session
@@ -370,7 +393,14 @@ class Session:
             generation = self._generation
         self._events(Down(generation, message, kind, cause))
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         if reason_code.is_failure:
             # Wrong credentials, client id refused, not authorised: the broker closes
             # the connection next; the run loop backs off and tries again.
@@ -392,12 +422,19 @@ class Session:
             self._log.info("sync: connected to %s as %s", self.settings.broker, self.client_id)
         self._events(Up(generation))
 
-    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+    def _on_publish(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         with self._lock:
             generation = self._generation
         self._events(Published(generation, mid, reason_code.value, str(reason_code)))
 
-    def _on_message(self, client, userdata, message) -> None:
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         try:
             topic = message.topic
         except UnicodeDecodeError:

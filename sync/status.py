@@ -32,7 +32,7 @@ def version() -> str:
 DRIVER_FIELDS = ("name", "kind", "state", "message", "last_scan", "scans", "restarts")
 
 
-def driver_status(driver: dict) -> dict:
+def driver_status(driver: dict[str, object]) -> dict[str, object]:
     """One drivers[] entry of the status message.
 
     `last_scan` goes out as whole Unix seconds: section 1 promises integer times in every
@@ -43,8 +43,9 @@ def driver_status(driver: dict) -> dict:
     {'name': 'stdin', 'kind': 'stdin', 'state': 'connected', 'message': '', 'last_scan': 1780000000, 'scans': 1, 'restarts': 0}
     """
     doc = {name: driver.get(name) for name in DRIVER_FIELDS}
-    if doc["last_scan"] is not None:
-        doc["last_scan"] = int(doc["last_scan"])
+    last_scan = doc["last_scan"]
+    if isinstance(last_scan, int | float):
+        doc["last_scan"] = int(last_scan)
     return doc
 
 
@@ -74,7 +75,7 @@ def status_payload(
     outbox_depth: int,
     outbox_oldest_age_s: int | None,
     publish_error: str | None,
-    drivers: list[dict],
+    drivers: list[dict[str, object]],
     alarm: str | None = None,
     stuck: str | None = None,
     manifests_ignored: int = 0,
@@ -99,5 +100,5 @@ def status_payload(
     )
 
 
-def _dump(value: dict) -> bytes:
+def _dump(value: dict[str, object]) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()

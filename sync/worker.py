@@ -41,10 +41,14 @@ MAX_QUEUED_MESSAGES = 1000
 
 
 class SyncSettings(LinkSettings, Protocol):
-    topic_prefix: str
-    max_records: int
-    status_every: float
-    request_retry: float
+    @property
+    def topic_prefix(self) -> str: ...
+    @property
+    def max_records(self) -> int: ...
+    @property
+    def status_every(self) -> float: ...
+    @property
+    def request_retry(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ class Sync:
         database: Path,
         roots: dict[str, bytes],
         max_batch_bytes: int,
-        drivers: Callable[[], list[dict]] = list,
+        drivers: Callable[[], list[dict[str, object]]] = list,
         clock: Callable[[], float] = time.time,
     ):
         self.settings = settings
