@@ -45,6 +45,7 @@ from sqlite_utils import Database
 from daemon import config as config_mod
 from daemon import liveness
 from daemon.config import Config, ConfigError, ScannerConfig
+from drivers.settings import CameraSettings, HidSettings, SerialSettings, StdinSettings
 from storage import trust
 from storage.database import DatabaseLost, is_empty, refuse_if_lost
 from storage.migrations import migrations
@@ -630,15 +631,15 @@ def _scanner(scanner: ScannerConfig, account: Account) -> Iterator[Finding]:
     if missing:
         yield Finding(where, False, missing)
         return
-    if scanner.type == "stdin":
+    if isinstance(settings, StdinSettings):
         if settings.path == "-":
             yield Finding(where, True, "standard input")
             return
         # The driver opens a FIFO read/write, so that it never sees end-of-file.
         path, write, hint = Path(settings.path), True, "fifo"
-    elif scanner.type == "serial":
+    elif isinstance(settings, SerialSettings):
         path, write, hint = Path(settings.port), True, "group dialout"
-    elif scanner.type == "hid":
+    elif isinstance(settings, HidSettings):
         device = settings.device
         if not device.startswith("/"):
             yield Finding(
@@ -695,7 +696,7 @@ def _missing_software(scanner: ScannerConfig) -> str | None:
     driver = build_driver(scanner)
     if isinstance(driver, Unavailable):
         return driver.reason
-    if scanner.type == "camera":
+    if isinstance(scanner.settings, CameraSettings):
         from drivers.camera import find_ffmpeg, zbar_scanner
 
         try:

@@ -27,6 +27,7 @@ from daemon.debounce import Repeat
 from daemon.engine import Engine, PaymentCode
 from daemon.hooks import VerdictHook
 from daemon.notify import Notifier
+from drivers.settings import CameraSettings, HidSettings, SerialSettings, StdinSettings
 from drivers.supervisor import Driver, Status, Supervisor, Unavailable
 from runtime.threads import stop_all
 from storage import api_requests
@@ -68,22 +69,25 @@ def describe(result: Verdict | PaymentCode) -> str:
 def make_driver(scanner: ScannerConfig) -> Driver:
     """The driver object for one [[scanner]] block. Imports are lazy so that a box
     without a camera does not need ffmpeg or zbar installed."""
-    if scanner.type == "stdin":
+    # By the settings' model, which the config chose by `type`: the type checker then
+    # knows each driver gets its own settings.
+    settings = scanner.settings
+    if isinstance(settings, StdinSettings):
         from drivers.stdin import StreamScanner
 
-        return StreamScanner(scanner.name, scanner.settings)
-    if scanner.type == "serial":
+        return StreamScanner(scanner.name, settings)
+    if isinstance(settings, SerialSettings):
         from drivers.serial import SerialScanner
 
-        return SerialScanner(scanner.name, scanner.settings)
-    if scanner.type == "hid":
+        return SerialScanner(scanner.name, settings)
+    if isinstance(settings, HidSettings):
         from drivers.hid import HidScanner
 
-        return HidScanner(scanner.name, scanner.settings)
-    if scanner.type == "camera":
+        return HidScanner(scanner.name, settings)
+    if isinstance(settings, CameraSettings):
         from drivers.camera import CameraScanner
 
-        return CameraScanner(scanner.name, scanner.settings)
+        return CameraScanner(scanner.name, settings)
     raise ValueError(f"unknown scanner type {scanner.type!r}")  # config validation prevents it
 
 
@@ -200,7 +204,7 @@ class Service:
         log.info("stopped")
         return 0
 
-    def _decide(self, engine: Engine, scan: Scan) -> None:
+    def _decide(self, engine: Engine, scan: Scan | ApiCall) -> None:
         """One scan: decided and committed by the engine, then shown (durable before
         shown), then the scanner's beep and the hook."""
         if isinstance(scan, ApiCall):
