@@ -12,6 +12,7 @@ import logging
 import os
 import queue
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -153,18 +154,21 @@ class Service:
             log.info("forgot %d local API idempotency key(s) older than 30 days", forgotten)
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         signal.signal(signal.SIGHUP, lambda *_: self._reload_asked.set())
-        self._start_api(engine)
-        self._start_drivers()
-        self._start_sync()
-        self._start_hook()
-        log.info(
-            "ready: box %s merchant %s store %s, cache seq %d, %s",
-            self.config.box.id, self.config.box.merchant, self.config.box.store,
-            engine.cache_seq, self.config.source,
-        )  # fmt: skip
-        self.notify.ready(self._summary(engine))
         last_status = 0.0
+        # The parts start inside the try: none of their threads is a daemon thread, so
+        # a part that failed to start must not leave the others running with nobody to
+        # stop them (the process would never exit).
         try:
+            self._start_api(engine)
+            self._start_drivers()
+            self._start_sync()
+            self._start_hook()
+            log.info(
+                "ready: box %s merchant %s store %s, cache seq %d, %s",
+                self.config.box.id, self.config.box.merchant, self.config.box.store,
+                engine.cache_seq, self.config.source,
+            )  # fmt: skip
+            self.notify.ready(self._summary(engine))
             while not self.stopping.is_set():
                 now = time.monotonic()
                 # The watchdog is fed from this loop only: if the engine hangs (a stuck
@@ -190,19 +194,38 @@ class Service:
         except KeyboardInterrupt:
             pass
         finally:
-            self.notify.stopping()
-            self._stop_drivers()
-            self._drain(engine)
-            self._stop_api()
-            if self.sync is not None and not self.sync.stop(timeout=5.0):
-                log.warning("sync did not stop within 5 s")
-            if self.hook is not None and not self.hook.stop():
-                log.warning("the on_verdict hook did not stop in time")
-            self._write_status(engine)
-            conn.close()
-            self.notify.close()
+            self._shut_down(engine, conn)
         log.info("stopped")
         return 0
+
+    def _shut_down(self, engine: Engine, conn: sqlite3.Connection) -> None:
+        """Every step runs even when one before it failed (a full disk in the drain, a
+        driver that raises on close): a part left running keeps the process alive,
+        because none of its threads is a daemon thread."""
+        steps: tuple[tuple[str, Callable[[], object]], ...] = (
+            ("tell systemd", self.notify.stopping),
+            ("stop the scanners", self._stop_drivers),
+            ("decide the reads already queued", lambda: self._drain(engine)),
+            ("stop the local API", self._stop_api),
+            ("stop sync", self._stop_sync),
+            ("stop the on_verdict hook", self._stop_hook),
+            ("write status.json", lambda: self._write_status(engine)),
+            ("close the database", conn.close),
+            ("close the systemd socket", self.notify.close),
+        )
+        for what, step in steps:
+            try:
+                step()
+            except Exception:
+                log.exception("while stopping, could not %s; going on with the rest", what)
+
+    def _stop_sync(self) -> None:
+        if self.sync is not None and not self.sync.stop(timeout=5.0):
+            log.warning("sync did not stop within 5 s")
+
+    def _stop_hook(self) -> None:
+        if self.hook is not None and not self.hook.stop():
+            log.warning("the on_verdict hook did not stop in time")
 
     def _decide(self, engine: Engine, scan: Scan | ApiCall) -> None:
         """One scan: decided and committed by the engine, then shown (durable before

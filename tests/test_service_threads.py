@@ -94,3 +94,41 @@ def test_redeemd_run_stops_on_sigterm_while_the_broker_hangs(loaded_box, broker,
     finally:
         daemon.kill()
     assert "did not stop" not in daemon.log(), daemon.log()[-2000:]
+
+
+def test_a_part_that_fails_to_start_leaves_no_thread_of_the_others_behind(
+    loaded_box, tmp_path, monkeypatch, caplog
+):
+    """None of the service's threads is a daemon thread, so a start that fails halfway
+    (here: sync, after the API and the scanners started) must still stop what did
+    start, and a stop step that fails (here: the drain) must not skip the steps after
+    it; otherwise the process never exits."""
+    fifo = tmp_path / "scans.fifo"
+    os.mkfifo(fifo)
+    loaded_box.config_path.write_text(
+        loaded_box.config_path.read_text()
+        + f'\n[api]\nsocket = "{tmp_path / "api.sock"}"\n'
+        + f'\n[[scanner]]\ntype = "stdin"\nname = "fifo"\npath = "{fifo}"\n'
+    )
+    config = config_mod.load(str(loaded_box.config_path))
+    service = Service(config, out=io.StringIO(), as_json=True)
+    before = set(threading.enumerate())
+
+    def broken_start() -> None:
+        raise RuntimeError("sync could not start (injected)")
+
+    def broken_drain(engine, limit: float = 2.0) -> None:
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(service, "_start_sync", broken_start)
+    monkeypatch.setattr(service, "_drain", broken_drain)
+    try:
+        service.run()
+    except RuntimeError as exc:
+        assert "injected" in str(exc)
+    else:
+        raise AssertionError("the failed start was swallowed")
+    left = [t for t in threading.enumerate() if t not in before]
+    assert left == [], f"threads left behind: {[t.name for t in left]}"
+    assert "could not decide the reads already queued" in caplog.text
+    assert not (tmp_path / "api.sock").exists(), "the API stopped after the failed drain"
