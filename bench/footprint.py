@@ -144,7 +144,7 @@ ENGINE_CHILD = (
 bare = kib("VmRSS")
 import json, sys
 from cards.scan import Scan
-from cards.verdict import Outcome
+from cards.verdict import Outcome, Verdict
 from daemon import config as config_mod
 from daemon.engine import Engine
 from storage.database import open_database
@@ -154,7 +154,7 @@ conn = open_database(config.box.database)  # as the daemon does: quick_check, mi
 engine = Engine(conn, config)
 for i in range(int(sys.argv[2])):
     verdict = engine.handle(Scan(f"BENCH-{i:08d}".encode(), "bench-scanner"))
-    if verdict is None or verdict.outcome is not Outcome.ACCEPTED:
+    if not isinstance(verdict, Verdict) or verdict.outcome is not Outcome.ACCEPTED:
         raise SystemExit(f"scan {i} was not accepted: {verdict}")
 print(json.dumps({"bare_kib": bare, "imported_kib": imported, "rss_kib": kib("VmRSS"),
                   "hwm_kib": kib("VmHWM")}))

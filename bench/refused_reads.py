@@ -21,9 +21,9 @@ other, from one scanner:
 - different junk every time (line noise at a wrong baud rate): each is recorded, as it
   always was; the engine's rate is the ceiling.
 
-Bytes per row: the growth of the ledger table, its indexes and the outbox (dbstat),
-divided by the rows added. The outbox row goes once the backend acknowledges it; the
-ledger row stays. Also shown: the JSON size of one record on the wire.
+Bytes per row: the growth of the ledger table and its indexes (dbstat), divided by the
+rows added (the outbox has been a view of the ledger since migration m006: no bytes of
+its own). The ledger row stays after the backend acknowledges it. Also shown: the JSON size of one record on the wire.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def main() -> int:
             if rows == 1:
                 print("    one row per streak of repeats, however long it lasts")
                 continue
-            print(f"    {per_row:.0f} bytes/row (ledger, its indexes, outbox)")
+            print(f"    {per_row:.0f} bytes/row (ledger and its indexes)")
             print(f"    engine ceiling {rate:,.0f} reads/s = {_hourly(rows / seconds, per_row)}")
             if make(0) == OVERSIZED:
                 for line, speed in LINE_BYTES_PER_SECOND.items():
@@ -104,7 +104,7 @@ def _run(engine: Engine, conn, reads: int, make) -> tuple[int, int, float]:
 
 
 def _ledger_size(conn) -> tuple[int, int]:
-    """Ledger rows, and the bytes of the ledger, its indexes and the outbox."""
+    """Ledger rows, and the bytes of the ledger and its indexes."""
     rows = conn.execute("SELECT COUNT(*) FROM ledger").fetchone()[0]
     names = [
         name

@@ -7,8 +7,9 @@ Usage (from the repo root):
     .venv/bin/python bench/scan_path.py --quick            # 100k codes, 1000 scans
 
 Ours: the real Engine on a real database file, fed distinct cached codes from one
-scanner, so every verdict is an accepted redemption that commits a ledger row, an
-outbox row and the code's new state (WAL, synchronous=FULL) before handle() returns.
+scanner, so every verdict is an accepted redemption that commits a ledger row and the
+code's new state (WAL, synchronous=FULL; the outbox is a view of the ledger) before
+handle() returns.
 
 Floor: a copy of the same database file (same codes table, same size, same pages)
 opened with plain sqlite3 in WAL with synchronous=FULL, doing one primary-key probe of
