@@ -3,7 +3,8 @@
 `cut()` closes every connection passing through at that instant, in both directions,
 the way a flaky uplink or a NAT timeout does: the broker sees a socket close without
 DISCONNECT (so it publishes the last will) and the box sees its reads fail. New
-connections are accepted again at once.
+connections are accepted again at once, unless the proxy is held: `hold()` closes every
+new connection at once (the box sees the line refused) until `release()`.
 
     >>> proxy = TcpProxy(broker.port).start()
     >>> proxy.url                # give this to the box instead of the broker's
@@ -30,6 +31,7 @@ class TcpProxy:
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._held = threading.Event()
         self._server = socket.create_server(("127.0.0.1", self.port))
         self._server.settimeout(0.2)
         self._threads: list[threading.Thread] = []
@@ -59,6 +61,14 @@ class TcpProxy:
         self.cuts += len(pairs)
         return len(pairs)
 
+    def hold(self) -> None:
+        """Cut the line and refuse every new connection until `release()`."""
+        self._held.set()
+        self.cut()
+
+    def release(self) -> None:
+        self._held.clear()
+
     def stop(self) -> None:
         self._stop.set()
         self.cut()
@@ -74,6 +84,9 @@ class TcpProxy:
                 continue
             except OSError:
                 return
+            if self._held.is_set():
+                client.close()
+                continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
             except OSError:

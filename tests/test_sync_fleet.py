@@ -69,20 +69,37 @@ def test_scans_on_two_boxes_reach_the_collector_acked_and_both_outboxes_empty(fl
 def test_a_thousand_scans_while_the_broker_is_down_all_arrive_once_and_in_order(fleet):
     collector = fleet.collector()
     collector.wait_line(lambda line: line.startswith("connected"), "collector connected")
-    box = fleet.box("box-a")
-    daemon = fleet.run(box)
-    wait_for(lambda: fleet.query("SELECT COUNT(*) FROM boxes") == [(0,)], "backend up")
-    fleet.broker.stop()
-    rng = random.Random(4)
-    scans = codes(1, 600) + [f"NOPE-{i:04d}" for i in range(400)]
-    rng.shuffle(scans)
-    daemon.scan(*scans)
-    verdicts = daemon.wait_verdicts(1000)
-    assert sum(v["verdict"] == "accepted" for v in verdicts) == 600
-    assert box.outbox() == 1000, "the outbox keeps every record while the broker is down"
+    # The box reaches the broker through a proxy so that, when the broker comes back, the
+    # box is let in only after the collector has subscribed again: the collector's session
+    # may have expired while the broker was down (its expiry is 30 s, and 1000 scans on a
+    # loaded machine take longer), and what a box publishes before anyone subscribes is
+    # dropped by the broker and comes back only with the box's rewind, above a gap.
+    proxy = TcpProxy(fleet.broker.port).start()
+    try:
+        box = fleet.box("box-a", broker_url=proxy.url)
+        daemon = fleet.run(box)
+        wait_for(lambda: fleet.query("SELECT COUNT(*) FROM boxes") == [(0,)], "backend up")
+        wait_for(proxy.open_connections, "the box connecting through the proxy")
+        proxy.hold()
+        fleet.broker.stop()
+        rng = random.Random(4)
+        scans = codes(1, 600) + [f"NOPE-{i:04d}" for i in range(400)]
+        rng.shuffle(scans)
+        daemon.scan(*scans)
+        verdicts = daemon.wait_verdicts(1000)
+        assert sum(v["verdict"] == "accepted" for v in verdicts) == 600
+        assert box.outbox() == 1000, "the outbox keeps every record while the broker is down"
 
-    fleet.broker.start()
-    wait_for(lambda: fleet.all_collected(box), "all 1000 records collected and acked")
+        connects = sum("connected to" in line for line in collector.lines)
+        fleet.broker.start()
+        wait_for(
+            lambda: sum("connected to" in line for line in collector.lines) > connects,
+            "the collector connected again",
+        )
+        proxy.release()
+        wait_for(lambda: fleet.all_collected(box), "all 1000 records collected and acked")
+    finally:
+        proxy.stop()
     assert [seq for seq, _ in fleet.collected(box)] == list(range(1, 1001))
     # The collector opens a gap whenever a record arrives above a hole: none means every
     # record came in box-sequence order.
