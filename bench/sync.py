@@ -41,7 +41,6 @@ from pathlib import Path
 
 import boxes
 import paho.mqtt.client as mqtt
-import uuid6
 from boxes import ROOT, Scratch, status_kib
 
 from backend.keystore import Keystore
@@ -135,7 +134,7 @@ max_records = {args.max_records}
 
 def record(seq: int, now_ms: int) -> ledger.Redemption:
     return ledger.Redemption(
-        seq=seq, id=uuid6.uuid7().bytes, at_ms=now_ms - 10_000_000 + seq, box=BOX,
+        seq=seq, id=ledger.new_id()[0], at_ms=now_ms - 10_000_000 + seq, box=BOX,
         merchant="demo", store="store-1", digest=os.urandom(16), card_id=1, action="redeem",
         uses=1, amount=None, uses_left=0, balance=None, verdict="accepted", reason=None,
         source="counter", symbology="QR", operator=None, cache_seq=2,

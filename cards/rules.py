@@ -31,7 +31,9 @@ class CodeState:
     balance: int | None = None
 
 
-@dataclass(frozen=True)
+# Not frozen: a Context is built for one decision and never kept or shared, and a
+# frozen dataclass's __init__ costs about a microsecond more on every scan.
+@dataclass(slots=True)
 class Context:
     now: int
     """Unix seconds, never earlier than the box's time floor."""

@@ -47,7 +47,7 @@ class Action(StrEnum):
     REJECT = "reject"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Verdict:
     """What the box tells the cashier and the POS app about one scan or request.
 

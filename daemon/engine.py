@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, TypeVarTuple
 from zoneinfo import ZoneInfo
 
 from cards.digest import CodeDigester, short
@@ -45,6 +45,7 @@ from storage.api_requests import RequestKey
 
 log = logging.getLogger("redeemd.engine")
 R = TypeVar("R")
+Ts = TypeVarTuple("Ts")
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ class Engine:
         repeat = self._debounce.read(source, digest)
         if repeat is not None:
             return repeat
-        result = self._write(scan, digest, lambda: self._decide(text, digest, scan, SCAN))
+        result = self._write(scan, digest, self._decide, text, digest, scan, SCAN)
         if type(result) is PaymentCode:
             self._debounce.decided(source, digest, True)  # passed on to the POS app: a good read
         elif result.reason is not Reason.STORAGE_ERROR:
@@ -164,7 +165,7 @@ class Engine:
             if repeat is not None:
                 return repeat
         refused = Evaluation(refusal(Reason.MALFORMED, detail))
-        verdict = self._write(scan, None, lambda: self._record(refused, None, scan, SCAN))
+        verdict = self._write(scan, None, self._record, refused, None, scan, SCAN)
         if key is not None and verdict.reason is not Reason.STORAGE_ERROR:
             self._debounce.decided(scan.source, key, False)
         return verdict
@@ -203,21 +204,23 @@ class Engine:
             norm = normalize(_utf8(text), self._max_length)
         except MalformedCode as exc:
             refused = Evaluation(refusal(Reason.MALFORMED, str(exc)))
-            return self._write(
-                scan, None, lambda: self._record(refused, None, scan, SCAN, request=request)
-            )
+            return self._write(scan, None, self._record, refused, None, scan, SCAN, None, request)
         digest = self._digest(norm.text)
         ask = Ask(Action.REDEEM, amount, uses)
         return self._write(
-            scan, digest, lambda: self._decide(norm.text, digest, scan, ask, operator, request)
+            scan, digest, self._decide, norm.text, digest, scan, ask, operator, request
         )
 
     def _look_up(self, text: str, digest: bytes, ask: Ask) -> Evaluation | PaymentPass:
         """Look the code up and evaluate it: the decision, with nothing written."""
-        self._refresh()
+        execute = self.conn.execute
+        # `_refresh`'s check, inline: on the scan path every Python call counts.
+        if execute("PRAGMA data_version").fetchone()[0] != self._data_version:
+            self._refresh()
         # One B-tree probe; the row stays the tuple SQLite returns.
-        row = self.conn.execute(codes.LOOKUP, (digest,)).fetchone()
-        return evaluate(text, row, self.trusted, self.now(), self.policy, ask)
+        row = execute(codes.LOOKUP, (digest,)).fetchone()
+        now = max(int(self.clock()), self.floor)  # self.now(), inline
+        return evaluate(text, row, self.trusted, now, self.policy, ask)
 
     def _decide(
         self,
@@ -251,7 +254,7 @@ class Engine:
                 Outcome.REJECTED, Action.REJECT, Reason.MALFORMED, "not a record id", source=source
             )
         scan = Scan(code=b"", source=source, at=self.clock())
-        return self._write(scan, None, lambda: self._reverse(rid, scan, operator, request))
+        return self._write(scan, None, self._reverse, rid, scan, operator, request)
 
     def _reverse(
         self, rid: bytes, scan: Scan, operator: str | None, request: RequestKey | None
@@ -275,8 +278,14 @@ class Engine:
 
     # ------------------------------------------------------------------ recording
 
-    def _write(self, scan: Scan, digest: bytes | None, work: Callable[[], R]) -> R | Verdict:
-        """Run one decision as one write transaction, from lookup to COMMIT.
+    def _write(
+        self,
+        scan: Scan,
+        digest: bytes | None,
+        work: Callable[[*Ts], R],
+        *args: *Ts,
+    ) -> R | Verdict:
+        """Run `work(*args)`, one decision, as one write transaction, from lookup to COMMIT.
 
         The lookup happens under the write lock, so a batch imported by another process
         cannot change the code between the decision and its record. The result is only
@@ -285,7 +294,7 @@ class Engine:
         try:
             self.conn.execute("BEGIN IMMEDIATE")
             try:
-                result = work()
+                result = work(*args)
                 self.conn.execute("COMMIT")
             except BaseException:
                 # SQLITE_FULL and SQLITE_IOERR roll the transaction back themselves; a
