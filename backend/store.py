@@ -1,8 +1,14 @@
-"""The backend's own database, `{dir}/backend.db`: issued batches, box events, gaps, conflicts.
+"""The backend's own database: issued batches, box events, gaps, conflicts, the fleet.
+
+It lives in `{dir}/backend.db` (SQLite, the embedded default for one small merchant and
+the quick start) or, given a postgresql:// URL, in PostgreSQL, which several hosts can
+share. The logic below is written once for both; backend/engines.py holds what differs
+(placeholders, the write lock, column types, migrations).
 
 It is the single allocator of batch sequence numbers: `issue`, the collector's
 consumed-elsewhere batches and anything else that signs a batch take the next sequence
-inside one `BEGIN IMMEDIATE` transaction together with storing the batch, so two
+inside one transaction together with storing the batch, holding the merchant's
+allocation lock (SQLite: `BEGIN IMMEDIATE`; PostgreSQL: an advisory lock), so two
 processes can never sign two different batches with the same sequence (a box would
 refuse the second one as a conflict, docs/protocol.md section 11).
 
@@ -10,48 +16,42 @@ Events are stored idempotently by record id; per box the store keeps the contigu
 high-water mark (every seq <= upto is stored) that the collector acks, the gaps it has
 seen and the double redemptions (conflicts) it has found.
 
-    >>> store = Store.open(Path("keys/"))
+    >>> store = Store.open(Path("keys/"))                        # keys/backend.db
+    >>> store = Store.open(Path("keys/"), "postgresql://redeemd@db.example/redeemd")
     >>> issued = store.issue("acme", Kind.REVOKE, lambda seq: batch.build(..., seq=seq, ...))
     >>> issued.seq, store.latest_seq("acme")
     (3, 3)
 
-Several processes (publish, one or more collectors, `issue`) open the same file; WAL
-lets readers run beside the one writer, and synchronous=FULL makes every commit durable
-before the collector acks it.
+Several processes (publish, one or more collectors, `issue`) open the same database. On
+SQLite, WAL lets readers run beside the one writer, and synchronous=FULL makes every
+commit durable before the collector acks it; PostgreSQL's commits are durable as it is
+configured (synchronous_commit on, its default).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
-import os
-import sqlite3
 import struct
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from sqlite_utils import Database
-from sqlite_utils.migrations import Migrations
-
+# FILENAME: re-exported, the SQLite store's file name is the store's to tell.
+from backend.engines import FILENAME as FILENAME
+from backend.engines import Engine, EngineError, Step, open_engine
 from backend.events import Event
 from cards import batch
 from cards.batch import Kind
 
-FILENAME = "backend.db"
 LEGACY_SEQUENCES = "sequence.json"
 
-migrations = Migrations("redeemd-backend")
-
-
-@migrations()
-def m001_initial(db: Database) -> None:
-    db.executescript(
-        """
+# The schema's steps, in order, each applied once per database. Written as SQLite DDL;
+# backend/engines.py gives PostgreSQL the same steps (BIGINT, BYTEA) under the same names.
+M001_INITIAL = """
         -- Every batch ever signed, in file form: publish sends it, resends answer
         -- requests from it. (merchant, seq) is the allocator's uniqueness guarantee.
         CREATE TABLE batches (
@@ -126,14 +126,9 @@ def m001_initial(db: Database) -> None:
             consumed_seq INTEGER,
             PRIMARY KEY (first_id, second_id)
         );
-        """
-    )
+"""
 
-
-@migrations()
-def m002_fleet(db: Database) -> None:
-    db.executescript(
-        """
+M002_FLEET = """
         -- The boxes the backend was set up for (`redeemd-backend box add`): the collector
         -- stores events only from these, each under its own merchant, and `box acl`
         -- writes the broker ACL from them. A box id is its MQTT username and client id,
@@ -143,8 +138,9 @@ def m002_fleet(db: Database) -> None:
             merchant TEXT NOT NULL,
             added_at INTEGER NOT NULL
         );
-        """
-    )
+"""
+
+STEPS: list[Step] = [("m001_initial", M001_INITIAL), ("m002_fleet", M002_FLEET)]
 
 
 class StoreError(RuntimeError):
@@ -214,37 +210,31 @@ _COLUMNS = "merchant, seq, kind, count, created_at, expires_at, sha256, data"
 
 
 class Store:
-    def __init__(self, conn: sqlite3.Connection, directory: Path):
-        self.conn = conn
+    def __init__(self, engine: Engine, directory: Path):
+        self.engine = engine
+        self.conn: Any = engine.conn
+        """The driver's connection (sqlite3 or psycopg): tests look inside with it."""
         self.dir = directory
+        self._sql = engine.execute
 
     @classmethod
-    def open(cls, directory: Path) -> Store:
-        """Open (creating and migrating if needed) `{directory}/backend.db`."""
+    def open(cls, directory: Path, database: str | None = None) -> Store:
+        """Open (creating and migrating if needed) the backend's database: with no
+        `database`, the SQLite file `{directory}/backend.db`; with a
+        postgresql://user@host:port/name URL, that PostgreSQL database. `directory`
+        still holds the keys (and a legacy sequence.json) either way."""
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / FILENAME
-        # Processes starting together (publish, collectors) would race to switch to WAL and
-        # migrate; SQLite answers a read lock upgrading to a write lock with an immediate
-        # "database is locked", not a wait. One opener at a time, then.
-        with open(directory / f"{FILENAME}.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            _private(path)
-            try:
-                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-                # Several processes share the file; a writer waits for another's commit.
-                conn.execute("PRAGMA busy_timeout = 30000")
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = FULL")
-                migrations.apply(Database(conn, recursive_triggers=False, execute_plugins=False))
-            except sqlite3.Error as exc:
-                raise StoreError(f"cannot open backend database {path}: {exc}") from None
-        return cls(conn, directory)
+        try:
+            engine = open_engine(directory, database, STEPS)
+        except EngineError as exc:
+            raise StoreError(str(exc)) from None
+        return cls(engine, directory)
 
     def close(self) -> None:
-        self.conn.close()
+        self.engine.close()
 
     def _transaction(self):
-        return _Immediate(self.conn)
+        return self.engine.transaction()
 
     # ------------------------------------------------------------ batches
 
@@ -271,9 +261,10 @@ class Store:
         and the insert are one transaction, so the sequence is never handed out twice.
         """
         with self._transaction():
+            self.engine.lock([_allocator(merchant)])
             if seq is None:
                 seq = max(self.latest_seq(merchant), self._legacy_last_seq(merchant)) + 1
-            elif self.conn.execute(
+            elif self._sql(
                 "SELECT 1 FROM batches WHERE merchant = ? AND seq = ?", (merchant, seq)
             ).fetchone():
                 raise StoreError(
@@ -283,7 +274,7 @@ class Store:
             issued = _issued(make(seq))
             if (issued.merchant, issued.seq, issued.kind) != (merchant, seq, kind):
                 raise StoreError("the batch built does not carry the allocated merchant/seq/kind")
-            self.conn.execute(
+            self._sql(
                 f"INSERT INTO batches({_COLUMNS}, issued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     merchant, seq, kind.value, issued.count, issued.created_at,
@@ -293,17 +284,17 @@ class Store:
         return issued
 
     def latest_seq(self, merchant: str) -> int:
-        row = self.conn.execute(
+        row = self._sql(
             "SELECT COALESCE(MAX(seq), 0) FROM batches WHERE merchant = ?", (merchant,)
         ).fetchone()
         return row[0]
 
     def merchants(self) -> list[str]:
-        return [r[0] for r in self.conn.execute("SELECT DISTINCT merchant FROM batches ORDER BY 1")]
+        return [r[0] for r in self._sql("SELECT DISTINCT merchant FROM batches ORDER BY 1")]
 
     def batches(self, merchant: str, first: int, last: int) -> list[IssuedBatch]:
         """The stored batches of `merchant` with first <= seq <= last, in order."""
-        rows = self.conn.execute(
+        rows = self._sql(
             f"SELECT {_COLUMNS} FROM batches WHERE merchant = ? AND seq BETWEEN ? AND ? "
             "ORDER BY seq",
             (merchant, first, last),
@@ -311,14 +302,14 @@ class Store:
         return [_row_batch(r) for r in rows]
 
     def unpublished(self, merchants: Iterable[str] | None = None) -> list[IssuedBatch]:
-        rows = self.conn.execute(
+        rows = self._sql(
             f"SELECT {_COLUMNS} FROM batches WHERE published_at IS NULL ORDER BY merchant, seq"
         )
         wanted = None if merchants is None else set(merchants)
         return [_row_batch(r) for r in rows if wanted is None or r[0] in wanted]
 
     def mark_published(self, merchant: str, seq: int) -> None:
-        self.conn.execute(
+        self._sql(
             "UPDATE batches SET published_at = ? WHERE merchant = ? AND seq = ?",
             (int(time.time()), merchant, seq),
         )
@@ -351,6 +342,18 @@ class Store:
         """
         now = int(time.time())
         with self._transaction():
+            # Where writers run side by side (PostgreSQL), a box's high-water mark and
+            # gaps, and the conflict check of a digest, are each one writer's at a time;
+            # all taken up front, in one order, so two collectors cannot deadlock.
+            self.engine.lock(
+                [("box", merchant, box) for merchant, box, _ in messages]
+                + [
+                    ("digest", merchant, e.digest)
+                    for merchant, _, events in messages
+                    for e in events
+                    if e.digest is not None and _consumes_last_use(e)
+                ]
+            )
             return [
                 self._store(merchant, box, events, sign_consumed, now)
                 for merchant, box, events in messages
@@ -370,10 +373,10 @@ class Store:
             if event.id not in seen:
                 seen.add(event.id)
                 new.append(event)
-        self.conn.executemany(
-            "INSERT OR IGNORE INTO events(id, merchant, box, seq, at_ms, digest, card_id, "
+        self.engine.executemany(
+            "INSERT INTO events(id, merchant, box, seq, at_ms, digest, card_id, "
             "action, verdict, uses, amount, uses_left, balance, reverses, raw, stored_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             [
                 (
                     e.id, merchant, box, e.seq, e.at_ms, e.digest, e.card_id, e.action,
@@ -405,23 +408,24 @@ class Store:
         for i in range(0, len(ids), 500):
             part = ids[i : i + 500]
             marks = ",".join("?" * len(part))
-            rows = self.conn.execute(f"SELECT id FROM events WHERE id IN ({marks})", part)
+            rows = self._sql(f"SELECT id FROM events WHERE id IN ({marks})", part)
             found.update(r[0] for r in rows)
         return found
 
     def _advance(
         self, merchant: str, box: str, now: int
     ) -> tuple[int, tuple[Gap, ...], tuple[Gap, ...]]:
-        self.conn.execute(
-            "INSERT OR IGNORE INTO boxes(merchant, box) VALUES (?, ?)", (merchant, box)
+        self._sql(
+            "INSERT INTO boxes(merchant, box) VALUES (?, ?) ON CONFLICT DO NOTHING",
+            (merchant, box),
         )
-        (upto,) = self.conn.execute(
+        (upto,) = self._sql(
             "SELECT upto FROM boxes WHERE merchant = ? AND box = ?", (merchant, box)
         ).fetchone()
         # Every stored seq above the old mark, in order: the contiguous run raises the
         # mark, whatever lies beyond a hole is "above".
         above: list[int] = []
-        for (seq,) in self.conn.execute(
+        for (seq,) in self._sql(
             "SELECT seq FROM events WHERE merchant = ? AND box = ? AND seq > ? ORDER BY seq",
             (merchant, box, upto),
         ):
@@ -429,10 +433,11 @@ class Store:
                 upto = seq
             else:
                 above.append(seq)
-        self.conn.execute(
-            "UPDATE boxes SET upto = ?, max_seq = MAX(max_seq, ?), last_stored_at = ? "
-            "WHERE merchant = ? AND box = ?",
-            (upto, above[-1] if above else upto, now, merchant, box),
+        top = above[-1] if above else upto
+        self._sql(
+            "UPDATE boxes SET upto = ?, max_seq = CASE WHEN max_seq > ? THEN max_seq ELSE ? END, "
+            "last_stored_at = ? WHERE merchant = ? AND box = ?",
+            (upto, top, top, now, merchant, box),
         )
         missing = []
         previous = upto
@@ -440,14 +445,14 @@ class Store:
             if seq > previous + 1:
                 missing.append((previous + 1, seq - 1))
             previous = seq
-        open_gaps = self.conn.execute(
+        open_gaps = self._sql(
             "SELECT first, last FROM gaps WHERE merchant = ? AND box = ? AND filled_at IS NULL",
             (merchant, box),
         ).fetchall()
         filled = []
         for first, last in open_gaps:
             if not any(a <= last and b >= first for a, b in missing):
-                self.conn.execute(
+                self._sql(
                     "UPDATE gaps SET filled_at = ? WHERE merchant = ? AND box = ? AND first = ? "
                     "AND last = ?",
                     (now, merchant, box, first, last),
@@ -456,9 +461,10 @@ class Store:
         detected = []
         for a, b in missing:
             if not any(first <= a and b <= last for first, last in open_gaps):
-                self.conn.execute(
-                    "INSERT OR REPLACE INTO gaps(merchant, box, first, last, detected_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
+                self._sql(
+                    "INSERT INTO gaps(merchant, box, first, last, detected_at) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (merchant, box, first, last) "
+                    "DO UPDATE SET detected_at = excluded.detected_at, filled_at = NULL",
                     (merchant, box, a, b, now),
                 )
                 detected.append(Gap(merchant, box, a, b))
@@ -474,7 +480,7 @@ class Store:
         digests = sorted({e.digest for e in candidates if e.digest is not None})
         for i in range(0, len(digests), 500):
             part = digests[i : i + 500]
-            rows = self.conn.execute(
+            rows = self._sql(
                 "SELECT digest, id, box FROM events e WHERE merchant = ? AND digest IN "
                 f"({','.join('?' * len(part))}) AND action = 'redeem' AND verdict = 'accepted' "
                 "AND uses_left = 0 AND balance IS NULL AND NOT EXISTS (SELECT 1 FROM events r "
@@ -492,9 +498,10 @@ class Store:
             for other_id, other_box in by_digest.get(digest, ()):
                 if other_box == event.box:
                     continue
-                cursor = self.conn.execute(
-                    "INSERT OR IGNORE INTO conflicts(merchant, digest, first_id, first_box, "
-                    "second_id, second_box, detected_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                cursor = self._sql(
+                    "INSERT INTO conflicts(merchant, digest, first_id, first_box, "
+                    "second_id, second_box, detected_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT DO NOTHING",
                     (merchant, digest, other_id, other_box, event.id, event.box, now),
                 )
                 if cursor.rowcount == 1:
@@ -512,7 +519,7 @@ class Store:
         for c in conflicts:
             ids += [c.first_id, c.second_id]
         marks = ",".join("?" * len(ids))
-        rows = self.conn.execute(
+        rows = self._sql(
             f"SELECT id, digest, uses, amount FROM events WHERE id IN ({marks}) "
             "AND consumed_seq IS NULL ORDER BY at_ms, id",
             ids,
@@ -522,19 +529,20 @@ class Store:
             for record_id, digest, uses, amount in rows
         )
         # Already inside the events transaction: allocate exactly like issue() does.
+        self.engine.lock([_allocator(merchant)])
         seq = max(self.latest_seq(merchant), self._legacy_last_seq(merchant)) + 1
         issued = _issued(sign(merchant, seq, entries))
-        self.conn.execute(
+        self._sql(
             f"INSERT INTO batches({_COLUMNS}, issued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 merchant, seq, Kind.CONSUMED.value, issued.count, issued.created_at,
                 issued.expires_at, issued.sha256, issued.data, int(time.time()),
             ),
         )  # fmt: skip
-        self.conn.executemany(
+        self.engine.executemany(
             "UPDATE events SET consumed_seq = ? WHERE id = ?", [(seq, r[0]) for r in rows]
         )
-        self.conn.executemany(
+        self.engine.executemany(
             "UPDATE conflicts SET consumed_seq = ? WHERE first_id = ? AND second_id = ?",
             [(seq, c.first_id, c.second_id) for c in conflicts],
         )
@@ -543,20 +551,20 @@ class Store:
     # ------------------------------------------------------------ reading back
 
     def high_water(self, merchant: str, box: str) -> int:
-        row = self.conn.execute(
+        row = self._sql(
             "SELECT upto FROM boxes WHERE merchant = ? AND box = ?", (merchant, box)
         ).fetchone()
         return row[0] if row else 0
 
     def open_gaps(self) -> list[Gap]:
-        rows = self.conn.execute(
+        rows = self._sql(
             "SELECT merchant, box, first, last FROM gaps WHERE filled_at IS NULL "
             "ORDER BY merchant, box, first"
         )
         return [Gap(*r) for r in rows]
 
     def conflicts(self) -> list[Conflict]:
-        rows = self.conn.execute(
+        rows = self._sql(
             "SELECT merchant, digest, first_box, first_id, second_box, second_id FROM conflicts "
             "ORDER BY detected_at, first_id, second_id"
         )
@@ -573,10 +581,10 @@ class Store:
         added = []
         with self._transaction():
             for box in boxes:
-                row = self.conn.execute("SELECT merchant FROM fleet WHERE box = ?", (box,))
+                row = self._sql("SELECT merchant FROM fleet WHERE box = ?", (box,))
                 known = row.fetchone()
                 if known is None:
-                    self.conn.execute(
+                    self._sql(
                         "INSERT INTO fleet(box, merchant, added_at) VALUES (?, ?, ?)",
                         (box, merchant, int(time.time())),
                     )
@@ -595,25 +603,25 @@ class Store:
         removed = []
         with self._transaction():
             for box in boxes:
-                if self.conn.execute("DELETE FROM fleet WHERE box = ?", (box,)).rowcount:
+                if self._sql("DELETE FROM fleet WHERE box = ?", (box,)).rowcount:
                     removed.append(box)
         return removed
 
     def fleet(self) -> dict[str, str]:
         """Every registered box and its merchant, {box: merchant}, in box order."""
-        rows = self.conn.execute("SELECT box, merchant FROM fleet ORDER BY merchant, box")
+        rows = self._sql("SELECT box, merchant FROM fleet ORDER BY merchant, box")
         return dict(rows.fetchall())
 
     def merchant_of(self, box: str) -> str | None:
         """The merchant `box` is registered for, or None for a box the backend does not know."""
-        row = self.conn.execute("SELECT merchant FROM fleet WHERE box = ?", (box,)).fetchone()
+        row = self._sql("SELECT merchant FROM fleet WHERE box = ?", (box,)).fetchone()
         return row[0] if row else None
 
     def seen_unregistered(self) -> list[tuple[str, str]]:
         """(merchant, box) with stored events but no such registration: after an upgrade,
         the boxes to `box add` before the collector takes their events again (and any
         records a box once wrote under another merchant, before the collector checked)."""
-        rows = self.conn.execute(
+        rows = self._sql(
             "SELECT merchant, box FROM boxes b WHERE NOT EXISTS (SELECT 1 FROM fleet f "
             "WHERE f.box = b.box AND f.merchant = b.merchant) ORDER BY merchant, box"
         )
@@ -630,18 +638,9 @@ def _consumes_last_use(event: Event) -> bool:
     )
 
 
-class _Immediate:
-    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error): take the write lock up front, so
-    reading the next sequence and inserting it cannot interleave with another writer."""
-
-    def __init__(self, conn: sqlite3.Connection):
-        self.conn = conn
-
-    def __enter__(self) -> None:
-        self.conn.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+def _allocator(merchant: str) -> tuple[str, str]:
+    """The lock a transaction holds while it takes `merchant`'s next batch sequence."""
+    return ("batches", merchant)
 
 
 def _issued(data: bytes) -> IssuedBatch:
@@ -664,17 +663,3 @@ def _issued(data: bytes) -> IssuedBatch:
 def _row_batch(row: tuple) -> IssuedBatch:
     merchant, seq, kind, count, created_at, expires_at, sha256, data = row
     return IssuedBatch(merchant, seq, Kind(kind), count, created_at, expires_at, sha256, data)
-
-
-def _private(path: Path) -> None:
-    """Make `path` readable by the backend's user only (0600), as its keys are, before
-    SQLite writes to it: it holds every box's ledger and every batch. SQLite gives the
-    -wal and -shm files the database's mode. A file an older release made 0644 is
-    narrowed too."""
-    with contextlib.suppress(FileExistsError):
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-        # Missing, or another user's (SQLite then says what it cannot open).
-        with contextlib.suppress(OSError):
-            if name.stat().st_mode & 0o077:
-                name.chmod(0o600)
