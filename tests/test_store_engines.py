@@ -1,0 +1,322 @@
+"""The backend store behaves the same on SQLite and on PostgreSQL: one suite, run on both.
+
+Every test takes `database` (None: the SQLite file backend.db; or a fresh database on
+the test PostgreSQL) and opens the real Store on it, so what passes here holds for the
+embedded default and for a fleet's shared PostgreSQL alike. The PostgreSQL server
+starts only when a PostgreSQL case runs.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from backend_helpers import record
+from conftest import KeySet
+from postgres import PostgreSQL, own_postgresql, postgresql, postgresql_url  # noqa: F401
+
+from backend.engines import open_engine
+from backend.events import Event, parse_message
+from backend.store import STEPS, Store, StoreError
+from cards import batch
+from cards.batch import Kind
+
+D1 = bytes.fromhex("d1" * 16)
+D2 = bytes.fromhex("d2" * 16)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest) -> str | None:
+    """How Store.open is told its database: None for SQLite, a URL for PostgreSQL."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("postgresql_url")
+
+
+@pytest.fixture
+def directory(tmp_path: Path) -> Path:
+    return tmp_path / "backend"
+
+
+@pytest.fixture
+def store(directory: Path, database: str | None) -> Iterator[Store]:
+    opened = Store.open(directory, database)
+    yield opened
+    opened.close()
+
+
+def events(box: str, *records: dict) -> list[Event]:
+    """Records as the collector has them: parsed from the box's events message."""
+    body = json.dumps({"v": 1, "box": box, "records": list(records)}).encode()
+    return parse_message(body, merchant="demo", box=box)
+
+
+def redeemed(seq: int, box: str, digest: bytes) -> dict:
+    """A single-use code's last use, accepted on `box`."""
+    return record(seq, box, action="redeem", digest=digest, uses=1, uses_left=0)
+
+
+def count(store: Store, table: str) -> int:
+    return store.engine.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+def signer(keyset: KeySet):
+    def sign(merchant: str, seq: int, entries: bytes) -> bytes:
+        return keyset.build(Kind.CONSUMED, entries, seq, merchant=merchant)
+
+    return sign
+
+
+# ------------------------------------------------------------------ events
+
+
+def test_the_same_record_sent_twice_is_stored_once(store: Store):
+    first, second = record(1, "box-1"), record(2, "box-1")
+    stored = store.store_events("demo", "box-1", events("box-1", first, second, first))
+    assert (stored.new, stored.duplicates, stored.upto) == (2, 1, 2)
+    again = store.store_events("demo", "box-1", events("box-1", second, first))
+    assert (again.new, again.duplicates, again.upto) == (0, 2, 2)
+    assert count(store, "events") == 2
+
+
+def test_the_high_water_mark_stops_at_a_gap_which_is_reported_until_filled(store: Store):
+    stored = store.store_events("demo", "box-1", events("box-1", record(1, "box-1"),
+                                                        record(4, "box-1")))  # fmt: skip
+    assert stored.upto == 1
+    assert [(g.first, g.last) for g in stored.gaps] == [(2, 3)]
+    assert len(stored.ids) == 1, "seq 4 is stored but above the mark"
+    assert [(g.box, g.first, g.last) for g in store.open_gaps()] == [("box-1", 2, 3)]
+    assert store.high_water("demo", "box-1") == 1
+
+    filled = store.store_events(
+        "demo", "box-1", events("box-1", record(2, "box-1"), record(3, "box-1"))
+    )
+    assert filled.upto == 4 and filled.ids == ()
+    assert [(g.first, g.last) for g in filled.filled] == [(2, 3)]
+    assert store.open_gaps() == []
+    assert store.high_water("demo", "box-1") == 4
+    assert store.high_water("demo", "box-2") == 0, "a box never heard of"
+
+
+def test_a_code_used_up_on_two_boxes_is_one_conflict_and_one_consumed_batch(
+    store: Store, keyset: KeySet
+):
+    first, second = redeemed(1, "box-1", D1), redeemed(1, "box-2", D1)
+    store.store_events("demo", "box-1", events("box-1", first), signer(keyset))
+    stored = store.store_events("demo", "box-2", events("box-2", second), signer(keyset))
+    [conflict] = stored.conflicts
+    assert (conflict.first_id, conflict.second_id) == (first["id"], second["id"])
+    assert (conflict.digest, conflict.first_box, conflict.second_box) == (
+        D1.hex(),
+        "box-1",
+        "box-2",
+    )
+    assert store.conflicts() == [conflict]
+    consumed = stored.consumed
+    assert consumed is not None and (consumed.seq, consumed.kind) == (1, Kind.CONSUMED)
+    assert store.batches("demo", 1, 1) == [consumed], "stored as signed, bytes and all"
+    assert store.unpublished() == [consumed]
+    store.mark_published("demo", 1)
+    assert store.unpublished() == []
+    # Told once: the same records again are duplicates, not a second conflict or batch.
+    again = store.store_events("demo", "box-2", events("box-2", second), signer(keyset))
+    assert (again.new, again.conflicts, again.consumed) == (0, (), None)
+    assert store.latest_seq("demo") == 1
+
+
+# ------------------------------------------------------------------ the allocator
+
+
+def test_issue_takes_the_next_sequence_and_refuses_a_taken_one(store: Store, keyset: KeySet):
+    def make(seq: int) -> bytes:
+        return keyset.build(Kind.REVOKE, batch.encode_digests([D1]), seq)
+
+    assert [store.issue("demo", Kind.REVOKE, make).seq for _ in range(3)] == [1, 2, 3]
+    assert store.issue("demo", Kind.REVOKE, make, seq=7).seq == 7
+    with pytest.raises(StoreError, match="already issued"):
+        store.issue("demo", Kind.REVOKE, make, seq=2)
+    assert store.latest_seq("demo") == 7 and store.merchants() == ["demo"]
+    assert [b.seq for b in store.batches("demo", 2, 7)] == [2, 3, 7]
+
+
+def test_two_connections_allocating_at_once_never_share_a_sequence(
+    directory: Path, database: str | None, keyset: KeySet
+):
+    """`issue` on one connection and the collector's consumed-elsewhere batches on
+    another, racing: every batch gets its own sequence, with none skipped."""
+    rounds = 15
+    issuer, collector = Store.open(directory, database), Store.open(directory, database)
+    started = threading.Barrier(2)
+    errors: list[BaseException] = []
+    seqs: list[int] = []
+
+    def make(seq: int) -> bytes:
+        return keyset.build(Kind.REVOKE, batch.encode_digests([D2]), seq)
+
+    def issuing() -> None:
+        started.wait()
+        seqs.extend(issuer.issue("demo", Kind.REVOKE, make).seq for _ in range(rounds))
+
+    def collecting() -> None:
+        started.wait()
+        for n in range(rounds):
+            digest = n.to_bytes(16, "big")
+            for box in ("box-1", "box-2"):
+                stored = collector.store_events(
+                    "demo", box, events(box, redeemed(n + 1, box, digest)), signer(keyset)
+                )
+            assert stored.consumed is not None
+            seqs.append(stored.consumed.seq)
+
+    def run(work) -> threading.Thread:
+        def guarded() -> None:
+            try:
+                work()
+            except BaseException as exc:  # reported below, with the thread's traceback
+                errors.append(exc)
+
+        thread = threading.Thread(target=guarded)
+        thread.start()
+        return thread
+
+    try:
+        for thread in [run(issuing), run(collecting)]:
+            thread.join(300)
+        assert errors == []
+        assert sorted(seqs) == list(range(1, 2 * rounds + 1))
+        assert [b.seq for b in issuer.batches("demo", 1, 2 * rounds)] == sorted(seqs)
+    finally:
+        issuer.close()
+        collector.close()
+
+
+# ------------------------------------------------------------------ fleet
+
+
+def test_a_box_is_registered_for_one_merchant_and_removed_keeping_its_records(store: Store):
+    assert store.add_boxes("acme", ["box-1", "box-2"]) == ["box-1", "box-2"]
+    assert store.add_boxes("acme", ["box-2", "box-3"]) == ["box-3"]
+    with pytest.raises(StoreError, match="registered for merchant acme"):
+        store.add_boxes("other", ["box-9", "box-1"])
+    assert store.fleet() == {"box-1": "acme", "box-2": "acme", "box-3": "acme"}, (
+        "nothing of a refused add is kept"
+    )
+    assert store.merchant_of("box-2") == "acme" and store.merchant_of("box-9") is None
+
+    store.store_events("demo", "box-2", events("box-2", record(1, "box-2")))
+    assert store.remove_boxes(["box-2", "box-7"]) == ["box-2"]
+    assert store.fleet() == {"box-1": "acme", "box-3": "acme"}
+    assert store.seen_unregistered() == [("demo", "box-2")]
+    assert count(store, "events") == 1
+
+
+# ------------------------------------------------------------------ schema
+
+
+def test_a_database_made_by_the_previous_version_is_migrated_keeping_its_data(
+    directory: Path, database: str | None
+):
+    previous = STEPS[:-1]  # the release before m002_fleet
+    engine = open_engine(directory, database, previous)
+    with engine.transaction():
+        engine.execute("INSERT INTO boxes(merchant, box, upto) VALUES (?, ?, ?)", ["demo", "b", 9])
+    engine.close()
+
+    store = Store.open(directory, database)
+    try:
+        assert store.high_water("demo", "b") == 9
+        assert store.add_boxes("demo", ["b"]) == ["b"]
+        assert store.seen_unregistered() == []
+        table = store.engine.migrations_table
+        names = [r[0] for r in store.engine.execute(f"SELECT name FROM {table} ORDER BY name")]
+        assert names == [name for name, _ in STEPS]
+    finally:
+        store.close()
+
+
+def test_processes_opening_a_new_database_together_migrate_it_once(
+    directory: Path, database: str | None
+):
+    opened: list[Store] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def opening() -> None:
+        start.wait()
+        try:
+            opened.append(Store.open(directory, database))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=opening) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    try:
+        assert errors == [] and len(opened) == 4
+        table = opened[0].engine.migrations_table
+        assert opened[0].engine.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == len(STEPS)
+    finally:
+        for each in opened:
+            each.close()
+
+
+def test_an_unknown_database_url_is_refused_with_the_forms_allowed(directory: Path):
+    with pytest.raises(StoreError, match="postgresql://user@host:port/name") as refused:
+        Store.open(directory, "mysql://root:secret@db/redeemd")
+    assert "secret" not in str(refused.value)
+
+
+# ------------------------------------------------------------------ PostgreSQL crashes
+
+
+def test_postgresql_killed_mid_run_loses_no_committed_event(
+    own_postgresql: PostgreSQL,  # noqa: F811
+    tmp_path: Path,
+):
+    url = own_postgresql.create_database()
+    store = Store.open(tmp_path, url)
+    committed: list[int] = []
+    failed: list[BaseException] = []
+    enough = threading.Event()
+    sent = [record(seq, "box-1") for seq in range(1, 10_001)]
+
+    def storing() -> None:
+        try:
+            for message in sent:
+                store.store_events("demo", "box-1", events("box-1", message))
+                committed.append(message["seq"])
+                if len(committed) == 20:
+                    enough.set()
+        except psycopg.OperationalError as exc:
+            failed.append(exc)
+        finally:
+            enough.set()
+
+    writer = threading.Thread(target=storing)
+    writer.start()
+    assert enough.wait(120)
+    own_postgresql.kill()
+    writer.join(120)
+    assert failed, "the writer saw the server go"
+    assert 20 <= len(committed) < len(sent)
+
+    own_postgresql.start()
+    store.close()
+    store = Store.open(tmp_path, url)
+    try:
+        kept = [r[0] for r in store.engine.execute("SELECT seq FROM events ORDER BY seq")]
+        assert kept[: len(committed)] == committed, "every committed event is there"
+        assert len(kept) <= len(committed) + 1, "at most the one in flight besides"
+        assert store.high_water("demo", "box-1") == len(kept)
+        # The box resends what it has no ack for: stored once, the mark moves on.
+        upto = len(kept) + 50
+        resent = store.store_events("demo", "box-1", events("box-1", *sent[:upto]))
+        assert (resent.upto, resent.new, resent.duplicates) == (upto, 50, len(kept))
+    finally:
+        store.close()
