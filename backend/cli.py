@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import re
 import signal
 import sys
@@ -17,7 +19,7 @@ from backend.connection import BrokerUrlError
 from backend.export import ExportError, export, parse_seqs, pick_merchant
 from backend.keystore import Keystore, KeystoreError, utc
 from backend.publish import DEFAULT_PREFIX, Publisher
-from backend.store import Store, StoreError
+from backend.store import DATABASE_ENV, Store, StoreError
 from cards import batch, keys, signed_code
 from cards.batch import BatchError, Kind
 from cards.card import CardError, parse_card
@@ -36,6 +38,13 @@ examples:
   redeemd-backend collect --dir keys/ --broker mqtt://127.0.0.1:1883
   redeemd-backend box add --dir keys/ --merchant acme box-0042
   redeemd-backend export --dir keys/ --out /media/usb/ 4-6
+
+The backend's records (batches, box events, the fleet) are in {dir}/backend.db, or in
+PostgreSQL with --database postgresql://user@host:port/name (or the environment
+variable REDEEMD_BACKEND_DATABASE), which publishers and collectors on several hosts
+can share:
+  redeemd-backend collect --dir keys/ --broker mqtt://broker:1883 \\
+      --database postgresql://redeemd@db.internal/redeemd
 """
 
 
@@ -50,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args)
+        with _database(getattr(args, "database", None)):  # `box` alone has no options
+            return args.func(args)
     except (
         KeystoreError,
         UsageError,
@@ -172,8 +182,33 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def key_directory(parser: argparse.ArgumentParser) -> None:
-    """--dir, which every command (and every `box` action) takes."""
+    """--dir and --database, which every command (and every `box` action) takes."""
     parser.add_argument("--dir", type=Path, required=True, help="the backend's key directory")
+    parser.add_argument(
+        "--database",
+        metavar="URL",
+        help="the backend's records in PostgreSQL: postgresql://user[:password]@host[:port]/name "
+        f"(default: ${DATABASE_ENV}, else the SQLite file backend.db in --dir)",
+    )
+
+
+@contextlib.contextmanager
+def _database(url: str | None):
+    """--database for the length of one command: the store reads it from the environment
+    wherever the command opens it (the collector, the publisher, the box commands), so
+    it is set here once rather than handed through each of them."""
+    if url is None:
+        yield
+        return
+    before = os.environ.get(DATABASE_ENV)
+    os.environ[DATABASE_ENV] = url
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[DATABASE_ENV]
+        else:
+            os.environ[DATABASE_ENV] = before
 
 
 def _duration(text: str) -> float:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import time
 import uuid
@@ -48,6 +49,9 @@ from cards import batch
 from cards.batch import Kind
 
 LEGACY_SEQUENCES = "sequence.json"
+DATABASE_ENV = "REDEEMD_BACKEND_DATABASE"
+"""The database URL when none is given: how every backend process of one deployment
+(publish, collect, issue, box ...) finds the same PostgreSQL without repeating it."""
 
 # The schema's steps, in order, each applied once per database. Written as SQLite DDL;
 # backend/engines.py gives PostgreSQL the same steps (BIGINT, BYTEA) under the same names.
@@ -219,11 +223,13 @@ class Store:
 
     @classmethod
     def open(cls, directory: Path, database: str | None = None) -> Store:
-        """Open (creating and migrating if needed) the backend's database: with no
-        `database`, the SQLite file `{directory}/backend.db`; with a
-        postgresql://user@host:port/name URL, that PostgreSQL database. `directory`
-        still holds the keys (and a legacy sequence.json) either way."""
+        """Open (creating and migrating if needed) the backend's database: with a
+        postgresql://user@host:port/name URL (`database`, else $REDEEMD_BACKEND_DATABASE),
+        that PostgreSQL database; with neither, the SQLite file `{directory}/backend.db`.
+        `directory` still holds the keys (and a legacy sequence.json) either way."""
         directory.mkdir(parents=True, exist_ok=True)
+        if database is None:
+            database = os.environ.get(DATABASE_ENV) or None
         try:
             engine = open_engine(directory, database, STEPS)
         except EngineError as exc:

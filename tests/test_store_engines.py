@@ -9,19 +9,23 @@ starts only when a PostgreSQL case runs.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from backend_helpers import record
-from conftest import KeySet
+from backend_helpers import make_backend, record
+from broker import free_port
+from conftest import ROOT, KeySet
 from postgres import PostgreSQL, own_postgresql, postgresql, postgresql_url  # noqa: F401
 
 from backend.engines import open_engine
 from backend.events import Event, parse_message
-from backend.store import STEPS, Store, StoreError
+from backend.store import DATABASE_ENV, STEPS, Store, StoreError
 from cards import batch
 from cards.batch import Kind
 
@@ -320,3 +324,54 @@ def test_postgresql_killed_mid_run_loses_no_committed_event(
         assert (resent.upto, resent.new, resent.duplicates) == (upto, 50, len(kept))
     finally:
         store.close()
+
+
+# ------------------------------------------------------------------ the CLI
+
+
+def backend_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k != DATABASE_ENV}
+    return subprocess.run(
+        [sys.executable, "-m", "backend.cli", *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        env={**environment, "PYTHONPATH": str(ROOT), **(env or {})},
+    )  # fmt: skip
+
+
+def test_the_cli_keeps_its_records_in_the_postgresql_given_by_flag_or_environment(
+    postgresql_url: str,  # noqa: F811
+    tmp_path: Path,
+):
+    directory = tmp_path / "backend"
+    make_backend(directory, merchants=("demo",))
+    added = backend_cli("box", "add", "--dir", str(directory), "--merchant", "demo",
+                        "--database", postgresql_url, "box-1")  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    issued = backend_cli(
+        "issue", "--dir", str(directory), "--merchant", "demo", "--out", str(tmp_path / "1.rdb"),
+        "--input", str(ROOT / "backend/demo/codes.csv"), env={DATABASE_ENV: postgresql_url},
+    )  # fmt: skip
+    assert issued.returncode == 0, issued.stderr
+    listed = backend_cli("box", "list", "--dir", str(directory), env={DATABASE_ENV: postgresql_url})
+    assert listed.stdout.splitlines() == ["demo\tbox-1"], listed.stderr
+
+    assert not (directory / "backend.db").exists(), "nothing went to the SQLite file"
+    store = Store.open(directory, postgresql_url)
+    try:
+        assert store.fleet() == {"box-1": "demo"}
+        assert store.latest_seq("demo") == 1
+    finally:
+        store.close()
+    # Without flag or variable: the SQLite file, which knows none of it.
+    sqlite = backend_cli("box", "list", "--dir", str(directory))
+    assert sqlite.stdout.startswith("no boxes registered"), sqlite.stdout
+
+
+def test_the_cli_says_which_database_it_cannot_reach(tmp_path: Path):
+    directory = tmp_path / "backend"
+    make_backend(directory, merchants=("demo",))
+    url = f"postgresql://redeemd:secret@127.0.0.1:{free_port()}/redeemd"
+    refused = backend_cli("box", "list", "--dir", str(directory), "--database", url)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("redeemd-backend: cannot connect to postgresql://redeemd:***@")
+    assert "secret" not in refused.stderr
