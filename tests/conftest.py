@@ -17,6 +17,10 @@ from pathlib import Path
 
 import pytest
 
+# One PostgreSQL for the whole session, shared by every module that asks (tests/postgres.py);
+# registered here, since a fixture imported into a module is that module's own.
+from postgres import own_postgresql, postgresql, postgresql_url  # noqa: F401
+
 from cards import batch, keys
 from cards.batch import CodeStatus, Kind
 from cards.digest import code_digest

@@ -13,9 +13,9 @@ PostgreSQL fails the test with what to install.
     >>> server.kill(); server.start()         # a crash, then recovery from the WAL
     >>> server.cleanup()
 
-Fixtures: `postgresql` (one server for the session, started by the first test that asks
-for it), `postgresql_url` (a fresh database on it for one test) and `own_postgresql` (a
-server of the test's own, for tests that stop or kill it).
+Fixtures, registered in conftest.py: `postgresql` (one server for the whole session,
+started by the first test that asks for it), `postgresql_url` (a fresh database on it for
+one test) and `own_postgresql` (a server of the test's own, to stop or kill).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-from postgres import PostgreSQL, own_postgresql, postgresql, postgresql_url  # noqa: F401
+from postgres import PostgreSQL
 
 
 def _rows(url: str) -> list[tuple]:
@@ -13,7 +13,7 @@ def _rows(url: str) -> list[tuple]:
         return conn.execute("SELECT id, note FROM t ORDER BY id").fetchall()
 
 
-def test_a_committed_row_survives_kill_and_restart(own_postgresql: PostgreSQL):  # noqa: F811
+def test_a_committed_row_survives_kill_and_restart(own_postgresql: PostgreSQL):
     url = own_postgresql.create_database()
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, note TEXT)")
@@ -35,7 +35,7 @@ def test_a_committed_row_survives_kill_and_restart(own_postgresql: PostgreSQL): 
     assert _rows(url) == [(1, "before restart"), (2, "committed")]
 
 
-def test_each_test_gets_an_empty_database_of_its_own(postgresql, postgresql_url):  # noqa: F811
+def test_each_test_gets_an_empty_database_of_its_own(postgresql, postgresql_url):
     with psycopg.connect(postgresql_url) as conn:
         (name,) = conn.execute("SELECT current_database()").fetchone()
         tables = conn.execute(

@@ -21,7 +21,7 @@ import pytest
 from backend_helpers import make_backend, record
 from broker import free_port
 from conftest import ROOT, KeySet
-from postgres import PostgreSQL, own_postgresql, postgresql, postgresql_url  # noqa: F401
+from postgres import PostgreSQL
 
 from backend.engines import open_engine
 from backend.events import Event, parse_message
@@ -280,7 +280,7 @@ def test_an_unknown_database_url_is_refused_with_the_forms_allowed(directory: Pa
 
 
 def test_postgresql_killed_mid_run_loses_no_committed_event(
-    own_postgresql: PostgreSQL,  # noqa: F811
+    own_postgresql: PostgreSQL,
     tmp_path: Path,
 ):
     url = own_postgresql.create_database()
@@ -339,7 +339,7 @@ def backend_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
 
 
 def test_the_cli_keeps_its_records_in_the_postgresql_given_by_flag_or_environment(
-    postgresql_url: str,  # noqa: F811
+    postgresql_url: str,
     tmp_path: Path,
 ):
     directory = tmp_path / "backend"
