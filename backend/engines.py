@@ -225,8 +225,14 @@ class PostgreSQL(Engine):
         return self.conn.transaction()
 
     def lock(self, keys: Iterable[tuple[str, ...]]) -> None:
-        for key in sorted({advisory_key(*k) for k in keys}):
-            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+        ordered = sorted({advisory_key(*k) for k in keys})
+        if ordered:
+            # One round trip for a group commit's hundreds of keys: unnest yields the
+            # array in its order, so they are taken in the sorted order.
+            self.conn.execute(
+                "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k",
+                (ordered,),
+            )
 
     def _migrate(self, steps: Sequence[Step]) -> None:
         with self.conn.transaction():
