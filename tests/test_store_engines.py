@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -147,6 +147,26 @@ def test_issue_takes_the_next_sequence_and_refuses_a_taken_one(store: Store, key
     assert [b.seq for b in store.batches("demo", 2, 7)] == [2, 3, 7]
 
 
+def racing(*works: Callable[[], None]) -> list[BaseException]:
+    """Run `works` on threads released together; the errors they raised."""
+    start = threading.Barrier(len(works))
+    errors: list[BaseException] = []
+
+    def guarded(work: Callable[[], None]) -> None:
+        start.wait()
+        try:
+            work()
+        except BaseException as exc:  # the test asserts there were none
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(work,)) for work in works]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    return errors
+
+
 def test_two_connections_allocating_at_once_never_share_a_sequence(
     directory: Path, database: str | None, keyset: KeySet
 ):
@@ -154,19 +174,15 @@ def test_two_connections_allocating_at_once_never_share_a_sequence(
     another, racing: every batch gets its own sequence, with none skipped."""
     rounds = 15
     issuer, collector = Store.open(directory, database), Store.open(directory, database)
-    started = threading.Barrier(2)
-    errors: list[BaseException] = []
     seqs: list[int] = []
 
     def make(seq: int) -> bytes:
         return keyset.build(Kind.REVOKE, batch.encode_digests([D2]), seq)
 
     def issuing() -> None:
-        started.wait()
         seqs.extend(issuer.issue("demo", Kind.REVOKE, make).seq for _ in range(rounds))
 
     def collecting() -> None:
-        started.wait()
         for n in range(rounds):
             digest = n.to_bytes(16, "big")
             for box in ("box-1", "box-2"):
@@ -176,26 +192,48 @@ def test_two_connections_allocating_at_once_never_share_a_sequence(
             assert stored.consumed is not None
             seqs.append(stored.consumed.seq)
 
-    def run(work) -> threading.Thread:
-        def guarded() -> None:
-            try:
-                work()
-            except BaseException as exc:  # reported below, with the thread's traceback
-                errors.append(exc)
-
-        thread = threading.Thread(target=guarded)
-        thread.start()
-        return thread
-
     try:
-        for thread in [run(issuing), run(collecting)]:
-            thread.join(300)
-        assert errors == []
+        assert racing(issuing, collecting) == []
         assert sorted(seqs) == list(range(1, 2 * rounds + 1))
         assert [b.seq for b in issuer.batches("demo", 1, 2 * rounds)] == sorted(seqs)
     finally:
         issuer.close()
         collector.close()
+
+
+def test_two_connections_storing_at_once_keep_marks_and_find_every_conflict(
+    directory: Path, database: str | None
+):
+    """Two collectors, each with its own connection, commit at the same moment: one
+    half of a box's records each, and each box's redemption of the same code. The
+    high-water mark still ends at the top, with no gap left open, and every double
+    redemption is found although neither commit saw the other's record when it began."""
+    rounds = 30
+    first, second = Store.open(directory, database), Store.open(directory, database)
+    together = threading.Barrier(2)
+
+    def collecting(store: Store, box: str, parity: int) -> Callable[[], None]:
+        def work() -> None:
+            for n in range(rounds):
+                digest = n.to_bytes(16, "big")
+                together.wait(60)  # both commits of a round start at once
+                # The shared box's seqs 2n+1 and 2n+2: one to each collector.
+                store.store_events(
+                    "demo", "shared", events("shared", record(2 * n + parity, "shared"))
+                )
+                together.wait(60)
+                store.store_events("demo", box, events(box, redeemed(n + 1, box, digest)))
+
+        return work
+
+    try:
+        assert racing(collecting(first, "box-1", 1), collecting(second, "box-2", 2)) == []
+        assert first.high_water("demo", "shared") == 2 * rounds
+        assert first.open_gaps() == []
+        assert len(first.conflicts()) == rounds
+    finally:
+        first.close()
+        second.close()
 
 
 # ------------------------------------------------------------------ fleet
