@@ -131,11 +131,11 @@ class Commands:
         return {"ok": True, "status": status}
 
     def _check(self, request: dict) -> dict:
-        code = _text(request, "code", required=True)
-        return self._answer(self.engine.check(code, source="api"))  # type: ignore[arg-type]
+        code = _required(request, "code")
+        return self._answer(self.engine.check(code, source="api"))
 
     def _redeem(self, request: dict) -> dict:
-        key = _text(request, "key", required=True, limit=MAX_KEY)
+        key = _required(request, "key", limit=MAX_KEY)
         code = _text(request, "code")
         check_id = _text(request, "check_id")
         if (code is None) == (check_id is None):
@@ -160,17 +160,18 @@ class Commands:
                 )
             text, source = check.text, check.source
         else:
-            text, source = code, "api"  # type: ignore[assignment]
+            assert code is not None  # exactly one of code and check_id, checked above
+            text, source = code, "api"
         result = self.engine.redeem(
             text, source, amount=amount, uses=uses, operator=operator,
             request=RequestKey(key, fingerprint),
         )  # fmt: skip
-        if check_id is not None and result.accepted:
+        if check_id is not None and isinstance(result, Verdict) and result.accepted:
             del self._checks[check_id]
         return self._recorded(result)
 
     def _reverse(self, request: dict) -> dict:
-        record_id = _text(request, "record_id", required=True)
+        record_id = _required(request, "record_id")
         key = _text(request, "key", limit=MAX_KEY)
         operator = _text(request, "operator", limit=MAX_OPERATOR)
         request_key = None
@@ -180,14 +181,14 @@ class Commands:
             if replay is not None:
                 return replay
             request_key = RequestKey(key, fingerprint)
-        result = self.engine.reverse(record_id, "api", operator=operator, request=request_key)  # type: ignore[arg-type]
+        result = self.engine.reverse(record_id, "api", operator=operator, request=request_key)
         return self._recorded(result)
 
     def _manual(self, request: dict) -> dict:
-        code = _text(request, "code", required=True)
+        code = _required(request, "code")
         # A lone surrogate ("\ud800") becomes bytes that are not UTF-8: `malformed`, as
         # from a scanner, instead of an exception.
-        raw = code.encode("utf-8", "surrogatepass")  # type: ignore[union-attr]
+        raw = code.encode("utf-8", "surrogatepass")
         scan = Scan(code=raw, source="manual", at=time.time())
         result = self.engine.handle(scan)
         if isinstance(result, Repeat):
@@ -201,7 +202,7 @@ class Commands:
         response = self._answer(result)
         if "check_id" in event:
             response["check_id"] = event["check_id"]
-        self._last_manual = (code, response)  # type: ignore[assignment]
+        self._last_manual = (code, response)
         return response
 
     # ------------------------------------------------------------------ pieces
@@ -277,10 +278,15 @@ class Commands:
         return {"ok": True, "verdict": recorded.verdict, "replayed": True}
 
 
-def _text(request: dict, name: str, required: bool = False, limit: int = 0) -> str | None:
-    value = request.get(name)
-    if value is None and not required:
+def _text(request: dict, name: str, limit: int = 0) -> str | None:
+    """An optional text field: None when absent."""
+    if request.get(name) is None:
         return None
+    return _required(request, name, limit)
+
+
+def _required(request: dict, name: str, limit: int = 0) -> str:
+    value = request.get(name)
     if not isinstance(value, str) or not value:
         raise RequestError(Error.BAD_REQUEST, f'"{name}" must be a non-empty string')
     if limit and len(value) > limit:

@@ -143,7 +143,7 @@ class Engine:
         if repeat is not None:
             return repeat
         result = self._write(scan, digest, self._decide, text, digest, scan, SCAN)
-        if type(result) is PaymentCode:
+        if isinstance(result, PaymentCode):
             self._debounce.decided(source, digest, True)  # passed on to the POS app: a good read
         elif result.reason is not Reason.STORAGE_ERROR:
             self._debounce.decided(source, digest, result.accepted)
@@ -180,7 +180,7 @@ class Engine:
             )
         digest = self._digest(norm.text)
         found = self._look_up(norm.text, digest, CHECK)
-        if type(found) is PaymentPass:
+        if isinstance(found, PaymentPass):
             return PaymentCode(found.scheme, norm.text, source)
         return self._answer(found, digest, source)
 
@@ -233,7 +233,7 @@ class Engine:
     ) -> Verdict | PaymentCode:
         """Look up, evaluate and record, inside the caller's write transaction."""
         found = self._look_up(text, digest, ask)
-        if type(found) is PaymentPass:
+        if isinstance(found, PaymentPass):
             return PaymentCode(found.scheme, text, scan.source)
         return self._record(found, digest, scan, ask, operator, request)
 
@@ -309,7 +309,7 @@ class Engine:
             self._resync_seq()
             return Verdict(Outcome.REJECTED, Action.REJECT, Reason.STORAGE_ERROR, str(exc),
                            short(digest), source=scan.source)  # fmt: skip
-        if type(result) is Verdict and result.box_seq is not None:  # a ledger row committed
+        if isinstance(result, Verdict) and result.box_seq is not None:  # a ledger row committed
             self._next_seq += 1
             self.alarm = None
         return result

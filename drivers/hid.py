@@ -58,7 +58,6 @@ _VID_PID = re.compile(r"([0-9a-fA-F]{4}):([0-9a-fA-F]{4})")
 class InputDeviceLike(Protocol):
     """What the driver uses of `evdev.InputDevice`."""
 
-    path: str
     name: str
 
     @property
@@ -294,9 +293,8 @@ class HidScanner:
             watcher = self.backend.watch(self._link_dirs())
             self._rescan(readers, state)
             while not stop.is_set() and not self._closed.is_set():
-                ready, _, _ = select.select(
-                    [wake_r, watcher, *readers.values()], [], [], self._timeout(readers)
-                )
+                watched: list[int | Watcher | _Reader] = [wake_r, watcher, *readers.values()]
+                ready, _, _ = select.select(watched, [], [], self._timeout(readers))
                 if wake_r in ready:
                     _drain(wake_r)
                     continue

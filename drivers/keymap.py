@@ -367,7 +367,7 @@ class KeyDecoder:
         depressed = _serialize_mods(state, _DEPRESSED)
         latched, _, layout_depressed, layout_latched, _ = self._others
         busy = depressed or latched or layout_depressed or layout_latched
-        tables = (
+        tables: _StateTables = (
             {},
             {},
             self._state_obj.mod_index_is_active(self._alt, _PUBLIC.XKB_STATE_MODS_DEPRESSED),
