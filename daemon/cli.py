@@ -263,7 +263,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             )
         except batch_import.ImportRefused as exc:
             raise CommandError(f"{path}: refused, nothing applied: {exc}") from None
-        engine._refresh(force=True)  # same connection: data_version does not change
+        engine.reload()
         print(f"{path}: {result.describe()}")
     return 0
 

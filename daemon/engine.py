@@ -123,6 +123,11 @@ class Engine:
             cache_time=self.cache_time,
         )
 
+    def reload(self) -> None:
+        """Read cards, issuer keys and the time floor again after a batch was applied
+        through this engine's own connection, which PRAGMA data_version does not see."""
+        self._refresh(force=True)
+
     def now(self) -> int:
         """Wall time, never earlier than the newest signed time verified (boxes without
         an RTC boot in 1970)."""
