@@ -189,7 +189,13 @@ class PostgreSQL(Engine):
 
     @classmethod
     def open(cls, url: str, steps: Sequence[Step]) -> PostgreSQL:
-        import psycopg  # only a backend on PostgreSQL needs the driver loaded
+        try:
+            import psycopg  # only a backend on PostgreSQL needs the driver loaded
+        except ImportError:
+            raise EngineError(
+                f"{redact(url)} needs the PostgreSQL driver, which is not installed: "
+                "install redeemd with its postgresql extra (pip install 'redeemd[postgresql]')"
+            ) from None
 
         try:
             # autocommit: a statement outside `transaction()` commits by itself, as on

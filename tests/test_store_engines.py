@@ -413,3 +413,22 @@ def test_the_cli_says_which_database_it_cannot_reach(tmp_path: Path):
     assert refused.returncode == 1
     assert refused.stderr.startswith("redeemd-backend: cannot connect to postgresql://redeemd:***@")
     assert "secret" not in refused.stderr
+
+
+def test_a_postgresql_url_without_the_driver_names_the_extra_to_install(tmp_path: Path):
+    # A box installs redeemd without the postgresql extra; a backend set up the same way
+    # must say what to install rather than fail with an ImportError.
+    script = (
+        "import sys; sys.modules['psycopg'] = None\n"
+        "from pathlib import Path\n"
+        "from backend.store import Store, StoreError\n"
+        "try:\n"
+        f"    Store.open(Path({str(tmp_path)!r}), 'postgresql://redeemd:hunter2@127.0.0.1:1/x')\n"
+        "except StoreError as exc:\n"
+        "    print(exc)\n"
+    )
+    said = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert "pip install 'redeemd[postgresql]'" in said, said
+    assert "hunter2" not in said and "redeemd:***@127.0.0.1:1" in said
