@@ -19,6 +19,10 @@ backend.db) can run side by side. For every message, in this order:
    them for good);
 4. publish the consumed batch and re-sign the manifest so the other boxes learn it.
 
+It also follows every registered box's retained status, `{p}/+/box/+/status`, with a
+plain subscription, and keeps the latest per box in the store (backend/box_status.py),
+for `redeemd-backend boxes`.
+
     >>> collector = Collector(Path("keys/"), "mqtt://127.0.0.1:1883", group="acme")
     >>> collector.start()   # a thread; collector.run(stop_event) blocks instead
     >>> collector.stop()
@@ -36,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from backend import publish
+from backend.box_status import StatusRecorder
 from backend.connection import Connection, Message, default_client_id
 from backend.events import Event, EventError, parse_message
 from backend.keystore import Keystore, KeystoreError
@@ -89,6 +94,7 @@ class Collector:
         # malformed), and when each was last reported.
         self.refused: Counter[str] = Counter()
         self._refusal_said: dict[str, float] = {}
+        self.statuses = StatusRecorder(self.prefix, say)
 
     @property
     def topic(self) -> str:
@@ -116,6 +122,7 @@ class Collector:
         self._unpublished = [b for b in store.unpublished() if b.kind is Kind.CONSUMED]
         self._say_fleet(store)
         self.link.subscribe(self.topic)
+        self.link.subscribe(self.statuses.topic)
         self.link.on_message(self._inbox.put)
         self.link.start()
         try:
@@ -161,6 +168,9 @@ class Collector:
     def _handle(self, store: Store, messages: list[Message]) -> None:
         parsed: list[tuple[str, str, list[Event]]] = []
         for message in messages:
+            if self.statuses.is_status(message.topic):
+                self.statuses.record(store, message)
+                continue
             parts = message.topic[len(self.prefix) + 1 :].split("/")
             if len(parts) != 4 or parts[1] != "box" or parts[3] != "events":
                 continue

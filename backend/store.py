@@ -144,7 +144,41 @@ M002_FLEET = """
         );
 """
 
-STEPS: list[Step] = [("m001_initial", M001_INITIAL), ("m002_fleet", M002_FLEET)]
+M003_BOX_STATUS = """
+        -- Each box's latest retained status (docs/protocol.md 16.5), as the collector last
+        -- received it: `redeemd-backend boxes` answers "which boxes are offline, behind on
+        -- batches, holding unsent records" from here. Times without `box_` are the
+        -- backend's clock (when it learned), box_at is the box's own (floored) clock.
+        CREATE TABLE box_status (
+            merchant TEXT NOT NULL,
+            box TEXT NOT NULL,
+            state TEXT NOT NULL,
+            -- when the backend first saw this state (online/offline) after another one
+            since INTEGER NOT NULL,
+            -- when the box itself last spoke (a status; its last will is the broker's)
+            last_seen INTEGER,
+            box_at INTEGER,
+            version TEXT,
+            cache_seq INTEGER,
+            cache_age_s INTEGER,
+            outbox_depth INTEGER,
+            outbox_oldest_age_s INTEGER,
+            publish_error TEXT,
+            drivers TEXT,
+            stuck TEXT,
+            alarm TEXT,
+            -- the message as received: a redelivered retained copy is recognised by it
+            raw TEXT NOT NULL,
+            received_at INTEGER NOT NULL,
+            PRIMARY KEY (merchant, box)
+        );
+"""
+
+STEPS: list[Step] = [
+    ("m001_initial", M001_INITIAL),
+    ("m002_fleet", M002_FLEET),
+    ("m003_box_status", M003_BOX_STATUS),
+]
 
 
 class StoreError(RuntimeError):
@@ -205,6 +239,52 @@ class Stored:
     filled: tuple[Gap, ...]
     conflicts: tuple[Conflict, ...]
     consumed: IssuedBatch | None
+
+
+@dataclass(frozen=True)
+class BoxStatus:
+    """One status message of a box, parsed (backend/box_status.py). A last will carries
+    only `state` ("offline"); everything else is None, and the store keeps what the
+    box said last."""
+
+    state: str
+    raw: str
+    will: bool = False
+    box_at: int | None = None
+    version: str | None = None
+    cache_seq: int | None = None
+    cache_age_s: int | None = None
+    outbox_depth: int | None = None
+    outbox_oldest_age_s: int | None = None
+    publish_error: str | None = None
+    drivers: tuple[dict[str, Any], ...] = ()
+    stuck: str | None = None
+    alarm: str | None = None
+
+
+@dataclass(frozen=True)
+class BoxRow:
+    """A registered box and its latest status as stored; `state` is None for a box
+    that never sent one (then every status field is None too)."""
+
+    merchant: str
+    box: str
+    added_at: int
+    latest_seq: int
+    state: str | None = None
+    since: int | None = None
+    last_seen: int | None = None
+    box_at: int | None = None
+    version: str | None = None
+    cache_seq: int | None = None
+    cache_age_s: int | None = None
+    outbox_depth: int | None = None
+    outbox_oldest_age_s: int | None = None
+    publish_error: str | None = None
+    drivers: tuple[dict[str, Any], ...] = ()
+    stuck: str | None = None
+    alarm: str | None = None
+    received_at: int | None = None
 
 
 SignConsumed = Callable[[str, int, bytes], bytes]
@@ -622,6 +702,107 @@ class Store:
         """The merchant `box` is registered for, or None for a box the backend does not know."""
         row = self._sql("SELECT merchant FROM fleet WHERE box = ?", (box,)).fetchone()
         return row[0] if row else None
+
+    # ------------------------------------------------------------ box status
+
+    def record_status(self, merchant: str, box: str, status: BoxStatus, now: int) -> bool:
+        """Keep `status` as `box`'s latest; False if nothing changed.
+
+        The same message again (the broker redelivers the retained status to every new
+        subscription, so on each collector's reconnect, and to every collector) changes
+        nothing, not even the times. `since` moves only when the state does. A last will
+        marks the box offline and keeps what the box itself said last (cache_seq,
+        outbox ...), which is still the best knowledge of it.
+        """
+        with self._transaction():
+            # Several collectors receive every status: one writer per box at a time.
+            self.engine.lock([("status", merchant, box)])
+            row = self._sql(
+                "SELECT state, since, raw FROM box_status WHERE merchant = ? AND box = ?",
+                (merchant, box),
+            ).fetchone()
+            if row is not None and row[2] == status.raw:
+                return False
+            since = row[1] if row is not None and row[0] == status.state else now
+            if status.will:
+                if row is None:
+                    self._sql(
+                        "INSERT INTO box_status(merchant, box, state, since, raw, received_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (merchant, box, status.state, since, status.raw, now),
+                    )
+                else:
+                    self._sql(
+                        "UPDATE box_status SET state = ?, since = ?, raw = ?, received_at = ? "
+                        "WHERE merchant = ? AND box = ?",
+                        (status.state, since, status.raw, now, merchant, box),
+                    )
+                return True
+            values = (
+                status.state, since, now, status.box_at, status.version, status.cache_seq,
+                status.cache_age_s, status.outbox_depth, status.outbox_oldest_age_s,
+                status.publish_error, json.dumps(list(status.drivers)), status.stuck,
+                status.alarm, status.raw, now,
+            )  # fmt: skip
+            self._sql(
+                "INSERT INTO box_status(merchant, box, state, since, last_seen, box_at, version, "
+                "cache_seq, cache_age_s, outbox_depth, outbox_oldest_age_s, publish_error, "
+                "drivers, stuck, alarm, raw, received_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (merchant, box) DO UPDATE SET state = excluded.state, "
+                "since = excluded.since, last_seen = excluded.last_seen, "
+                "box_at = excluded.box_at, version = excluded.version, "
+                "cache_seq = excluded.cache_seq, cache_age_s = excluded.cache_age_s, "
+                "outbox_depth = excluded.outbox_depth, "
+                "outbox_oldest_age_s = excluded.outbox_oldest_age_s, "
+                "publish_error = excluded.publish_error, drivers = excluded.drivers, "
+                "stuck = excluded.stuck, alarm = excluded.alarm, raw = excluded.raw, "
+                "received_at = excluded.received_at",
+                (merchant, box, *values),
+            )
+        return True
+
+    def box_rows(self) -> list[BoxRow]:
+        """Every registered box with its latest status (or none yet) and its merchant's
+        latest batch sequence, in merchant and box order. A status kept for a box since
+        unregistered is left out, as the collector leaves out its messages."""
+        latest: dict[str, int] = {}
+        rows = self._sql(
+            "SELECT f.merchant, f.box, f.added_at, s.state, s.since, s.last_seen, s.box_at, "
+            "s.version, s.cache_seq, s.cache_age_s, s.outbox_depth, s.outbox_oldest_age_s, "
+            "s.publish_error, s.drivers, s.stuck, s.alarm, s.received_at FROM fleet f "
+            "LEFT JOIN box_status s ON s.merchant = f.merchant AND s.box = f.box "
+            "ORDER BY f.merchant, f.box"
+        ).fetchall()
+        result = []
+        for merchant, box, added_at, *status in rows:
+            if merchant not in latest:
+                latest[merchant] = max(self.latest_seq(merchant), self._legacy_last_seq(merchant))
+            (state, since, last_seen, box_at, version, cache_seq, cache_age_s, depth, oldest,
+             publish_error, drivers, stuck, alarm, received_at) = status  # fmt: skip
+            result.append(
+                BoxRow(
+                    merchant=merchant,
+                    box=box,
+                    added_at=added_at,
+                    latest_seq=latest[merchant],
+                    state=state,
+                    since=since,
+                    last_seen=last_seen,
+                    box_at=box_at,
+                    version=version,
+                    cache_seq=cache_seq,
+                    cache_age_s=cache_age_s,
+                    outbox_depth=depth,
+                    outbox_oldest_age_s=oldest,
+                    publish_error=publish_error,
+                    drivers=tuple(json.loads(drivers)) if drivers else (),
+                    stuck=stuck,
+                    alarm=alarm,
+                    received_at=received_at,
+                )  # fmt: skip
+            )
+        return result
 
     def seen_unregistered(self) -> list[tuple[str, str]]:
         """(merchant, box) with stored events but no such registration: after an upgrade,

@@ -23,6 +23,7 @@ from broker import free_port
 from conftest import ROOT, KeySet
 from postgres import PostgreSQL
 
+from backend.box_status import parse_status
 from backend.engines import open_engine
 from backend.events import Event, parse_message
 from backend.store import DATABASE_ENV, STEPS, Store, StoreError
@@ -432,3 +433,94 @@ def test_a_postgresql_url_without_the_driver_names_the_extra_to_install(tmp_path
     ).stdout
     assert "pip install 'redeemd[postgresql]'" in said, said
     assert "hunter2" not in said and "redeemd:***@127.0.0.1:1" in said
+
+
+# ------------------------------------------------------------------ box status
+
+
+def status_message(box: str, state: str = "online", **members: object) -> bytes:
+    """A box's own status message (protocol.md 16.5), as sync/status.py writes it."""
+    doc: dict[str, object] = {
+        "v": 1, "box": box, "state": state, "version": "0.1.0", "at": 1_780_000_000,
+        "cache_seq": 2, "cache_age_s": 5, "outbox_depth": 0, "outbox_oldest_age_s": None,
+        "publish_error": None, "drivers": [], "alarm": None, "stuck": None,
+        "manifests_ignored": 0,
+    }  # fmt: skip
+    doc.update(members)
+    return json.dumps(doc).encode()
+
+
+def test_a_box_status_is_kept_once_and_its_last_will_marks_it_offline_since_then(store: Store):
+    store.add_boxes("demo", ["box-1", "box-2"])
+    scanner = {"name": "front", "kind": "serial", "state": "disconnected", "message": "unplugged",
+               "last_scan": None, "scans": 0, "restarts": 3}  # fmt: skip
+    online = parse_status(
+        status_message("box-1", cache_seq=3, outbox_depth=4, outbox_oldest_age_s=90,
+                       drivers=[scanner], stuck="batch 4 refused"), "box-1"
+    )  # fmt: skip
+    assert store.record_status("demo", "box-1", online, now=1000) is True
+    assert store.record_status("demo", "box-1", online, now=1100) is False, (
+        "a retained status redelivered changes nothing"
+    )
+    later = parse_status(status_message("box-1", cache_seq=4, at=1_780_000_060), "box-1")
+    assert store.record_status("demo", "box-1", later, now=1200) is True
+
+    rows = {row.box: row for row in store.box_rows()}
+    one = rows["box-1"]
+    assert (one.state, one.since, one.last_seen, one.cache_seq, one.outbox_depth) == (
+        "online",
+        1000,
+        1200,
+        4,
+        0,
+    ), "online since the first status, seen at the last"
+    assert rows["box-2"].state is None and rows["box-2"].last_seen is None, "never seen"
+    assert one.latest_seq == store.latest_seq("demo") == 0
+
+    will = parse_status(b'{"v":1,"box":"box-1","state":"offline"}', "box-1")
+    assert store.record_status("demo", "box-1", will, now=1300) is True
+    assert store.record_status("demo", "box-1", will, now=1400) is False
+    one = store.box_rows()[0]
+    assert (one.state, one.since, one.last_seen, one.received_at) == ("offline", 1300, 1200, 1300)
+    assert one.cache_seq == 4, "the last will keeps what the box said last"
+
+    first = store.box_rows()[0]
+    store.record_status("demo", "box-1", online, now=1500)
+    back = store.box_rows()[0]
+    assert (back.state, back.since, back.drivers) == ("online", 1500, (scanner,))
+    assert (back.outbox_oldest_age_s, back.stuck) == (90, "batch 4 refused")
+    assert first.state == "offline"
+
+
+def test_a_status_kept_for_a_box_since_removed_is_not_listed(store: Store):
+    store.add_boxes("demo", ["box-1"])
+    store.record_status("demo", "box-1", parse_status(status_message("box-1"), "box-1"), now=1)
+    store.remove_boxes(["box-1"])
+    assert store.box_rows() == []
+
+
+def test_a_database_at_m002_gains_the_status_table_keeping_its_data(
+    directory: Path, database: str | None
+):
+    names = [name for name, _ in STEPS]
+    engine = open_engine(directory, database, STEPS[: names.index("m002_fleet") + 1])
+    with engine.transaction():
+        engine.execute(
+            "INSERT INTO fleet(box, merchant, added_at) VALUES (?, ?, ?)", ["b", "demo", 5]
+        )
+        engine.execute("INSERT INTO boxes(merchant, box, upto) VALUES (?, ?, ?)", ["demo", "b", 9])
+    engine.close()
+
+    store = Store.open(directory, database)
+    try:
+        assert store.fleet() == {"b": "demo"} and store.high_water("demo", "b") == 9
+        [row] = store.box_rows()
+        assert (row.box, row.added_at, row.state) == ("b", 5, None)
+        status = parse_status(status_message("b", cache_seq=7), "b")
+        assert store.record_status("demo", "b", status, now=10)
+        assert store.box_rows()[0].cache_seq == 7
+        table = store.engine.migrations_table
+        applied = [r[0] for r in store.engine.execute(f"SELECT name FROM {table} ORDER BY name")]
+        assert applied == names and "m003_box_status" in applied
+    finally:
+        store.close()
