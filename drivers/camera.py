@@ -265,39 +265,29 @@ class CameraScanner:
         make_decoder: Callable[[], FrameDecoder] = ZbarDecoder,
     ):
         self.name = name
-        self.settings = s = CameraSettings.of(settings)  # keys and defaults: drivers/settings.py
-        self.device = s.device
-        self.width = s.width
-        self.height = s.height
-        self.fps = s.fps
-        self.ffmpeg = s.ffmpeg
-        self.input_format = s.input_format
-        self.rescan_after = s.rescan_after
-        self.min_sightings_1d = s.min_sightings_1d
-        self.no_frame_timeout = s.no_frame_timeout
+        # Keys and defaults: drivers/settings.py. Read from here, not copied: one source.
+        self.settings = CameraSettings.of(settings)
         self.make_decoder = make_decoder
         self._frames: FfmpegFrames | None = None
         self._lock = threading.Lock()
 
     def command(self) -> list[str]:
-        return ffmpeg_command(
-            self.ffmpeg, self.device, self.width, self.height, self.fps, self.input_format
-        )
+        s = self.settings
+        return ffmpeg_command(s.ffmpeg, s.device, s.width, s.height, s.fps, s.input_format)
 
     def run(self, emit: Callable[[Scan], None], stop: threading.Event, state: DriverState) -> None:
+        s = self.settings
         decoder = self.make_decoder()
         command = self.command()
-        command[0] = find_ffmpeg(self.ffmpeg)
-        deduper = Deduper(self.rescan_after, self.min_sightings_1d)
+        command[0] = find_ffmpeg(s.ffmpeg)
+        deduper = Deduper(s.rescan_after, s.min_sightings_1d)
         # After the checks above: a box without ffmpeg or zbar needs fixing (error)
         # whether or not its camera is plugged in.
-        shape = (self.height, self.width)
-        frames = FfmpegFrames(
-            self.name, self.device, command, shape, self.fps, stop, self.no_frame_timeout
-        )
+        shape = (s.height, s.width)
+        frames = FfmpegFrames(self.name, s.device, command, shape, s.fps, stop, s.no_frame_timeout)
         with self._lock:
             self._frames = frames
-        progress = _Progress(state, self.device, self.width, self.height)
+        progress = _Progress(state, s.device, s.width, s.height)
         try:
             while not stop.is_set() and (image := frames.next()) is not None:
                 progress.frame(frames.skipped)

@@ -237,14 +237,10 @@ class HidScanner:
         backend: InputBackend | None = None,
     ):
         self.name = name
-        self.settings = s = HidSettings.of(settings)  # keys and defaults: drivers/settings.py
-        self.device = s.device
-        self.layout = s.layout
-        self.grab = s.grab
-        self.gap = s.gap
-        self.min_length = s.min_length
+        # Keys and defaults: drivers/settings.py. Read from here, not copied: one source.
+        self.settings = HidSettings.of(settings)
         self.backend: InputBackend = backend or EvdevBackend()
-        KeyDecoder(self.layout)  # an unknown layout fails here, at configuration time
+        KeyDecoder(self.settings.layout)  # an unknown layout fails here, at configuration time
         self._closed = threading.Event()
         self._wake_w: int | None = None
         self._wake_lock = threading.Lock()
@@ -252,26 +248,29 @@ class HidScanner:
     # --- matching ----------------------------------------------------------------------
 
     def _wanted_path(self) -> str | None:
-        if not self.device.startswith("/"):
+        wanted = self.settings.device
+        if not wanted.startswith("/"):
             return None
-        return self.backend.resolve(self.device)
+        return self.backend.resolve(wanted)
 
     def _link_dirs(self) -> tuple[str, ...]:
-        if not self.device.startswith("/"):
+        wanted = self.settings.device
+        if not wanted.startswith("/"):
             return ()
-        directory = os.path.dirname(self.device)
+        directory = os.path.dirname(wanted)
         return () if directory in (DEV_INPUT, os.path.join(DEV_INPUT, "by-id")) else (directory,)
 
     def _matches(self, device: InputDeviceLike) -> bool:
-        if self.device.startswith("/"):
+        wanted = self.settings.device
+        if wanted.startswith("/"):
             return True  # chosen by path before opening
-        vid_pid = _VID_PID.fullmatch(self.device)
+        vid_pid = _VID_PID.fullmatch(wanted)
         if vid_pid:
             return (device.info.vendor, device.info.product) == (
                 int(vid_pid.group(1), 16),
                 int(vid_pid.group(2), 16),
             )
-        return fnmatch.fnmatchcase(device.name.lower(), self.device.lower())
+        return fnmatch.fnmatchcase(device.name.lower(), wanted.lower())
 
     # --- the device loop ---------------------------------------------------------------
 
@@ -373,7 +372,8 @@ class HidScanner:
         self._report(readers, state, denied)
 
     def _attach(self, readers: dict[str, _Reader], path: str, device: InputDeviceLike) -> None:
-        if self.grab:
+        s = self.settings
+        if s.grab:
             try:
                 device.grab()
             except OSError as exc:
@@ -382,8 +382,8 @@ class HidScanner:
         readers[path] = _Reader(
             path,
             device,
-            KeyDecoder(self.layout, gap=self.gap, min_length=self.min_length),
-            grabbed=self.grab,
+            KeyDecoder(s.layout, gap=s.gap, min_length=s.min_length),
+            grabbed=s.grab,
         )
         log.info("scanner %s: reading %s (%s)", self.name, path, device.name)
 
@@ -415,13 +415,13 @@ class HidScanner:
             state.state = Status.ERROR
             state.message = (
                 f"{len(denied)} input devices could not be opened (permission denied), so "
-                f"none seen matches {self.device!r}: add the user redeemd runs as to the "
+                f"none seen matches {self.settings.device!r}: add the user redeemd runs as to the "
                 "'input' group"
             )
         else:
             state.state = Status.DISCONNECTED
             state.message = (
-                f"no input device matches {self.device!r}; waiting for it to be plugged in"
+                f"no input device matches {self.settings.device!r}; waiting for it to be plugged in"
             )
 
     def _release(self, readers: dict[str, _Reader]) -> None:

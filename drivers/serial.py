@@ -72,17 +72,8 @@ class SerialScanner:
         """`settings`: the [[scanner]] block's, or a mapping checked against the same
         model (drivers/settings.py holds every key's type and default)."""
         self.name = name
+        # Every setting is read from here, not copied into attributes: one source each.
         self.settings = s = SerialSettings.of(settings)
-        self.port = s.port
-        self.baudrate = s.baudrate
-        self.bytesize = s.bytesize
-        self.parity = s.parity
-        self.stopbits = s.stopbits
-        self.flow = s.flow
-        self.terminator = s.terminator
-        self.idle_gap = s.idle_gap
-        self.prefix = s.prefix.encode("utf-8")
-        self.suffix = s.suffix.encode("utf-8")
         self.commands: Feedback = feedback_from(
             {"feedback": s.feedback, "good_read": s.good_read, "bad_read": s.bad_read}
         )
@@ -94,14 +85,16 @@ class SerialScanner:
     @property
     def line(self) -> str:
         """Line settings as a technician writes them: "9600 8N1"."""
-        return f"{self.baudrate} {self.bytesize}{_PARITY[self.parity]}{self.stopbits}"
+        s = self.settings
+        return f"{s.baudrate} {s.bytesize}{_PARITY[s.parity]}{s.stopbits}"
 
     def framer(self) -> SerialFramer:
         """A fresh framer for this scanner's settings (one per connection)."""
+        s = self.settings
         return SerialFramer(
-            terminator=self.terminator,
-            prefix=self.prefix,
-            suffix=self.suffix,
+            terminator=s.terminator,
+            prefix=s.prefix.encode("utf-8"),
+            suffix=s.suffix.encode("utf-8"),
             strip_leading=self.commands.replies,
         )
 
@@ -133,7 +126,7 @@ class SerialScanner:
         """Read and frame until stopped; raise DeviceGone when the device goes away."""
         with self._lock:
             self._port = port
-        where = f"{self.port} -> {device}" if device != self.port else self.port
+        where = self._where(device)
         opened = f"{where} {self.line}"
         state.state = Status.CONNECTED
         state.message = f"open {opened}"
@@ -144,20 +137,21 @@ class SerialScanner:
         # to framer.idle(). Once only: a partial read waiting for its terminator stays in
         # the framer, and waiting for the idle gap again would be select(0) in a loop.
         quiet_due = False
+        idle_gap = self.settings.idle_gap  # bound once: the loop reads it on every read
         last_data = last_check = time.monotonic()
         try:
             while not self._stopping(stop):
                 now = time.monotonic()
                 wait = POLL
                 if quiet_due:
-                    wait = max(0.0, min(POLL, last_data + self.idle_gap - now))
+                    wait = max(0.0, min(POLL, last_data + idle_gap - now))
                 data = self._read(port, wait)
                 now = time.monotonic()
                 if data:
                     frames = framer.feed(data)
                     last_data = now
                     quiet_due = True
-                elif quiet_due and now - last_data >= self.idle_gap:
+                elif quiet_due and now - last_data >= idle_gap:
                     # Also after reads that left nothing pending: a runaway line that was
                     # dropped exactly at a read boundary is still being skipped.
                     frames = framer.idle()
@@ -221,20 +215,21 @@ class SerialScanner:
     def _open(self) -> tuple[serial.Serial, str]:
         # Resolve at every (re)open: /dev/serial/by-id/... follows the device to whatever
         # ttyACMn it got this time.
-        device = os.path.realpath(self.port)
+        s = self.settings
+        device = os.path.realpath(s.port)
         if not os.path.exists(device):
             raise DeviceGone(
-                f"{self.port} is not there (scanner disconnected, or wrong path: "
+                f"{s.port} is not there (scanner disconnected, or wrong path: "
                 "`redeemd devices` lists serial ports); waiting for it"
             )
         port = serial.Serial()
         port.port = device
-        port.baudrate = self.baudrate
-        port.bytesize = self.bytesize
-        port.parity = _PARITY[self.parity]
-        port.stopbits = self.stopbits
-        port.rtscts = self.flow == "rtscts"
-        port.xonxoff = self.flow == "xonxoff"
+        port.baudrate = s.baudrate
+        port.bytesize = s.bytesize
+        port.parity = _PARITY[s.parity]
+        port.stopbits = s.stopbits
+        port.rtscts = s.flow == "rtscts"
+        port.xonxoff = s.flow == "xonxoff"
         port.timeout = 0  # we wait in select(); a read takes only what is there
         port.write_timeout = WRITE_TIMEOUT
         # flock(LOCK_EX|LOCK_NB): a second redeemd (or anything else using pyserial's
@@ -246,22 +241,26 @@ class SerialScanner:
             raise self._refusal(device, exc) from None
         return port, device
 
+    def _where(self, device: str) -> str:
+        """The configured path, and the device it leads to when that differs (a by-id link)."""
+        path = self.settings.port
+        return f"{path} -> {device}" if device != path else path
+
     def _refusal(self, device: str, exc: Exception) -> DriverError:
         """What a failed open() means for the technician: DeviceGone if the device is
         simply not there, DriverError naming the fix otherwise."""
         code = _errno_of(exc)
-        where = f"{self.port} -> {device}" if device != self.port else self.port
+        path = self.settings.port
+        where = self._where(device)
         if code in (errno.EWOULDBLOCK, errno.EAGAIN) or "exclusively lock" in str(exc):
-            return DriverError(_in_use(self.port, device))
+            return DriverError(_in_use(path, device))
         if code == errno.EACCES:
             return DriverError(
-                f"{self.port}: permission denied; add the redeemd user to the group owning "
+                f"{path}: permission denied; add the redeemd user to the group owning "
                 f"{device} (usually dialout) or install the udev rule from systemd/"
             )
         if code == errno.EBUSY:
-            return DriverError(
-                f"{self.port} is busy (opened exclusively by another program); stop it"
-            )
+            return DriverError(f"{path} is busy (opened exclusively by another program); stop it")
         if code == errno.ENOTTY:
             # pyserial's "Could not configure port: (25, ...)": the open worked, but the
             # file takes no terminal settings (/dev/null, a plain file, a disk).
@@ -271,8 +270,8 @@ class SerialScanner:
                 "`redeemd devices` lists serial ports"
             )
         if code in _GONE_ERRNOS:
-            return DeviceGone(f"{self.port} disconnected while opening it ({exc}); waiting for it")
-        return DriverError(f"{self.port}: cannot open it: {exc}")
+            return DeviceGone(f"{path} disconnected while opening it ({exc}); waiting for it")
+        return DriverError(f"{path}: cannot open it: {exc}")
 
     def _read(self, port: serial.Serial, wait: float) -> bytes:
         try:
@@ -283,14 +282,15 @@ class SerialScanner:
             return port.read(port.in_waiting or 1)
         except (serial.SerialException, OSError, ValueError) as exc:
             raise DeviceGone(
-                f"{self.port} disconnected ({exc}); waiting for it to come back"
+                f"{self.settings.port} disconnected ({exc}); waiting for it to come back"
             ) from None
 
     def _check_path(self, device: str) -> None:
         # A by-id link that vanished or moved means the device we hold is gone, even if
         # its tty has not hung up (yet).
-        if os.path.realpath(self.port) != device or not os.path.exists(device):
-            raise DeviceGone(f"{self.port} disconnected (the path no longer leads to {device})")
+        path = self.settings.port
+        if os.path.realpath(path) != device or not os.path.exists(device):
+            raise DeviceGone(f"{path} disconnected (the path no longer leads to {device})")
 
 
 def _errno_of(exc: Exception) -> int | None:

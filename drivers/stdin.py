@@ -22,15 +22,15 @@ class StreamScanner:
     def __init__(self, name: str, settings: StdinSettings | Mapping[str, object]):
         self.name = name
         self.settings = StdinSettings.of(settings)
-        self.path = self.settings.path
 
     def run(self, emit: Callable[[Scan], None], stop: threading.Event, state: DriverState) -> None:
-        if self.path == "-":
+        path = self.settings.path
+        if path == "-":
             fd, owned = sys.stdin.fileno(), False
         else:
             # O_RDWR on a FIFO: the read end never sees EOF when a writer goes away, so
             # an integration can reopen it at will.
-            fd, owned = os.open(self.path, os.O_RDWR | os.O_NONBLOCK), True
+            fd, owned = os.open(path, os.O_RDWR | os.O_NONBLOCK), True
         state.state = Status.CONNECTED
         framer = LineFramer()
         try:

@@ -375,7 +375,11 @@ def test_scanner_settings_reach_the_driver_as_the_typed_model(tmp_path, key_dir)
     assert scanner.settings.idle_gap == pytest.approx(0.02)
     driver = SerialScanner(scanner.name, scanner.settings)
     assert driver.settings is scanner.settings
-    assert (driver.line, driver.idle_gap, driver.commands.good) == ("19200 8N1", 0.02, b"\x07")
+    assert (driver.line, driver.settings.idle_gap, driver.commands.good) == (
+        "19200 8N1",
+        0.02,
+        b"\x07",
+    )
 
 
 def test_a_driver_built_by_hand_gets_the_models_defaults_and_refuses_a_misspelt_key():
@@ -387,8 +391,12 @@ def test_a_driver_built_by_hand_gets_the_models_defaults_and_refuses_a_misspelt_
 
     driver = SerialScanner("counter", {"port": "/dev/ttyS9"})
     assert driver.settings == SerialSettings(port="/dev/ttyS9")
-    assert (driver.line, driver.terminator, driver.idle_gap) == ("9600 8N1", "auto", 0.05)
-    assert StreamScanner("stdin", {}).path == "-"
+    assert (driver.line, driver.settings.terminator, driver.settings.idle_gap) == (
+        "9600 8N1",
+        "auto",
+        0.05,
+    )
+    assert StreamScanner("stdin", {}).settings.path == "-"
     with pytest.raises(ValidationError, match="baudrat"):
         SerialScanner("counter", {"port": "/dev/ttyS9", "baudrat": 19200})
 

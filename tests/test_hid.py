@@ -470,7 +470,8 @@ def test_config_file_scanner_block_builds_hid_driver(tmp_path, keyset):
     config = write_box(tmp_path, keyset, extra=block).config
     driver = make_driver(config.scanners[0])
     assert isinstance(driver, HidScanner)
-    assert (driver.device, driver.layout, driver.grab, driver.gap, driver.min_length) == (
+    s = driver.settings
+    assert (s.device, s.layout, s.grab, s.gap, s.min_length) == (
         "Honeywell*",
         "uk",
         True,
