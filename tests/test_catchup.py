@@ -12,14 +12,16 @@ is refused again and again asks ever more slowly and says why.
 # ruff: noqa: F811  (the broker fixture is imported, then named as a parameter)
 from __future__ import annotations
 
+import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from backend_helpers import CliProcess
 from broker import broker  # noqa: F401  (fixture)
-from conftest import CREATED, DEMO_CARDS, FAR, make_keyset, wait_for, write_box
+from conftest import CREATED, DEMO_CARDS, FAR, KeySet, make_keyset, wait_for, write_box
 from fleet import Daemon, FleetBox, backend_cli
 
 from backend.keystore import Keystore
@@ -192,21 +194,47 @@ def test_a_box_back_after_a_year_catches_up_by_file_from_export(tmp_path, broker
 # ---------------------------------------------------------------------- no endless loop
 
 
-def test_a_refused_next_batch_is_asked_for_ever_more_slowly_and_the_box_says_why(loaded_box):
+@dataclass
+class Waiting:
+    """An intake on a box that holds batches 1 and 2 and has been told batch 3 exists:
+    what it asks for is recorded at the time of `now`, which the test moves."""
+
+    keyset: KeySet
+    conn: sqlite3.Connection
+    intake: Intake
+    requests: list[float]
+    now: float
+
+
+@pytest.fixture
+def waiting(loaded_box) -> Iterator[Waiting]:
     keyset = loaded_box.keyset
     conn = open_database(loaded_box.database)
-    requests: list[float] = []
-    clock = [float(time.time())]
+
+    def publish(topic: str, payload: bytes) -> tuple[int, int]:
+        state.requests.append(state.now)
+        return (0, 0)
+
     intake = Intake(
         conn, merchant="demo", roots=keyset.roots, max_batch_bytes=1 << 20,
-        request_topic="request", publish=lambda topic, payload: requests.append(clock[0]) or (0, 0),
-        retry=30.0, clock=lambda: clock[0],
+        request_topic="request", publish=publish, retry=30.0, clock=lambda: state.now,
     )  # fmt: skip
-    signed = manifest.build(
-        keyset.issuer_private, keyset.delegation, merchant="demo", latest_seq=3,
-        created_at=CREATED, expires_at=FAR,
+    state = Waiting(keyset, conn, intake, requests=[], now=float(time.time()))
+    intake.on_manifest(
+        "manifest",
+        manifest.build(
+            keyset.issuer_private, keyset.delegation, merchant="demo", latest_seq=3,
+            created_at=CREATED, expires_at=FAR,
+        ),
     )  # fmt: skip
-    intake.on_manifest("manifest", signed)
+    try:
+        yield state
+    finally:
+        conn.close()
+
+
+def test_a_refused_next_batch_is_asked_for_ever_more_slowly_and_the_box_says_why(waiting):
+    keyset, intake, requests = waiting.keyset, waiting.intake, waiting.requests
     expired = keyset.issue_batch({"NEW-0001": 1}, seq=3, expires_at=CREATED + 60)
     # A backend that answers every request with the stored, expired batch.
     for _ in range(2 * DAY // 10):
@@ -215,12 +243,12 @@ def test_a_refused_next_batch_is_asked_for_ever_more_slowly_and_the_box_says_why
         if len(requests) > before:
             for chunk in batch.split(expired):
                 intake.on_chunk("box/batches/3", 3, chunk)
-        clock[0] += 10
+        waiting.now += 10
     gaps = [b - a for a, b in zip(requests, requests[1:], strict=False)]
     assert max(gaps) >= STUCK_BACKOFF_MAX * 30 > RETRY_BACKOFF_MAX * 30
     assert len(requests) < 60, "two days of asking, most of them an hour apart"
     assert intake.stuck and "batch 3 refused" in intake.stuck and "expired" in intake.stuck
-    assert trust.state(conn, "demo").last_seq == 2
+    assert trust.state(waiting.conn, "demo").last_seq == 2
 
     # The backend re-signs it: applied, and the box is no longer stuck.
     fresh = batch.resign(
@@ -229,41 +257,22 @@ def test_a_refused_next_batch_is_asked_for_ever_more_slowly_and_the_box_says_why
     )  # fmt: skip
     for chunk in batch.split(fresh):
         intake.on_chunk("box/batches/3", 3, chunk)
-    assert trust.state(conn, "demo").last_seq == 3
+    assert trust.state(waiting.conn, "demo").last_seq == 3
     assert intake.stuck is None
-    conn.close()
 
 
-def test_a_box_whose_requests_go_unanswered_says_so_and_keeps_asking_at_the_usual_pace(
-    loaded_box,
-):
-    keyset = loaded_box.keyset
-    conn = open_database(loaded_box.database)
-    requests: list[float] = []
-    clock = [float(time.time())]
-    intake = Intake(
-        conn, merchant="demo", roots=keyset.roots, max_batch_bytes=1 << 20,
-        request_topic="request", publish=lambda topic, payload: requests.append(clock[0]) or (0, 0),
-        retry=30.0, clock=lambda: clock[0],
-    )  # fmt: skip
-    intake.on_manifest(
-        "manifest",
-        manifest.build(
-            keyset.issuer_private, keyset.delegation, merchant="demo", latest_seq=3,
-            created_at=CREATED, expires_at=FAR,
-        ),
-    )  # fmt: skip
+def test_a_box_whose_requests_go_unanswered_says_so_and_keeps_asking_at_the_usual_pace(waiting):
+    intake, requests = waiting.intake, waiting.requests
     for _ in range(3 * 3600 // 10):
         intake.tick()
-        clock[0] += 10
+        waiting.now += 10
     assert intake.stuck and "batch 3 never arrived" in intake.stuck
     gaps = [b - a for a, b in zip(requests, requests[1:], strict=False)]
     assert max(gaps) == RETRY_BACKOFF_MAX * 30, "lost messages are asked for again soon"
 
-    for chunk in batch.split(keyset.issue_batch({"NEW-0001": 1}, seq=3)):
+    for chunk in batch.split(waiting.keyset.issue_batch({"NEW-0001": 1}, seq=3)):
         intake.on_chunk("box/batches/3", 3, chunk)
-    assert trust.state(conn, "demo").last_seq == 3 and intake.stuck is None
-    conn.close()
+    assert trust.state(waiting.conn, "demo").last_seq == 3 and intake.stuck is None
 
 
 @pytest.fixture
