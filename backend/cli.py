@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from backend import box_commands, codes_csv
+from backend import box_commands, boxes_view, codes_csv
 from backend.collect import DEFAULT_GROUP, Collector
 from backend.connection import BrokerUrlError
 from backend.export import ExportError, export, parse_seqs, pick_merchant
@@ -37,6 +37,7 @@ examples:
   redeemd-backend publish --dir keys/ --broker mqtt://127.0.0.1:1883
   redeemd-backend collect --dir keys/ --broker mqtt://127.0.0.1:1883
   redeemd-backend box add --dir keys/ --merchant acme box-0042
+  redeemd-backend boxes --dir keys/ --offline 1h
   redeemd-backend export --dir keys/ --out /media/usb/ 4-6
 
 The backend's records (batches, box events, the fleet) are in {dir}/backend.db, or in
@@ -178,6 +179,31 @@ def _parser() -> argparse.ArgumentParser:
         help="shared subscription group; collectors in one group split the load",
     )
     box_commands.add_to(commands)
+    p = command(
+        "boxes",
+        cmd_boxes,
+        "Show each box's state, last seen, cache and outbox (from its status).",
+        "redeemd-backend boxes --dir keys/",
+        "redeemd-backend boxes --dir keys/ --offline 1h --merchant acme",
+        "redeemd-backend boxes --dir keys/ --behind --json",
+        details="Filters narrow together. The collector keeps each box's latest status; "
+        "docs/backend.md says what each column means and what to do.",
+    )
+    p.add_argument(
+        "--offline",
+        nargs="?",
+        type=_duration,
+        const=0.0,
+        metavar="DURATION",
+        help="only boxes not online (or never seen) for at least DURATION (like 1h; "
+        "default: any time)",
+    )
+    p.add_argument(
+        "--behind", action="store_true", help="only boxes whose cache_seq is below the latest batch"
+    )
+    p.add_argument("--holding", action="store_true", help="only boxes with records not yet acked")
+    p.add_argument("--merchant", help="only this merchant's boxes")
+    p.add_argument("--json", action="store_true", help="one JSON object: {at, boxes: [...]}")
     return parser
 
 
@@ -251,6 +277,35 @@ def cmd_collect(args: argparse.Namespace) -> int:
         flush=True,
     )
     return _until_signalled(collector.run)
+
+
+def cmd_boxes(args: argparse.Namespace) -> int:
+    store = Store.open(args.dir)
+    try:
+        rows = store.box_rows()
+    finally:
+        store.close()
+    now = int(time.time())
+    entries = boxes_view.select(
+        boxes_view.view(rows, now),
+        offline=args.offline,
+        behind=args.behind,
+        holding=args.holding,
+        merchant=args.merchant,
+    )
+    if args.json:
+        print(json.dumps({"at": now, "boxes": entries}, indent=1))
+        return 0
+    if not rows:
+        print(f"no boxes registered: redeemd-backend box add --dir {args.dir} --merchant M BOX")
+    elif args.merchant is not None and all(r.merchant != args.merchant for r in rows):
+        known = ", ".join(sorted({r.merchant for r in rows}))
+        raise UsageError(f"no box is registered for merchant {args.merchant} (merchants: {known})")
+    elif not entries:
+        print(f"none of the {len(rows)} registered box(es) match")
+    else:
+        print(boxes_view.table(entries, now))
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
