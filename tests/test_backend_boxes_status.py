@@ -18,6 +18,8 @@ from broker import broker  # noqa: F401  (fixture)
 from conftest import wait_for
 from fleet import Fleet, backend_cli
 
+from backend.box_status import StatusError, parse_status
+
 
 @pytest.fixture
 def fleet(tmp_path, broker):
@@ -110,3 +112,36 @@ def test_boxes_shows_who_is_online_behind_offline_and_holding_records(fleet):
     assert boxes(fleet, "--holding", "--merchant", "other") == {}
     human = backend_cli("boxes", "--dir", str(fleet.backend), "--holding").stdout
     assert "box-a" in human and "3 (oldest" in human and "box-b" not in human, human
+
+
+GOOD = {
+    "v": 1, "box": "box-1", "state": "online", "version": "0.1.0", "at": 1_780_000_000,
+    "cache_seq": 2, "cache_age_s": 5, "outbox_depth": 0, "outbox_oldest_age_s": None,
+    "publish_error": None, "drivers": [], "alarm": None, "stuck": None, "manifests_ignored": 0,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        (b"\xff\xfe", "not JSON"),
+        (b"[1]", "not a JSON object"),
+        (json.dumps({**GOOD, "v": 2}).encode(), "this backend reads v=1"),
+        (json.dumps({**GOOD, "box": "box-2"}).encode(), "does not match the topic's box"),
+        (json.dumps({**GOOD, "state": "asleep"}).encode(), "not online or offline"),
+        (json.dumps({**GOOD, "cache_seq": "7"}).encode(), "cache_seq must be an integer"),
+        (json.dumps({**GOOD, "outbox_depth": -1}).encode(), "outbox_depth must be an integer"),
+        (json.dumps({**GOOD, "cache_age_s": 1.5}).encode(), "cache_age_s must be an integer"),
+        (json.dumps({**GOOD, "stuck": 3}).encode(), "stuck must be a string"),
+        (json.dumps({**GOOD, "drivers": [{"kind": "hid"}]}).encode(), "drivers must be"),
+        (b'{"v":1,"box":"box-1","state":"online"}', "must be the last will"),
+    ],
+)
+def test_a_bad_status_is_refused_saying_what_is_wrong(payload: bytes, why: str):
+    with pytest.raises(StatusError, match=why):
+        parse_status(payload, "box-1")
+
+
+def test_a_status_with_members_this_backend_does_not_know_is_read():
+    later = parse_status(json.dumps({**GOOD, "battery": 80}).encode(), "box-1")
+    assert (later.state, later.cache_seq, later.will) == ("online", 2, False)
