@@ -1,0 +1,227 @@
+"""The camera's decoders read every symbology as a hardware scanner sends it.
+
+Symbols are generated (zxing-cpp's writer; segno for the Shift-JIS and ECI QR codes that
+need a chosen encoding), decoded through the camera's `FrameDecoder`s and held to the
+exact bytes and AIM identifier the ledger records (docs/scanners.md, "What the camera
+sends"). Each case runs for every decoder that can read its symbology: zxing-cpp reads
+them all; zbar (decoder = "zbar") reads QR, EAN/UPC, Code 128, Code 39 and ITF, without
+Full ASCII, GS1 separators or Latin-1. Real photos from ../shared/corpus/barcodes follow.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import segno
+import zxingcpp
+from PIL import Image
+
+from drivers.zxing_decoder import SYMBOLOGIES, ZxingDecoder, check_symbologies, ean13_form
+
+F = zxingcpp.BarcodeFormat
+CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus" / "barcodes"
+
+
+def symbol(content: str | bytes, format: zxingcpp.BarcodeFormat, **options: object) -> np.ndarray:
+    """A generated symbol as a grey frame: 3 pixels a module, a white margin around."""
+    barcode = zxingcpp.create_barcode(content, format, **options)
+    image = np.asarray(zxingcpp.write_barcode_to_image(barcode, scale=3))
+    return np.pad(image, 24, constant_values=255)
+
+
+def qr(text: str, **options: object) -> np.ndarray:
+    """A QR code made by segno, which lets the test choose the encoding and ECI."""
+    buffer = io.BytesIO()
+    segno.make_qr(text, **options).save(buffer, kind="png", scale=3, border=8)
+    buffer.seek(0)
+    with Image.open(buffer) as picture:
+        return np.asarray(picture.convert("L"))
+
+
+@dataclass(frozen=True)
+class Case:
+    symbology: str  # the config name
+    make: Callable[[], np.ndarray]
+    aim: str
+    data: bytes
+    zbar: bool = False  # zbar reads this one exactly so too
+
+
+GS1 = "(01)09521234543213(10)AB12(21)123"
+GS1_SENT = b"010952123454321310AB12\x1d21123"  # FNC1 between fields as GS, none in front
+
+CASES = {
+    "qr": Case("qr", lambda: symbol("DEMO-0001", F.QRCode), "]Q1", b"DEMO-0001", zbar=True),
+    "qr-shift-jis-backslash": Case(
+        # 0x5C in Shift-JIS: a backslash as JIS X 0201 has it, not the yen sign zbar gives.
+        "qr",
+        lambda: qr("C:\\日本", encoding="shift_jis"),
+        "]Q1",
+        "C:\\日本".encode(),
+    ),
+    "qr-eci-utf8": Case(
+        "qr", lambda: qr("Ωmega-€", encoding="utf-8", eci=True), "]Q1", "Ωmega-€".encode()
+    ),
+    "qr-gs1": Case("qr", lambda: symbol(GS1, F.QRCode, gs1=True), "]Q3", GS1_SENT),
+    "micro-qr": Case("micro-qr", lambda: symbol("HELLO", F.MicroQRCode), "]Q1", b"HELLO"),
+    "aztec": Case("aztec", lambda: symbol("PASS-1234", F.Aztec), "]z0", b"PASS-1234"),
+    "aztec-gs1": Case("aztec", lambda: symbol(GS1, F.Aztec, gs1=True), "]z1", GS1_SENT),
+    "pdf417": Case("pdf417", lambda: symbol("BOARDING M1", F.PDF417), "]L2", b"BOARDING M1"),
+    "datamatrix": Case("datamatrix", lambda: symbol("DM-42", F.DataMatrix), "]d1", b"DM-42"),
+    "datamatrix-gs1": Case(
+        "datamatrix", lambda: symbol(GS1, F.DataMatrix, gs1=True), "]d2", GS1_SENT
+    ),
+    "ean-8": Case("ean-8", lambda: symbol("9638507", F.EAN8), "]E4", b"96385074", zbar=True),
+    "ean-13": Case(
+        "ean-13", lambda: symbol("400638133393", F.EAN13), "]E0", b"4006381333931", zbar=True
+    ),
+    "upc-a": Case(
+        "upc-a", lambda: symbol("03600029145", F.UPCA), "]E0", b"0036000291452", zbar=True
+    ),
+    "upc-e": Case("upc-e", lambda: symbol("0123456", F.UPCE), "]E0", b"0012345000065", zbar=True),
+    "code128": Case(
+        "code128", lambda: symbol("Code-128/x", F.Code128), "]C0", b"Code-128/x", zbar=True
+    ),
+    "code128-latin-1": Case(
+        # Code 128's extended characters are ISO 8859-1: sent as the text they stand for.
+        "code128",
+        lambda: symbol("Café ü", F.Code128),
+        "]C0",
+        "Café ü".encode(),
+    ),
+    "code128-gs1": Case("code128", lambda: symbol(GS1, F.Code128, gs1=True), "]C1", GS1_SENT),
+    "code39": Case("code39", lambda: symbol("CODE-39", F.Code39), "]A0", b"CODE-39", zbar=True),
+    "code39-full-ascii": Case("code39", lambda: symbol("12+A+B", F.Code39), "]A4", b"12ab"),
+    "code93": Case("code93", lambda: symbol("CODE93", F.Code93), "]G0", b"CODE93"),
+    "itf": Case("itf", lambda: symbol("12345678", F.ITF), "]I0", b"12345678", zbar=True),
+    "codabar": Case("codabar", lambda: symbol("A123456B", F.Codabar), "]F0", b"A123456B"),
+}
+
+
+def test_every_symbology_has_a_generated_case() -> None:
+    assert {case.symbology for case in CASES.values()} == set(SYMBOLOGIES)
+
+
+DECODERS: dict[str, Callable[..., object]] = {"zxing": ZxingDecoder}
+
+
+def decoder_cases() -> list[object]:
+    return [
+        pytest.param(decoder, name, id=f"{decoder}-{name}")
+        for decoder in DECODERS
+        for name, case in CASES.items()
+        if decoder == "zxing" or case.zbar
+    ]
+
+
+@pytest.mark.parametrize(("decoder", "name"), decoder_cases())
+def test_generated_symbol_reads_as_a_hardware_scanner_sends_it(decoder: str, name: str) -> None:
+    case = CASES[name]
+    assert DECODERS[decoder]().decode(case.make()) == {(case.aim, case.data)}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_switched_off_symbology_is_not_read(name: str) -> None:
+    case = CASES[name]
+    image = case.make()
+    others = [other for other in SYMBOLOGIES if other != case.symbology]
+    assert ZxingDecoder(others).decode(image) == set()
+    assert ZxingDecoder([case.symbology]).decode(image) == {(case.aim, case.data)}
+
+
+def test_nothing_switched_on_reads_nothing() -> None:
+    assert ZxingDecoder([]).decode(CASES["qr"].make()) == set()
+
+
+def test_unknown_symbology_is_refused_with_the_allowed_names() -> None:
+    with pytest.raises(ValueError, match=r"unknown symbologies \['qrcode'\]; allowed: qr, "):
+        check_symbologies(["qr", "qrcode"])
+
+
+def test_upc_is_recorded_as_its_ean13_form() -> None:
+    assert ean13_form("036000291452") == "0036000291452"  # UPC-A
+    assert ean13_form("01234565") == "0012345000065"  # UPC-E, number system 0
+    assert ean13_form("11234562") == "0112345000062"  # UPC-E, number system 1
+    assert ean13_form("123456") == "0012345000065"  # UPC-E without system and check
+    assert ean13_form("04252614") == "0042100005264"  # UPC-E ending 4
+    assert ean13_form("4006381333931") == "4006381333931"  # EAN-13 as it is
+    assert ean13_form("96385074") == "96385074"  # EAN-8 (starts with 9): not a UPC-E
+
+
+def test_a_crop_of_a_frame_is_read_in_place() -> None:
+    code = CASES["qr"].make()
+    frame = np.full((600, 800), 255, dtype=np.uint8)
+    frame[100 : 100 + code.shape[0], 200 : 200 + code.shape[1]] = code
+    crop = frame[50:500, 150:700]  # a strided view, not a copy
+    assert not crop.flags.c_contiguous
+    assert ZxingDecoder().decode(crop) == {("]Q1", b"DEMO-0001")}
+
+
+def test_a_colour_frame_is_refused() -> None:
+    with pytest.raises(ValueError, match="2-D uint8"):
+        ZxingDecoder().decode(np.zeros((10, 10, 3), dtype=np.uint8))
+
+
+# A handful of real photos per symbology (../shared/corpus/barcodes) that the camera reads,
+# each with its identifier: bench/camera_corpus.py scores the whole corpus.
+PHOTOS = {
+    "aztec-1/#128.webp": "]z0",
+    "aztec-1/abc-37x37.png": "]z0",
+    "aztec-1/rune-68.png": "]zC",  # a rune
+    "code128-1/3.webp": "]C0",
+    "code128-1/4.png": "]C1",
+    "code128-1/5.png": "]C1",
+    "code39-1/1.png": "]A0",
+    "code39-1/3.png": "]A0",
+    "datamatrix-1/0123456789.png": "]d1",
+    "datamatrix-1/EDIFACT.png": "]d1",
+    "datamatrix-1/HelloWorld_Text_L_Kaywa.png": "]d1",
+    "ean13-1/15.webp": "]E0",
+    "ean13-1/25.webp": "]E0",
+    "ean8-1/3.png": "]E4",
+    "ean8-1/4.webp": "]E4",
+    "itf-1/1.webp": "]I1",
+    "itf-1/5.webp": "]I0",
+    "pdf417-1/01.png": "]L2",
+    "pdf417-1/02.png": "]L2",
+    "qrcode-1/13.webp": "]Q1",
+    "qrcode-1/17.webp": "]Q1",
+    "upca-1/16.webp": "]E0",
+    "upca-2/07.webp": "]E0",
+    "upce-1/1.png": "]E0",
+    "upce-2/01.webp": "]E0",
+}
+
+
+def corpus_image(name: str) -> np.ndarray:
+    path = CORPUS / name
+    if not path.exists():
+        pytest.fail(f"{path} is missing: the barcode photo corpus belongs in {CORPUS}")
+    with Image.open(path) as picture:
+        return np.asarray(picture.convert("L"))
+
+
+def expected_content(name: str) -> bytes:
+    """The corpus's expected content, UPC in its 13-digit EAN-13 form (README there)."""
+    path = CORPUS / name
+    expected = path.with_suffix(".txt").read_bytes()
+    if path.parent.name.startswith(("upca", "upce")):
+        expected = ean13_form(expected.decode()).encode()
+    return expected
+
+
+@pytest.mark.parametrize("name", list(PHOTOS))
+def test_real_photo_is_read(name: str) -> None:
+    assert ZxingDecoder().decode(corpus_image(name)) == {(PHOTOS[name], expected_content(name))}
+
+
+@pytest.mark.parametrize(
+    "name", ["falsepositives-1/01.webp", "falsepositives-1/#245.png", "falsepositives-2/03.webp"]
+)
+def test_photo_without_a_barcode_reads_nothing(name: str) -> None:
+    assert ZxingDecoder().decode(corpus_image(name)) == set()
