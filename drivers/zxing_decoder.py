@@ -37,11 +37,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from drivers.supervisor import DriverError
 
 if TYPE_CHECKING:
+    # Only for types: drivers/settings.py imports SYMBOLOGIES, and the config check must
+    # work on a box installed without the drivers extra (numpy, zxing-cpp).
+    import numpy as np
     import zxingcpp
 
 INSTALL_ZXING = "install zxing-cpp (pip install 'redeemd[drivers]')"
@@ -191,7 +192,7 @@ class ZxingDecoder:
 
     def reads(self, image: np.ndarray) -> list[Read]:
         """Every code zxing-cpp finds in a 2-D uint8 frame, as `Read`s."""
-        if image.ndim != 2 or image.dtype != np.uint8:
+        if image.ndim != 2 or image.dtype.name != "uint8":
             raise ValueError(
                 f"a frame must be 2-D uint8 grayscale, got {image.dtype} {image.shape}"
             )
