@@ -11,11 +11,14 @@ never for a time.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
-from backend_helpers import FakeBox
+from backend_helpers import FakeBox, make_backend, register
 from broker import broker  # noqa: F401  (fixture)
-from conftest import wait_for
+from conftest import ROOT, wait_for
 from fleet import Fleet, backend_cli
 
 from backend.box_status import StatusError, parse_status
@@ -145,3 +148,23 @@ def test_a_bad_status_is_refused_saying_what_is_wrong(payload: bytes, why: str):
 def test_a_status_with_members_this_backend_does_not_know_is_read():
     later = parse_status(json.dumps({**GOOD, "battery": 80}).encode(), "box-1")
     assert (later.state, later.cache_seq, later.will) == ("online", 2, False)
+
+
+def test_boxes_tells_the_operator_when_nothing_is_registered_matches_or_a_merchant_is_unknown(
+    tmp_path,
+):
+    directory = tmp_path / "backend"
+    make_backend(directory)
+    empty = backend_cli("boxes", "--dir", str(directory)).stdout
+    assert "no boxes registered: redeemd-backend box add" in empty
+    register(directory, "demo", "box-1")
+    assert "none of the 1 registered box(es) match" in (
+        backend_cli("boxes", "--dir", str(directory), "--holding").stdout
+    )
+    unknown = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "boxes", "--dir", str(directory), "--merchant", "acme"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert unknown.returncode == 1
+    assert "no box is registered for merchant acme (merchants: demo)" in unknown.stderr
