@@ -263,7 +263,7 @@ def test_a_box_is_registered_for_one_merchant_and_removed_keeping_its_records(st
 def test_a_database_made_by_the_previous_version_is_migrated_keeping_its_data(
     directory: Path, database: str | None
 ):
-    previous = STEPS[:-1]  # the release before m002_fleet
+    previous = STEPS[:-1]  # the previous release: every step but the newest
     engine = open_engine(directory, database, previous)
     with engine.transaction():
         engine.execute("INSERT INTO boxes(merchant, box, upto) VALUES (?, ?, ?)", ["demo", "b", 9])
