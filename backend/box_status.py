@@ -18,12 +18,11 @@ a status is small and idempotent to store, so every collector keeping it is harm
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
 
-from backend.store import BoxStatus, Store, StoreError
+from backend.store import BoxStatus, Store
 from sync.session import Message
 
 # A box repeats its status every `status_every`: a refusal (unregistered box, bad
@@ -102,14 +101,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _database_errors() -> tuple[type[Exception], ...]:
-    try:
-        import psycopg  # installed only with the postgresql extra
-    except ImportError:
-        return (sqlite3.Error, StoreError)
-    return (sqlite3.Error, StoreError, psycopg.Error)
-
-
 class StatusRecorder:
     """Checks and stores the status messages the collector receives, on its thread."""
 
@@ -119,7 +110,6 @@ class StatusRecorder:
         self.prefix = prefix.rstrip("/")
         self.say = say
         self.clock = clock
-        self._errors = _database_errors()
         self._said: dict[str, float] = {}
         self.refused: dict[str, int] = {}
 
@@ -160,7 +150,7 @@ class StatusRecorder:
                 )
                 return False
             changed = store.record_status(merchant, box, status, int(self.clock()))
-        except self._errors as exc:
+        except store.errors as exc:
             self.say(f"could not store the status of {where}: {exc}; the next one is stored")
             return False
         if changed and (status.will or status.state == "offline"):

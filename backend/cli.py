@@ -166,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
     p = command(
         "collect",
         cmd_collect,
-        "Store box events in backend.db, ack them, flag gaps and double redemptions.",
+        "Store box events in the backend's database, ack them, flag gaps and double redemptions.",
         "redeemd-backend collect --dir keys/ --broker mqtt://127.0.0.1:1883 --group main",
     )
     p.add_argument("--broker", required=True, help="mqtt://[user:pass@]host[:port] or mqtts://...")
@@ -273,7 +273,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_collect(args: argparse.Namespace) -> int:
     collector = Collector(args.dir, args.broker, prefix=args.prefix, group=args.group)
     print(
-        f"collecting {collector.topic} from {args.broker} into {args.dir / 'backend.db'}",
+        f"collecting {collector.topic} from {args.broker} into {Store.describe(args.dir)}",
         flush=True,
     )
     return _until_signalled(collector.run)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import queue
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -45,6 +44,7 @@ from backend.connection import Connection, Message, default_client_id
 from backend.events import Event, EventError, parse_message
 from backend.keystore import Keystore, KeystoreError
 from backend.store import IssuedBatch, Store, Stored
+from backend.store_keeper import StoreKeeper
 from cards import batch, keys
 from cards.batch import BatchError, Kind
 from runtime.threads import OwnedThread
@@ -117,16 +117,24 @@ class Collector:
         does all database work on this thread, never on paho's network thread."""
         stop = stop or self._stop
         self.link.cancel = stop
-        store = Store.open(self.dir)
+        keeper = StoreKeeper(self.dir, self.say, stop)
+        first = keeper.store()
+        if first is None:
+            return  # stopped while waiting for the database
         # Consumed batches a previous run committed but could not publish.
-        self._unpublished = [b for b in store.unpublished() if b.kind is Kind.CONSUMED]
-        self._say_fleet(store)
+        self._unpublished = [b for b in first.unpublished() if b.kind is Kind.CONSUMED]
+        self._say_fleet(first)
         self.link.subscribe(self.topic)
         self.link.subscribe(self.statuses.topic)
         self.link.on_message(self._inbox.put)
         self.link.start()
         try:
             while not stop.is_set() and not self._stop.is_set():
+                # While the database is lost this waits for it (messages queue up): a
+                # reconnect in progress is no reason to take more than one can store.
+                store = keeper.store()
+                if store is None:
+                    break
                 try:
                     messages = [self._inbox.get(timeout=0.2)]
                 except queue.Empty:
@@ -137,20 +145,26 @@ class Collector:
                         messages.append(self._inbox.get_nowait())
                     except queue.Empty:
                         break
-                if messages:
-                    self._handle(store, messages)
-                if self._unpublished and self.link.connected.is_set():
-                    self._publish_consumed(store)
+                try:
+                    if messages:
+                        self._handle(store, messages)
+                    if self._unpublished and self.link.connected.is_set():
+                        self._publish_consumed(store)
+                except store.errors as exc:
+                    # Said by _handle; nothing of it was acked. Reconnect if it is gone.
+                    keeper.check(exc)
+                else:
+                    keeper.check()  # the status recorder swallows its own database errors
         finally:
             self.link.stop()
-            store.close()
+            keeper.close()
 
     def _say_fleet(self, store: Store) -> None:
         # After an upgrade, boxes that sent events before registration existed are refused
         # until registered: say so at start, not only one refusal at a time.
         if not store.fleet():
             self.say(
-                f"no boxes registered in {self.dir / 'backend.db'}: every events message is "
+                f"no boxes registered in {Store.describe(self.dir)}: every events message is "
                 f"refused until you run redeemd-backend box add --dir {self.dir} --merchant M BOX"
             )
         unregistered = store.seen_unregistered()
@@ -189,12 +203,17 @@ class Collector:
                 parsed.append((merchant, box, events))
         if not parsed:
             return
+        refusals: tuple[type[Exception], ...] = (
+            *store.errors, KeystoreError, keys.TrustError, BatchError,
+        )  # fmt: skip
         try:
             results = store.store_messages(parsed, self._sign_consumed)
-        except (sqlite3.Error, KeystoreError, keys.TrustError, BatchError) as exc:
+        except refusals as exc:
             # Rolled back and not acked: the boxes keep the records and send them again.
             boxes = ", ".join(sorted({f"{m}/{b}" for m, b, _ in parsed}))
             self.say(f"could not store events from {boxes}: {exc}; not acked")
+            if isinstance(exc, store.errors):
+                raise  # the run loop reconnects if the database is gone
             return
         # Committed: now, and only now, the boxes may forget these records.
         for (merchant, box, events), stored in zip(parsed, results, strict=True):

@@ -59,6 +59,14 @@ class Engine:
     """Where the applied migration steps are recorded (name column: the step's name)."""
     conn: Any
     """The driver's connection (sqlite3 or psycopg), for tests and tools that look inside."""
+    errors: tuple[type[Exception], ...]
+    """What the driver raises when a statement or the connection fails."""
+
+    @property
+    def broken(self) -> bool:
+        """True once the connection is lost for good (a restarted server): only a new
+        connection helps. A SQLite file never is."""
+        return False
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Run one statement written with `?` placeholders; returns the driver's cursor."""
@@ -86,13 +94,25 @@ def open_engine(directory: Path, database: str | None, steps: Sequence[Step]) ->
     if database is None:
         directory.mkdir(parents=True, exist_ok=True)
         return SQLite.open(directory / FILENAME, steps)
-    scheme = urlsplit(database).scheme
-    if scheme in ("postgresql", "postgres"):
-        return PostgreSQL.open(database, steps)
-    raise EngineError(
-        f"unknown database {redact(database)!r}: give a postgresql://user@host:port/name "
-        "URL, or none for the SQLite file backend.db in the backend's directory"
-    )
+    check_url(database)
+    return PostgreSQL.open(database, steps)
+
+
+def check_url(database: str) -> None:
+    """Refuse a database URL no retry can fix: an unknown kind, or PostgreSQL without
+    its driver installed. (A server that does not answer is worth retrying.)"""
+    if urlsplit(database).scheme not in ("postgresql", "postgres"):
+        raise EngineError(
+            f"unknown database {redact(database)!r}: give a postgresql://user@host:port/name "
+            "URL, or none for the SQLite file backend.db in the backend's directory"
+        )
+    try:
+        import psycopg  # noqa: F401  (only a backend on PostgreSQL needs the driver)
+    except ImportError:
+        raise EngineError(
+            f"{redact(database)} needs the PostgreSQL driver, which is not installed: "
+            "install redeemd with its postgresql extra (pip install 'redeemd[postgresql]')"
+        ) from None
 
 
 def redact(url: str) -> str:
@@ -110,6 +130,8 @@ def redact(url: str) -> str:
 class SQLite(Engine):
     name = "sqlite"
     migrations_table = Migrations.migrations_table
+
+    errors = (sqlite3.Error,)
 
     def __init__(self, conn: sqlite3.Connection):
         self.conn = conn
@@ -183,19 +205,20 @@ class PostgreSQL(Engine):
     migrations_table = "redeemd_migrations"
 
     def __init__(self, conn: Any, url: str):
+        import psycopg
+
         self.conn = conn
         self.url = url
+        self.errors = (psycopg.Error,)
         self._statements: dict[str, str] = {}
+
+    @property
+    def broken(self) -> bool:
+        return bool(self.conn.closed or self.conn.broken)
 
     @classmethod
     def open(cls, url: str, steps: Sequence[Step]) -> PostgreSQL:
-        try:
-            import psycopg  # only a backend on PostgreSQL needs the driver loaded
-        except ImportError:
-            raise EngineError(
-                f"{redact(url)} needs the PostgreSQL driver, which is not installed: "
-                "install redeemd with its postgresql extra (pip install 'redeemd[postgresql]')"
-            ) from None
+        import psycopg  # present: open_engine checked the URL first
 
         try:
             # autocommit: a statement outside `transaction()` commits by itself, as on

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import queue
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -32,6 +31,7 @@ from backend import resign
 from backend.connection import Connection, Message, default_client_id
 from backend.keystore import Keystore, KeystoreError
 from backend.store import IssuedBatch, Store
+from backend.store_keeper import StoreKeeper
 from cards import keys, manifest
 from runtime.threads import OwnedThread
 from sync.session import STOP_BOUND
@@ -141,7 +141,9 @@ class Publisher:
         """Publish until `stop` (or `self.stop()`) is set. Owns the connection."""
         stop = stop or self._stop
         self.link.cancel = stop
-        store = Store.open(self.dir)
+        keeper = StoreKeeper(self.dir, self.say, stop)
+        if keeper.store() is None:
+            return  # stopped while waiting for the database
         for topic in self._request_topics():
             self.link.subscribe(topic)
         self.link.on_message(self._requests.put)
@@ -152,14 +154,23 @@ class Publisher:
         try:
             while not stop.is_set() and not self._stop.is_set():
                 if self.link.connected.is_set():
+                    store = keeper.store()  # waits while the database is lost
+                    if store is None:
+                        break
+                    failures: tuple[type[Exception], ...] = (
+                        *store.errors,
+                        KeystoreError,
+                        keys.TrustError,
+                    )
                     try:
                         self._tick(store)
-                    except (sqlite3.Error, KeystoreError, keys.TrustError) as exc:
+                    except failures as exc:
                         self.say(f"publish round failed: {exc}; retrying")
+                        keeper.check(exc)
                 stop.wait(self.poll)
         finally:
             self.link.stop()
-            store.close()
+            keeper.close()
 
     def _request_topics(self) -> list[str]:
         if self.merchants is None:

@@ -43,7 +43,7 @@ from typing import Any
 
 # FILENAME: re-exported, the SQLite store's file name is the store's to tell.
 from backend.engines import FILENAME as FILENAME
-from backend.engines import Engine, EngineError, Step, open_engine
+from backend.engines import Engine, EngineError, Step, open_engine, redact
 from backend.events import Event
 from cards import batch
 from cards.batch import Kind
@@ -300,6 +300,13 @@ class Store:
         """The driver's connection (sqlite3 or psycopg): tests look inside with it."""
         self.dir = directory
         self._sql = engine.execute
+        self.errors: tuple[type[Exception], ...] = (StoreError, *engine.errors)
+        """What a failed statement or a lost database raises, on either engine."""
+
+    @property
+    def broken(self) -> bool:
+        """The database connection is gone (PostgreSQL restarted): reopen the store."""
+        return self.engine.broken
 
     @classmethod
     def open(cls, directory: Path, database: str | None = None) -> Store:
@@ -315,6 +322,12 @@ class Store:
         except EngineError as exc:
             raise StoreError(str(exc)) from None
         return cls(engine, directory)
+
+    @staticmethod
+    def describe(directory: Path, database: str | None = None) -> str:
+        """Which database `open` opens, as a person reads it (never with a password)."""
+        database = database or os.environ.get(DATABASE_ENV) or None
+        return str(directory / FILENAME) if database is None else redact(database)
 
     def close(self) -> None:
         self.engine.close()

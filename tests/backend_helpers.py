@@ -180,6 +180,13 @@ class CliProcess:
 
         return wait_until(found, f"{what}; output so far: {self.lines}")
 
+    def kill(self) -> int:
+        """kill -9: no clean disconnect, no rollback said, whatever was in flight lost."""
+        self.process.kill()
+        code = self.process.wait(10)
+        self._reader.join(5)
+        return code
+
     def stop(self) -> int:
         self.process.terminate()
         try:

@@ -19,6 +19,8 @@ from pathlib import Path
 from backend_helpers import CliProcess, make_backend
 from conftest import ROOT, wait_for
 
+from backend.store import DATABASE_ENV, Store
+
 WAIT = 120.0
 CODES = 1200
 
@@ -228,6 +230,14 @@ class Fleet:
         return process
 
     def query(self, sql: str, *args) -> list[tuple]:
+        """`sql` (with ? placeholders) on the backend's store: backend.db, or the
+        PostgreSQL database in $REDEEMD_BACKEND_DATABASE when a test sets it."""
+        if os.environ.get(DATABASE_ENV):
+            store = Store.open(self.backend)
+            try:
+                return [tuple(row) for row in store.engine.execute(sql, args).fetchall()]
+            finally:
+                store.close()
         conn = sqlite3.connect(self.backend / "backend.db", timeout=30)
         try:
             return conn.execute(sql, args).fetchall()
@@ -236,7 +246,7 @@ class Fleet:
 
     def latest_seq(self) -> int:
         path = self.backend / "backend.db"
-        if not path.exists():
+        if not path.exists() and not os.environ.get(DATABASE_ENV):
             return 0
         return self.query("SELECT COALESCE(MAX(seq), 0) FROM batches")[0][0]
 

@@ -177,6 +177,7 @@ class PostgreSQL:
             if time.monotonic() > deadline:
                 pytest.fail(f"PostgreSQL processes {pid} {children} outlived SIGKILL")
             time.sleep(0.02)
+        self._reap()  # runuser, our child, exits once its postmaster is gone
 
     def restart(self) -> None:
         self.stop()
