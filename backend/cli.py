@@ -264,7 +264,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         poll=args.poll,
     )
     print(
-        f"publishing from {args.dir / 'backend.db'} to {args.broker} under {args.prefix}/",
+        f"publishing from {Store.describe(args.dir)} to {args.broker} under {args.prefix}/",
         flush=True,
     )
     return _until_signalled(publisher.run)
