@@ -129,7 +129,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
         store.close()
     unknown = [b for b in args.boxes if b not in removed]
     if removed:
-        print(f"removed {', '.join(removed)}; their events stay in backend.db")
+        print(f"removed {', '.join(removed)}; their events stay in the backend's database")
         print(
             "next: write the ACL again (box acl), reload the broker, and delete their "
             "passwords (mosquitto_passwd -D)"

@@ -64,15 +64,15 @@ def pick_merchant(store: Store, merchant: str | None) -> str:
     if merchant is not None:
         if merchant not in merchants:
             raise ExportError(
-                f"backend.db has no batches for merchant {merchant!r}"
+                f"the backend's database has no batches for merchant {merchant!r}"
                 + (f" (it has {', '.join(merchants)})" if merchants else "")
             )
         return merchant
     if len(merchants) == 1:
         return merchants[0]
     if not merchants:
-        raise ExportError("backend.db holds no batches yet; issue some first")
-    raise ExportError(f"backend.db has batches for {', '.join(merchants)}: choose with --merchant")
+        raise ExportError("the backend's database holds no batches yet; issue some first")
+    raise ExportError(f"the backend's database has batches for {', '.join(merchants)}: choose with --merchant")
 
 
 def export(
@@ -89,7 +89,7 @@ def export(
         if missing[0] <= latest:
             why.append("older ones were issued before backend.db existed: issue a snapshot")
         raise ExportError(
-            f"batches {ranges(missing)} of {merchant} are not in backend.db "
+            f"batches {ranges(missing)} of {merchant} are not in the backend's database "
             f"({'; '.join(why)}); nothing written"
         )
     now = int(time.time())

@@ -253,7 +253,7 @@ class Publisher:
         missing = sorted(set(range(first, last + 1)) - {b.seq for b in batches})
         if missing:
             self.say(
-                f"cannot resend {merchant} {ranges(missing)} to {box}: not in backend.db "
+                f"cannot resend {merchant} {ranges(missing)} to {box}: not in the backend's database "
                 "(issued before it existed); issue a snapshot"
             )
         topic = f"{self.prefix}/{merchant}/box/{box}/batches"

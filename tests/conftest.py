@@ -201,3 +201,15 @@ def read_json_lines(text: bytes | str) -> list[dict]:
     if isinstance(text, bytes):
         text = text.decode()
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def each_store(request, monkeypatch) -> str:
+    """Run the test once on each backend store: backend.db, then a fresh PostgreSQL
+    database, chosen as an operator chooses it ($REDEEMD_BACKEND_DATABASE), so the
+    backend's processes a test starts inherit it."""
+    if request.param == "postgresql":
+        from backend.store import DATABASE_ENV
+
+        monkeypatch.setenv(DATABASE_ENV, request.getfixturevalue("postgresql_url"))
+    return request.param

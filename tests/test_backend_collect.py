@@ -29,7 +29,8 @@ from cards.batch import ChunkAssembler, Kind
 
 
 @pytest.fixture
-def backend_dir(tmp_path):
+def backend_dir(tmp_path, each_store):
+    """A backend directory, its store on each engine: every test here runs on both."""
     directory = tmp_path / "backend"
     make_backend(directory, boxes=("box-1", "box-2", "box-3"))
     return directory
@@ -49,7 +50,8 @@ def collector(backend_dir, broker):  # noqa: F811
 def stored(backend_dir) -> list[tuple]:
     store = Store.open(backend_dir)
     try:
-        return store.conn.execute("SELECT box, seq, id FROM events ORDER BY box, seq").fetchall()
+        rows = store.engine.execute("SELECT box, seq, id FROM events ORDER BY box, seq")
+        return [tuple(row) for row in rows.fetchall()]
     finally:
         store.close()
 

@@ -35,7 +35,8 @@ BATCHES = f"{PREFIX}/demo/batches/+"
 
 
 @pytest.fixture
-def backend_dir(tmp_path):
+def backend_dir(tmp_path, each_store):
+    """A backend directory, its store on each engine: every test here runs on both."""
     directory = tmp_path / "backend"
     make_backend(directory)
     return directory
