@@ -1,0 +1,720 @@
+"""A fleet on one machine: N boxes running the real box code against a real Mosquitto, a
+real PostgreSQL and two real collectors (issue 14 item 4).
+
+Usage (from the repo root):
+
+    .venv/bin/python bench/fleet.py                  # 1000 boxes
+    .venv/bin/python bench/fleet.py --boxes 200 --quick
+
+Each box is its own SQLite database (a copy of one template that already holds the demo
+cards and every code the run scans, imported once with `redeemd import`), an `Engine`
+that redeems scans and writes the ledger, and a `Sync` (session, outbox pump, batch
+intake) to the broker: the code `redeemd run` runs, without the scanner drivers. The
+boxes live in a few worker processes (a thread per Sync and per paho loop; one process
+per core), so the Python interpreter is not the bottleneck of a 2-core machine.
+
+The backend is what production runs: `redeemd-backend collect` twice (one shared
+subscription) and `redeemd-backend publish`, with $REDEEMD_BACKEND_DATABASE naming a
+PostgreSQL started for the run (tests/postgres.py), boxes registered with
+`redeemd-backend box add`. The only instrument added: a column `bench_inserted_ms` on
+the run's own events table, defaulting to clock_timestamp() at INSERT, for scan-to-commit
+latency (the store's stored_at is in whole seconds).
+
+Scenarios, in order (each prints its figures, the floor measured in this run, the target):
+  steady   every box scans one code every --interval s (jittered); records/s stored,
+           latency scan -> row inserted in PostgreSQL p50/p99. Floor: COPY of as many
+           rows into a copy of the events table, and plain paho QoS 1 to PUBACK.
+  fanout   one new issue batch of --fanout-codes codes; time until `redeemd-backend
+           boxes --json` shows every box at its cache_seq.
+  herd     the broker stops, every box scans 100 codes, the broker starts again: time
+           until every record is stored and every outbox empty, peak connections/s
+           (the broker log's "New client connected" lines per second).
+  faults   steady scanning while one collector is killed (SIGKILL) and restarted, then
+           PostgreSQL is killed (SIGKILL) and restarted; drained afterwards.
+  check    every box's ledger against the events table: 0 lost, 0 stored twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import importlib.util
+import json
+import logging
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import boxes as bench_boxes
+from boxes import ROOT, Scratch, percentile
+
+sys.path.insert(0, str(ROOT / "tests"))
+import psycopg  # noqa: E402
+from postgres import PostgreSQL  # noqa: E402
+
+from backend.keystore import Keystore  # noqa: E402
+from backend.store import DATABASE_ENV, Store  # noqa: E402
+from cards import keys  # noqa: E402
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+MERCHANT = "demo"
+HERD_RECORDS = 100
+TARGET_HERD_S = 60.0
+TARGET_FANOUT_S = 60.0
+TARGET_INGEST = 0.5
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+# ---------------------------------------------------------------------- broker
+
+
+class Broker:
+    """Mosquitto on a fixed free port, logging connections, keeping retained messages
+    across a restart as a production broker with persistence does."""
+
+    def __init__(self, directory: Path):
+        self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(self.binary).exists():
+            sys.exit("bench/fleet.py needs mosquitto: run 'sudo apt-get install mosquitto'")
+        self.port = bench_sync.free_port()
+        self.log = directory / "mosquitto.log"
+        self.conf = directory / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            f"persistence true\npersistence_location {directory}/\n"
+            f"log_dest file {self.log}\nlog_type notice\nlog_timestamp true\n"
+            f"connection_messages true\nmax_queued_messages 10000\n"
+            f"user {os.environ.get('USER') or 'root'}\n"
+        )
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "-c", str(self.conf)], stderr=subprocess.DEVNULL
+        )
+        import socket
+
+        for _ in range(400):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        sys.exit("mosquitto did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(30)
+            self.process = None
+
+    def connects_per_second(self, since: float) -> list[int]:
+        """Connections accepted per second from `since` (epoch s), from the log."""
+        per: collections.Counter[int] = collections.Counter()
+        for line in self.log.read_text(errors="replace").splitlines():
+            stamp, _, rest = line.partition(": ")
+            new = rest.startswith("New client connected")
+            if new and stamp.isdigit() and int(stamp) >= int(since):
+                per[int(stamp)] += 1
+        return [per[s] for s in sorted(per)]
+
+
+def load_bench_sync():
+    """bench/sync.py (its free_port and plain-paho floor), loaded under another name:
+    `sync` is the project's package."""
+    spec = importlib.util.spec_from_file_location("bench_sync", ROOT / "bench" / "sync.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_sync = load_bench_sync()
+
+
+# ---------------------------------------------------------------------- backend
+
+
+def backend_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "backend.cli", *args],
+        capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600,
+    )  # fmt: skip
+    if check and result.returncode != 0:
+        sys.exit(f"redeemd-backend {args[0]} failed: {result.stderr[-2000:]}")
+    return result
+
+
+class Backend:
+    """Keys, the store on PostgreSQL, the collectors and the publisher."""
+
+    def __init__(self, directory: Path, broker: Broker, url: str):
+        self.dir = directory
+        self.broker = broker
+        self.url = url
+        store = Keystore(directory)
+        store.generate()
+        now = int(time.time())
+        store.save_delegation(
+            keys.delegate(
+                store.private("root"), store.public("issuer"), (MERCHANT,), now - 60, now + 86400
+            )
+        )
+        # Creates the schema; then the one instrument (see the module docstring).
+        Store.open(directory).close()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                "ALTER TABLE events ADD COLUMN bench_inserted_ms BIGINT "
+                "DEFAULT (extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+            )
+        self.collectors: list[subprocess.Popen | None] = [None, None]
+        self.publisher: subprocess.Popen | None = None
+
+    def issue(self, kind: str, source: Path) -> Path:
+        out = self.dir / f"{kind}-{time.monotonic_ns()}.rdb"
+        backend_cli(
+            "issue", "--dir", str(self.dir), "--merchant", MERCHANT, "--kind", kind,
+            "--input", str(source), "--out", str(out), "--expires-days", "30",
+        )  # fmt: skip
+        return out
+
+    def _spawn(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.dir / f"{name}.log", "ab")  # noqa: SIM115 (the child holds it)
+        process = subprocess.Popen(
+            [sys.executable, "-u", "-m", "backend.cli", *args, "--dir", str(self.dir),
+             "--broker", self.broker.url],
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=ENV,
+        )  # fmt: skip
+        log.close()
+        return process
+
+    def start_collector(self, n: int) -> None:
+        before = self._connected_lines(f"collect-{n}")
+        self.collectors[n] = self._spawn(f"collect-{n}", "collect")
+        wait(lambda: self._connected_lines(f"collect-{n}") > before, f"collector {n} connected")
+
+    def kill_collector(self, n: int) -> None:
+        process = self.collectors[n]
+        assert process is not None
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+        self.collectors[n] = None
+
+    def start_publisher(self) -> None:
+        self.publisher = self._spawn("publish", "publish", "--poll", "0.5s")
+
+    def _connected_lines(self, name: str) -> int:
+        path = self.dir / f"{name}.log"
+        if not path.exists():
+            return 0
+        return sum(line.startswith("connected") for line in path.read_text().splitlines())
+
+    def stop(self) -> None:
+        for process in [*self.collectors, self.publisher]:
+            if process is not None and process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(30)
+
+    def query(self, sql: str, *args: object) -> list[tuple]:
+        with psycopg.connect(self.url) as conn:
+            return conn.execute(sql, args).fetchall()
+
+    def boxes_json(self) -> list[dict]:
+        result = backend_cli("boxes", "--dir", str(self.dir), "--json", check=False)
+        if result.returncode != 0:
+            return []
+        return json.loads(result.stdout)["boxes"]
+
+
+def wait(condition, what: str, timeout: float = 300.0, every: float = 0.2) -> float:
+    """Poll until `condition()`; the seconds it took. Exits the bench on timeout."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            sys.exit(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+    return time.monotonic() - started
+
+
+# ---------------------------------------------------------------------- boxes
+
+
+def code(box: int, n: int) -> str:
+    """The n-th code box number `box` scans (each box its own: no double redemptions)."""
+    return f"F{box:05d}-{n:04d}"
+
+
+def box_id(box: int) -> str:
+    return f"fleet-{box:05d}"
+
+
+def write_box(directory: Path, backend: Path, broker_url: str, name: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "config.toml"
+    config.write_text(
+        f"""
+[box]
+id = "{name}"
+merchant = "{MERCHANT}"
+store = "store-1"
+state_dir = "{directory}"
+timezone = "UTC"
+
+[trust]
+root_key_files = ["{backend}/root.pub"]
+code_key_file = "{backend}/code.key"
+
+[sync]
+enabled = true
+broker = "{broker_url}"
+"""
+    )
+    return config
+
+
+def worker(pipe: Connection, assigned: list[tuple[int, str]]) -> None:
+    """One worker process: the boxes `assigned` ((number, config path) each), each an
+    Engine and a Sync, driven by commands from the bench over `pipe`."""
+    logging.basicConfig(level=logging.ERROR)
+    from cards.scan import Scan
+    from daemon import config as config_mod
+    from daemon.engine import Engine
+    from storage.database import open_database
+    from sync.worker import Sync
+
+    engines: dict[int, Engine] = {}
+    syncs: dict[int, Sync] = {}
+    counters: dict[int, int] = {}
+    for number, path in assigned:
+        config = config_mod.load(path)
+        engines[number] = Engine(open_database(config.box.database), config)
+        syncs[number] = Sync(
+            config.sync, box=config.box.id, merchant=config.box.merchant,
+            database=config.box.database, roots=config.trust.root_keys,
+            max_batch_bytes=config.trust.max_batch_bytes,
+        )  # fmt: skip
+        counters[number] = 0
+
+    def scan(number: int) -> None:
+        counters[number] += 1
+        engines[number].handle(Scan(code(number, counters[number]).encode(), "counter"))
+
+    for sync in syncs.values():
+        sync.start()
+    pipe.send("ready")
+    while True:
+        command, *args = pipe.recv()
+        if command == "state":
+            states = [s.state() for s in syncs.values()]
+            pipe.send(
+                {
+                    "connected": sum(s.connected for s in states),
+                    "depth": sum(s.outbox_depth or 0 for s in states),
+                    "unknown_depth": sum(s.outbox_depth is None for s in states),
+                    "min_cache_seq": min((s.cache_seq or 0) for s in states),
+                    "empty": sum(s.outbox_depth == 0 for s in states),
+                }
+            )
+        elif command == "burst":
+            (per_box,) = args
+            for number in engines:
+                for _ in range(per_box):
+                    scan(number)
+            pipe.send(per_box * len(engines))
+        elif command == "steady":
+            seconds, interval = args
+            pipe.send(steady(engines, scan, seconds, interval))
+        elif command == "ledger":
+            out = {}
+            for number, engine in engines.items():
+                rows = engine.conn.execute("SELECT seq, id FROM ledger ORDER BY seq").fetchall()
+                out[box_id(number)] = [(seq, str(uuid.UUID(bytes=rid))) for seq, rid in rows]
+            pipe.send(out)
+        elif command == "stop":
+            for sync in syncs.values():
+                sync.thread.stopping.set()
+            for sync in syncs.values():
+                sync.stop()
+            for engine in engines.values():
+                engine.conn.close()
+            pipe.send("stopped")
+            return
+
+
+def steady(engines: dict, scan, seconds: float, interval: float) -> dict[str, float]:
+    """Every box scans once per `interval` s (each first at a random offset, then
+    jittered by +-20%) for `seconds`; how many scans and how late the worst one was."""
+    rng = random.Random(os.getpid())
+    started = time.monotonic()
+    due = sorted((started + rng.uniform(0, interval), n) for n in engines)
+    import heapq
+
+    heapq.heapify(due)
+    scans, late = 0, 0.0
+    while due:
+        at, number = due[0]
+        if at > started + seconds:
+            break
+        delay = at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        heapq.heappop(due)
+        late = max(late, time.monotonic() - at)
+        scan(number)
+        scans += 1
+        heapq.heappush(due, (at + interval * rng.uniform(0.8, 1.2), number))
+    return {"scans": scans, "late": late}
+
+
+class Fleet:
+    """The worker processes and what they report together."""
+
+    def __init__(self, configs: list[tuple[int, str]], processes: int):
+        ctx = multiprocessing.get_context("fork")
+        self.pipes: list[Connection] = []
+        self.processes = []
+        for k in range(processes):
+            parent, child = ctx.Pipe()
+            process = ctx.Process(target=worker, args=(child, configs[k::processes]), daemon=True)
+            process.start()
+            self.pipes.append(parent)
+            self.processes.append(process)
+        for pipe in self.pipes:
+            if pipe.recv() != "ready":
+                sys.exit("a worker failed to start")
+
+    def ask(self, *command: object) -> list:
+        for pipe in self.pipes:
+            pipe.send(command)
+        return [pipe.recv() for pipe in self.pipes]
+
+    def state(self) -> dict[str, int]:
+        states = self.ask("state")
+        return {
+            "connected": sum(s["connected"] for s in states),
+            "depth": sum(s["depth"] for s in states),
+            "unknown_depth": sum(s["unknown_depth"] for s in states),
+            "min_cache_seq": min(s["min_cache_seq"] for s in states),
+            "empty": sum(s["empty"] for s in states),
+        }
+
+    def ledgers(self) -> dict[str, list[tuple[int, str]]]:
+        out: dict[str, list[tuple[int, str]]] = {}
+        for part in self.ask("ledger"):
+            out.update(part)
+        return out
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.ask("stop")
+        for process in self.processes:
+            process.join(30)
+
+
+# ---------------------------------------------------------------------- scenarios
+
+
+def floor_copy(backend: Backend, rows: int) -> float:
+    """Rows/s of one COPY of `rows` event-like rows into a copy of the events table
+    (same columns and indexes), one transaction: PostgreSQL's raw storage floor."""
+    now_ms = int(time.time() * 1000)
+    raw = json.dumps({"v": 1, "pad": "x" * 300})
+    columns = (
+        "id, merchant, box, seq, at_ms, digest, card_id, action, verdict, uses, raw, stored_at"
+    )
+    with psycopg.connect(backend.url) as conn:
+        conn.execute("DROP TABLE IF EXISTS floor_events")
+        conn.execute("CREATE TABLE floor_events (LIKE events INCLUDING ALL)")
+        conn.commit()
+        started = time.perf_counter()
+        with conn.cursor() as cur, cur.copy(f"COPY floor_events ({columns}) FROM STDIN") as copy:
+            for n in range(rows):
+                copy.write_row(
+                    (str(uuid.uuid4()), MERCHANT, box_id(n % 1000), n, now_ms,
+                     os.urandom(16).hex(), 1, "redeem", "accepted", 1, raw, now_ms // 1000)
+                )  # fmt: skip
+        conn.commit()
+        seconds = time.perf_counter() - started
+        conn.execute("DROP TABLE floor_events")
+        conn.commit()
+    return rows / seconds
+
+
+def drained(fleet: Fleet, backend: Backend, expected: int):
+    def done() -> bool:
+        state = fleet.state()
+        if state["depth"] or state["unknown_depth"]:
+            return False
+        return backend.query("SELECT COUNT(*) FROM events")[0][0] >= expected
+
+    return done
+
+
+def scenario_steady(fleet: Fleet, backend: Backend, args, stored_before: int) -> None:
+    say(f"steady: {args.boxes} boxes, one scan every {args.interval:g} s each, {args.steady:g} s")
+    began_ms = int(time.time() * 1000)
+    results = fleet.ask("steady", args.steady, args.interval)
+    ended_ms = int(time.time() * 1000)
+    scans = sum(r["scans"] for r in results)
+    wait(drained(fleet, backend, stored_before + scans), "the steady-state records stored")
+    rows = backend.query(
+        "SELECT at_ms, bench_inserted_ms FROM events WHERE at_ms >= %s AND at_ms <= %s",
+        began_ms,
+        ended_ms,
+    )
+    latencies = [(inserted - at) / 1000 for at, inserted in rows]
+    in_window = backend.query(
+        "SELECT COUNT(*) FROM events WHERE bench_inserted_ms BETWEEN %s AND %s", began_ms, ended_ms
+    )[0][0]
+    rate = in_window / ((ended_ms - began_ms) / 1000)
+    offered = args.boxes / args.interval
+    say(
+        f"  ours   {scans:,} scans, {rate:,.0f} records/s stored (offered {offered:,.0f}/s); "
+        f"latency scan -> row in PostgreSQL p50 {percentile(latencies, 50) * 1000:.0f} ms, "
+        f"p99 {percentile(latencies, 99) * 1000:.0f} ms; workers' worst lateness "
+        f"{max(r['late'] for r in results) * 1000:.0f} ms"
+    )
+    floor = floor_copy(backend, max(scans, 20_000))
+    say(f"  floor  COPY of {max(scans, 20_000):,} event rows into PostgreSQL: {floor:,.0f} rows/s")
+    size = bench_sync.one_record_message_size()
+    messages = 20_000
+    seconds = bench_sync.run_floor(backend.broker.port, messages, size)
+    say(
+        f"  floor  plain paho, {messages:,} QoS 1 messages of {size} B: {messages / seconds:,.0f}/s"
+    )
+    say(
+        f"  target ingest >= {TARGET_INGEST:.0%} of the floor: measured in herd (steady is "
+        f"bounded by the offered load, {offered / floor:.1%} of the floor)"
+    )
+    return floor
+
+
+def scenario_fanout(fleet: Fleet, backend: Backend, args, scratch: Path) -> None:
+    codes = scratch / "fanout.csv"
+    codes.write_text(
+        "code,card_id\n" + "".join(f"FAN-{i:07d},1\n" for i in range(args.fanout_codes))
+    )
+    seq = backend.query("SELECT MAX(seq) FROM batches")[0][0] + 1
+    say(f"fanout: one issue batch of {args.fanout_codes:,} codes (seq {seq}) to {args.boxes} boxes")
+    started = time.monotonic()
+    backend.issue("issue", codes)
+    issued = time.monotonic() - started
+
+    def every_box_at_seq() -> bool:
+        rows = backend.boxes_json()
+        return len(rows) == args.boxes and all((r.get("cache_seq") or 0) >= seq for r in rows)
+
+    seconds = wait(every_box_at_seq, f"every box at cache_seq {seq}", every=1.0)
+    at_seq = sum((r.get("cache_seq") or 0) >= seq for r in backend.boxes_json())
+    state = fleet.state()
+    met = "met" if seconds < TARGET_FANOUT_S else "NOT met"
+    say(
+        f"  ours   every box's status at cache_seq {seq} {seconds:.1f} s after the issue "
+        f"command returned ({issued:.1f} s to sign it); boxes' own min cache_seq "
+        f"{state['min_cache_seq']}"
+    )
+    say(f"  target < {TARGET_FANOUT_S:.0f} s: {met}")
+    say(f"  check  boxes at the new cache_seq: {at_seq} of {args.boxes}")
+
+
+def scenario_herd(fleet: Fleet, backend: Backend, broker: Broker, args, floor: float) -> None:
+    say(f"herd: broker stopped, {HERD_RECORDS} records scanned on each box, broker started")
+    broker.stop()
+    wait(lambda: fleet.state()["connected"] == 0, "every box to notice the broker is gone")
+    fleet.ask("burst", HERD_RECORDS)
+    before = backend.query("SELECT COUNT(*) FROM events")[0][0]
+    records = HERD_RECORDS * args.boxes
+    restarted_at = time.time()
+    broker.start()
+    connected = wait(lambda: fleet.state()["connected"] == args.boxes, "every box reconnected")
+    seconds = connected + wait(drained(fleet, backend, before + records), "the herd drained")
+    state = fleet.state()
+    per_second = broker.connects_per_second(restarted_at)
+    rate = records / seconds
+    scaled = seconds * 100_000 / records
+    met = "met" if scaled < TARGET_HERD_S else "NOT met"
+    say(
+        f"  ours   {records:,} records drained in {seconds:.1f} s = {rate:,.0f} records/s "
+        f"({rate / floor:.1%} of the COPY floor); peak {max(per_second, default=0)} "
+        f"connections/s, {sum(per_second)} connections"
+    )
+    say(f"  target 100,000 records < {TARGET_HERD_S:.0f} s: {met} ({scaled:.1f} s per 100,000)")
+    say(f"  ours   every box reconnected {connected:.1f} s after the broker was back")
+    say(f"  check  boxes drained: {state['empty']} of {args.boxes}")
+
+
+def scenario_faults(fleet: Fleet, backend: Backend, server: PostgreSQL, args) -> None:
+    import threading
+
+    say("faults: steady scanning while collector 1 and then PostgreSQL are killed and restarted")
+    results: list = []
+    runner = threading.Thread(
+        target=lambda: results.append(fleet.ask("steady", args.faults, args.interval))
+    )
+    runner.start()
+    time.sleep(args.faults / 5)
+    backend.kill_collector(1)
+    say("  collector 1 killed (SIGKILL)")
+    time.sleep(args.faults / 10)
+    backend.start_collector(1)
+    say("  collector 1 restarted")
+    time.sleep(args.faults / 10)
+    server.kill()
+    say("  PostgreSQL killed (SIGKILL to the postmaster and its backends)")
+    time.sleep(args.faults / 10)
+    server.start()
+    say("  PostgreSQL restarted")
+    runner.join()
+    scans = sum(r["scans"] for r in results[0])
+    total = sum(len(v) for v in fleet.ledgers().values())
+    seconds = wait(drained(fleet, backend, total), "the records after the faults stored")
+    say(f"  ours   {scans:,} scans during the faults; drained {seconds:.1f} s after the last")
+
+
+def check(fleet: Fleet, backend: Backend, args) -> bool:
+    ledgers = fleet.ledgers()
+    stored = backend.query("SELECT box, seq, id FROM events")
+    by_id: dict[str, tuple[str, int]] = {}
+    twice = 0
+    for box, seq, rid in stored:
+        if rid in by_id:
+            twice += 1
+        by_id[rid] = (box, seq)
+    per_box_seq = collections.Counter((box, seq) for box, seq, _ in stored)
+    twice += sum(n - 1 for n in per_box_seq.values() if n > 1)
+    lost = 0
+    mismatched = 0
+    for box, rows in ledgers.items():
+        for seq, rid in rows:
+            where = by_id.get(rid)
+            if where is None:
+                lost += 1
+            elif where != (box, seq):
+                mismatched += 1
+    expected = sum(len(v) for v in ledgers.values())
+    foreign = len(stored) - (expected - lost)
+    state = fleet.state()
+    say(
+        f"check: {expected:,} ledger records on {len(ledgers)} boxes, {len(stored):,} rows in "
+        f"PostgreSQL"
+    )
+    say(
+        f"  lost {lost}, stored twice {twice}, wrong box or seq {mismatched}, not in any ledger {foreign}"
+    )
+    say(f"  boxes with an empty outbox: {state['empty']} of {args.boxes}")
+    return (
+        lost == 0 and twice == 0 and mismatched == 0 and foreign == 0
+        and state["empty"] == args.boxes
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------- main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--boxes", type=int, default=1000)
+    parser.add_argument("--quick", action="store_true", help="short phases, small batch")
+    parser.add_argument("--workers", type=int, default=max(2, os.cpu_count() or 2))
+    parser.add_argument("--interval", type=float, default=5.0, help="s between a box's scans")
+    parser.add_argument("--steady", type=float, default=60.0, help="steady-state seconds")
+    parser.add_argument("--faults", type=float, default=40.0, help="fault phase seconds")
+    parser.add_argument("--fanout-codes", type=int, default=100_000)
+    parser.add_argument("--dir", default=None, help="where to put the databases (default /tmp)")
+    args = parser.parse_args()
+    if args.quick:
+        args.steady, args.faults, args.fanout_codes = 15.0, 15.0, 10_000
+    per_box = int((args.steady + args.faults) / args.interval * 1.3) + HERD_RECORDS + 5
+    started = time.monotonic()
+    with Scratch(args.dir) as scratch:
+        server = PostgreSQL().start()
+        broker = Broker(scratch)
+        broker.start()
+        fleet: Fleet | None = None
+        backend: Backend | None = None
+        try:
+            url = server.create_database("fleet")
+            os.environ[DATABASE_ENV] = url
+            ENV[DATABASE_ENV] = url
+            backend = Backend(scratch / "backend", broker, url)
+            say(
+                f"fleet: {args.boxes} boxes in {args.workers} worker processes, mosquitto and "
+                f"PostgreSQL on loopback, 2 collectors; {os.cpu_count()} cores; "
+                f"databases on {bench_boxes.filesystem(scratch)}"
+            )
+            csv = scratch / "codes.csv"
+            with csv.open("w") as out:
+                out.write("code,card_id\n")
+                for number in range(args.boxes):
+                    out.writelines(f"{code(number, n)},1\n" for n in range(1, per_box + 1))
+            cards = backend.issue("cards", ROOT / "backend/demo/cards.json")
+            issue = backend.issue("issue", csv)
+            template = write_box(scratch / "template", backend.dir, broker.url, "template")
+            done = subprocess.run(
+                [sys.executable, "-m", "daemon.cli", "-c", str(template), "import",
+                 str(cards), str(issue)],
+                capture_output=True, text=True, cwd=ROOT, env=ENV,
+            )  # fmt: skip
+            if done.returncode != 0:
+                sys.exit(f"redeemd import failed: {done.stderr[-2000:]}")
+            configs = []
+            for number in range(args.boxes):
+                directory = scratch / "boxes" / box_id(number)
+                configs.append(
+                    (number, str(write_box(directory, backend.dir, broker.url, box_id(number))))
+                )
+                shutil.copyfile(template.parent / "redeemd.db", directory / "redeemd.db")
+            backend_cli(
+                "box", "add", "--dir", str(backend.dir), "--merchant", MERCHANT,
+                *(box_id(n) for n in range(args.boxes)),
+            )  # fmt: skip
+            say(
+                f"  set up in {time.monotonic() - started:.1f} s: {args.boxes * per_box:,} codes "
+                f"in each box's cache ({per_box} per box)"
+            )
+            fleet = Fleet(configs, args.workers)
+            backend.start_collector(0)
+            backend.start_collector(1)
+            backend.start_publisher()
+            connected = wait(
+                lambda: fleet.state()["connected"] == args.boxes, "every box connected"
+            )
+            say(f"  every box connected {connected:.1f} s after the workers were up")
+            floor = scenario_steady(fleet, backend, args, 0)
+            scenario_fanout(fleet, backend, args, scratch)
+            scenario_herd(fleet, backend, broker, args, floor)
+            scenario_faults(fleet, backend, server, args)
+            ok = check(fleet, backend, args)
+            say(f"total {time.monotonic() - started:.0f} s")
+            return 0 if ok else 1
+        finally:
+            if fleet is not None:
+                fleet.stop()
+            if backend is not None:
+                backend.stop()
+            broker.stop()
+            server.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
