@@ -51,6 +51,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -268,7 +269,9 @@ def box_id(box: int) -> str:
     return f"fleet-{box:05d}"
 
 
-def write_box(directory: Path, backend: Path, broker_url: str, name: str) -> Path:
+def write_box(
+    directory: Path, backend: Path, broker_url: str, name: str, request_retry: str
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "config.toml"
     config.write_text(
@@ -287,6 +290,7 @@ code_key_file = "{backend}/code.key"
 [sync]
 enabled = true
 broker = "{broker_url}"
+request_retry = "{request_retry}"
 """
     )
     return config
@@ -337,9 +341,19 @@ def worker(pipe: Connection, assigned: list[tuple[int, str]]) -> None:
             )
         elif command == "burst":
             (per_box,) = args
-            for number in engines:
+
+            def scans(number: int, per_box: int = per_box) -> None:
+                # The burst only fills the outboxes for the herd; the time it takes is
+                # not measured, so its commits skip the fsync (synchronous=FULL per scan
+                # would take a minute for 200 boxes on this disk).
+                conn = engines[number].conn
+                conn.execute("PRAGMA synchronous = OFF")
                 for _ in range(per_box):
                     scan(number)
+                conn.execute("PRAGMA synchronous = FULL")
+
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(scans, list(engines)))
             pipe.send(per_box * len(engines))
         elif command == "steady":
             seconds, interval = args
@@ -497,14 +511,14 @@ def scenario_steady(fleet: Fleet, backend: Backend, args, stored_before: int) ->
     floor = floor_copy(backend, max(scans, 20_000))
     say(f"  floor  COPY of {max(scans, 20_000):,} event rows into PostgreSQL: {floor:,.0f} rows/s")
     size = bench_sync.one_record_message_size()
-    messages = 20_000
+    messages = 10_000 if args.quick else 50_000
     seconds = bench_sync.run_floor(backend.broker.port, messages, size)
     say(
         f"  floor  plain paho, {messages:,} QoS 1 messages of {size} B: {messages / seconds:,.0f}/s"
     )
     say(
-        f"  target ingest >= {TARGET_INGEST:.0%} of the floor: measured in herd (steady is "
-        f"bounded by the offered load, {offered / floor:.1%} of the floor)"
+        f"  (steady ingest is the offered load, {offered / floor:.1%} of the COPY floor; the "
+        "ingest target is judged on the herd's drain, where the boxes send all they can)"
     )
     return floor
 
@@ -538,28 +552,48 @@ def scenario_fanout(fleet: Fleet, backend: Backend, args, scratch: Path) -> None
 
 
 def scenario_herd(fleet: Fleet, backend: Backend, broker: Broker, args, floor: float) -> None:
-    say(f"herd: broker stopped, {HERD_RECORDS} records scanned on each box, broker started")
-    broker.stop()
-    wait(lambda: fleet.state()["connected"] == 0, "every box to notice the broker is gone")
-    fleet.ask("burst", HERD_RECORDS)
+    say(
+        f"herd: collectors paused (SIGSTOP), {HERD_RECORDS} records scanned on each box, "
+        "broker restarted, collectors resumed"
+    )
+    # Paused, not stopped: the records wait on the boxes (sent, never acked) while the
+    # collectors stay the same processes, and the restart is a short one, as a broker
+    # upgrade is. A broker down for the whole burst would measure how far the boxes'
+    # backoff grew instead (up to its 60 s cap).
     before = backend.query("SELECT COUNT(*) FROM events")[0][0]
+    paused = [p for p in backend.collectors if p is not None]
+    for process in paused:
+        process.send_signal(signal.SIGSTOP)
+    burst_started = time.monotonic()
+    fleet.ask("burst", HERD_RECORDS)
+    burst = time.monotonic() - burst_started
     records = HERD_RECORDS * args.boxes
+    broker.stop()
     restarted_at = time.time()
     broker.start()
+    started = time.monotonic()
+    for process in paused:
+        process.send_signal(signal.SIGCONT)
     connected = wait(lambda: fleet.state()["connected"] == args.boxes, "every box reconnected")
-    seconds = connected + wait(drained(fleet, backend, before + records), "the herd drained")
+    wait(drained(fleet, backend, before + records), "the herd drained")
+    seconds = time.monotonic() - started
     state = fleet.state()
     per_second = broker.connects_per_second(restarted_at)
     rate = records / seconds
     scaled = seconds * 100_000 / records
     met = "met" if scaled < TARGET_HERD_S else "NOT met"
+    say(f"  (the {records:,} scans took {burst:.1f} s, committed without fsync)")
     say(
-        f"  ours   {records:,} records drained in {seconds:.1f} s = {rate:,.0f} records/s "
-        f"({rate / floor:.1%} of the COPY floor); peak {max(per_second, default=0)} "
-        f"connections/s, {sum(per_second)} connections"
+        f"  ours   {records:,} records drained in {seconds:.1f} s from the broker's start = "
+        f"{rate:,.0f} records/s ({rate / floor:.1%} of the COPY floor); every box reconnected "
+        f"after {connected:.1f} s; peak {max(per_second, default=0)} connections/s, "
+        f"{sum(per_second)} connections"
     )
     say(f"  target 100,000 records < {TARGET_HERD_S:.0f} s: {met} ({scaled:.1f} s per 100,000)")
-    say(f"  ours   every box reconnected {connected:.1f} s after the broker was back")
+    say(
+        f"  target ingest >= {TARGET_INGEST:.0%} of the COPY floor: "
+        f"{'met' if rate >= TARGET_INGEST * floor else 'NOT met'} ({rate / floor:.1%})"
+    )
     say(f"  check  boxes drained: {state['empty']} of {args.boxes}")
 
 
@@ -640,10 +674,17 @@ def main() -> int:
     parser.add_argument("--steady", type=float, default=60.0, help="steady-state seconds")
     parser.add_argument("--faults", type=float, default=40.0, help="fault phase seconds")
     parser.add_argument("--fanout-codes", type=int, default=100_000)
+    parser.add_argument(
+        "--request-retry",
+        default="30s",
+        help="the boxes' [sync] request_retry: how long an unacked record waits before it "
+        "is sent again (default 30s, the box's default; --quick: 5s)",
+    )
     parser.add_argument("--dir", default=None, help="where to put the databases (default /tmp)")
     args = parser.parse_args()
     if args.quick:
-        args.steady, args.faults, args.fanout_codes = 15.0, 15.0, 10_000
+        args.steady, args.faults, args.fanout_codes = 10.0, 10.0, 10_000
+        args.request_retry = "5s"
     per_box = int((args.steady + args.faults) / args.interval * 1.3) + HERD_RECORDS + 5
     started = time.monotonic()
     with Scratch(args.dir) as scratch:
@@ -659,7 +700,8 @@ def main() -> int:
             backend = Backend(scratch / "backend", broker, url)
             say(
                 f"fleet: {args.boxes} boxes in {args.workers} worker processes, mosquitto and "
-                f"PostgreSQL on loopback, 2 collectors; {os.cpu_count()} cores; "
+                f"PostgreSQL on loopback, 2 collectors; boxes' request_retry {args.request_retry}; "
+                f"{os.cpu_count()} cores; "
                 f"databases on {bench_boxes.filesystem(scratch)}"
             )
             csv = scratch / "codes.csv"
@@ -669,7 +711,9 @@ def main() -> int:
                     out.writelines(f"{code(number, n)},1\n" for n in range(1, per_box + 1))
             cards = backend.issue("cards", ROOT / "backend/demo/cards.json")
             issue = backend.issue("issue", csv)
-            template = write_box(scratch / "template", backend.dir, broker.url, "template")
+            template = write_box(
+                scratch / "template", backend.dir, broker.url, "template", args.request_retry
+            )
             done = subprocess.run(
                 [sys.executable, "-m", "daemon.cli", "-c", str(template), "import",
                  str(cards), str(issue)],
@@ -681,7 +725,18 @@ def main() -> int:
             for number in range(args.boxes):
                 directory = scratch / "boxes" / box_id(number)
                 configs.append(
-                    (number, str(write_box(directory, backend.dir, broker.url, box_id(number))))
+                    (
+                        number,
+                        str(
+                            write_box(
+                                directory,
+                                backend.dir,
+                                broker.url,
+                                box_id(number),
+                                args.request_retry,
+                            )
+                        ),
+                    )
                 )
                 shutil.copyfile(template.parent / "redeemd.db", directory / "redeemd.db")
             backend_cli(
