@@ -72,7 +72,9 @@ def pick_merchant(store: Store, merchant: str | None) -> str:
         return merchants[0]
     if not merchants:
         raise ExportError("the backend's database holds no batches yet; issue some first")
-    raise ExportError(f"the backend's database has batches for {', '.join(merchants)}: choose with --merchant")
+    raise ExportError(
+        f"the backend's database has batches for {', '.join(merchants)}: choose with --merchant"
+    )
 
 
 def export(

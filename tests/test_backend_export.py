@@ -127,7 +127,10 @@ def test_every_stored_batch_exports_as_a_file_a_box_imports(tmp_path, backend_di
 def test_export_of_sequences_not_held_is_refused_and_writes_nothing(tmp_path, backend_dir):
     usb = tmp_path / "usb"
     result = backend_cli_fails("export", "--dir", str(backend_dir), "--out", str(usb), "3-9")
-    assert "batches 5..9 of demo are not in the backend's database (the newest batch of demo is 4)" in result
+    assert (
+        "batches 5..9 of demo are not in the backend's database (the newest batch of demo is 4)"
+        in result
+    )
     assert "nothing written" in result
     assert not usb.exists()
 
