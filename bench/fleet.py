@@ -55,8 +55,12 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-import boxes as bench_boxes
-from boxes import ROOT, Scratch, percentile
+# The project before this folder: bench/drivers.py must not shadow the drivers package
+# (boxes.py puts the root first only when $PYTHONPATH does not already hold it).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import boxes as bench_boxes  # noqa: E402
+from boxes import ROOT, Scratch, percentile  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
 import psycopg  # noqa: E402
@@ -324,7 +328,10 @@ def worker(pipe: Connection, assigned: list[tuple[int, str]]) -> None:
         engines[number].handle(Scan(code(number, counters[number]).encode(), "counter"))
 
     for sync in syncs.values():
+        # A few ms apart, as boxes booting at different times: hundreds of connects in
+        # one instant from one process starve each other's threads of the interpreter.
         sync.start()
+        time.sleep(0.01)
     pipe.send("ready")
     while True:
         command, *args = pipe.recv()

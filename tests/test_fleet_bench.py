@@ -8,7 +8,6 @@ batch after the fan-out.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -22,7 +21,6 @@ def test_fleet_bench_quick_loses_nothing_and_reaches_every_box():
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "fleet.py"), "--boxes", str(BOXES), "--quick"],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     out = result.stdout
     assert result.returncode == 0, out + result.stderr[-3000:]
