@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import sqlite3
 import sys
 import time
@@ -142,15 +143,22 @@ def _parser() -> argparse.ArgumentParser:
     p = command(
         "decode",
         cmd_decode,
-        "Print the codes found in image files (camera check).",
-        "redeemd decode shelf-photo.png qr.jpg",
+        "Print the codes the camera finds in photos (or videos) taken at the counter.",
+        "redeemd decode --json counter/*.jpg",
     )
     p.add_argument(
         "images",
         nargs="+",
         type=Path,
-        help="image (or video) files, any format ffmpeg reads: PNG, JPEG ...",
+        help="image files (PNG, JPEG, WebP ..., read directly) or video files (read by ffmpeg)",
     )
+    p.add_argument(
+        "--decoder",
+        choices=("zxing", "zbar"),
+        default="zxing",
+        help="the camera decoder to check with (a camera's `decoder` setting)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON document: every file's codes")
     p = command(
         "status",
         cmd_status,
@@ -296,22 +304,50 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from drivers.camera import decode_images
+    from drivers.camera import ZbarDecoder, decode_files
     from drivers.supervisor import DriverError
+    from drivers.zxing_decoder import ZxingDecoder
 
     found = 0
+    results = []
     try:
-        for path, symbology, text in decode_images(args.images):
-            found += 1
-            print(f"{path}: {symbology}: {text}")
+        decoder = ZbarDecoder() if args.decoder == "zbar" else ZxingDecoder()
+        for result in decode_files(args.images, decoder):
+            found += len(result.reads)
+            codes = [
+                {"symbology": r.symbology, "aim": r.aim, "text": r.data.decode("utf-8", "replace")}
+                for r in result.reads
+            ]
+            results.append({"path": result.path, "codes": codes, "error": result.error})
+            if args.json:
+                continue
+            if result.error is not None:
+                print(f"redeemd: {result.path}: {result.error}", file=sys.stderr)
+            for code in codes:
+                text = _visible(code["text"])
+                print(f"{result.path}: {code['symbology']} {code['aim']}: {text}")
+            if not codes and result.error is None:
+                print(f"{result.path}: no code found")
     except DriverError as exc:
-        # No ffmpeg or no zbar: the message says what to install.
+        # A decoder, Pillow or (for a video) ffmpeg missing: the message says what to install.
         print(f"redeemd: {exc}", file=sys.stderr)
         return 2
+    if args.json:
+        print(json.dumps(results, indent=2, ensure_ascii=False))
     if not found:
-        print("redeemd: no code found in the given images", file=sys.stderr)
+        print("redeemd: no code found in the given files", file=sys.stderr)
         return 1
     return 0
+
+
+_SHOWN = {"\x1d": "<GS>", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _visible(text: str) -> str:
+    """A code on one terminal line: GS1's separator (0x1D) and line breaks made visible."""
+    return re.sub(
+        r"[\x00-\x1f\x7f]", lambda m: _SHOWN.get(m.group(), f"\\x{ord(m.group()):02x}"), text
+    )
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""Camera scanners: V4L2 webcams (or video and image files) read through ffmpeg, decoded by zbar.
+"""Camera scanners: V4L2 webcams (or video and image files) read through ffmpeg, decoded by
+zxing-cpp (`drivers.zxing_decoder`) or zbar.
 
 One `ffmpeg` subprocess turns whatever the source delivers (YUYV or MJPEG from a
 webcam, H.264 from a file, PNG/JPEG images) into raw 8-bit grayscale frames of exactly
@@ -10,13 +11,15 @@ width x height on a pipe::
 Files go through the very same pipe (only the input options differ), so what the tests
 decode from a generated video is what the box decodes from its camera. Each frame is
 read into one reused buffer, viewed as a C-contiguous 2-D uint8 numpy array without a
-copy and handed to zbar-py (which silently misses non-contiguous arrays and fails on
-3-D ones). `drivers.dedupe` turns the per-frame decodes into scans.
+copy and handed to the decoder: zxing-cpp reads it in place; zbar-py silently misses
+non-contiguous arrays and fails on 3-D ones. `drivers.dedupe` turns the per-frame
+decodes into scans.
 
 `CameraScanner.run` wires four jobs, each replaceable on its own: `FfmpegFrames` (the
-frame source), a `FrameDecoder` (`ZbarDecoder`; `make_decoder` takes another, one
-`decode(image)` method), `Deduper` (codes seen -> new scans) and `_Progress` (the state
-and the frames/s message `redeemd status` shows).
+frame source), a `FrameDecoder` (`ZxingDecoder` or `ZbarDecoder`, as `decoder` in the
+settings says; `make_decoder` takes another, one `decode(image)` method), `Deduper`
+(codes seen -> new scans) and `_Progress` (the state and the frames/s message `redeemd
+status` shows).
 
 Config (a [[scanner]] block with type = "camera"; docs/scanners.md)::
 
@@ -27,13 +30,16 @@ Config (a [[scanner]] block with type = "camera"; docs/scanners.md)::
     width = 640
     height = 480
     fps = 10
+    decoder = "zxing"           # or "zbar"
+    symbologies = ["qr", "ean-13", "code128"]   # all 14 by default
 
 A camera whose device node is missing (unplugged, or not plugged in yet) raises
-`DeviceGone`, which `redeemd status` shows as `disconnected`; a missing ffmpeg or zbar,
+`DeviceGone`, which `redeemd status` shows as `disconnected`; a missing ffmpeg or decoder,
 a node that is not a capture device or refused permissions raise `DriverError` (`error`).
 
-`redeemd decode IMAGE...` uses `decode_images()` to show a technician what zbar finds
-in a photo taken at the counter.
+`redeemd decode FILE...` uses `decode_files()` to show a technician what the camera
+finds in photos taken at the counter: images are read by Pillow, ffmpeg starts only for
+video.
 """
 
 from __future__ import annotations
@@ -49,8 +55,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -58,12 +65,17 @@ from cards.scan import Scan
 from drivers.dedupe import Code, Deduper
 from drivers.settings import CameraSettings
 from drivers.supervisor import DeviceGone, DriverError, DriverState, Status
+from drivers.zxing_decoder import SYMBOLOGIES, Read, ZxingDecoder, check_symbologies, ean13_form
 from runtime.threads import OwnedThread
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 log = logging.getLogger("redeemd.drivers.camera")
 
 INSTALL_FFMPEG = "install ffmpeg (apt install ffmpeg)"
 INSTALL_ZBAR = "install zbar-py (pip install 'redeemd[drivers]'; it bundles libzbar)"
+INSTALL_PILLOW = "install Pillow (pip install 'redeemd[drivers]')"
 
 STOP_POLL = 0.5
 """How often a read waiting for a frame looks at the stop flag."""
@@ -141,23 +153,24 @@ def zbar_scanner():
     )
 
 
-# zbar's symbology names -> the AIM identifier (ISO/IEC 15424) a hardware scanner sends
-# for the same symbol in its plain form, which is what the ledger records for every
-# kind of scanner (docs/protocol.md). A symbology missing here is recorded as null
-# rather than with a modifier we cannot know (PDF417's depends on the reader's mode).
-AIM_IDENTIFIERS = {
-    "QR-Code": "]Q1",
-    "EAN-13": "]E0",
-    "UPC-E": "]E0",
-    "EAN-8": "]E4",
-    "CODE-128": "]C0",
-    "CODE-39": "]A0",
-    "CODE-93": "]G0",
-    "I2/5": "]I0",
-    "Codabar": "]F0",
-    "DataBar": "]e0",
-    "DataBar-Exp": "]e0",
+# zbar's symbology names -> the config name (drivers.zxing_decoder.SYMBOLOGIES) and the
+# AIM identifier (ISO/IEC 15424) a hardware scanner sends for the same symbol in its plain
+# form. zbar reports no modifiers (a GS1-128 is "CODE-128" like any other), so these are
+# the plain ones; zxing-cpp reports the real ones. What is missing here (zbar's DataBar)
+# is not among the symbologies the camera reads.
+ZBAR_SYMBOLOGIES = {
+    "QR-Code": ("qr", "]Q1"),
+    "EAN-13": ("ean-13", "]E0"),
+    "UPC-E": ("upc-e", "]E0"),
+    "EAN-8": ("ean-8", "]E4"),
+    "CODE-128": ("code128", "]C0"),
+    "CODE-39": ("code39", "]A0"),
+    "CODE-93": ("code93", "]G0"),
+    "I2/5": ("itf", "]I0"),
+    "Codabar": ("codabar", "]F0"),
 }
+AIM_IDENTIFIERS = {name: aim for name, (_, aim) in ZBAR_SYMBOLOGIES.items()}
+"""zbar's raw names (what `decode_frame` gives) -> AIM identifiers."""
 
 
 def decode_frame(scanner, image: np.ndarray) -> set[tuple[str, bytes]]:
@@ -229,32 +242,60 @@ def _stop_process(process: subprocess.Popen, timeout: float = 2.0) -> None:
 
 
 class FrameDecoder(Protocol):
-    """Finds the codes in one frame. zbar's today (`ZbarDecoder`); another decoder goes
-    behind the same method, and nothing else in the driver changes."""
+    """Finds the codes in one frame: `ZxingDecoder` (drivers/zxing_decoder.py) or
+    `ZbarDecoder`; another decoder goes behind the same method, and nothing else in the
+    driver changes."""
 
     def decode(self, image: np.ndarray) -> set[Code]:
-        """(symbology, data) of every code in a 2-D uint8 frame. Symbologies are named as
-        zbar names them ("QR-Code", "EAN-13"...): `drivers.dedupe` decides by these names
-        which codes need several sightings, and AIM_IDENTIFIERS maps them for the ledger,
-        so a decoder with other names maps them to these."""
+        """(AIM identifier, data) of every code in a 2-D uint8 frame: what the ledger
+        records and what a hardware scanner sends (docs/scanners.md, "What the camera
+        sends"). `drivers.dedupe` decides by the identifier which codes need several
+        sightings."""
         ...
 
 
 class ZbarDecoder:
-    """zbar-py with the driver's configuration (`zbar_scanner`) as a `FrameDecoder`.
-    Raises DriverError when zbar is not usable."""
+    """zbar-py with the driver's configuration (`zbar_scanner`) as a `FrameDecoder`,
+    reading the switched-on `symbologies` that zbar knows, by the same rules as
+    `ZxingDecoder` where zbar allows (UPC-A/UPC-E as EAN-13). Raises DriverError when
+    zbar is not usable."""
 
-    def __init__(self) -> None:
+    def __init__(self, symbologies: Iterable[str] = tuple(SYMBOLOGIES)) -> None:
+        self.symbologies = frozenset(check_symbologies(symbologies))
         self._scanner = zbar_scanner()
 
+    def reads(self, image: np.ndarray) -> list[Read]:
+        """Every code zbar finds in a 2-D uint8 frame, as `Read`s."""
+        reads = []
+        for name, data in sorted(decode_frame(self._scanner, image)):
+            if name not in ZBAR_SYMBOLOGIES:
+                continue
+            symbology, aim = ZBAR_SYMBOLOGIES[name]
+            if symbology == "ean-13" and data.startswith(b"0"):
+                symbology = "upc-a"  # zbar's UPC-A view is off: it reports EAN-13
+            if symbology not in self.symbologies:
+                continue
+            if symbology == "upc-e":
+                data = ean13_form(data.decode("ascii")).encode("ascii")
+            reads.append(Read(symbology, aim, data))
+        return reads
+
     def decode(self, image: np.ndarray) -> set[Code]:
-        return decode_frame(self._scanner, image)
+        return {(read.aim, read.data) for read in self.reads(image)}
+
+
+def make_decoder_for(settings: CameraSettings) -> ZxingDecoder | ZbarDecoder:
+    """The decoder `settings.decoder` names, reading `settings.symbologies`."""
+    if settings.decoder == "zbar":
+        return ZbarDecoder(settings.symbologies)
+    return ZxingDecoder(settings.symbologies)
 
 
 class CameraScanner:
     """A camera (or a video or image file) as a scanner: frames from ffmpeg
     (`FfmpegFrames`), codes from a `FrameDecoder`, scans from `Deduper`, and what the
-    scanner's state shows from `_Progress`. `make_decoder` is called on every start."""
+    scanner's state shows from `_Progress`. `make_decoder` (by default the decoder the
+    settings name) is called on every start."""
 
     kind = "camera"
 
@@ -262,12 +303,12 @@ class CameraScanner:
         self,
         name: str,
         settings: CameraSettings | Mapping[str, object],
-        make_decoder: Callable[[], FrameDecoder] = ZbarDecoder,
+        make_decoder: Callable[[], FrameDecoder] | None = None,
     ):
         self.name = name
         # Keys and defaults: drivers/settings.py. Read from here, not copied: one source.
-        self.settings = CameraSettings.of(settings)
-        self.make_decoder = make_decoder
+        self.settings = s = CameraSettings.of(settings)
+        self.make_decoder = make_decoder or (lambda: make_decoder_for(s))
         self._frames: FfmpegFrames | None = None
         self._lock = threading.Lock()
 
@@ -281,7 +322,7 @@ class CameraScanner:
         command = self.command()
         command[0] = find_ffmpeg(s.ffmpeg)
         deduper = Deduper(s.rescan_after, s.min_sightings_1d)
-        # After the checks above: a box without ffmpeg or zbar needs fixing (error)
+        # After the checks above: a box without ffmpeg or its decoder needs fixing (error)
         # whether or not its camera is plugged in.
         shape = (s.height, s.width)
         frames = FfmpegFrames(self.name, s.device, command, shape, s.fps, stop, s.no_frame_timeout)
@@ -291,8 +332,7 @@ class CameraScanner:
         try:
             while not stop.is_set() and (image := frames.next()) is not None:
                 progress.frame(frames.skipped)
-                for symbology, data in deduper.feed(decoder.decode(image), frames.time()):
-                    aim = AIM_IDENTIFIERS.get(symbology)
+                for aim, data in deduper.feed(decoder.decode(image), frames.time()):
                     emit(Scan(code=data, source=self.name, symbology=aim, at=time.time()))
             if not stop.is_set():
                 frames.ended()
@@ -615,49 +655,105 @@ def _read_pgm(stream: IO[bytes]) -> np.ndarray | None:
     return np.frombuffer(data, dtype=np.uint8).reshape(height, width)
 
 
-def decode_images(
-    paths: Iterable[str | os.PathLike[str]], ffmpeg: str = "ffmpeg"
-) -> Iterator[tuple[str, str, str]]:
-    """(path, symbology, text) for every distinct code found in each image (or video) file.
+@dataclass(frozen=True)
+class FileReads:
+    """What `decode_files` found in one file: its distinct codes, or why it was not read."""
 
-    Images are decoded at their own size by ffmpeg (any format it reads: PNG, JPEG, BMP,
-    WebP, TIFF ...); a video file is decoded frame by frame. A file that cannot be read
-    is logged and skipped::
+    path: str
+    reads: tuple[Read, ...]
+    error: str | None = None
 
-        >>> for path, symbology, text in decode_images(["counter.png"]):  # doctest: +SKIP
-        ...     print(path, symbology, text)
-        counter.png QR-Code DEMO-0001
+
+def decode_files(
+    paths: Iterable[str | os.PathLike[str]],
+    decoder: ZxingDecoder | ZbarDecoder | None = None,
+    ffmpeg: str = "ffmpeg",
+) -> Iterator[FileReads]:
+    """The distinct codes in each image or video file, in the order given.
+
+    Images (any format Pillow reads: PNG, JPEG, WebP, BMP, TIFF, GIF ...) are read at their
+    own size in this process: 50 photos take well under a second. Anything Pillow does not
+    recognise is handed to ffmpeg and decoded frame by frame as a video; ffmpeg is looked
+    for only then, so checking photos needs no ffmpeg. A file that cannot be read gets an
+    `error`. The decoder is the camera's default (zxing-cpp, every symbology)::
+
+        >>> for found in decode_files(["counter.png"]):  # doctest: +SKIP
+        ...     print(found.path, [(r.symbology, r.aim, r.data) for r in found.reads])
+        counter.png [('qr', ']Q1', b'DEMO-0001')]
+
+    Raises DriverError when the decoder, Pillow, or (for a video) ffmpeg is missing.
     """
-    binary = find_ffmpeg(ffmpeg)
-    scanner = zbar_scanner()
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as exc:
+        raise DriverError(f"Pillow is not usable ({exc}): {INSTALL_PILLOW}") from None
+    reader = decoder if decoder is not None else ZxingDecoder()
     for path in paths:
         name = str(path)
         if Path(name).is_dir():
             example = Path(name) / "*.png"
-            log.warning("%s: is a directory; give the image files in it, e.g. %s", name, example)
+            yield FileReads(name, (), f"is a directory; give the image files in it, e.g. {example}")
             continue
         if not Path(name).is_file():
-            log.warning("%s: no such file", name)
+            yield FileReads(name, (), "no such file")
             continue
-        # Each image (or video frame) as a binary PGM at its own size, one after another.
-        command = [binary, "-hide_banner", "-nostdin", "-loglevel", "error", "-i", name]
-        command += ["-f", "image2pipe", "-c:v", "pgm", "-pix_fmt", "gray", "-"]
-        process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        assert process.stdout is not None and process.stderr is not None
-        stderr = _StderrTail(process.stderr)
-        found: set[tuple[str, bytes]] = set()
         try:
-            while (image := _read_pgm(process.stdout)) is not None:
-                for symbology, data in sorted(decode_frame(scanner, image) - found):
-                    found.add((symbology, data))
-                    yield name, symbology, data.decode("utf-8", "replace")
-            process.wait(10)
-        finally:
-            _stop_process(process)
-            process.stdout.close()
-            stderr.join(2.0)
-            process.stderr.close()
-        if process.returncode not in (0, None) and not found:
-            log.warning("%s: ffmpeg cannot read it: %s", name, stderr.summary())
+            picture = Image.open(name)
+        except UnidentifiedImageError:
+            yield _decode_video(name, reader, find_ffmpeg(ffmpeg))
+            continue
+        except OSError as exc:
+            yield FileReads(name, (), f"cannot read it: {exc}")
+            continue
+        try:
+            with picture:
+                found: dict[tuple[str, bytes], Read] = {}
+                for image in _grey_frames(picture):
+                    for read in reader.reads(image):
+                        found.setdefault((read.aim, read.data), read)
+        except (OSError, ValueError) as exc:  # a truncated or corrupt image
+            yield FileReads(name, (), f"cannot read it: {exc}")
+            continue
+        yield FileReads(name, tuple(found.values()))
+
+
+def _grey_frames(picture: PIL.Image.Image) -> Iterator[np.ndarray]:
+    """Each frame of an image (one, or several in an animated GIF/WebP) as 8-bit grey.
+    Transparent parts become white, as on a screen: a QR code drawn on a transparent
+    background would otherwise be black on black."""
+    from PIL import Image
+
+    for index in range(getattr(picture, "n_frames", 1)):
+        picture.seek(index)
+        frame = picture
+        if frame.mode in ("RGBA", "LA", "PA") or "transparency" in frame.info:
+            rgba = frame.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            frame = Image.alpha_composite(white, rgba)
+        yield np.asarray(frame.convert("L"))
+
+
+def _decode_video(name: str, reader: ZxingDecoder | ZbarDecoder, binary: str) -> FileReads:
+    """The distinct codes in any frame of a video file, decoded by ffmpeg at its own size."""
+    # Each frame as a binary PGM at its own size, one after another.
+    command = [binary, "-hide_banner", "-nostdin", "-loglevel", "error", "-i", name]
+    command += ["-f", "image2pipe", "-c:v", "pgm", "-pix_fmt", "gray", "-"]
+    process = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert process.stdout is not None and process.stderr is not None
+    stderr = _StderrTail(process.stderr)
+    found: dict[tuple[str, bytes], Read] = {}
+    try:
+        while (image := _read_pgm(process.stdout)) is not None:
+            for read in reader.reads(image):
+                found.setdefault((read.aim, read.data), read)
+        process.wait(10)
+    finally:
+        _stop_process(process)
+        process.stdout.close()
+        stderr.join(2.0)
+        process.stderr.close()
+    if process.returncode not in (0, None) and not found:
+        return FileReads(name, (), f"ffmpeg cannot read it: {stderr.summary()}")
+    return FileReads(name, tuple(found.values()))

@@ -17,14 +17,14 @@ Pure: no clock, no camera. The caller passes the frame time (monotonic seconds f
 camera, frame index / fps for a file)::
 
     >>> d = Deduper(rescan_after=2.0, min_sightings_1d=2)
-    >>> d.feed({("QR-Code", b"DEMO-0001")}, at=0.0)
-    [('QR-Code', b'DEMO-0001')]
-    >>> d.feed({("QR-Code", b"DEMO-0001")}, at=0.1)
+    >>> d.feed({("]Q1", b"DEMO-0001")}, at=0.0)
+    [(']Q1', b'DEMO-0001')]
+    >>> d.feed({("]Q1", b"DEMO-0001")}, at=0.1)
     []
     >>> d.feed(set(), at=3.0)     # out of view for longer than rescan_after
     []
-    >>> d.feed({("QR-Code", b"DEMO-0001")}, at=3.1)
-    [('QR-Code', b'DEMO-0001')]
+    >>> d.feed({("]Q1", b"DEMO-0001")}, at=3.1)
+    [(']Q1', b'DEMO-0001')]
 """
 
 from __future__ import annotations
@@ -34,11 +34,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 Code = tuple[str, bytes]
-"""(symbology as zbar names it, e.g. "QR-Code" or "EAN-13"; the decoded bytes)."""
+"""(symbology, the decoded bytes). The camera's decoders name the symbology by its AIM
+identifier ("]Q1", "]E0", "]C1" ...); zbar's own names ("QR-Code") are understood too."""
 
-# zbar's names for symbologies that carry their own error correction. Everything else
-# zbar decodes (EAN-13, EAN-8, UPC-A, UPC-E, ISBN-10/13, CODE-128, CODE-93, CODE-39,
-# I2/5, Codabar, DataBar) is a 1-D code read along scanlines.
+# Symbologies that carry their own error correction, by the AIM identifier's symbology
+# character: QR and Micro QR, Aztec, PDF417, DataMatrix. Everything else the camera
+# reads (EAN/UPC, Code 128, Code 39, Code 93, ITF, Codabar) is a 1-D code read along
+# scanlines.
+TWO_D_AIM = frozenset("QzLd")
+# zbar's names for the same (SQ-Code is zbar's own 2-D symbology).
 TWO_D = frozenset({"QR-Code", "SQ-Code", "PDF417"})
 
 MAX_TRACKED = 64
@@ -68,7 +72,8 @@ class Deduper:
 
     def needed(self, symbology: str) -> int:
         """Consistent sightings a code of this symbology needs before it counts."""
-        return 1 if symbology in TWO_D else self.min_sightings_1d
+        two_d = symbology in TWO_D or (symbology[:1] == "]" and symbology[1:2] in TWO_D_AIM)
+        return 1 if two_d else self.min_sightings_1d
 
     def feed(self, codes: Iterable[Code], at: float) -> list[Code]:
         """Codes decoded in one frame taken at `at` -> the ones that are new scans now.

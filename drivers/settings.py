@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, TypeAdapter
 
 from drivers.feedback import PRESETS
 from drivers.serial_framing import TERMINATORS
+from drivers.zxing_decoder import SYMBOLOGIES, check_symbologies
 
 
 def check_string(value: object) -> str:
@@ -174,6 +175,17 @@ class HidSettings(Settings):
     min_length: PositiveInt = 3
 
 
+def _symbologies(value: object) -> tuple[str, ...]:
+    try:
+        return check_symbologies(check_string_list(value))
+    except ValueError:
+        raise ValueError("a list of symbologies from " + ", ".join(SYMBOLOGIES)) from None
+
+
+Symbologies = Annotated[tuple[str, ...], PlainValidator(_symbologies)]
+"""Names from drivers/zxing_decoder.py's SYMBOLOGIES: "qr", "ean-13", "code128" ..."""
+
+
 class CameraSettings(Settings):
     device: PathText
     width: PositiveInt = 640
@@ -188,6 +200,11 @@ class CameraSettings(Settings):
     min_sightings_1d: PositiveInt = 2
     input_format: Text = ""
     """ffmpeg's -input_format for V4L2 ("mjpeg", "yuyv422"); "" lets ffmpeg choose."""
+    decoder: Literal["zxing", "zbar"] = "zxing"
+    """zxing-cpp reads every symbology the camera claims and more of the corpus's photos;
+    zbar (the brief's decoder) reads QR, EAN/UPC, Code 128, Code 39 and ITF."""
+    symbologies: Symbologies = Field(list(SYMBOLOGIES))
+    """What the camera reads; a symbology left out is not read (docs/scanners.md)."""
 
 
 ScannerSettings = StdinSettings | SerialSettings | HidSettings | CameraSettings

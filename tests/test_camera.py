@@ -1,4 +1,5 @@
-"""Camera scanners: codes generated here, decoded through the real ffmpeg pipe and real zbar.
+"""Camera scanners: codes generated here, decoded through the real ffmpeg pipe and the real
+decoders (zxing-cpp, the default, and zbar where a test is about zbar or runs for both).
 
 Every picture is made by the test: QR codes by segno, EAN-13 and Code 128 modules by
 python-barcode (rendered with numpy, so no Pillow is needed), then rotated, scaled and
@@ -28,9 +29,10 @@ from conftest import ROOT, read_json_lines, wait_for, write_box
 
 from cards.scan import Scan
 from drivers import camera
-from drivers.camera import CameraScanner, decode_frame, decode_images, ffmpeg_command
+from drivers.camera import CameraScanner, decode_files, decode_frame, ffmpeg_command
 from drivers.dedupe import Deduper
 from drivers.supervisor import DeviceGone, DriverError, DriverState, Supervisor
+from drivers.zxing_decoder import ZxingDecoder
 
 W, H, FPS = 320, 240, 10
 # A 320x240 gray frame is 76,800 bytes, more than a pipe hands over in one read (64 KiB):
@@ -73,6 +75,16 @@ def linear(kind: str, text: str, module: int = 2, height: int = 60) -> np.ndarra
     row = np.array([0 if bit == "1" else 255 for bit in bars], dtype=np.uint8)
     row = np.pad(row, 10, constant_values=255)  # quiet zone of 10 modules
     return np.repeat(np.tile(row, (height, 1)), module, axis=1)
+
+
+def zxing_symbol(text: str, format: str) -> np.ndarray:
+    """A symbol python-barcode does not make (UPC-E), by zxing-cpp's writer, 2 px a module."""
+    import zxingcpp
+
+    barcode = zxingcpp.create_barcode(text, getattr(zxingcpp.BarcodeFormat, format))
+    return np.pad(
+        np.asarray(zxingcpp.write_barcode_to_image(barcode, scale=2)), 10, constant_values=255
+    )
 
 
 def frame(*codes: np.ndarray, noise: float = 0.0, seed: int = 0) -> np.ndarray:
@@ -368,24 +380,46 @@ def test_rotated_qr_and_scaled_ean13_in_a_noisy_video_are_read_through_the_pipe(
     assert all(isinstance(s, Scan) and s.source == "cam" for s in scans)
 
 
-def test_ean13_with_a_book_prefix_decodes_as_all_13_digits_not_as_an_isbn(tmp_path):
+DECODERS = {"zxing": ZxingDecoder, "zbar": camera.ZbarDecoder}
+
+
+def found_in(paths: list[Path], decoder: str) -> dict[str, set[tuple[str, str]]]:
+    """decode_files with the named decoder: path -> {(symbology, text)}."""
+    return {
+        found.path: {(r.symbology, r.data.decode()) for r in found.reads}
+        for found in decode_files(paths, DECODERS[decoder]())
+    }
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_ean13_with_a_book_prefix_decodes_as_all_13_digits_not_as_an_isbn(tmp_path, decoder):
     # A serial or HID scanner sends these as the 13 digits printed under the bars; zbar
     # would report 9780201379624 as ISBN-10 0201379627, another code for the same card.
     write_png(tmp_path / "978.png", frame(linear("ean13", "978020137962")))
     write_png(tmp_path / "979.png", frame(linear("ean13", "979100000001")))
-    found = {(symbology, text) for _, symbology, text in decode_images(sorted(tmp_path.iterdir()))}
-    assert found == {("EAN-13", "9780201379624"), ("EAN-13", "9791000000015")}
-    scans = scans_from(tmp_path / "*.png", rescan_after=0.05, min_sightings_1d=1)
+    found = found_in(sorted(tmp_path.iterdir()), decoder)
+    assert list(found.values()) == [{("ean-13", "9780201379624")}, {("ean-13", "9791000000015")}]
+    scans = scans_from(tmp_path / "*.png", rescan_after=0.05, min_sightings_1d=1, decoder=decoder)
     assert codes(scans) == [("]E0", b"9780201379624"), ("]E0", b"9791000000015")]
 
 
-def test_upc_a_decodes_as_the_13_digit_ean13_it_is(tmp_path):
-    # UPC-A 036000291452 is EAN-13 0036000291452: one code, whichever way it is read.
-    write_png(tmp_path / "upc.png", frame(linear("upca", "03600029145")))
-    [(_, symbology, text)] = decode_images([tmp_path / "upc.png"])
-    assert (symbology, text) == ("EAN-13", "0036000291452")
-    scans = scans_from(tmp_path / "upc.png", min_sightings_1d=1)
-    assert codes(scans) == [("]E0", b"0036000291452")]
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_upc_a_and_upc_e_decode_as_the_13_digit_ean13_they_are(tmp_path, decoder):
+    # UPC-A 036000291452 is EAN-13 0036000291452, UPC-E 01234565 is 0012345000065: one
+    # code, whichever way and by whichever scanner it is read.
+    write_png(tmp_path / "a.png", frame(linear("upca", "03600029145")))
+    write_png(tmp_path / "e.png", frame(zxing_symbol("0123456", "UPCE")))
+    found = found_in([tmp_path / "a.png", tmp_path / "e.png"], decoder)
+    assert list(found.values()) == [{("upc-a", "0036000291452")}, {("upc-e", "0012345000065")}]
+    scans = scans_from(tmp_path / "*.png", rescan_after=0.05, min_sightings_1d=1, decoder=decoder)
+    assert codes(scans) == [("]E0", b"0036000291452"), ("]E0", b"0012345000065")]
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_a_switched_off_symbology_is_not_scanned(tmp_path, decoder):
+    write_png(tmp_path / "a.png", frame(qr("DEMO-0005"), linear("ean13", EAN_A)))
+    scans = scans_from(tmp_path / "a.png", min_sightings_1d=1, decoder=decoder, symbologies=["qr"])
+    assert codes(scans) == [("]Q1", b"DEMO-0005")]
 
 
 def test_glob_of_images_is_read_one_image_per_frame(tmp_path):
@@ -403,14 +437,14 @@ def test_glob_of_images_is_read_one_image_per_frame(tmp_path):
 def photos(tmp_path: Path) -> dict[str, tuple[str, str]]:
     """Generated images -> (symbology, text) each must yield."""
     made = {
-        "qr-rotated-30.png": (qr("DEMO-0001", module=4), rotate(30), ("QR-Code", "DEMO-0001")),
-        "qr-small-noisy.png": (noisy(qr("DEMO-0002", module=2), 35, 3), "", ("QR-Code", "DEMO-0002")),
-        "qr-scaled-0.7.jpg": (qr("DEMO-0003", module=5), "scale=iw*0.7:-1:flags=bicubic", ("QR-Code", "DEMO-0003")),
-        "ean13-rotated-90.png": (np.rot90(linear("ean13", EAN_A)).copy(), "", ("EAN-13", "5901234123457")),
-        "ean13-tilted-8.png": (linear("ean13", EAN_B, module=3), rotate(8), ("EAN-13", "4006381333931")),
+        "qr-rotated-30.png": (qr("DEMO-0001", module=4), rotate(30), ("qr", "DEMO-0001")),
+        "qr-small-noisy.png": (noisy(qr("DEMO-0002", module=2), 35, 3), "", ("qr", "DEMO-0002")),
+        "qr-scaled-0.7.jpg": (qr("DEMO-0003", module=5), "scale=iw*0.7:-1:flags=bicubic", ("qr", "DEMO-0003")),
+        "ean13-rotated-90.png": (np.rot90(linear("ean13", EAN_A)).copy(), "", ("ean-13", "5901234123457")),
+        "ean13-tilted-8.png": (linear("ean13", EAN_B, module=3), rotate(8), ("ean-13", "4006381333931")),
         # zbar's Code 128 decoder gives up on per-pixel noise that no lens delivers; a
         # camera's optics and ISP smooth sensor noise, so the noisy bars are blurred too.
-        "code128-noisy-blurred-scaled.png": (noisy(linear("code128", "DEMO-0004", module=3), 30, 4), "gblur=sigma=1,scale=iw*1.5:-1", ("CODE-128", "DEMO-0004")),
+        "code128-noisy-blurred-scaled.png": (noisy(linear("code128", "DEMO-0004", module=3), 30, 4), "gblur=sigma=1,scale=iw*1.5:-1", ("code128", "DEMO-0004")),
     }  # fmt: skip
     out = {}
     for name, (image, filters, expected) in made.items():
@@ -419,9 +453,9 @@ def photos(tmp_path: Path) -> dict[str, tuple[str, str]]:
     return out
 
 
-def test_decode_images_finds_rotated_scaled_and_noisy_codes(photos):
-    found = {path: (symbology, text) for path, symbology, text in decode_images(photos)}
-    assert found == photos
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_decode_files_finds_rotated_scaled_and_noisy_codes(photos, decoder):
+    assert found_in(list(photos), decoder) == {path: {found} for path, found in photos.items()}
 
 
 def test_redeemd_decode_prints_the_payloads(photos, tmp_path):
@@ -432,7 +466,26 @@ def test_redeemd_decode_prints_the_payloads(photos, tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr.decode()
     lines = done.stdout.decode().splitlines()
-    assert sorted(lines) == sorted(f"{p}: {s}: {t}" for p, (s, t) in photos.items())
+    aim = {"qr": "]Q1", "ean-13": "]E0", "code128": "]C0"}
+    expected = [f"{p}: {s} {aim[s]}: {t}" for p, (s, t) in photos.items()]
+    assert sorted(lines) == sorted([*expected, f"{nothing}: no code found"])
+
+
+def test_redeemd_decode_json_gives_every_files_codes(photos, tmp_path):
+    nothing = write_png(tmp_path / "nothing.png", blank())
+    done = redeemd_decode("--json", *photos, nothing, tmp_path / "missing.png")
+    assert done.returncode == 0, done.stderr.decode()
+    files = json.loads(done.stdout)
+    assert [f["path"] for f in files] == [*photos, str(nothing), str(tmp_path / "missing.png")]
+    for found, (symbology, text) in zip(files, photos.values(), strict=False):
+        assert [(c["symbology"], c["text"]) for c in found["codes"]] == [(symbology, text)]
+        assert found["error"] is None
+    assert files[-2] == {"path": str(nothing), "codes": [], "error": None}
+    assert files[-1] == {
+        "path": str(tmp_path / "missing.png"),
+        "codes": [],
+        "error": "no such file",
+    }
 
 
 def test_redeemd_decode_says_when_nothing_is_found(tmp_path):
@@ -456,12 +509,16 @@ def redeemd_decode(*paths: Path | str, path_env: str | None = None):
     )  # fmt: skip
 
 
-def test_redeemd_decode_without_ffmpeg_is_one_line_saying_what_to_install(tmp_path):
+def test_redeemd_decode_reads_images_without_ffmpeg_and_says_what_a_video_needs(tmp_path):
     image = write_png(tmp_path / "qr.png", frame(qr("DEMO-0001")))
+    video = write_video(tmp_path / "qr.mkv", [frame(qr("DEMO-0001"))] * 2)
     no_tools = tmp_path / "bin"
     no_tools.mkdir()
     # The interpreter is started by its absolute path: PATH only decides the ffmpeg lookup.
     done = redeemd_decode(image, path_env=str(no_tools))
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode() == f"{image}: qr ]Q1: DEMO-0001\n"
+    done = redeemd_decode(video, path_env=str(no_tools))
     err = done.stderr.decode()
     assert done.returncode == 2, err
     assert err.splitlines() == [
@@ -606,8 +663,9 @@ def test_missing_ffmpeg_says_what_to_install(tmp_path):
     driver = CameraScanner("cam", settings("/dev/video0", ffmpeg=str(tmp_path / "no-ffmpeg")))
     with pytest.raises(DriverError, match=r"install ffmpeg \(apt install ffmpeg\)"):
         driver.run(lambda scan: None, threading.Event(), DriverState("cam", "camera"))
+    video = write_video(tmp_path / "x.mkv", [blank()])
     with pytest.raises(DriverError, match="apt install ffmpeg"):
-        list(decode_images([tmp_path / "x.png"], ffmpeg=str(tmp_path / "no-ffmpeg")))
+        list(decode_files([video], ffmpeg=str(tmp_path / "no-ffmpeg")))
 
 
 def test_unreadable_file_reports_what_ffmpeg_said(tmp_path):
@@ -745,12 +803,13 @@ def test_docstring_examples_hold():
         assert failed == 0, f"{module.__name__} docstring examples fail"
 
 
-def test_a_live_camera_faster_than_zbar_is_decoded_at_its_newest_frame(tmp_path, monkeypatch):
-    # Camera frames come at the camera's pace whatever zbar does; when zbar is slower the
-    # frames it has no time for are skipped, so what it decodes is what is in front of
-    # the camera now. The stand-in "camera" delivers 40 frames at once (ffmpeg decodes
-    # a file as fast as it can) and zbar is made to take 0.2 s a frame: read in step,
-    # the code at the end would be reached after 8 s; skipping, after a few frames.
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_a_live_camera_faster_than_its_decoder_is_decoded_at_its_newest_frame(tmp_path, decoder):
+    # Camera frames come at the camera's pace whatever the decoder does; when it is slower
+    # the frames it has no time for are skipped, so what it decodes is what is in front
+    # of the camera now. The stand-in "camera" delivers 40 frames at once (ffmpeg decodes
+    # a file as fast as it can) and the decoder is made to take 0.2 s a frame: read in
+    # step, the code at the end would be reached after 8 s; skipping, after a few frames.
     video = write_video(tmp_path / "live.mkv", [blank()] * 36 + [frame(qr("DEMO-0001"))] * 4)
     fake = script(
         tmp_path / "ffmpeg",
@@ -758,22 +817,24 @@ def test_a_live_camera_faster_than_zbar_is_decoded_at_its_newest_frame(tmp_path,
         "-f rawvideo -pix_fmt gray -\n",
     )
     decoded: list[int] = []
-    real_decode = camera.decode_frame
+    copies: list[bool] = []
 
-    def slow_decode(scanner, image):
-        decoded.append(int(image.mean()))
-        time.sleep(0.2)
-        return real_decode(scanner, image)
+    class Slow(DECODERS[decoder]):  # type: ignore[misc,valid-type]
+        def decode(self, image):
+            decoded.append(int(image.mean()))
+            copies.append(image.flags.owndata)  # a view of the reader's buffer, not a copy
+            time.sleep(0.2)
+            return super().decode(image)
 
-    monkeypatch.setattr(camera, "decode_frame", slow_decode)
     node = Path("/dev/null")  # a /dev path is a live camera to the driver
-    driver = CameraScanner("cam", settings(node, ffmpeg=fake))
+    driver = CameraScanner("cam", settings(node, ffmpeg=fake), make_decoder=Slow)
     scans: list[Scan] = []
     state = DriverState("cam", "camera")
     with pytest.raises(DriverError):  # a live stream that ends is a failure, as for a camera
         driver.run(scans.append, threading.Event(), state)
     assert codes(scans) == [QR_SCAN]
     assert len(decoded) < 10  # 40 frames delivered; most of the blank ones skipped
+    assert not any(copies)
 
 
 def test_a_camera_failing_the_same_way_is_logged_once_and_status_keeps_the_cause(tmp_path, caplog):

@@ -11,6 +11,10 @@ Full ASCII, GS1 separators or Latin-1. Real photos from ../shared/corpus/barcode
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +23,13 @@ import numpy as np
 import pytest
 import segno
 import zxingcpp
+from conftest import ROOT
 from PIL import Image
 
+from cards import keys
+from daemon import config as config_mod
+from daemon.config import ConfigError
+from drivers.camera import CameraScanner, ZbarDecoder
 from drivers.zxing_decoder import SYMBOLOGIES, ZxingDecoder, check_symbologies, ean13_form
 
 F = zxingcpp.BarcodeFormat
@@ -107,7 +116,10 @@ def test_every_symbology_has_a_generated_case() -> None:
     assert {case.symbology for case in CASES.values()} == set(SYMBOLOGIES)
 
 
-DECODERS: dict[str, Callable[..., object]] = {"zxing": ZxingDecoder}
+DECODERS: dict[str, Callable[..., ZxingDecoder | ZbarDecoder]] = {
+    "zxing": ZxingDecoder,
+    "zbar": ZbarDecoder,
+}
 
 
 def decoder_cases() -> list[object]:
@@ -125,13 +137,13 @@ def test_generated_symbol_reads_as_a_hardware_scanner_sends_it(decoder: str, nam
     assert DECODERS[decoder]().decode(case.make()) == {(case.aim, case.data)}
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_switched_off_symbology_is_not_read(name: str) -> None:
+@pytest.mark.parametrize(("decoder", "name"), decoder_cases())
+def test_switched_off_symbology_is_not_read(decoder: str, name: str) -> None:
     case = CASES[name]
     image = case.make()
     others = [other for other in SYMBOLOGIES if other != case.symbology]
-    assert ZxingDecoder(others).decode(image) == set()
-    assert ZxingDecoder([case.symbology]).decode(image) == {(case.aim, case.data)}
+    assert DECODERS[decoder](others).decode(image) == set()
+    assert DECODERS[decoder]([case.symbology]).decode(image) == {(case.aim, case.data)}
 
 
 def test_nothing_switched_on_reads_nothing() -> None:
@@ -160,6 +172,20 @@ def test_a_crop_of_a_frame_is_read_in_place() -> None:
     crop = frame[50:500, 150:700]  # a strided view, not a copy
     assert not crop.flags.c_contiguous
     assert ZxingDecoder().decode(crop) == {("]Q1", b"DEMO-0001")}
+
+
+def test_the_frame_itself_is_handed_to_zxing_cpp_not_a_copy(monkeypatch) -> None:
+    handed: list[object] = []
+    real = zxingcpp.read_barcodes
+
+    def spy(image: np.ndarray, **options: object) -> list[zxingcpp.Barcode]:
+        handed.append(image)
+        return real(image, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(zxingcpp, "read_barcodes", spy)
+    frame = CASES["qr"].make()
+    assert ZxingDecoder().decode(frame) == {("]Q1", b"DEMO-0001")}
+    assert handed == [frame] and handed[0] is frame
 
 
 def test_a_colour_frame_is_refused() -> None:
@@ -225,3 +251,53 @@ def test_real_photo_is_read(name: str) -> None:
 )
 def test_photo_without_a_barcode_reads_nothing(name: str) -> None:
     assert ZxingDecoder().decode(corpus_image(name)) == set()
+
+
+def test_redeemd_decode_reads_many_corpus_photos_in_one_call_without_ffmpeg(tmp_path):
+    empty = tmp_path / "bin"
+    empty.mkdir()  # no ffmpeg on PATH: photos must not need it
+    paths = [str(CORPUS / name) for name in PHOTOS]
+    done = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "decode", "--json", *paths],
+        capture_output=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "PATH": str(empty)},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    files = json.loads(done.stdout)
+    assert [found["path"] for found in files] == paths
+    for name, found in zip(PHOTOS, files, strict=True):
+        codes = [(code["aim"], code["text"].encode()) for code in found["codes"]]
+        assert codes == [(PHOTOS[name], expected_content(name))], name
+
+
+def test_a_camera_decodes_with_zxing_by_default_and_with_zbar_when_configured() -> None:
+    default = CameraScanner("cam", {"device": "/dev/video0"}).make_decoder()
+    assert isinstance(default, ZxingDecoder) and default.symbologies == set(SYMBOLOGIES)
+    chosen = {"device": "/dev/video0", "decoder": "zbar", "symbologies": ["qr", "ean-13"]}
+    zbar = CameraScanner("cam", chosen).make_decoder()
+    assert isinstance(zbar, ZbarDecoder) and zbar.symbologies == {"qr", "ean-13"}
+
+
+def test_config_names_an_unknown_symbology_and_the_allowed_ones(tmp_path, keyset) -> None:
+    (tmp_path / "root.pub").write_text(keys.b64(keys.public_of(keyset.root_private)) + "\n")
+    (tmp_path / "code.key").write_text(keys.b64(keyset.code_key) + "\n")
+    data = {
+        "box": {"state_dir": str(tmp_path)},
+        "trust": {
+            "root_key_files": [str(tmp_path / "root.pub")],
+            "code_key_file": str(tmp_path / "code.key"),
+        },
+        "scanner": [
+            {"type": "camera", "name": "cam", "device": "/dev/video0", "symbologies": ["qrcode"]},
+            {"type": "camera", "name": "cam2", "device": "/dev/video2", "decoder": "zxing-cpp"},
+        ],
+    }
+    with pytest.raises(ConfigError) as caught:
+        config_mod.parse(data, source="test.toml")
+    allowed = ", ".join(SYMBOLOGIES)
+    assert caught.value.problems == [
+        f"[[scanner]] #1 symbologies = ['qrcode']: must be a list of symbologies from {allowed}",
+        "[[scanner]] #2 decoder = 'zxing-cpp': must be one of 'zxing', 'zbar'",
+    ]
