@@ -70,7 +70,7 @@ from evdev import InputEvent
 from evdev import ecodes as e
 
 from cards.scan import Scan
-from drivers.camera import AIM_IDENTIFIERS, CameraScanner, ZbarDecoder
+from drivers.camera import CameraScanner, ZbarDecoder
 from drivers.dedupe import Deduper
 from drivers.keymap import KeyDecoder, decode
 from drivers.keymap_reference import ReferenceKeyDecoder
@@ -499,8 +499,8 @@ def run_camera(
         deduper, found = Deduper(), []
         t0 = time.perf_counter()
         for i, image in enumerate(sequence):
-            for symbology, data in deduper.feed(driver_decoder.decode(image), i / CAMERA_FPS):
-                aim = AIM_IDENTIFIERS.get(symbology)
+            for aim, data in deduper.feed(driver_decoder.decode(image), i / CAMERA_FPS):
+                # A decoder names each read by its AIM identifier, as the driver records it.
                 found.append(Scan(code=data, source=SOURCE, symbology=aim, at=time.time()))
         rate = count / (time.perf_counter() - t0)
         check(

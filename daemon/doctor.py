@@ -697,11 +697,11 @@ def _missing_software(scanner: ScannerConfig) -> str | None:
     if isinstance(driver, Unavailable):
         return driver.reason
     if isinstance(scanner.settings, CameraSettings):
-        from drivers.camera import find_ffmpeg, zbar_scanner
+        from drivers.camera import find_ffmpeg, make_decoder_for
 
         try:
             find_ffmpeg(scanner.settings.ffmpeg)
-            zbar_scanner()
+            make_decoder_for(scanner.settings)  # the decoder the settings name, installed
         except DriverError as exc:
             return str(exc)
     return None
