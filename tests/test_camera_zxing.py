@@ -5,7 +5,7 @@ need a chosen encoding), decoded through the camera's `FrameDecoder`s and held t
 exact bytes and AIM identifier the ledger records (docs/scanners.md, "What the camera
 sends"). Each case runs for every decoder that can read its symbology: zxing-cpp reads
 them all; zbar (decoder = "zbar") reads QR, EAN/UPC, Code 128, Code 39 and ITF, without
-Full ASCII, GS1 separators or Latin-1. Real photos from ../shared/corpus/barcodes follow.
+Full ASCII, GS1 separators or Latin-1. Real photos from ../shared/corpus/barcodes (copied to tests/corpus) follow.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from drivers.camera import CameraScanner, ZbarDecoder
 from drivers.zxing_decoder import SYMBOLOGIES, ZxingDecoder, check_symbologies, ean13_form
 
 F = zxingcpp.BarcodeFormat
-CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus" / "barcodes"
+# A copy of the photos these tests read, from ../shared/corpus/barcodes (tests/corpus/README.md).
+CORPUS = Path(__file__).resolve().parent / "corpus"
 
 
 def symbol(content: str | bytes, format: zxingcpp.BarcodeFormat, **options: object) -> np.ndarray:
