@@ -14,43 +14,47 @@ from __future__ import annotations
 
 from typing import Any
 
-from backend.store import BoxRow
+from backend.store import BoxRow, BoxStatus
 
 NEVER_SEEN = "never_seen"
+
+_NOTHING_SAID = BoxStatus(state=NEVER_SEEN, raw="")
+"""A box that never sent a status: its state is "never seen" and nothing else is known."""
 
 
 def view(rows: list[BoxRow], now: int) -> list[dict[str, Any]]:
     """One JSON-ready entry per box (docs/backend.md, "Boxes: online, behind, holding")."""
     entries = []
     for row in rows:
-        seen = row.state is not None
-        since = row.since if seen and row.since is not None else row.added_at
-        behind = None if row.cache_seq is None else max(row.latest_seq - row.cache_seq, 0)
+        said = row.status or _NOTHING_SAID
+        since = row.since if row.status is not None and row.since is not None else row.added_at
+        behind = None if said.cache_seq is None else max(row.latest_seq - said.cache_seq, 0)
         oldest_at = None
-        if row.outbox_oldest_age_s is not None and row.last_seen is not None:
-            oldest_at = row.last_seen - row.outbox_oldest_age_s
+        if said.outbox_oldest_age_s is not None and row.last_seen is not None:
+            oldest_at = row.last_seen - said.outbox_oldest_age_s
         entries.append(
             {
                 "box": row.box,
                 "merchant": row.merchant,
-                "state": row.state if seen else NEVER_SEEN,
+                "state": said.state,
                 "since": since,
                 "for_s": max(now - since, 0),
                 "last_seen": row.last_seen,
-                "version": row.version,
-                "cache_seq": row.cache_seq,
+                "version": said.version,
+                "cache_seq": said.cache_seq,
                 "latest_seq": row.latest_seq,
                 "behind": behind,
-                "cache_age_s": row.cache_age_s,
-                "outbox_depth": row.outbox_depth,
-                "outbox_oldest_age_s": row.outbox_oldest_age_s,
+                "cache_age_s": said.cache_age_s,
+                "outbox_depth": said.outbox_depth,
+                "outbox_oldest_age_s": said.outbox_oldest_age_s,
                 "outbox_oldest_at": oldest_at,
                 "drivers": [
-                    {k: d.get(k) for k in ("name", "kind", "state", "message")} for d in row.drivers
+                    {k: d.get(k) for k in ("name", "kind", "state", "message")}
+                    for d in said.drivers
                 ],
-                "stuck": row.stuck,
-                "alarm": row.alarm,
-                "publish_error": row.publish_error,
+                "stuck": said.stuck,
+                "alarm": said.alarm,
+                "publish_error": said.publish_error,
             }
         )
     return entries

@@ -264,26 +264,18 @@ class BoxStatus:
 
 @dataclass(frozen=True)
 class BoxRow:
-    """A registered box and its latest status as stored; `state` is None for a box
-    that never sent one (then every status field is None too)."""
+    """A registered box and its status as `record_status` keeps it: `status` is None for
+    a box that never sent one (after a last will, its state is "offline" and the rest is
+    what the box said last); `since`, `last_seen` and `received_at` are the backend's
+    clock, which no status message carries."""
 
     merchant: str
     box: str
     added_at: int
     latest_seq: int
-    state: str | None = None
+    status: BoxStatus | None = None
     since: int | None = None
     last_seen: int | None = None
-    box_at: int | None = None
-    version: str | None = None
-    cache_seq: int | None = None
-    cache_age_s: int | None = None
-    outbox_depth: int | None = None
-    outbox_oldest_age_s: int | None = None
-    publish_error: str | None = None
-    drivers: tuple[dict[str, Any], ...] = ()
-    stuck: str | None = None
-    alarm: str | None = None
     received_at: int | None = None
 
 
@@ -781,39 +773,38 @@ class Store:
         unregistered is left out, as the collector leaves out its messages."""
         latest: dict[str, int] = {}
         rows = self._sql(
-            "SELECT f.merchant, f.box, f.added_at, s.state, s.since, s.last_seen, s.box_at, "
-            "s.version, s.cache_seq, s.cache_age_s, s.outbox_depth, s.outbox_oldest_age_s, "
-            "s.publish_error, s.drivers, s.stuck, s.alarm, s.received_at FROM fleet f "
+            "SELECT f.merchant, f.box, f.added_at, s.since, s.last_seen, s.received_at, "
+            "s.state, s.raw, s.box_at, s.version, s.cache_seq, s.cache_age_s, s.outbox_depth, "
+            "s.outbox_oldest_age_s, s.publish_error, s.drivers, s.stuck, s.alarm FROM fleet f "
             "LEFT JOIN box_status s ON s.merchant = f.merchant AND s.box = f.box "
             "ORDER BY f.merchant, f.box"
         ).fetchall()
         result = []
-        for merchant, box, added_at, *status in rows:
+        for merchant, box, added_at, since, last_seen, received_at, *said in rows:
             if merchant not in latest:
                 latest[merchant] = max(self.latest_seq(merchant), self._legacy_last_seq(merchant))
-            (state, since, last_seen, box_at, version, cache_seq, cache_age_s, depth, oldest,
-             publish_error, drivers, stuck, alarm, received_at) = status  # fmt: skip
+            (state, raw, box_at, version, cache_seq, cache_age_s, depth, oldest, publish_error,
+             drivers, stuck, alarm) = said  # fmt: skip
+            status = None
+            if state is not None:
+                status = BoxStatus(
+                    state=state, raw=raw, box_at=box_at, version=version, cache_seq=cache_seq,
+                    cache_age_s=cache_age_s, outbox_depth=depth, outbox_oldest_age_s=oldest,
+                    publish_error=publish_error,
+                    drivers=tuple(json.loads(drivers)) if drivers else (), stuck=stuck,
+                    alarm=alarm,
+                )  # fmt: skip
             result.append(
                 BoxRow(
                     merchant=merchant,
                     box=box,
                     added_at=added_at,
                     latest_seq=latest[merchant],
-                    state=state,
+                    status=status,
                     since=since,
                     last_seen=last_seen,
-                    box_at=box_at,
-                    version=version,
-                    cache_seq=cache_seq,
-                    cache_age_s=cache_age_s,
-                    outbox_depth=depth,
-                    outbox_oldest_age_s=oldest,
-                    publish_error=publish_error,
-                    drivers=tuple(json.loads(drivers)) if drivers else (),
-                    stuck=stuck,
-                    alarm=alarm,
                     received_at=received_at,
-                )  # fmt: skip
+                )
             )
         return result
 

@@ -467,27 +467,36 @@ def test_a_box_status_is_kept_once_and_its_last_will_marks_it_offline_since_then
 
     rows = {row.box: row for row in store.box_rows()}
     one = rows["box-1"]
-    assert (one.state, one.since, one.last_seen, one.cache_seq, one.outbox_depth) == (
+    assert one.status is not None
+    assert (one.status.state, one.since, one.last_seen, one.status.cache_seq) == (
         "online",
         1000,
         1200,
         4,
-        0,
     ), "online since the first status, seen at the last"
-    assert rows["box-2"].state is None and rows["box-2"].last_seen is None, "never seen"
+    assert one.status.outbox_depth == 0
+    assert rows["box-2"].status is None and rows["box-2"].last_seen is None, "never seen"
     assert one.latest_seq == store.latest_seq("demo") == 0
 
     will = parse_status(b'{"v":1,"box":"box-1","state":"offline"}', "box-1")
     assert store.record_status("demo", "box-1", will, now=1300) is True
     assert store.record_status("demo", "box-1", will, now=1400) is False
     one = store.box_rows()[0]
-    assert (one.state, one.since, one.last_seen, one.received_at) == ("offline", 1300, 1200, 1300)
-    assert one.cache_seq == 4, "the last will keeps what the box said last"
+    assert one.status is not None
+    assert (one.status.state, one.since, one.last_seen, one.received_at) == (
+        "offline",
+        1300,
+        1200,
+        1300,
+    )
+    assert one.status.cache_seq == 4, "the last will keeps what the box said last"
 
     assert store.record_status("demo", "box-1", online, now=1500) is True, "back online"
     back = store.box_rows()[0]
-    assert (back.state, back.since, back.drivers) == ("online", 1500, (scanner,))
-    assert (back.outbox_oldest_age_s, back.stuck) == (90, "batch 4 refused")
+    assert back.status is not None
+    assert (back.status.state, back.since, back.status.drivers) == ("online", 1500, (scanner,))
+    assert (back.status.outbox_oldest_age_s, back.status.stuck) == (90, "batch 4 refused")
+    assert back.status == online, "the status read back is the one recorded"
 
 
 def test_a_status_kept_for_a_box_since_removed_is_not_listed(store: Store):
@@ -513,10 +522,11 @@ def test_a_database_at_m002_gains_the_status_table_keeping_its_data(
     try:
         assert store.fleet() == {"b": "demo"} and store.high_water("demo", "b") == 9
         [row] = store.box_rows()
-        assert (row.box, row.added_at, row.state) == ("b", 5, None)
+        assert (row.box, row.added_at, row.status) == ("b", 5, None)
         status = parse_status(status_message("b", cache_seq=7), "b")
         assert store.record_status("demo", "b", status, now=10)
-        assert store.box_rows()[0].cache_seq == 7
+        kept = store.box_rows()[0].status
+        assert kept is not None and kept.cache_seq == 7
         table = store.engine.migrations_table
         applied = [r[0] for r in store.engine.execute(f"SELECT name FROM {table} ORDER BY name")]
         assert applied == names and "m003_box_status" in applied
