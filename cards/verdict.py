@@ -31,6 +31,12 @@ class Reason(StrEnum):
     NOT_REVERSIBLE = "not_reversible"
     REVERSAL_WINDOW_PASSED = "reversal_window_passed"
     ALREADY_REVERSED = "already_reversed"
+    # Dispensing (issue 12): why the box would not mint a claim code.
+    NO_GRANT = "no_grant"
+    GRANT_REVOKED = "grant_revoked"
+    GRANT_EXPIRED = "grant_expired"
+    GRANT_NOT_YET_VALID = "grant_not_yet_valid"
+    QUOTA_EXHAUSTED = "quota_exhausted"
 
 
 class Outcome(StrEnum):
@@ -45,6 +51,7 @@ class Action(StrEnum):
     REDEEM = "redeem"
     REVERSE = "reverse"
     REJECT = "reject"
+    DISPENSE = "dispense"
 
 
 @dataclass(slots=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
-from cards import batch, keys, manifest, signed_code  # noqa: E402
+from cards import batch, claim_code, grant, keys, manifest, signed_code  # noqa: E402
 from cards.batch import CodeStatus, Kind  # noqa: E402
 from cards.card import parse_card  # noqa: E402
 from cards.digest import code_digest  # noqa: E402
@@ -418,6 +418,7 @@ def main() -> None:
 
     write_manifest(delegation)
     write_hours()
+    write_dispensing(delegation)
 
     write("batches.json", {
         "roots": {keys.key_id(root_public): root_public.hex()},
@@ -525,6 +526,72 @@ def write_manifest(delegation) -> None:
             {"hex": (data + b"\x00").hex(), "why": "one byte after the signature"},
             {"hex": (b"RDB1" + data[4:]).hex(), "why": "batch magic RDB1 instead of RDM1"},
         ],
+    })  # fmt: skip
+
+
+# Dispensing (docs/protocol.md section 18): a box key seeded like the others, one grant
+# set with a live and a revoked grant, and a claim code minted under the live one.
+BOX_SEED = bytes(range(96, 128))
+BOX = "box-1"
+GRANT_SET_SEQ = 1
+GRANTS = (
+    grant.Grant("0102030405060708", (1, 2), 100, CREATED_AT, EXPIRES_AT),
+    grant.Grant("1112131415161718", (2,), 5, CREATED_AT, EXPIRES_AT, revoked=True),
+)
+CLAIM = {"grant_id": "0102030405060708", "counter": 1, "card_id": 1,
+         "claim_by": CREATED_AT + 30 * 86400}  # fmt: skip
+
+
+def write_dispensing(delegation) -> None:
+    """grants.rdg, grants.json and claim_code.json: a signed grant set for box-1's key
+    and a claim code that box minted under it; things a box or claim service refuses."""
+    box_public = keys.public_of(BOX_SEED)
+    data = grant.build(
+        ISSUER_SEED, delegation, merchant=MERCHANT, box=BOX, box_public=box_public,
+        seq=GRANT_SET_SEQ, created_at=CREATED_AT, grants=GRANTS,
+    )  # fmt: skip
+    (header_len,) = batch._U32.unpack_from(data, 4)
+    header_raw = data[8 : 8 + header_len]
+    (HERE / "grants.rdg").write_bytes(data)
+    write("grants.json", {
+        "file": "grants.rdg",
+        "box_seed_hex": BOX_SEED.hex(),
+        "box_public_b64": keys.b64(box_public),
+        "box_key_id": keys.key_id(box_public),
+        "magic": grant.MAGIC.decode("ascii"),
+        "domain_hex": grant.DOMAIN.hex(),
+        "file_hex": data.hex(),
+        "header": json.loads(header_raw),
+        "header_canonical": header_raw.decode("ascii"),
+        "signed_message_hex": (grant.DOMAIN + header_raw).hex(),
+        "signature_hex": data[8 + header_len :].hex(),
+        "refused": [
+            {"hex": (b"RDM1" + data[4:]).hex(), "why": "manifest magic RDM1 instead of RDG1"},
+            {"hex": (data + b"\x00").hex(), "why": "one byte after the signature"},
+        ],
+    })  # fmt: skip
+    text = claim_code.mint(BOX_SEED, **CLAIM)
+    parsed = claim_code.parse(text)
+    raw = bytearray(base64.b32decode(text[3:] + "=" * (-len(text[3:]) % 8)))
+    raw[-1] ^= 0x01
+    forged = "RC1" + base64.b32encode(bytes(raw)).decode().rstrip("=")
+    write("claim_code.json", {
+        "prefix": claim_code.PREFIX,
+        "text_length": claim_code.TEXT_LENGTH,
+        "domain_hex": claim_code.DOMAIN.hex(),
+        "box_seed_hex": BOX_SEED.hex(),
+        "box_key_id": parsed.box_key_id,
+        **CLAIM,
+        "payload_hex": parsed.payload.hex(),
+        "signed_message_hex": (claim_code.DOMAIN + parsed.payload).hex(),
+        "signature_hex": parsed.signature.hex(),
+        "text": text,
+        "digest_hex": digest_of(text).hex(),
+        "refused_by_parse": [
+            {"text": text.lower().replace("rc1", "RC1", 1), "why": "lower-case base32"},
+            {"text": text[:-1], "why": "one character short"},
+        ],
+        "bad_signature": {"text": forged, "why": "last signature byte flipped"},
     })  # fmt: skip
 
 
