@@ -353,7 +353,11 @@ def _visible(text: str) -> str:
 def cmd_ledger(args: argparse.Namespace) -> int:
     config = _config(args)
     conn = _read_only(config)
-    rows = (r.to_json() for r in ledger.records(conn, args.after))
+    # Every column on every row (a scan's record has no grant_id or counter in its
+    # event, but an export is a table).
+    rows = (
+        {**dict.fromkeys(ledger.COLUMNS), **r.to_json()} for r in ledger.records(conn, args.after)
+    )
     if args.format == "jsonl":
         for row in rows:
             sys.stdout.write(json.dumps(row) + "\n")

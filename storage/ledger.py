@@ -17,7 +17,7 @@ from dataclasses import dataclass
 COLUMNS = (
     "seq", "id", "at_ms", "box", "merchant", "store", "digest", "card_id", "action",
     "uses", "amount", "uses_left", "balance", "verdict", "reason", "source",
-    "symbology", "operator", "cache_seq", "reverses",
+    "symbology", "operator", "cache_seq", "reverses", "grant_id", "counter",
 )  # fmt: skip
 INSERT = f"INSERT INTO ledger({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
@@ -46,6 +46,9 @@ class Redemption:
     operator: str | None
     cache_seq: int
     reverses: bytes | None = None
+    # A `dispense` record's grant and the counter it committed (docs/protocol.md 18).
+    grant_id: str | None = None
+    counter: int | None = None
 
     def row(self) -> tuple[object, ...]:
         # Spelled out: this runs on every scan and a getattr loop costs more than the insert.
@@ -53,13 +56,15 @@ class Redemption:
             self.seq, self.id, self.at_ms, self.box, self.merchant, self.store, self.digest,
             self.card_id, self.action, self.uses, self.amount, self.uses_left, self.balance,
             self.verdict, self.reason, self.source, self.symbology, self.operator,
-            self.cache_seq, self.reverses,
+            self.cache_seq, self.reverses, self.grant_id, self.counter,
         )  # fmt: skip
 
     def to_json(self) -> dict[str, object]:
         # Spelled out like row(): the pump encodes every record it sends, and
         # dataclasses.asdict (a deep copy) cost more than the JSON encoding itself.
-        return {
+        # grant_id and counter only on dispense records: every other event is sent as
+        # it was before issue 12.
+        out: dict[str, object] = {
             "seq": self.seq, "id": str(uuid.UUID(bytes=self.id)), "at_ms": self.at_ms,
             "box": self.box, "merchant": self.merchant, "store": self.store,
             "digest": self.digest.hex() if self.digest else None, "card_id": self.card_id,
@@ -69,6 +74,11 @@ class Redemption:
             "operator": self.operator, "cache_seq": self.cache_seq,
             "reverses": str(uuid.UUID(bytes=self.reverses)) if self.reverses else None,
         }  # fmt: skip
+        if self.grant_id is not None:
+            out["grant_id"] = self.grant_id
+        if self.counter is not None:
+            out["counter"] = self.counter
+        return out
 
 
 # UUIDv7's fixed bits (RFC 9562 section 5.7): version 7 in bits 76-79 and the variant
@@ -133,6 +143,8 @@ def append(
     operator: str | None,
     cache_seq: int,
     reverses: bytes | None = None,
+    grant_id: str | None = None,
+    counter: int | None = None,
 ) -> None:
     """Insert one ledger row. The values are a Redemption's fields, in its order
     (COLUMNS), and this function is the one place that turns them into the row, so a
@@ -146,7 +158,7 @@ def append(
         (
             seq, record_id, at_ms, box, merchant, store, digest, card_id, action, uses,
             amount, uses_left, balance, verdict, reason, source, symbology, operator,
-            cache_seq, reverses,
+            cache_seq, reverses, grant_id, counter,
         ),
     )  # fmt: skip
 

@@ -272,3 +272,29 @@ def m007_api_requests_without_seq_index(db: Database) -> None:
         ALTER TABLE api_requests_new RENAME TO api_requests;
         """
     )
+
+
+@migrations()
+def m008_dispensing(db: Database) -> None:
+    # Issue 12, dispensing. The box's grant set: one row, replaced whole by a newer one
+    # (storage/dispensing.py); `raw` is the signed message, verified again when read.
+    # The ledger names the grant and counter of each claim code it minted. Two nullable
+    # columns added at the end cost no rewrite of the ledger (SQLite's ADD COLUMN only
+    # edits the schema) and no byte in a scan's row. The UNIQUE partial index is both
+    # the lookup of the highest counter per grant (MAX over an index is one probe) and
+    # the database's own guarantee that a counter is never committed twice; a scan's
+    # row has no grant_id, so it enters no index page.
+    db.executescript(
+        """
+        CREATE TABLE grant_set (
+            one INTEGER PRIMARY KEY CHECK (one = 1),
+            seq INTEGER NOT NULL,
+            raw BLOB NOT NULL,
+            applied_at INTEGER NOT NULL
+        );
+        ALTER TABLE ledger ADD COLUMN grant_id TEXT;
+        ALTER TABLE ledger ADD COLUMN counter INTEGER;
+        CREATE UNIQUE INDEX ledger_dispensed ON ledger(grant_id, counter)
+            WHERE grant_id IS NOT NULL;
+        """
+    )

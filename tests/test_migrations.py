@@ -12,7 +12,7 @@ from storage.migrations import migrations
 
 TABLES = {
     "codes", "cards", "issuer_keys", "trust", "batches", "ledger", "consumed_seen",
-    "api_requests", "ledger_marks", "outbox_acked", "ledger_ids",
+    "api_requests", "ledger_marks", "outbox_acked", "ledger_ids", "grant_set",
 }  # fmt: skip
 
 
@@ -112,13 +112,16 @@ def test_every_ledger_row_waits_in_the_outbox_without_an_outbox_row(tmp_path):
 
 def test_ledger_has_no_index_written_by_a_redemption(tmp_path):
     # Each index on the ledger is one more WAL page for every scan (issue 10): only the
-    # partial index of reversals, which a redemption's NULL `reverses` does not enter.
+    # partial indexes of reversals and of dispensed counters, which a redemption's NULL
+    # `reverses` and `grant_id` do not enter.
     conn = open_database(tmp_path / "t.db")
     indexes = conn.execute(
-        "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'ledger'"
+        "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'ledger' "
+        "ORDER BY name"
     ).fetchall()
-    assert [name for name, _ in indexes] == ["ledger_reverses"]
-    assert "WHERE reverses IS NOT NULL" in indexes[0][1]
+    assert [name for name, _ in indexes] == ["ledger_dispensed", "ledger_reverses"]
+    assert "WHERE grant_id IS NOT NULL" in indexes[0][1]
+    assert "WHERE reverses IS NOT NULL" in indexes[1][1]
     triggers = conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall()
     assert triggers == []
 
