@@ -12,12 +12,14 @@ packing 10M tuples one by one. The bytes are identical to what encode_issue prod
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,29 +74,52 @@ class BenchKeys:
         )  # fmt: skip
 
 
-def write_config(directory: Path, bench_keys: BenchKeys, name: str = "box") -> Config:
-    """A box configuration like the quick start's: defaults except paths and time zone."""
-    box_dir = directory / name
-    keys_dir = box_dir / "keys"
-    keys_dir.mkdir(parents=True, exist_ok=True)
-    (keys_dir / "root.pub").write_text(keys.b64(keys.public_of(bench_keys.root_private)) + "\n")
-    (keys_dir / "code.key").write_text(keys.b64(CODE_KEY) + "\n")
-    path = box_dir / "config.toml"
-    path.write_text(
-        f"""
+def write_box_config(
+    directory: Path,
+    keys_dir: Path,
+    *,
+    box_id: str = "bench-box",
+    sync: Mapping[str, str | int | bool] | None = None,
+) -> Path:
+    """`directory`/config.toml for a box like the quick start's: defaults except its id,
+    paths and time zone, trusting `keys_dir`/root.pub and `keys_dir`/code.key (the names
+    `redeemd-backend keys` gives them); with `sync`, a [sync] section enabled and holding
+    those keys (e.g. {"broker": "mqtt://127.0.0.1:1883", "max_records": 200})."""
+    directory.mkdir(parents=True, exist_ok=True)
+    text = f"""
 [box]
-id = "bench-box"
+id = "{box_id}"
 merchant = "{MERCHANT}"
 store = "store-1"
-state_dir = "{box_dir}"
+state_dir = "{directory}"
 timezone = "UTC"
 
 [trust]
 root_key_files = ["{keys_dir}/root.pub"]
 code_key_file = "{keys_dir}/code.key"
 """
-    )
-    return config_mod.load(str(path))
+    if sync is not None:
+        text += "\n[sync]\nenabled = true\n"
+        text += "".join(f"{key} = {_toml(value)}\n" for key, value in sync.items())
+    path = directory / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def _toml(value: str | int | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value) if isinstance(value, int) else json.dumps(value)
+
+
+def write_config(directory: Path, bench_keys: BenchKeys, name: str = "box") -> Config:
+    """A box configuration like the quick start's, with `bench_keys` written beside it."""
+    box_dir = directory / name
+    keys_dir = box_dir / "keys"
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    (keys_dir / "root.pub").write_text(keys.b64(keys.public_of(bench_keys.root_private)) + "\n")
+    (keys_dir / "code.key").write_text(keys.b64(CODE_KEY) + "\n")
+    return config_mod.load(str(write_box_config(box_dir, keys_dir)))
 
 
 def issue_entries(count: int, scan: int) -> bytes:

@@ -72,7 +72,7 @@ from backend.store import DATABASE_ENV, Store  # noqa: E402
 from cards import keys  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-MERCHANT = "demo"
+MERCHANT = bench_boxes.MERCHANT
 HERD_RECORDS = 100
 # paho's network loop waits in select(), which takes no descriptor above 1023; a box
 # holds about 8 (two SQLite connections with their -wal and -shm, the socket, paho's
@@ -276,33 +276,6 @@ def code(box: int, n: int) -> str:
 
 def box_id(box: int) -> str:
     return f"fleet-{box:05d}"
-
-
-def write_box(
-    directory: Path, backend: Path, broker_url: str, name: str, request_retry: str
-) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    config = directory / "config.toml"
-    config.write_text(
-        f"""
-[box]
-id = "{name}"
-merchant = "{MERCHANT}"
-store = "store-1"
-state_dir = "{directory}"
-timezone = "UTC"
-
-[trust]
-root_key_files = ["{backend}/root.pub"]
-code_key_file = "{backend}/code.key"
-
-[sync]
-enabled = true
-broker = "{broker_url}"
-request_retry = "{request_retry}"
-"""
-    )
-    return config
 
 
 def worker(pipe: Connection, assigned: list[tuple[int, str]], tick: float) -> None:
@@ -743,8 +716,10 @@ def main() -> int:
                     out.writelines(f"{code(number, n)},1\n" for n in range(1, per_box + 1))
             cards = backend.issue("cards", ROOT / "backend/demo/cards.json")
             issue = backend.issue("issue", csv)
-            template = write_box(
-                scratch / "template", backend.dir, broker.url, "template", args.request_retry
+            # Each box: its own id and directory, the backend's keys, [sync] to the broker.
+            sync = {"broker": broker.url, "request_retry": args.request_retry}
+            template = bench_boxes.write_box_config(
+                scratch / "template", backend.dir, box_id="template", sync=sync
             )
             done = subprocess.run(
                 [sys.executable, "-m", "daemon.cli", "-c", str(template), "import",
@@ -756,20 +731,10 @@ def main() -> int:
             configs = []
             for number in range(args.boxes):
                 directory = scratch / "boxes" / box_id(number)
-                configs.append(
-                    (
-                        number,
-                        str(
-                            write_box(
-                                directory,
-                                backend.dir,
-                                broker.url,
-                                box_id(number),
-                                args.request_retry,
-                            )
-                        ),
-                    )
+                config = bench_boxes.write_box_config(
+                    directory, backend.dir, box_id=box_id(number), sync=sync
                 )
+                configs.append((number, str(config)))
                 shutil.copyfile(template.parent / "redeemd.db", directory / "redeemd.db")
             backend_cli(
                 "box", "add", "--dir", str(backend.dir), "--merchant", MERCHANT,
