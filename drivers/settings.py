@@ -20,7 +20,7 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, TypeAdapter, ValidationInfo
 
 from drivers.feedback import PRESETS
 from drivers.serial_framing import TERMINATORS
@@ -216,3 +216,70 @@ SCANNER_SETTINGS: dict[str, type[Settings]] = {
     "hid": HidSettings,
     "camera": CameraSettings,
 }
+
+
+def _printer_device(value: object, info: ValidationInfo) -> str:
+    # What `device` names depends on `kind` (declared first, so validated first); a kind
+    # that is itself wrong is reported on its own key, and the device is only checked
+    # to be a string.
+    kind = info.data.get("kind")
+    if kind == "network":
+        if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_.-]+(:\d{1,5})?", value):
+            host, _, port = value.partition(":")
+            if not port or 1 <= int(port) <= 65535:
+                return value
+        raise ValueError(
+            'a host name or IPv4 address with an optional port, such as "192.168.1.50" '
+            'or "printer.local:9100" (kind = "network")'
+        )
+    if kind in ("serial", "usb"):
+        path = _path_text(value)
+        if not path.startswith("/"):
+            example = "/dev/usb/lp0" if kind == "usb" else "/dev/serial/by-id/usb-..."
+            raise ValueError(f'an absolute device path such as "{example}" (kind = "{kind}")')
+        return path
+    return check_string(value)
+
+
+def _qr_module_size(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16:
+        raise ValueError("a whole number of printer dots from 1 to 16")
+    return value
+
+
+class PrinterSettings(Settings):
+    """The receipt printer (drivers/printer.py) that prints claim codes as QR codes."""
+
+    kind: Literal["serial", "usb", "network"]
+    """How the printer is attached: "serial" (RS-232 or a USB virtual COM port),
+    "usb" (a USB printer-class device, /dev/usb/lp0) or "network" (raw TCP, port 9100)."""
+    device: Annotated[str, PlainValidator(_printer_device)]
+    """The serial port or usblp device path (by-id links are followed at every open),
+    or "host" / "host:port" for a network printer (port 9100 when left out)."""
+    baudrate: PositiveInt = 9600
+    """Serial only; the printer's self-test slip shows the rate it is set to."""
+    flow: Literal["none", "rtscts", "dsrdtr", "xonxoff"] = "none"
+    """Serial only: the flow control the printer is set to (many use DTR/DSR)."""
+    timeout: Duration = Field("2s")
+    """How long to wait for the connection, for a receipt to be taken and for each
+    answer to a status query."""
+    status_query: Boolean = True
+    """Ask the printer its state (ESC/POS DLE EOT) before and after each receipt (serial,
+    network). false for a printer or cable that cannot answer: then a printer that is
+    off or out of paper is not noticed on serial."""
+    qr_module_size: Annotated[int, PlainValidator(_qr_module_size)] = 6
+    """Dots per QR module: 6 fits a claim URL on 80 mm paper, 5 on 58 mm."""
+    columns: PositiveInt = 48
+    """Characters per line: 48 for 80 mm paper, 32 for 58 mm (font A)."""
+    header: Annotated[tuple[str, ...], PlainValidator(check_string_list)] = Field([])
+    """Lines printed above the title (the shop's name)."""
+    footer: Annotated[tuple[str, ...], PlainValidator(check_string_list)] = Field([])
+    """Lines printed at the end of the receipt."""
+    cut: Boolean = True
+    """Cut the paper after each receipt (a printer without a cutter ignores it)."""
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """A network printer's (host, port)."""
+        host, _, port = self.device.partition(":")
+        return host, int(port or 9100)
