@@ -119,6 +119,10 @@ def main() -> int:
                 after = relation_sizes(store)
                 rows = store.engine.execute("SELECT count(*) FROM events").fetchone()[0]
                 raw = store.engine.execute("SELECT avg(length(raw)) FROM events").fetchone()[0]
+                indexes = store.engine.execute(
+                    "SELECT indexrelname, pg_relation_size(indexrelid) FROM pg_stat_user_indexes "
+                    "WHERE relname = 'events' ORDER BY indexrelname"
+                ).fetchall()
             finally:
                 store.close()
     finally:
@@ -141,6 +145,8 @@ def main() -> int:
         ("wal", "WAL written"),
     ):
         print(f"  {label:40s} {grew[key]:>14,} bytes  {grew[key] / rows:8.0f} bytes/record")
+    for name, size in indexes:
+        print(f"    index {name:34s} {size:>14,} bytes  {size / rows:8.0f} bytes/record")
     print(f"  records per commit: {stored / commits:,.0f}")
     return 0
 
