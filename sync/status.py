@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Mapping
 from importlib import metadata
 
+from cards import keys
+from cards.grant import GrantSet
 from storage import trust
 
 
@@ -61,6 +64,40 @@ def clock(conn: sqlite3.Connection, merchant: str, wall: float) -> tuple[int, in
     return now, None if known is None else now - known
 
 
+def box_key_status(public_key: bytes | None) -> dict[str, object] | None:
+    """The status's `box_key`: what a backend grants dispensing to, so it can learn a
+    box's key from the retained status instead of asking a technician (section 18).
+
+    >>> box_key_status(bytes(32))["key_id"]
+    '66687aadf862bd77'
+    """
+    if public_key is None:
+        return None
+    return {"key_id": keys.key_id(public_key), "public_key": keys.b64(public_key)}
+
+
+def dispensing_status(grants: GrantSet | None, used: Mapping[str, int]) -> dict[str, object]:
+    """The status's `dispensing`: the grant set held and, per grant, the highest counter
+    committed (`used`, 0 before the first), so the backend sees quota running out and
+    revocations taking effect without waiting for the events."""
+    if grants is None:
+        return {"grant_seq": None, "grants": []}
+    return {
+        "grant_seq": grants.seq,
+        "grants": [
+            {
+                "id": g.id,
+                "cards": list(g.cards),
+                "quota": g.quota,
+                "used": used.get(g.id, 0),
+                "not_after": g.not_after,
+                "revoked": g.revoked,
+            }
+            for g in grants.grants
+        ],
+    }
+
+
 def will_payload(box: str) -> bytes:
     return _dump({"v": 1, "box": box, "state": "offline"})
 
@@ -79,6 +116,8 @@ def status_payload(
     alarm: str | None = None,
     stuck: str | None = None,
     manifests_ignored: int = 0,
+    box_key: dict[str, object] | None = None,
+    dispensing: dict[str, object] | None = None,
 ) -> bytes:
     return _dump(
         {
@@ -96,6 +135,8 @@ def status_payload(
             "alarm": alarm,
             "stuck": stuck,
             "manifests_ignored": manifests_ignored,
+            "box_key": box_key,
+            "dispensing": dispensing or dispensing_status(None, {}),
         }
     )
 

@@ -69,7 +69,8 @@ def test_status_schema_refuses_a_float_time_where_section_1_promises_integers():
     status = {"v": 1, "box": "box-1", "state": "online", "version": "0.1.0", "at": 1780000001,
               "cache_seq": 2, "cache_age_s": 5, "outbox_depth": 0, "outbox_oldest_age_s": None,
               "publish_error": None, "drivers": [driver], "alarm": None, "stuck": None,
-              "manifests_ignored": 0}  # fmt: skip
+              "manifests_ignored": 0, "box_key": None,
+              "dispensing": {"grant_seq": None, "grants": []}}  # fmt: skip
     assert problems("status", status) == []
     floated = {**status, "drivers": [{**driver, "last_scan": 1780000000.25}]}
     assert problems("status", floated)
