@@ -31,10 +31,14 @@ from dataclasses import dataclass
 
 from cards.scan import Scan
 from cards.verdict import Action, Verdict
+from daemon import box_key as box_key_mod
 from daemon.api import Error, error
-from daemon.config_model import Api
+from daemon.box_key import BoxKey
+from daemon.config_model import MAX_CARD_ID, MAX_DISPENSE_COUNT, Api
 from daemon.debounce import Repeat
+from daemon.dispense import Dispensed, grants_status, replayed
 from daemon.engine import Engine, PaymentCode
+from storage import dispensing
 from storage.api_requests import RequestKey
 
 MAX_CHECKS = 1000
@@ -71,15 +75,21 @@ class Commands:
         shown: Callable[[Result], None] | None = None,
         confirm_within: float = Api.default("confirm_within"),
         clock: Callable[[], float] = time.monotonic,
+        box_key: BoxKey | None = None,
+        dispensed: Callable[[Dispensed], None] | None = None,
     ):
         """`publish` sends an event to subscribers; `status` adds the service's part of
         the `status` answer (drivers, sync); `shown` sees every verdict an API request
-        produced, as the scan loop sees a scan's (console line, hook). The owner may
-        replace `engine` (a reload builds a new one); pending checks survive it."""
+        produced, as the scan loop sees a scan's (console line, hook); `dispensed` sees
+        every committed dispense (console line, printer is the owner's choice). The
+        owner may replace `engine` (a reload builds a new one); pending checks survive
+        it. Without `box_key`, the box key is read (or made) on the first dispense."""
         self.engine = engine
         self.publish = publish
         self.status = status
         self.shown = shown
+        self.dispensed = dispensed
+        self._box_key = box_key
         self.confirm_within = confirm_within
         self.clock = clock
         self._checks: OrderedDict[str, _Check] = OrderedDict()
@@ -90,6 +100,7 @@ class Commands:
             "redeem": self._redeem,
             "reverse": self._reverse,
             "manual": self._manual,
+            "dispense": self._dispense,
         }
 
     def __call__(self, request: dict) -> dict:
@@ -126,9 +137,78 @@ class Commands:
             "cache_time": engine.cache_time,
             "alarm": engine.alarm,
             "pending_checks": len(self._checks),
+            "dispensing": self._dispensing_status(),
             **self.status(),
         }
         return {"ok": True, "status": status}
+
+    def _dispensing_status(self) -> dict[str, object]:
+        grants, problem = self.engine.held_grants()
+        used = (
+            dispensing.used_counters(self.engine.conn, [g.id for g in grants.grants])
+            if grants
+            else {}
+        )
+        key = self.box_key()
+        return {**key.describe(), **grants_status(grants, used, problem)}
+
+    def box_key(self) -> BoxKey:
+        """The box key, read (or made) the first time it is needed."""
+        if self._box_key is None:
+            try:
+                self._box_key = box_key_mod.load_or_create(self.engine.config.box.state_dir)
+            except box_key_mod.BoxKeyError as exc:
+                raise RequestError(Error.INTERNAL_ERROR, str(exc)) from None
+        return self._box_key
+
+    def _dispense(self, request: dict) -> dict:
+        card = request.get("card")
+        if isinstance(card, bool) or not isinstance(card, int) or not 0 < card <= MAX_CARD_ID:
+            raise RequestError(Error.BAD_REQUEST, f'"card" must be a card id 1..{MAX_CARD_ID}')
+        count = _count(request, "count") or 1
+        if count > MAX_DISPENSE_COUNT:
+            raise RequestError(
+                Error.BAD_REQUEST, f'"count" may be at most {MAX_DISPENSE_COUNT} per request'
+            )
+        key = _text(request, "key", limit=MAX_KEY)
+        operator = _text(request, "operator", limit=MAX_OPERATOR)
+        box_key = self.box_key()
+        request_key = None
+        if key is not None:
+            fingerprint = self._fingerprint("dispense", card, count, operator)
+            recorded = self._recorded_key(key, fingerprint)
+            if recorded is not None:
+                again = replayed(recorded, box_key.private, self.engine.dispensing.claim_url)
+                return {**self.dispense_answer(again), "replayed": True}
+            request_key = RequestKey(key, fingerprint)
+        result = self.engine.dispense(card, count, box_key, "api", operator, request_key)
+        return {**self.dispense_answer(self.committed(result)), "replayed": False}
+
+    def dispense_by_rule(self, card: int, count: int, source: str) -> Dispensed:
+        """A rule's dispense (`[[dispense.rules]]`), after the redemption that triggered
+        it was answered: committed, then published and shown as an API one is."""
+        result = self.engine.dispense(card, count, self.box_key(), source)
+        return self.committed(result)
+
+    def committed(self, result: Dispensed) -> Dispensed:
+        """Publish a dispense's committed records: a `dispensed` event per claim code
+        (with its claim URL and QR, for the POS application to show), a `verdict`
+        event for a recorded refusal."""
+        for claim in result.claims:
+            self.publish({"event": "dispensed", **claim.to_json()})
+        refused = result.refused
+        if refused is not None and refused.record_id is not None:
+            self.publish({"event": "verdict", **refused.to_json()})
+        if self.dispensed is not None and (result.claims or result.refused is not None):
+            self.dispensed(result)
+        return result
+
+    @staticmethod
+    def dispense_answer(result: Dispensed) -> dict:
+        answer: dict = {"ok": True, "dispensed": [c.to_json() for c in result.claims]}
+        if result.refused is not None:
+            answer["refused"] = result.refused.to_json()
+        return answer
 
     def _check(self, request: dict) -> dict:
         code = _required(request, "code")
@@ -266,6 +346,13 @@ class Commands:
         return hmac.new(self.engine.config.trust.code_key, text, "sha256").hexdigest()[:32]
 
     def _replay(self, key: str, fingerprint: str) -> dict | None:
+        verdict = self._recorded_key(key, fingerprint)
+        if verdict is None:
+            return None
+        return {"ok": True, "verdict": verdict, "replayed": True}
+
+    def _recorded_key(self, key: str, fingerprint: str) -> dict | None:
+        """What the request committed under `key` answered; None if the key is new."""
         recorded = self.engine.recorded_request(key)
         if recorded is None:
             return None
@@ -275,7 +362,7 @@ class Commands:
                 f"key {key!r} was used for a different request (ledger seq {recorded.seq}); "
                 "use a new key for each new request and the same key only to retry",
             )
-        return {"ok": True, "verdict": recorded.verdict, "replayed": True}
+        return recorded.verdict
 
 
 def _text(request: dict, name: str, limit: int = 0) -> str | None:

@@ -305,6 +305,72 @@ class Hooks(Section):
     timeout: Duration = Field("5s")
 
 
+MAX_CARD_ID = 0xFFFFFFFF
+MAX_DISPENSE_COUNT = 10
+"""Claim codes one request or rule may dispense at once (the local API's `count`)."""
+
+
+class DispenseRule(Settings):
+    """One [[dispense.rules]] table: after an accepted redemption of `after_card`,
+    dispense `count` claim codes for `card` ("come back next week")."""
+
+    after_card: PositiveInt
+    card: PositiveInt
+    count: PositiveInt = 1
+
+
+def _claim_url(value: object) -> str:
+    text = check_string(value).strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("https", "http") or not parts.hostname or " " in text:
+        raise ValueError(
+            'an http(s) URL the claim code is appended to, such as "https://claim.example.com/c/"'
+        )
+    return text
+
+
+def _rules(value: object) -> tuple[DispenseRule, ...]:
+    if not isinstance(value, list | tuple):
+        raise ValueError("[[dispense.rules]] tables")
+    rules = []
+    for index, table in enumerate(value, start=1):
+        where = f"[[dispense.rules]] #{index}"
+        if isinstance(table, DispenseRule):
+            rules.append(table)
+            continue
+        if not isinstance(table, dict):
+            raise ValueError(f"tables ({where} is not one)")
+        unknown = sorted(set(table) - set(DispenseRule.model_fields))
+        if unknown:
+            raise ValueError(
+                f"tables of after_card, card and count ({where} has {', '.join(unknown)})"
+            )
+        for key in ("after_card", "card", "count"):
+            got = table.get(key, 1 if key == "count" else None)
+            limit = MAX_DISPENSE_COUNT if key == "count" else MAX_CARD_ID
+            if isinstance(got, bool) or not isinstance(got, int) or not 1 <= got <= limit:
+                what = "a count 1.." if key == "count" else "a card id 1.."
+                raise ValueError(f"tables whose {key} is {what}{limit} ({where}: {key} = {got!r})")
+        rules.append(DispenseRule.model_validate(table))
+    return tuple(rules)
+
+
+class Dispense(Section):
+    """Dispensing claim codes (issue 12; docs/operations.md, "Dispensing")."""
+
+    claim_url: Annotated[str, PlainValidator(_claim_url)] = "https://claim.invalid/c/"
+    """The claim service's address; the claim code is appended to it. The default is a
+    placeholder that never resolves: set the merchant's claim service."""
+    claim_days: PositiveInt = 30
+    """How long a customer has to claim a code, capped by the grant's end (plus 7 days)."""
+    rules: Annotated[tuple[DispenseRule, ...], PlainValidator(_rules)] = Field([])
+    """[[dispense.rules]] tables: after_card, card, count."""
+
+    def after(self, card_id: int | None) -> tuple[DispenseRule, ...]:
+        """The rules an accepted redemption of `card_id` triggers."""
+        return tuple(rule for rule in self.rules if rule.after_card == card_id)
+
+
 SECTIONS: dict[str, type[Section]] = {
     "box": Box,
     "trust": Trust,
@@ -312,6 +378,7 @@ SECTIONS: dict[str, type[Section]] = {
     "api": Api,
     "sync": Sync,
     "hooks": Hooks,
+    "dispense": Dispense,
 }
 
 

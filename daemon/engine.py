@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TypeVar, TypeVarTuple
 from zoneinfo import ZoneInfo
 
+from cards import claim_code
 from cards.digest import CodeDigester, short
 from cards.evaluate import (
     CHECK,
@@ -34,14 +35,19 @@ from cards.evaluate import (
     evaluate_reverse,
     refusal,
 )
+from cards.grant import GrantSet
 from cards.normalize import OVERSIZED, MalformedCode, normalize, normalize_text
 from cards.rules import UNLIMITED_USES
 from cards.scan import Scan
 from cards.verdict import Action, Outcome, Reason, Verdict
+from daemon.box_key import BoxKey
 from daemon.config import Config
+from daemon.config_model import Dispense
 from daemon.debounce import Debounce, Repeat
-from storage import api_requests, codes, ledger, trust
+from daemon.dispense import Claim, Dispensed, claim_by
+from storage import api_requests, codes, dispensing, ledger, trust
 from storage.api_requests import RequestKey
+from storage.dispensing import GrantsRefused
 
 log = logging.getLogger("redeemd.engine")
 R = TypeVar("R")
@@ -98,6 +104,10 @@ class Engine:
             max_staleness=config.trust.max_staleness,
             zone=None if config.box.timezone == "local" else ZoneInfo(config.box.timezone),
         )
+        # Until daemon/config.py carries [dispense] (see the request in the notes),
+        # a Config without it dispenses with the defaults.
+        self.dispensing: Dispense = getattr(config, "dispense", None) or Dispense()
+        self._grants: tuple[int | None, GrantSet | None, str] = (None, None, "")
         self._refresh()
 
     # ------------------------------------------------------------------ state
@@ -280,6 +290,115 @@ class Engine:
             return self._answer(found, None, scan.source)
         ask = Ask(Action.REVERSE, original.amount, original.uses)
         return self._record(found, redemption.digest, scan, ask, operator, request, rid)
+
+    # ------------------------------------------------------------------ dispensing
+
+    def dispense(
+        self,
+        card_id: int,
+        count: int,
+        box_key: BoxKey,
+        source: str = "api",
+        operator: str | None = None,
+        request: RequestKey | None = None,
+    ) -> Dispensed:
+        """Mint up to `count` claim codes for `card_id` (docs/protocol.md 18).
+
+        One write transaction: the grant and counter of each code are chosen under the
+        write lock from the committed ledger, each code's `dispense` record is written,
+        and a refusal (no grant, quota used up ...) is written as a `reject` record that
+        uses no counter; with `request`, its idempotency key too. Nothing is returned
+        before COMMIT, so no code is ever shown whose counter could be minted again. The
+        code is signed inside the transaction because its record holds its digest; the
+        text does not leave this call before the COMMIT.
+        """
+        scan = Scan(code=b"", source=source, at=self.clock())
+        result = self._write(
+            scan, None, self._dispense, card_id, count, box_key, source, operator, request
+        )
+        if isinstance(result, Verdict):  # a storage error: nothing was committed
+            return Dispensed((), result)
+        self._next_seq += len(result.claims) + (result.refused is not None)
+        self.alarm = None
+        return result
+
+    def held_grants(self) -> tuple[GrantSet | None, str]:
+        """The verified grant set this box holds, or None and why; verified again only
+        when the stored set changed (the sync thread or `redeemd grant install` wrote
+        another through their own connection)."""
+        seq = dispensing.held_seq(self.conn)
+        cached_seq, grants, problem = self._grants
+        if seq != cached_seq:
+            try:
+                grants, problem = dispensing.held_grants(self.conn, self.config.trust.root_keys), ""
+            except GrantsRefused as exc:
+                grants, problem = None, str(exc)
+            self._grants = (seq, grants, problem)
+        return grants, problem
+
+    def _dispense(
+        self,
+        card_id: int,
+        count: int,
+        box_key: BoxKey,
+        source: str,
+        operator: str | None,
+        request: RequestKey | None,
+    ) -> Dispensed:
+        grants, problem = self.held_grants()
+        if grants is not None and grants.box_key_id != box_key.key_id:
+            problem = (
+                f"the grant set is for box key {grants.box_key_id}, this box's key is "
+                f"{box_key.key_id} (was box.key replaced?): grant the key `redeemd box-key` shows"
+            )
+            grants = None
+        covering = [g.id for g in grants.grants if card_id in g.cards] if grants else []
+        used = dispensing.used_counters(self.conn, covering)
+        now = self.now()
+        at_ms = int(max(self.clock(), self.floor) * 1000)
+        card = self.trusted.cards.get(card_id)
+        kind, title = (str(card.kind), card.title) if card is not None else (None, "")
+        claims: list[Claim] = []
+        refused = None
+        seq = self._next_seq
+        for _ in range(count):
+            choice = claim_code.choose(grants, used, card_id, now)
+            record_id, record_text = ledger.new_id()
+            if choice.grant is None:
+                reason = choice.reason or Reason.NO_GRANT
+                detail = problem or choice.detail
+                ledger.append(
+                    self.conn, seq, record_id, at_ms, self._box_id, self._merchant, self._store,
+                    None, card_id, str(Action.REJECT), None, None, None, None,
+                    str(Outcome.REJECTED), str(reason), source, None, operator, self.cache_seq,
+                )  # fmt: skip
+                refused = Verdict(
+                    Outcome.REJECTED, Action.REJECT, reason, detail, "", card_id, kind,
+                    record_id=record_text, box_seq=seq, source=source,
+                )  # fmt: skip
+                break
+            grant, counter = choice.grant, choice.counter
+            by = claim_by(now, self.dispensing.claim_days, grant)
+            text = claim_code.mint(box_key.private, grant.id, counter, card_id, by)
+            digest = self._digest(text)
+            ledger.append(
+                self.conn, seq, record_id, at_ms, self._box_id, self._merchant, self._store,
+                digest, card_id, str(Action.DISPENSE), 1, None, None, None,
+                str(Outcome.ACCEPTED), None, source, None, operator, self.cache_seq, None,
+                grant.id, counter,
+            )  # fmt: skip
+            used[grant.id] = counter
+            verdict = Verdict(
+                Outcome.ACCEPTED, Action.DISPENSE, None, "", short(digest), card_id, kind,
+                record_id=record_text, box_seq=seq, source=source,
+            )  # fmt: skip
+            claims.append(Claim(verdict, grant.id, counter, by, self.dispensing.claim_url + text,
+                                title))  # fmt: skip
+            seq += 1
+        result = Dispensed(tuple(claims), refused)
+        if request is not None:
+            api_requests.record(self.conn, request, self._next_seq, result.record_json())
+        return result
 
     # ------------------------------------------------------------------ recording
 

@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 from conftest import CREATED, FAR, KeySet
 
-from cards import grant, keys
+from cards import claim_code, grant, keys
 from cards.grant import Grant
 from storage import dispensing, ledger
 from storage.database import open_database
@@ -115,3 +115,59 @@ def test_a_counter_is_committed_once_per_grant_and_read_by_the_index(tmp_path):
     assert (record.grant_id, record.counter) == ("00000000000000aa", 1)
     assert record.to_json()["counter"] == 1
     assert "grant_id" not in list(ledger.records(conn))[4].to_json()
+
+
+# ---------------------------------------------------------------------- engine
+
+
+def held_box(loaded_box, grants: tuple[Grant, ...] = (LIVE,), seq: int = 1):
+    """The loaded box's engine, clock at NOW, holding `grants` for its own box key."""
+    from daemon.box_key import load_or_create
+    from daemon.engine import Engine
+
+    key = load_or_create(loaded_box.dir)
+    conn = open_database(loaded_box.database)
+    data = grant_set(loaded_box.keyset, key.private, grants, seq=seq)
+    dispensing.install_grants(
+        conn, data, loaded_box.keyset.roots, merchant="demo", box="box-1", box_key_id=key.key_id
+    )
+    return Engine(conn, loaded_box.config, clock=lambda: NOW), key
+
+
+def test_dispense_counts_up_to_the_quota_then_refuses_with_a_record(loaded_box):
+    engine, key = held_box(loaded_box)
+    first = engine.dispense(1, 2, key)
+    assert [c.counter for c in first.claims] == [1, 2] and first.refused is None
+    second = engine.dispense(1, 2, key)
+    assert [c.counter for c in second.claims] == [3]
+    assert second.refused is not None and second.refused.reason.value == "quota_exhausted"
+    assert second.refused.box_seq == 4, "the refusal is a ledger record of its own"
+    third = engine.dispense(1, 1, key)
+    assert third.claims == () and third.refused.reason.value == "quota_exhausted"
+
+    rows = list(ledger.records(engine.conn))
+    assert [(r.action, r.verdict, r.grant_id, r.counter) for r in rows] == [
+        ("dispense", "accepted", LIVE.id, 1),
+        ("dispense", "accepted", LIVE.id, 2),
+        ("dispense", "accepted", LIVE.id, 3),
+        ("reject", "rejected", None, None),
+        ("reject", "rejected", None, None),
+    ]
+    claims = [*first.claims, *second.claims]
+    for claim, row in zip(claims, rows, strict=False):
+        text = claim.url.removeprefix("https://claim.invalid/c/")
+        code = claim_code.parse(text)
+        assert claim_code.verify(code, key.public)
+        assert (code.grant_id, code.counter, code.card_id) == (LIVE.id, claim.counter, 1)
+        assert row.digest == loaded_box.keyset.digest(text), "the record holds the code's digest"
+        assert code.claim_by == NOW + 30 * 86400
+    assert rows[3].reason == "quota_exhausted" and rows[3].card_id == 1
+
+
+def test_a_revoked_or_missing_grant_is_refused(loaded_box):
+    from dataclasses import replace
+
+    engine, key = held_box(loaded_box, (replace(LIVE, revoked=True),))
+    refused = engine.dispense(1, 1, key).refused
+    assert refused.reason.value == "grant_revoked" and refused.record_id is not None
+    assert engine.dispense(2, 1, key).refused.reason.value == "no_grant"

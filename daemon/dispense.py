@@ -1,0 +1,216 @@
+"""Dispensing claim codes (派发): what a dispense produced, and how it is shown.
+
+The engine (`Engine.dispense`) picks the grant and counter (`cards.claim_code.choose`)
+and commits the `dispense` ledger record under its write lock; only after that COMMIT
+does anything here see the claim code (durable before shown: a crash never reuses a
+counter, and the quota holds). This module holds the result types, the claim URL, the
+QR renderings (SVG, PNG, terminal text, with segno) and the JSON the local API sends.
+
+A claim code is a bearer token until it is claimed, so its text goes only where the
+customer must get it: the API answer and `dispensed` event (local socket, as payment
+codes), the printer, the `redeemd dispense` output. The ledger, logs, status and the
+outbox hold its keyed digest only (`digest_prefix` in words).
+
+    dispensed = engine.dispense(card_id=7, count=1, box_key=key)
+    for claim in dispensed.claims:
+        claim.url                      # "https://claim.example.com/c/RC1..."
+        claim.to_json()                # the API's object, with qr_svg, qr_png_b64, qr_text
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from dataclasses import dataclass, field
+
+import segno
+
+from cards import claim_code
+from cards.grant import Grant, GrantSet
+from cards.verdict import Action, Outcome, Reason, Verdict
+
+DAY = 86400
+QR_ERROR = "m"
+"""Error correction M: reads from a screen or a receipt that is a little creased."""
+
+
+def claim_by(now: int, claim_days: int, grant: Grant) -> int:
+    """When the customer must have claimed a code minted `now`: `claim_days` later,
+    but no later than the claim service accepts for this grant."""
+    return min(now + claim_days * DAY, grant.not_after + claim_code.CLAIM_GRACE, claim_code.MAX_U32)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim code, committed in the ledger (verdict.record_id, verdict.box_seq)."""
+
+    verdict: Verdict
+    grant_id: str
+    counter: int
+    claim_by: int
+    url: str = field(repr=False)
+    """claim_url + the claim code: the customer's link, never logged."""
+    card_title: str = ""
+
+    @property
+    def card_id(self) -> int:
+        assert self.verdict.card_id is not None  # a dispense always names its card
+        return self.verdict.card_id
+
+    def qr(self) -> segno.QRCode:
+        return segno.make(self.url, error=QR_ERROR, micro=False)
+
+    def to_json(self, qr: segno.QRCode | None = None) -> dict[str, object]:
+        """The local API's object for one claim code (docs/local-api.md, `dispense`)."""
+        qr = qr or self.qr()
+        return {
+            "claim_url": self.url,
+            "claim_code_digest_prefix": self.verdict.digest_prefix,
+            "card_id": self.card_id,
+            "card_title": self.card_title,
+            "grant_id": self.grant_id,
+            "counter": self.counter,
+            "record_id": self.verdict.record_id,
+            "box_seq": self.verdict.box_seq,
+            "claim_by": self.claim_by,
+            "claim_by_iso": iso(self.claim_by),
+            "qr_svg": qr_svg(qr),
+            "qr_png_b64": qr_png_b64(qr),
+            "qr_text": qr_text(qr),
+        }
+
+    def record_json(self) -> dict[str, object]:
+        """What an idempotency key keeps of this claim: no code, only what re-mints it
+        (Ed25519 signatures are deterministic: the same fields give the same code)."""
+        return {
+            "card_title": self.card_title,
+            "grant_id": self.grant_id,
+            "counter": self.counter,
+            "claim_by": self.claim_by,
+            "verdict": self.verdict.to_json(),
+        }
+
+
+@dataclass(frozen=True)
+class Dispensed:
+    """What one dispense request produced: the claims committed, in counter order, and
+    the refusal that stopped it short of `count` (also committed, as a `reject` record),
+    or a storage error (nothing committed)."""
+
+    claims: tuple[Claim, ...]
+    refused: Verdict | None = None
+
+    def record_json(self) -> dict[str, object]:
+        return {
+            "claims": [c.record_json() for c in self.claims],
+            "refused": None if self.refused is None else self.refused.to_json(),
+        }
+
+    def describe(self) -> list[str]:
+        """Console lines: digest prefixes only, never the code."""
+        lines = [
+            f"dispensed  card={c.card_id} grant={c.grant_id} counter={c.counter} "
+            f"code={c.verdict.digest_prefix} claim_by={iso(c.claim_by)} seq={c.verdict.box_seq}"
+            for c in self.claims
+        ]
+        if self.refused is not None:
+            refused = self.refused
+            reason = refused.reason.value if refused.reason else "unknown"
+            seq = f" seq={refused.box_seq}" if refused.box_seq is not None else ""
+            lines.append(
+                f"dispense refused: {reason}  card={refused.card_id}{seq} ({refused.detail})"
+            )
+        return lines
+
+
+def qr_svg(qr: segno.QRCode) -> str:
+    """A standalone SVG document, 4 px per module with the standard 4-module border."""
+    out = io.BytesIO()
+    qr.save(out, kind="svg", scale=4, xmldecl=False, svgns=True)
+    return out.getvalue().decode("utf-8")
+
+
+def qr_png_b64(qr: segno.QRCode) -> str:
+    """A PNG (4 px per module), base64, for an <img src="data:image/png;base64,...">."""
+    out = io.BytesIO()
+    qr.save(out, kind="png", scale=4)
+    return base64.b64encode(out.getvalue()).decode("ascii")
+
+
+def qr_text(qr: segno.QRCode) -> str:
+    """The QR in half-block characters (two modules per character row), dark on light
+    whatever the terminal's colours, for `redeemd dispense` and a POS text screen."""
+    matrix = [list(row) for row in qr.matrix]
+    border = 2
+    size = len(matrix)
+    light = [0] * (size + 2 * border)
+    rows = [light] * border + [[0] * border + row + [0] * border for row in matrix]
+    rows += [light] * border
+    if len(rows) % 2:
+        rows.append(light)
+    # Drawn with the light modules as blocks, so that a dark terminal shows a light
+    # symbol with dark modules, which phones read; on a light terminal it is the same.
+    glyphs = {(0, 0): "█", (0, 1): "▀", (1, 0): "▄", (1, 1): " "}
+    return "\n".join(
+        "".join(glyphs[(top, bottom)] for top, bottom in zip(rows[i], rows[i + 1], strict=True))
+        for i in range(0, len(rows), 2)
+    )
+
+
+def iso(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def replayed(record: dict, private_key: bytes, claim_url: str) -> Dispensed:
+    """The answer to a retried dispense request, from what its idempotency key kept
+    (`Dispensed.record_json`): each code minted again from its grant, counter, card and
+    claim_by, which gives the very same code, so nothing is minted twice."""
+    claims = []
+    for item in record.get("claims", []):
+        verdict = verdict_of(item["verdict"])
+        assert verdict.card_id is not None
+        text = claim_code.mint(
+            private_key, item["grant_id"], item["counter"], verdict.card_id, item["claim_by"]
+        )
+        claims.append(
+            Claim(
+                verdict,
+                item["grant_id"],
+                item["counter"],
+                item["claim_by"],
+                claim_url + text,
+                item.get("card_title", ""),
+            )  # fmt: skip
+        )
+    refused = record.get("refused")
+    return Dispensed(tuple(claims), None if refused is None else verdict_of(refused))
+
+
+def verdict_of(data: dict) -> Verdict:
+    """A Verdict from its to_json() form (what an idempotency key kept)."""
+    reason = data.get("reason")
+    return Verdict(
+        Outcome(data["verdict"]), Action(data["action"]),
+        Reason(reason) if reason else None, data.get("detail", ""),
+        data.get("digest_prefix", ""), data.get("card_id"), data.get("card_kind"),
+        record_id=data.get("record_id"), box_seq=data.get("box_seq"),
+        source=data.get("source", ""),
+    )  # fmt: skip
+
+
+def grants_status(
+    grants: GrantSet | None, used: dict[str, int], problem: str = ""
+) -> dict[str, object]:
+    """The grant set as `redeemd status` and the local API's `status` show it."""
+    if grants is None:
+        return {"grant_seq": None, "grants": [], "problem": problem or None}
+    return {
+        "grant_seq": grants.seq,
+        "grant_set_created_at": grants.created_at,
+        "grants": [
+            {**g.to_json(), "used": used.get(g.id, 0), "left": max(g.quota - used.get(g.id, 0), 0)}
+            for g in grants.grants
+        ],
+        "problem": problem or None,
+    }
