@@ -643,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baudrate", type=int, default=None)
     parser.add_argument("--status", action="store_true", help="only ask the printer's state")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)  # the state line below says it once
     given: dict[str, object] = {"kind": args.kind, "device": args.device}
     if args.baudrate is not None:
         given["baudrate"] = args.baudrate

@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from escpos import CUT, EscPosError, PtyPrinter, TcpPrinter, parse
 from pydantic import ValidationError
 
@@ -374,3 +377,28 @@ def test_printer_settings_check_the_device_against_the_kind():
         PrinterSettings.of({"kind": "network", "device": "printer:99999"})
     with pytest.raises(ValidationError):
         network.timeout = 3.0  # type: ignore[misc]
+
+
+def test_technician_test_print_from_a_shell(tmp_path: Path):
+    device = tmp_path / "lp0"
+    device.write_bytes(b"")
+    done = subprocess.run(
+        [sys.executable, "-m", "drivers.printer", "usb", str(device)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (0, "ready\n"), done.stderr
+    (receipt,) = [r for r in parse(device.read_bytes()).receipts if r.cut]
+    assert receipt.qr_codes[0].payload.startswith(b"https://") and receipt.qr_codes[0].printed
+    device.unlink()
+    done = subprocess.run(
+        [sys.executable, "-m", "drivers.printer", "usb", str(device), "--status"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stdout.startswith("offline: ") and "not there" in done.stdout
