@@ -3,6 +3,8 @@
 >>> t = Topics("redeemd/v1", "demo", "box-1")
 >>> t.events
 'redeemd/v1/demo/box/box-1/events'
+>>> t.grants
+'redeemd/v1/demo/box/box-1/grants'
 >>> t.batch_seq("redeemd/v1/demo/box/box-1/batches/7")
 7
 """
@@ -56,8 +58,13 @@ class Topics:
     def status(self) -> str:
         return f"{self.box_root}/status"
 
+    @property
+    def grants(self) -> str:
+        """The box's dispensing grant set, retained by the backend (protocol.md 16, 18)."""
+        return f"{self.box_root}/grants"
+
     def subscriptions(self) -> list[str]:
-        return [self.manifest, self.batches, self.box_batches, self.ack]
+        return [self.manifest, self.batches, self.box_batches, self.ack, self.grants]
 
     def batch_seq(self, topic: str) -> int | None:
         """The sequence named by a batches topic, or None if `topic` is not one."""

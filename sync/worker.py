@@ -29,6 +29,7 @@ from runtime.threads import OwnedThread
 from storage import outbox
 from storage.database import connect
 from sync import acks, status
+from sync.grants import GrantIntake
 from sync.intake import Intake
 from sync.pump import Pump
 from sync.session import Down, Event, LinkSettings, Message, Published, Session, Up
@@ -77,6 +78,11 @@ class SyncState:
     stuck: str | None = None
     manifests_ignored: int | None = None
     dropped: int | None = None
+    grant_seq: int | None = None
+    """The dispensing grant set held (protocol.md 18); None while none is."""
+    grants_refused: int | None = None
+    last_grants_refused: str | None = None
+    """Why the newest grant set that arrived was refused; None once one is installed."""
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -93,8 +99,11 @@ class Sync:
         roots: dict[str, bytes],
         max_batch_bytes: int,
         drivers: Callable[[], list[dict[str, object]]] = list,
+        box_key: bytes | None = None,
         clock: Callable[[], float] = time.time,
     ):
+        """`box_key`: the box's own Ed25519 public key (32 bytes), which grant sets
+        must name and the status shows; None: grant sets are refused."""
         self.settings = settings
         self.box = box
         self.merchant = merchant
@@ -102,6 +111,7 @@ class Sync:
         self.roots = roots
         self.max_batch_bytes = max_batch_bytes
         self.drivers = drivers
+        self.box_key = box_key
         self.clock = clock
         self.topics = Topics(settings.topic_prefix, merchant, box)
         self.events: queue.Queue[Event] = queue.Queue()
@@ -116,6 +126,7 @@ class Sync:
         self._stop = self.thread.stopping
         self.pump: Pump | None = None
         self.intake: Intake | None = None
+        self.grants: GrantIntake | None = None
         self.error: str | None = None
         self.dropped = 0
         self._state = SyncState()
@@ -144,6 +155,17 @@ class Sync:
         if intake is not None:
             intake.roots = roots
             intake.max_batch_bytes = max_batch_bytes
+        grants = self.grants
+        if grants is not None:
+            grants.update_trust(roots, self.box_key)
+
+    def update_box_key(self, box_key: bytes | None) -> None:
+        """The box's key after it was made again (a reload): grant sets are checked
+        against it and the status shows it from the next message on."""
+        self.box_key = box_key
+        grants = self.grants
+        if grants is not None:
+            grants.update_trust(self.roots, box_key)
 
     # ------------------------------------------------------------------ network thread side
 
@@ -193,6 +215,9 @@ class Sync:
             retry=s.request_retry,
             clock=self.clock,
         )
+        self.grants = GrantIntake(
+            conn, merchant=self.merchant, box=self.box, roots=self.roots, box_key=self.box_key
+        )
         self.session.start()
         next_status = float("inf")
         while not self._stop.is_set():
@@ -201,7 +226,7 @@ class Sync:
             except queue.Empty:
                 event = None
             now = self.clock()
-            applied = self.intake.applied
+            applied = self.intake.applied, self.grants.installed
             try:
                 while event is not None:
                     if isinstance(event, Up):
@@ -213,9 +238,11 @@ class Sync:
                         event = self.events.get_nowait()
                     except queue.Empty:
                         event = None
-                if self.intake.applied != applied:
+                self.grants.tick()
+                if (self.intake.applied, self.grants.installed) != applied:
                     # The status is the box's acknowledgement of a batch: its cache_seq
-                    # rises only once the batch is committed. Tell the backend now.
+                    # rises only once the batch is committed. Tell the backend now; the
+                    # same for a new grant set (its grant_seq, a revocation taking effect).
                     next_status = now
                 if self.session.connected:
                     self.intake.tick()
@@ -245,7 +272,7 @@ class Sync:
             self._on_message(conn, event)
 
     def _on_message(self, conn: sqlite3.Connection, message: Message) -> None:
-        assert self.pump is not None and self.intake is not None
+        assert self.pump is not None and self.intake is not None and self.grants is not None
         topic = message.topic
         if topic == self.topics.ack:
             try:
@@ -258,6 +285,8 @@ class Sync:
                 log.debug("sync: backend acknowledged %d record(s)", removed)
         elif topic == self.topics.manifest:
             self.intake.on_manifest(topic, message.payload)
+        elif topic == self.topics.grants:
+            self.grants.on_grants(topic, message.payload)
         else:
             seq = self.topics.batch_seq(topic)
             if seq is None:
@@ -269,7 +298,7 @@ class Sync:
         return self.session.publish(topic, payload)
 
     def _status_payload(self, conn: sqlite3.Connection, state: str, now: float) -> bytes:
-        assert self.pump is not None and self.intake is not None
+        assert self.pump is not None and self.intake is not None and self.grants is not None
         oldest = outbox.oldest_ms(conn)
         at, cache_age = status.clock(conn, self.merchant, now)  # floored (section 12)
         return status.status_payload(
@@ -285,6 +314,8 @@ class Sync:
             alarm=self.intake.alarm,
             stuck=self.intake.stuck,
             manifests_ignored=self.intake.manifests_ignored,
+            box_key=status.box_key_status(self.box_key),
+            dispensing=self.grants.status(),
         )
 
     def _publish_status(self, conn: sqlite3.Connection, state: str, now: float) -> None:
@@ -293,12 +324,16 @@ class Sync:
         )
 
     def _update_state(self, conn: sqlite3.Connection, now: float) -> None:
-        assert self.pump is not None and self.intake is not None
+        assert self.pump is not None and self.intake is not None and self.grants is not None
         try:
             depth = outbox.depth(conn)
         except sqlite3.Error:
             depth = None
-        intake, pump = self.intake, self.pump
+        intake, pump, grants = self.intake, self.pump, self.grants
+        try:
+            grant_seq = grants.held_seq
+        except sqlite3.Error:
+            grant_seq = None
         self._state = SyncState(
             broker=self.settings.broker,
             connected=self.session.connected,
@@ -319,6 +354,9 @@ class Sync:
             stuck=intake.stuck,
             manifests_ignored=intake.manifests_ignored,
             dropped=self.dropped,
+            grant_seq=grant_seq,
+            grants_refused=grants.refused,
+            last_grants_refused=grants.last_refused,
         )
 
     def _shutdown(self, conn: sqlite3.Connection) -> None:
