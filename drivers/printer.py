@@ -77,7 +77,7 @@ class PrinterStatus:
     detail: str
     """For the technician: what is wrong and what to do ("" when ready)."""
     checked: float | None = None
-    """When the printer was last talked to (time.time()), None if never."""
+    """When this state was found (time.time()), None if never asked."""
 
 
 class PrinterError(RuntimeError):
@@ -188,10 +188,12 @@ def is_status_byte(value: int) -> bool:
 
 
 def decode_status(
-    printer: int, paper: int, offline: int | None = None, error: int | None = None
+    printer: int, paper: int | None, offline: int | None = None, error: int | None = None
 ) -> tuple[PrinterState, str]:
     """The state from the answers to DLE EOT 1 (printer), 4 (roll paper sensor) and,
-    when the printer says it is offline, 2 (offline cause) and 3 (error cause)."""
+    when the printer says it is offline, 2 (offline cause) and 3 (error cause). None:
+    the printer did not answer that query (older models know only DLE EOT 1)."""
+    paper = 0x12 if paper is None else paper
     if paper & 0x60 == 0x60:
         return PrinterState.PAPER_OUT, "out of paper: load a new roll and close the cover"
     if printer & 0x08:
@@ -363,6 +365,12 @@ class _UsbFile:
             _fd_write(self.fd, data, timeout, self.where)
         except OSError as exc:
             raise _offline(f"{self.where} disconnected while printing ({exc})") from None
+        except PrinterError:
+            # Not taken in time: the kernel may know why (paper out, offline).
+            found = self.port_status()
+            if found is None or found[0] is PrinterState.READY:
+                raise
+            raise PrinterError(*found) from None
 
     def read(self, timeout: float) -> bytes:
         return b""
@@ -597,17 +605,23 @@ class ReceiptPrinter:
         if not (transport.answers and self.settings.status_query):
             return PrinterState.READY, ""
         printer = self._query(transport, 1, grace)
-        paper = self._query(transport, 4)
+        assert printer is not None  # DLE EOT 1 must be answered
+        # Once DLE EOT 1 is answered the line works: a printer that does not answer the
+        # others does not know them.
+        paper = self._query(transport, 4, required=False)
         offline = error = None
         if printer & 0x08:
-            offline = self._query(transport, 2)
-            if offline & 0x40:
-                error = self._query(transport, 3)
+            offline = self._query(transport, 2, required=False)
+            if offline is not None and offline & 0x40:
+                error = self._query(transport, 3, required=False)
         return decode_status(printer, paper, offline, error)
 
-    def _query(self, transport: _Transport, n: int, grace: float = 0.0) -> int:
+    def _query(
+        self, transport: _Transport, n: int, grace: float = 0.0, required: bool = True
+    ) -> int | None:
         """DLE EOT n and its one-byte answer. Bytes that are no answer are skipped; if
-        only such bytes come, the line is wrong (baud rate) or it is no ESC/POS printer."""
+        only such bytes come, the line is wrong (baud rate) or it is no ESC/POS printer.
+        Not `required`: None instead of raising."""
         transport.drain()  # a late answer to an earlier query is not this one's
         transport.write(DLE + EOT + bytes((n,)), self.settings.timeout)
         deadline = time.monotonic() + self.settings.timeout + grace
@@ -617,6 +631,8 @@ class ReceiptPrinter:
                 if is_status_byte(value):
                     return value
                 junk.append(value)
+        if not required:
+            return None
         where = f"printer {self.settings.device}"
         if junk:
             raise PrinterError(

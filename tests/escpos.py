@@ -44,6 +44,7 @@ STATUS: dict[str, dict[int, bytes]] = {
     "offline": {**_ALL_OK, 1: b"\x1a"},  # offline, no cause given
     "cutter_jam": {**_ALL_OK, 1: b"\x1a", 2: b"\x52", 3: b"\x1a"},
     "silent": {},
+    "status_1_only": {1: b"\x12"},  # an older model: DLE EOT 1 only
     "junk": {1: b"\xff\x00", 2: b"\xff", 3: b"\xff", 4: b"\xff"},
     # XOFF and a stray byte before the real answer: the answer counts.
     "noisy_online": {n: b"\x13\x80" + answer for n, answer in _ALL_OK.items()},

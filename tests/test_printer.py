@@ -221,6 +221,7 @@ def test_usb_printer_whose_reader_went_away_is_offline(tmp_path: Path):
     [
         ("online", PrinterState.READY, ""),
         ("noisy_online", PrinterState.READY, ""),
+        ("status_1_only", PrinterState.READY, ""),
         ("paper_low", PrinterState.PAPER_LOW, "replace the roll"),
         ("paper_out", PrinterState.PAPER_OUT, "load a new roll"),
         ("cover_open", PrinterState.COVER_OPEN, "close it"),
