@@ -1,13 +1,14 @@
-"""The sync thread: one owner for the session, the pump, the intake and the status.
+"""The sync thread: one owner for the session, the pump, the intakes and the status.
 
 The service starts it after the engine and stops it on shutdown within a bounded time.
 paho's network thread only hands events over through a queue; everything that touches
 SQLite happens here, on this thread's own connection, so the scan path never waits for
 the network and the engine stays the only writer of scans (it notices applied batches
-through PRAGMA data_version).
+through PRAGMA data_version, and a new grant set by its seq).
 
     >>> sync = Sync(config.sync, box="box-1", merchant="demo", database=path,
-    ...             roots=config.trust.root_keys, max_batch_bytes=512 << 20)
+    ...             roots=config.trust.root_keys, max_batch_bytes=512 << 20,
+    ...             box_key=key.public)     # grant sets must name it; the status shows it
     >>> sync.start()
     >>> sync.state().connected
     True
