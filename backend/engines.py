@@ -75,6 +75,17 @@ class Engine:
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         raise NotImplementedError
 
+    def insert_new(self, table: str, columns: Sequence[str], rows: list[Sequence[Any]]) -> None:
+        """Inside a transaction: insert `rows` into `table`, skipping any whose key is
+        already there (ON CONFLICT DO NOTHING), as one bulk operation."""
+        if rows:
+            marks = ", ".join("?" * len(columns))
+            self.executemany(
+                f"INSERT INTO {table}({', '.join(columns)}) VALUES ({marks}) "
+                "ON CONFLICT DO NOTHING",
+                rows,
+            )
+
     def transaction(self) -> contextlib.AbstractContextManager[None]:
         """A write transaction: commit at the end of the block, roll back on an error."""
         raise NotImplementedError
@@ -224,6 +235,12 @@ class PostgreSQL(Engine):
             # autocommit: a statement outside `transaction()` commits by itself, as on
             # SQLite with isolation_level=None; `transaction()` sends BEGIN/COMMIT.
             conn = psycopg.connect(url, autocommit=True)
+            # psycopg prepares a statement run 5 times; PostgreSQL then may keep a
+            # generic plan chosen while the tables were small: a seq scan of events
+            # per collected message, 10x slower once they grow (measured on the
+            # collector's duplicate and conflict look-ups: 27 ms a message). A custom
+            # plan per execution costs a fraction of a millisecond of planning.
+            conn.execute("SET plan_cache_mode = force_custom_plan")
         except psycopg.Error as exc:
             raise EngineError(f"cannot connect to {redact(url)}: {exc}".strip()) from None
         engine = cls(conn, url)
@@ -249,6 +266,27 @@ class PostgreSQL(Engine):
         if rows:
             with self.conn.cursor() as cursor:
                 cursor.executemany(self._sql(sql), rows)
+
+    def insert_new(self, table: str, columns: Sequence[str], rows: list[Sequence[Any]]) -> None:
+        # COPY into a temporary twin of the table, then one INSERT ... SELECT: COPY has
+        # no ON CONFLICT, and one INSERT statement per row (executemany, even pipelined)
+        # ran at a tenth of COPY's rate. The twin is emptied at every commit.
+        if not rows:
+            return
+        staging = f"staging_{table}"
+        names = ", ".join(columns)
+        self.conn.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS {staging} "
+            f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
+        with self.conn.cursor() as cursor:
+            with cursor.copy(f"COPY {staging}({names}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            cursor.execute(
+                f"INSERT INTO {table}({names}) SELECT {names} FROM {staging} ON CONFLICT DO NOTHING"
+            )
+            cursor.execute(f"DELETE FROM {staging}")
 
     def transaction(self) -> contextlib.AbstractContextManager[None]:
         return self.conn.transaction()

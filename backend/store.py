@@ -445,39 +445,58 @@ class Store:
                     if e.digest is not None and _consumes_last_use(e)
                 ]
             )
-            return [
-                self._store(merchant, box, events, sign_consumed, now)
-                for merchant, box, events in messages
-            ]
+            # Which records are new, across the whole group: one look-up for every id,
+            # then one bulk insert (the records of a box resent within the group, or
+            # already stored, are duplicates).
+            seen = self._existing_ids([e.id for _, _, events in messages for e in events])
+            fresh: list[list[Event]] = []
+            for _, _, events in messages:
+                new: list[Event] = []
+                for event in events:
+                    if event.id not in seen:
+                        seen.add(event.id)
+                        new.append(event)
+                fresh.append(new)
+            self.engine.insert_new(
+                "events", _EVENT_COLUMNS,
+                [
+                    (
+                        e.id, merchant, box, e.seq, e.at_ms, e.digest, e.card_id, e.action,
+                        e.verdict, e.uses, e.amount, e.uses_left, e.balance, e.reverses,
+                        e.raw, now,
+                    )
+                    for (merchant, box, _), new in zip(messages, fresh, strict=True)
+                    for e in new
+                ],
+            )  # fmt: skip
+            # Each message is then judged as if the ones after it were not stored yet,
+            # as when they were stored one by one: a double redemption within the group
+            # is one conflict, found by the later record, not one from each side.
+            later = {e.id for new in fresh for e in new}
+            last_uses = self._last_uses(
+                [(m, new) for (m, _, _), new in zip(messages, fresh, strict=True)]
+            )
+            results = []
+            for (merchant, box, events), new in zip(messages, fresh, strict=True):
+                later.difference_update(e.id for e in new)
+                results.append(
+                    self._store(merchant, box, events, new, last_uses, later, sign_consumed, now)
+                )
+            return results
 
     def _store(
         self,
         merchant: str,
         box: str,
         events: list[Event],
+        new: list[Event],
+        last_uses: dict[str, list[tuple[str, str]]],
+        later: set[str],
         sign_consumed: SignConsumed | None,
         now: int,
     ) -> Stored:
-        seen = self._existing_ids([e.id for e in events])
-        new: list[Event] = []
-        for event in events:
-            if event.id not in seen:
-                seen.add(event.id)
-                new.append(event)
-        self.engine.executemany(
-            "INSERT INTO events(id, merchant, box, seq, at_ms, digest, card_id, "
-            "action, verdict, uses, amount, uses_left, balance, reverses, raw, stored_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            [
-                (
-                    e.id, merchant, box, e.seq, e.at_ms, e.digest, e.card_id, e.action,
-                    e.verdict, e.uses, e.amount, e.uses_left, e.balance, e.reverses, e.raw, now,
-                )
-                for e in new
-            ],
-        )  # fmt: skip
         upto, gaps, filled = self._advance(merchant, box, now)
-        conflicts = self._conflicts(merchant, new, now)
+        conflicts = self._conflicts(merchant, new, last_uses, later, now)
         consumed = None
         if conflicts and sign_consumed is not None:
             consumed = self._consumed_batch(merchant, conflicts, sign_consumed)
@@ -561,33 +580,57 @@ class Store:
                 detected.append(Gap(merchant, box, a, b))
         return upto, tuple(detected), tuple(filled)
 
-    def _conflicts(self, merchant: str, new: list[Event], now: int) -> tuple[Conflict, ...]:
+    def _last_uses(
+        self, messages: list[tuple[str, list[Event]]]
+    ) -> dict[str, list[tuple[str, str]]]:
+        """Every stored record that consumed the last use of a digest one of the new
+        records consumed the last use of, by digest: (id, box) in redemption order.
+        One query per 500 digests for the whole group: per message, this look-up was
+        most of the collector's time."""
+        by_digest: dict[str, list[tuple[str, str]]] = {}
+        for merchant in sorted({m for m, _ in messages}):
+            digests = sorted(
+                {
+                    e.digest
+                    for m, new in messages
+                    if m == merchant
+                    for e in new
+                    if e.digest is not None and _consumes_last_use(e)
+                }
+            )
+            for i in range(0, len(digests), 500):
+                part = digests[i : i + 500]
+                rows = self._sql(
+                    "SELECT digest, id, box FROM events e WHERE merchant = ? AND digest IN "
+                    f"({','.join('?' * len(part))}) AND action = 'redeem' AND verdict = "
+                    "'accepted' AND uses_left = 0 AND balance IS NULL AND NOT EXISTS (SELECT 1 "
+                    "FROM events r WHERE r.reverses = e.id AND r.action = 'reverse' AND "
+                    "r.verdict = 'accepted') ORDER BY at_ms, id",
+                    (merchant, *part),
+                )
+                for digest, other_id, other_box in rows:
+                    by_digest.setdefault(f"{merchant}/{digest}", []).append((other_id, other_box))
+        return by_digest
+
+    def _conflicts(
+        self,
+        merchant: str,
+        new: list[Event],
+        by_digest: dict[str, list[tuple[str, str]]],
+        later: set[str],
+        now: int,
+    ) -> tuple[Conflict, ...]:
         # A single-use code: the redemption left no uses (uses_left 0) on a use-counted
         # card. Two boxes that each consumed the last use, offline, is a double redemption.
         # A redemption undone by an accepted reversal does not count.
         candidates = [e for e in new if _consumes_last_use(e)]
-        # Every such stored record of these digests, in one query per 500 digests.
-        by_digest: dict[str, list[tuple[str, str]]] = {}
-        digests = sorted({e.digest for e in candidates if e.digest is not None})
-        for i in range(0, len(digests), 500):
-            part = digests[i : i + 500]
-            rows = self._sql(
-                "SELECT digest, id, box FROM events e WHERE merchant = ? AND digest IN "
-                f"({','.join('?' * len(part))}) AND action = 'redeem' AND verdict = 'accepted' "
-                "AND uses_left = 0 AND balance IS NULL AND NOT EXISTS (SELECT 1 FROM events r "
-                "WHERE r.reverses = e.id AND r.action = 'reverse' AND r.verdict = 'accepted') "
-                "ORDER BY at_ms, id",
-                (merchant, *part),
-            )
-            for digest, other_id, other_box in rows:
-                by_digest.setdefault(digest, []).append((other_id, other_box))
         found = []
         for event in candidates:
             digest = event.digest
             if digest is None:
                 continue
-            for other_id, other_box in by_digest.get(digest, ()):
-                if other_box == event.box:
+            for other_id, other_box in by_digest.get(f"{merchant}/{digest}", ()):
+                if other_box == event.box or other_id in later:
                     continue
                 cursor = self._sql(
                     "INSERT INTO conflicts(merchant, digest, first_id, first_box, "
@@ -817,6 +860,12 @@ class Store:
             "WHERE f.box = b.box AND f.merchant = b.merchant) ORDER BY merchant, box"
         )
         return rows.fetchall()
+
+
+_EVENT_COLUMNS = (
+    "id", "merchant", "box", "seq", "at_ms", "digest", "card_id", "action", "verdict", "uses",
+    "amount", "uses_left", "balance", "reverses", "raw", "stored_at",
+)  # fmt: skip
 
 
 def _consumes_last_use(event: Event) -> bool:
