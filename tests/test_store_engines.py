@@ -133,6 +133,30 @@ def test_a_code_used_up_on_two_boxes_is_one_conflict_and_one_consumed_batch(
     assert store.latest_seq("demo") == 1
 
 
+def test_one_group_commit_stores_each_record_once_and_finds_a_double_redemption_once(
+    store: Store, keyset: KeySet
+):
+    """The collector stores every message waiting in one commit (one bulk insert): a
+    record resent within the group is a duplicate, two messages of one box close its gap,
+    and the code used up on two boxes is one conflict, found by the later record."""
+    first, second = redeemed(1, "box-1", D1), redeemed(1, "box-2", D1)
+    later = record(2, "box-1")
+    results = store.store_messages(
+        [
+            ("demo", "box-1", events("box-1", first)),
+            ("demo", "box-2", events("box-2", second)),
+            ("demo", "box-1", events("box-1", later, first)),
+        ],
+        signer(keyset),
+    )
+    assert [(r.new, r.duplicates) for r in results] == [(1, 0), (1, 0), (1, 1)]
+    assert results[2].upto == 2 and store.open_gaps() == []
+    assert results[0].conflicts == ()
+    [conflict] = results[1].conflicts
+    assert (conflict.first_id, conflict.second_id) == (first["id"], second["id"])
+    assert store.conflicts() == [conflict] and count(store, "events") == 3
+
+
 # ------------------------------------------------------------------ the allocator
 
 
