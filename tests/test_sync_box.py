@@ -281,9 +281,16 @@ def test_records_waiting_in_the_outbox_of_the_previous_release_are_sent_after_th
     migrations.apply(Database(old), stop_before="m006_outbox_from_the_ledger")
     for data in (keyset.cards_batch(1), keyset.issue_batch(BOX_CODES, seq=2)):
         batch_import.apply(old, batch.open_file(data, keyset.roots), merchant="demo", now=CREATED)
-    old_engine = Engine(old, box.config)
+    # Five redemptions as that release's engine wrote them: its 20 ledger columns (the
+    # current Engine writes columns later migrations add, so it cannot write here).
     for i in range(1, 6):
-        assert old_engine.handle(Scan(f"DEMO-{i:04d}".encode(), "counter")).accepted
+        old.execute(
+            "INSERT INTO ledger(seq, id, at_ms, box, merchant, store, digest, card_id, action, "
+            "uses, uses_left, verdict, source, cache_seq) "
+            "VALUES (?, ?, ?, 'box-1', 'demo', 'store-1', ?, 1, 'redeem', 1, 0, 'accepted', "
+            "'counter', 2)",
+            (i, uuid.uuid4().bytes, int(time.time() * 1000), keyset.digest(f"DEMO-{i:04d}")),
+        )
     old.execute("DELETE FROM outbox WHERE seq IN (2, 4)")
     old.close()
 
