@@ -74,6 +74,8 @@ class GrantIntake:
         self._held: GrantSet | None = None
         self._held_seq: int | None = None
         self._trust_changed = False
+        self._refused_payload: bytes | None = None
+        """The newest payload refused: tried again when the roots or the box key change."""
 
     # ------------------------------------------------------------------ messages
 
@@ -103,10 +105,13 @@ class GrantIntake:
             self.last_refused = known
             return False
         if len(payload) > MAX_GRANTS_MESSAGE:
-            return self._refuse(topic, digest, f"oversized grant set ({len(payload)} bytes)")
+            return self._refuse(
+                topic, payload, digest, f"oversized grant set ({len(payload)} bytes)"
+            )
         if self.box_key is None:
             return self._refuse(
                 topic,
+                payload,
                 digest,
                 "this box has no box key yet, so it cannot hold grants: start redeemd "
                 "once to make it (`redeemd box-key` shows it), then grant that key",
@@ -125,8 +130,9 @@ class GrantIntake:
             log.warning("sync: cannot write the grant set from %s yet: %s", topic, exc)
             return False
         except ValueError as exc:  # dispensing.GrantsRefused and anything it lets through
-            return self._refuse(topic, digest, str(exc))
+            return self._refuse(topic, payload, digest, str(exc))
         self.last_refused = None
+        self._refused_payload = None
         if not installed.applied:
             log.debug("sync: %s", installed.message)
             return False
@@ -134,10 +140,11 @@ class GrantIntake:
         log.info("sync: %s", installed.message)
         return True
 
-    def _refuse(self, topic: str, digest: bytes, why: str) -> bool:
+    def _refuse(self, topic: str, payload: bytes, digest: bytes, why: str) -> bool:
         self.refused += 1
         self.last_refused = why
         self._refusals[digest] = why
+        self._refused_payload = payload
         while len(self._refusals) > REMEMBERED_REFUSALS:
             self._refusals.popitem(last=False)
         log.warning("sync: refused the grant set on %s, kept the one held: %s", topic, why)
@@ -156,6 +163,10 @@ class GrantIntake:
             self._trust_changed = False
             self._held, self._held_seq = None, None
             self._refusals.clear()
+            # The retained set is not delivered again before the next connection: try
+            # the one refused under the old keys now (the reload may be what fixed it).
+            if self._pending is None:
+                self._pending, self._refused_payload = self._refused_payload, None
 
     # ------------------------------------------------------------------ status
 

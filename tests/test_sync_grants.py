@@ -266,7 +266,7 @@ def test_the_events_schema_holds_grant_and_counter_to_dispense_records():
     assert problems("events", events({**bare, "action": "redeem"})) == []
 
 
-def test_a_box_without_a_key_refuses_grant_sets_and_says_so_in_its_status(
+def test_a_box_without_a_key_refuses_grant_sets_until_it_is_given_one(
     tmp_path, keyset, broker, backend, box_private
 ):
     box = sync_box(tmp_path, keyset, broker)
@@ -284,5 +284,20 @@ def test_a_box_without_a_key_refuses_grant_sets_and_says_so_in_its_status(
         assert status["box_key"] is None
         assert status["dispensing"] == {"grant_seq": None, "grants": []}
         assert problems("status", status) == []
+        # The key given later (a reload): the set refused for want of it is taken at
+        # once, without waiting for the broker to deliver it again.
+        public = keys.public_of(box_private)
+        sync.update_box_key(public)
+        reader = connect(box.database)
+        try:
+            wait_for(lambda: dispensing.held_seq(reader) == 1, "the set installed")
+        finally:
+            reader.close()
+        status = statuses_with(
+            backend, "a status with the key and the set",
+            lambda s: s.get("box_key") and s["dispensing"]["grant_seq"] == 1,
+        )  # fmt: skip
+        assert status["box_key"]["key_id"] == keys.key_id(public)
+        assert sync.state().last_grants_refused is None
     finally:
         assert sync.stop(timeout=10)
