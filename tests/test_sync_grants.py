@@ -203,6 +203,7 @@ def test_an_older_a_forged_and_another_boxs_set_are_refused_logged_once_and_sync
     # A reconnection redelivers the retained set held: a no-op, logged no more.
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="redeemd.sync"):
+        backend.close()
         broker.restart()
         wait_for(lambda: run.sync.session.connects >= 2, "sync connected again")
         backend.connect()
