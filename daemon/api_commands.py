@@ -76,12 +76,13 @@ class Commands:
         confirm_within: float = Api.default("confirm_within"),
         clock: Callable[[], float] = time.monotonic,
         box_key: BoxKey | None = None,
-        dispensed: Callable[[Dispensed], None] | None = None,
+        dispensed: Callable[[Dispensed, bool], None] | None = None,
     ):
         """`publish` sends an event to subscribers; `status` adds the service's part of
         the `status` answer (drivers, sync); `shown` sees every verdict an API request
         produced, as the scan loop sees a scan's (console line, hook); `dispensed` sees
-        every committed dispense (console line, printer is the owner's choice). The
+        every committed dispense and whether to print its receipts (console line,
+        printer). The
         owner may replace `engine` (a reload builds a new one); pending checks survive
         it. Without `box_key`, the box key is read (or made) on the first dispense."""
         self.engine = engine
@@ -172,6 +173,9 @@ class Commands:
             )
         key = _text(request, "key", limit=MAX_KEY)
         operator = _text(request, "operator", limit=MAX_OPERATOR)
+        to_print = request.get("print", False)
+        if not isinstance(to_print, bool):
+            raise RequestError(Error.BAD_REQUEST, '"print" must be true or false')
         box_key = self.box_key()
         request_key = None
         if key is not None:
@@ -182,15 +186,15 @@ class Commands:
                 return {**self.dispense_answer(again), "replayed": True}
             request_key = RequestKey(key, fingerprint)
         result = self.engine.dispense(card, count, box_key, "api", operator, request_key)
-        return {**self.dispense_answer(self.committed(result)), "replayed": False}
+        return {**self.dispense_answer(self.committed(result, to_print)), "replayed": False}
 
     def dispense_by_rule(self, card: int, count: int, source: str) -> Dispensed:
         """A rule's dispense (`[[dispense.rules]]`), after the redemption that triggered
         it was answered: committed, then published and shown as an API one is."""
         result = self.engine.dispense(card, count, self.box_key(), source)
-        return self.committed(result)
+        return self.committed(result, True)
 
-    def committed(self, result: Dispensed) -> Dispensed:
+    def committed(self, result: Dispensed, to_print: bool) -> Dispensed:
         """Publish a dispense's committed records: a `dispensed` event per claim code
         (with its claim URL and QR, for the POS application to show), a `verdict`
         event for a recorded refusal."""
@@ -200,7 +204,7 @@ class Commands:
         if refused is not None and refused.record_id is not None:
             self.publish({"event": "verdict", **refused.to_json()})
         if self.dispensed is not None and (result.claims or result.refused is not None):
-            self.dispensed(result)
+            self.dispensed(result, to_print)
         return result
 
     @staticmethod

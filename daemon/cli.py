@@ -10,6 +10,7 @@ import re
 import sqlite3
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from cards.batch import BatchError, open_file
@@ -36,6 +37,8 @@ examples:
   redeemd -c /etc/redeemd/config.toml check-config
   redeemd import /media/usb/batch-0007.rdb
   redeemd status --json
+  redeemd box-key                       the key to grant this box dispensing rights
+  redeemd dispense --card 8             a claim code for card 8, as a QR in the terminal
 """
 
 
@@ -168,6 +171,41 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = command(
+        "box-key",
+        cmd_box_key,
+        "Show this box's public key and key id (made on first use), for the backend to "
+        "grant it dispensing rights. The private key never leaves the box.",
+        "redeemd box-key",
+        "redeemd box-key --json",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    grant = commands.group(
+        "grant",
+        "Dispensing grants: install the grant set the backend signed for this box.",
+        "redeemd grant install /media/usb/box-1.rdg",
+    )
+    p = grant.add(
+        "install",
+        cmd_grant_install,
+        "Verify a grant set file and make it the one this box holds (never an older one).",
+        "redeemd grant install /media/usb/box-1.rdg",
+    )
+    p.add_argument("file", type=Path, help="the grant set file (.rdg) from the backend")
+    p = command(
+        "dispense",
+        cmd_dispense,
+        "Dispense claim codes for a card and show each as a QR code in the terminal "
+        "(through the running daemon's local API, else directly).",
+        "redeemd dispense --card 8",
+        "redeemd dispense --card 8 --count 3 --json",
+    )
+    p.add_argument("--card", type=int, required=True, help="the card template id")
+    p.add_argument("--count", type=int, default=1, help="how many claim codes (1-10, default 1)")
+    p.add_argument("--print", action="store_true", help="also print receipts ([printer])")
+    p.add_argument(
+        "--json", action="store_true", help="the local API's answer (with SVG and PNG) as JSON"
+    )
+    p = command(
         "doctor",
         cmd_doctor,
         "Check config, database, clock, scanner permissions, broker, disk and cache "
@@ -294,6 +332,120 @@ def cmd_check(args: argparse.Namespace) -> int:
     conn = open_database(config.box.database)
     print(describe(Engine(conn, config).check(args.code)))
     return 0
+
+
+def cmd_box_key(args: argparse.Namespace) -> int:
+    from daemon.box_key import BoxKeyError, load_or_create, path_in
+
+    config = _config(args)
+    try:
+        key = load_or_create(config.box.state_dir)
+    except BoxKeyError as exc:
+        raise CommandError(str(exc)) from None
+    if args.json:
+        print(json.dumps({"box": config.box.id, "merchant": config.box.merchant,
+                          **key.describe()}, indent=2))  # fmt: skip
+        return 0
+    print(f"box {config.box.id} (merchant {config.box.merchant})")
+    print(f"box key id: {key.key_id}")
+    print(f"public key: {key.public_b64}")
+    print(f"(private key in {path_in(config.box.state_dir)}: back it up with the database)")
+    return 0
+
+
+def cmd_grant_install(args: argparse.Namespace) -> int:
+    from daemon.box_key import BoxKeyError, load_or_create
+    from storage.dispensing import GrantsRefused, install_grants
+
+    config = _config(args)
+    try:
+        data = args.file.read_bytes()
+    except OSError as exc:
+        raise CommandError(f"cannot read {args.file}: {exc.strerror}") from None
+    try:
+        key = load_or_create(config.box.state_dir)
+    except BoxKeyError as exc:
+        raise CommandError(str(exc)) from None
+    conn = open_database(config.box.database)
+    try:
+        installed = install_grants(
+            conn, data, config.trust.root_keys, merchant=config.box.merchant,
+            box=config.box.id, box_key_id=key.key_id,
+        )  # fmt: skip
+    except GrantsRefused as exc:
+        raise CommandError(f"{args.file}: {exc}") from None
+    finally:
+        conn.close()
+    print(f"{args.file}: {installed.message}")
+    return 0
+
+
+def cmd_dispense(args: argparse.Namespace) -> int:
+    from daemon.config_model import MAX_DISPENSE_COUNT
+
+    if not 1 <= args.count <= MAX_DISPENSE_COUNT:
+        raise CommandError(f"--count must be 1..{MAX_DISPENSE_COUNT}")
+    config = _config(args)
+    state = liveness.probe(config)
+    if state.running and not state.summary.endswith("answers"):
+        raise CommandError(
+            f"redeemd is {state.summary}, and dispensing must go through it (it owns the "
+            "ledger's sequence): enable [api] or make its socket reachable for this user"
+        )
+    request = {"cmd": "dispense", "card": args.card, "count": args.count,
+               "key": str(uuid.uuid4()), "print": args.print}  # fmt: skip
+    answer = _ask_daemon(config, request) if state.running else _dispense_here(config, request)
+    if not answer.get("ok"):
+        raise CommandError(f"dispense refused: {answer.get('message')} ({answer.get('error')})")
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        for item in answer["dispensed"]:
+            print(item["qr_text"])
+            print(item["claim_url"])
+            print(
+                f"card {item['card_id']}, grant {item['grant_id']} counter {item['counter']}, "
+                f"claim by {item['claim_by_iso']}, ledger seq {item['box_seq']}\n"
+            )
+        refused = answer.get("refused")
+        if refused:
+            print(f"refused: {refused.get('reason')}: {refused.get('detail', '')}", file=sys.stderr)
+    return 0 if not answer.get("refused") else 1
+
+
+def _ask_daemon(config: Config, request: dict) -> dict:
+    """One request to the running daemon's local API; events are skipped."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(30)
+            sock.connect(str(config.api.socket))
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            reader = sock.makefile("rb")
+            for line in reader:
+                message = json.loads(line)
+                if "event" not in message:
+                    return message
+    except (OSError, ValueError) as exc:
+        raise CommandError(
+            f"the local API at {config.api.socket} failed ({exc}); the codes dispensed, if "
+            "any, are in the ledger (redeemd ledger)"
+        ) from None
+    raise CommandError(f"the local API at {config.api.socket} closed without answering")
+
+
+def _dispense_here(config: Config, request: dict) -> dict:
+    """No daemon runs: this process is the only writer, as `redeemd run` would be."""
+    from daemon.api_commands import Commands
+    from daemon.engine import Engine
+
+    conn = open_database(config.box.database)
+    try:
+        commands = Commands(Engine(conn, config), lambda event: None)
+        return commands({**request, "print": False})
+    finally:
+        conn.close()
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
@@ -451,6 +603,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "outbox_depth": outbox.depth(conn),
         "outbox_oldest_age_s": None if oldest is None else int(now - oldest / 1000),
         "broker": config.sync.broker if config.sync.enabled else None,
+        "dispensing": _dispensing_status(config, conn),
     }
     conn.close()
     live = _live_status(config)
@@ -480,6 +633,55 @@ _NONE_TEXT = {
 }
 
 
+def _dispensing_status(config: Config, conn: sqlite3.Connection) -> dict[str, object]:
+    """The box key (not made here: status only reads) and the grant set held."""
+    from daemon.box_key import BoxKeyError, load
+    from daemon.dispense import grants_status
+    from storage import dispensing
+
+    try:
+        key = load(config.box.state_dir)
+        described: dict[str, object] = {"box_key_id": None, "box_public_key": None}
+        if key is not None:
+            described = {**key.describe()}
+    except BoxKeyError as exc:
+        described = {"box_key_id": None, "box_public_key": None, "box_key_problem": str(exc)}
+    try:
+        grants, problem = dispensing.held_grants(conn, config.trust.root_keys), ""
+    except dispensing.GrantsRefused as exc:
+        grants, problem = None, str(exc)
+    used = dispensing.used_counters(conn, [g.id for g in grants.grants]) if grants else {}
+    return {**described, **grants_status(grants, used, problem)}
+
+
+def _dispensing_text(dispensing: dict, printer: dict | None) -> list[str]:
+    lines = [
+        f"{'box key':>20}: " + (dispensing["box_key_id"] or "none yet (redeemd box-key makes it)"),
+    ]
+    if dispensing.get("box_key_problem"):
+        lines.append(f"{'box key problem':>20}: {dispensing['box_key_problem']}")
+    seq = dispensing.get("grant_seq")
+    lines.append(f"{'grant set':>20}: " + ("none (this box may not dispense)" if seq is None
+                                          else f"seq {seq}"))  # fmt: skip
+    if dispensing.get("problem"):
+        lines.append(f"{'grant problem':>20}: {dispensing['problem']}")
+    for g in dispensing.get("grants", []):
+        cards = ",".join(str(c) for c in g["cards"])
+        state = "REVOKED" if g["revoked"] else f"{g['left']} left"
+        lines.append(
+            f"{'grant ' + g['id']:>20}: cards {cards}, used {g['used']}/{g['quota']} ({state}), "
+            f"{_utc(g['not_before'])} .. {_utc(g['not_after'])}"
+        )
+    if printer is not None:
+        detail = f" ({printer['detail']})" if printer.get("detail") else ""
+        lines.append(
+            f"{'printer':>20}: {printer.get('kind')} {printer.get('device')} "
+            f"{printer.get('state')}{detail}, {printer.get('printed', 0)} printed, "
+            f"{printer.get('failed', 0)} failed"
+        )
+    return lines
+
+
 def _status_text(info: dict) -> str:
     """What a technician reads: the same fields as --json, in words (yes/no, dates,
     "none yet") rather than Python's None and False."""
@@ -487,6 +689,8 @@ def _status_text(info: dict) -> str:
     drivers = info.pop("drivers")
     sync = info.pop("sync") or {}
     errors = info.pop("last_errors")
+    dispensing = info.pop("dispensing")
+    printer = info.pop("printer", None)
     for key in ("hook", "api"):
         info.pop(key, None)
     lines = []
@@ -503,6 +707,7 @@ def _status_text(info: dict) -> str:
             f"{'scanner ' + d['name']:>20}: {d['kind']} {d['state']}{message}, "
             f"{d['scans']} scans, last {seen}, {d['restarts']} restarts"
         )
+    lines += _dispensing_text(dispensing, printer)
     for error in errors or ["none"]:
         lines.append(f"{'last error':>20}: {error}")
     return "\n".join(lines)
@@ -535,6 +740,9 @@ def _last_errors(live: dict) -> list[str]:
     hook = live.get("hook")
     if isinstance(hook, dict) and hook.get("last_error"):
         errors.append(f"hook: {hook['last_error']}")
+    printer = live.get("printer")
+    if isinstance(printer, dict) and printer.get("state") not in ("ready", "unknown"):
+        errors.append(f"printer: {printer.get('state')}: {printer.get('detail')}")
     return errors
 
 
@@ -570,6 +778,7 @@ def _live_status(config: Config) -> dict[str, object]:
         "sync": live.get("sync") if running else None,
         "hook": live.get("hook") if running else None,
         "api": live.get("api") if running else None,
+        **({"printer": live["printer"]} if running and live.get("printer") else {}),
     }
 
 

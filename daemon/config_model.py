@@ -33,6 +33,7 @@ from drivers.settings import (
     Duration,
     Identifier,
     PositiveInt,
+    PrinterSettings,
     ScannerSettings,
     Settings,
     check_duration,
@@ -380,6 +381,10 @@ SECTIONS: dict[str, type[Section]] = {
     "hooks": Hooks,
     "dispense": Dispense,
 }
+
+OPTIONAL_SECTIONS: dict[str, type[Settings]] = {"printer": PrinterSettings}
+"""Sections that are None unless the file has the table: a [printer] needs its kind and
+device, and a box without one prints nothing (drivers/settings.py PrinterSettings)."""
 
 
 class ScannerBlock(Section):

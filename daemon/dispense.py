@@ -20,15 +20,23 @@ outbox hold its keyed digest only (`digest_prefix` in words).
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import logging
+import queue
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import segno
 
 from cards import claim_code
 from cards.grant import Grant, GrantSet
 from cards.verdict import Action, Outcome, Reason, Verdict
+from drivers.printer import ClaimReceipt, PrinterError, ReceiptPrinter
+from runtime.threads import OwnedThread
+
+log = logging.getLogger("redeemd.dispense")
 
 DAY = 86400
 QR_ERROR = "m"
@@ -214,3 +222,93 @@ def grants_status(
         ],
         "problem": problem or None,
     }
+
+
+class PrintQueue:
+    """Claim receipts printed by one owned thread, off the engine thread: a printer
+    that is slow, out of paper or unplugged never delays a verdict. Its state is asked
+    every `check_every` seconds while idle, so `redeemd status` shows paper_out before
+    the next receipt fails. A receipt that fails is not printed again later (the code
+    is in the ledger and went to the POS application as a `dispensed` event); the
+    failure is the printer's state and `last_error`, with the code's digest prefix.
+
+        receipts = PrintQueue(ReceiptPrinter(config.printer))
+        receipts.start()
+        receipts.submit(claim)       # never blocks
+        receipts.describe()          # {"state": "paper_out", "detail": ..., "printed": 3, ...}
+        receipts.stop(timeout=2.0)
+    """
+
+    QUEUE = 50
+
+    def __init__(self, printer: ReceiptPrinter, check_every: float = 30.0):
+        self.printer = printer
+        self.check_every = check_every
+        self.printed = 0
+        self.failed = 0
+        self.dropped = 0
+        self.last_error: str | None = None
+        self._queue: queue.Queue[Claim | None] = queue.Queue(maxsize=self.QUEUE)
+        self._thread = OwnedThread("printer", self._run, wake=lambda: self._wake())
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, claim: Claim) -> None:
+        try:
+            self._queue.put_nowait(claim)
+        except queue.Full:
+            self.dropped += 1
+            self.last_error = (
+                f"receipt for code {claim.verdict.digest_prefix} not printed: "
+                f"{self.QUEUE} receipts already waiting for the printer"
+            )
+            log.warning("printer: %s", self.last_error)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            **self.printer.describe(),
+            "waiting": self._queue.qsize(),
+            "printed": self.printed,
+            "failed": self.failed + self.dropped,
+            "last_error": self.last_error,
+        }
+
+    def stop(self, timeout: float = 2.0) -> bool:
+        ended = self._thread.stop(timeout)
+        if ended:
+            self.printer.close()
+        return ended
+
+    def _wake(self) -> None:
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)
+
+    def _run(self) -> None:
+        self.printer.check()
+        while not self._thread.stopping.is_set():
+            try:
+                claim = self._queue.get(timeout=self.check_every)
+            except queue.Empty:
+                self.printer.check()
+                continue
+            if claim is None:
+                continue
+            self._print(claim)
+
+    def _print(self, claim: Claim) -> None:
+        receipt = ClaimReceipt(
+            title=claim.card_title or f"Card {claim.card_id}",
+            url=claim.url,
+            claim_by=datetime.fromtimestamp(claim.claim_by, UTC).date(),
+        )
+        try:
+            self.printer.print_claim(receipt)
+        except (PrinterError, ValueError) as exc:
+            # The printer's messages never hold the URL (drivers/printer.py); the
+            # digest prefix says which code's receipt is missing.
+            self.failed += 1
+            self.last_error = f"receipt for code {claim.verdict.digest_prefix}: {exc}"
+            log.warning("printer: %s", self.last_error)
+            return
+        self.printed += 1

@@ -20,11 +20,14 @@ from collections.abc import Callable
 from typing import TextIO
 
 from cards.scan import Scan
-from cards.verdict import Verdict
+from cards.verdict import Action, Verdict
+from daemon import box_key as box_key_mod
 from daemon.api import ApiCall, ApiServer, ApiUnavailable, Error, error
 from daemon.api_commands import Commands
+from daemon.box_key import BoxKey
 from daemon.config import Config, ConfigError, ScannerConfig
 from daemon.debounce import Repeat
+from daemon.dispense import Dispensed, PrintQueue
 from daemon.engine import Engine, PaymentCode
 from daemon.hooks import VerdictHook
 from daemon.notify import Notifier
@@ -138,6 +141,8 @@ class Service:
         self.supervisors: dict[str, Supervisor] = {}
         self.status_path = config.box.state_dir / "status.json"
         self.sync: Sync | None = None
+        self.box_key: BoxKey | None = None
+        self.receipts: PrintQueue | None = None
 
     def run(self) -> int:
         if pending_on(self.config.box.database):
@@ -152,6 +157,7 @@ class Service:
         forgotten = api_requests.prune(conn, int(time.time() * 1000))
         if forgotten:
             log.info("forgot %d local API idempotency key(s) older than 30 days", forgotten)
+        self._load_box_key()
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         signal.signal(signal.SIGHUP, lambda *_: self._reload_asked.set())
         last_status = 0.0
@@ -159,6 +165,7 @@ class Service:
         # a part that failed to start must not leave the others running with nobody to
         # stop them (the process would never exit).
         try:
+            self._start_printer()
             self._start_api(engine)
             self._start_drivers()
             self._start_sync()
@@ -209,6 +216,7 @@ class Service:
             ("stop the local API", self._stop_api),
             ("stop sync", self._stop_sync),
             ("stop the on_verdict hook", self._stop_hook),
+            ("stop the printer", self._stop_printer),
             ("write status.json", lambda: self._write_status(engine)),
             ("close the database", conn.close),
             ("close the systemd socket", self.notify.close),
@@ -248,6 +256,8 @@ class Service:
             self._feedback(scan.source, isinstance(result, PaymentCode) or result.accepted)
             if self.hook is not None and isinstance(result, Verdict):
                 self.hook.submit(result.to_json())
+            if isinstance(result, Verdict) and result.accepted and result.action is Action.REDEEM:
+                self._dispense_by_rules(engine, result.card_id)
 
     def _drain(self, engine: Engine, limit: float = 2.0) -> None:
         """On the way out, decide the reads already queued (the drivers are stopped,
@@ -309,8 +319,8 @@ class Service:
         self.config = new
         changed = [
             name
-            for name in ("trust", "scan", "sync", "hooks")
-            if getattr(new, name) != getattr(old, name)
+            for name in ("trust", "scan", "sync", "hooks", "dispense", "printer")
+            if getattr(new, name, None) != getattr(old, name, None)
         ]
         if self._reload_drivers(old, new):
             changed.append("scanners")
@@ -326,7 +336,13 @@ class Service:
                 self.hook.stop()
             self.hook = None
             self._start_hook()
-        engine = Engine(engine.conn, new) if {"trust", "scan"} & set(changed) else engine
+        if "printer" in changed:
+            self._stop_printer()
+            self.receipts = None
+            self._start_printer()
+        engine = (
+            Engine(engine.conn, new) if {"trust", "scan", "dispense"} & set(changed) else engine
+        )
         log.info("reloaded %s: %s", new.source, ", ".join(changed) or "nothing changed")
         self.notify.send(READY="1", STATUS=self._summary(engine))
         return engine
@@ -401,7 +417,8 @@ class Service:
         self.api = server
         self.commands = Commands(
             engine, server.publish, status=self._api_status, shown=self._shown_api,
-            confirm_within=config.confirm_within,
+            confirm_within=config.confirm_within, box_key=self.box_key,
+            dispensed=self._dispensed,
         )  # fmt: skip
         log.info("local API on %s", config.socket)
 
@@ -431,6 +448,81 @@ class Service:
             log.exception("api: %s request failed", call.request.get("cmd"))
             response = error(Error.INTERNAL_ERROR, "the request failed; see the log")
         call.answer(response)
+        # After the answer: a rule's dispense never delays the redemption's verdict.
+        verdict = response.get("verdict")
+        if (
+            isinstance(verdict, dict)
+            and not response.get("replayed")
+            and not response.get("repeat")
+            and verdict.get("verdict") == "accepted"
+            and verdict.get("action") == "redeem"
+            and "record_id" in verdict
+        ):
+            self._dispense_by_rules(engine, verdict.get("card_id"))
+
+    # ------------------------------------------------------------------ dispensing
+
+    def _load_box_key(self) -> None:
+        """The box key, made on first start. Without it the box still scans; dispensing
+        answers with the reason (a local API request reads it again)."""
+        try:
+            self.box_key = box_key_mod.load_or_create(self.config.box.state_dir)
+        except box_key_mod.BoxKeyError as exc:
+            log.error("%s; dispensing is off until it is fixed", exc)
+            return
+        log.info("box key %s", self.box_key.key_id)
+
+    def _dispense_by_rules(self, engine: Engine, card_id: int | None) -> None:
+        """[[dispense.rules]] after an accepted redemption of `card_id`, whose verdict is
+        already out (shown, answered, beeped). Each rule's codes are their own records."""
+        rules = engine.dispensing.after(card_id)
+        if not rules:
+            return
+        if self.box_key is None:
+            log.warning("dispense rule for card %s skipped: the box key cannot be read", card_id)
+            return
+        for rule in rules:
+            try:
+                if self.commands is not None:
+                    self.commands.engine = engine  # a reload may have built a new one
+                    self.commands.dispense_by_rule(rule.card, rule.count, "rule")
+                else:
+                    found = engine.dispense(rule.card, rule.count, self.box_key, "rule")
+                    self._dispensed(found, True)
+            except Exception:  # a bug in a rule must not stop the box
+                log.exception("dispense rule %d -> %d failed", rule.after_card, rule.card)
+
+    def _dispensed(self, dispensed: Dispensed, to_print: bool) -> None:
+        """A committed dispense: its console lines (digest prefixes: stdout is the
+        journal under systemd, so never the code) and, when asked, its receipts."""
+        if self.as_json:
+            lines = [
+                json.dumps({"event": "dispensed", **c.record_json()}) for c in dispensed.claims
+            ]
+            if dispensed.refused is not None:
+                lines.append(json.dumps(dispensed.refused.to_json()))
+        else:
+            lines = dispensed.describe()
+        for line in lines:
+            self.out.write(line + "\n")
+        self.out.flush()
+        if self.receipts is not None and to_print:
+            for claim in dispensed.claims:
+                self.receipts.submit(claim)
+
+    def _start_printer(self) -> None:
+        settings = getattr(self.config, "printer", None)
+        if settings is None:
+            return
+        from drivers.printer import ReceiptPrinter
+
+        self.receipts = PrintQueue(ReceiptPrinter(settings))
+        self.receipts.start()
+        log.info("receipt printer: %s %s", settings.kind, settings.device)
+
+    def _stop_printer(self) -> None:
+        if self.receipts is not None and not self.receipts.stop(timeout=2.0):
+            log.warning("the printer thread did not stop within 2 s")
 
     def _shown_api(self, result: Verdict | PaymentCode) -> None:
         self._show(result)
@@ -450,7 +542,12 @@ class Service:
             "drivers": [s.state.to_json() for s in list(self.supervisors.values())],
             "sync": self.sync.state().to_json() if self.sync is not None else {"enabled": False},
             "api": self._api_state(),
+            **self._printer_state(),
         }
+
+    def _printer_state(self) -> dict[str, object]:
+        """`printer` in status, when one is configured."""
+        return {} if self.receipts is None else {"printer": self.receipts.describe()}
 
     def _stop_api(self) -> None:
         # After the drain: requests queued before the stop were answered there; later
@@ -483,6 +580,7 @@ class Service:
             "sync": self.sync.state().to_json() if self.sync is not None else {"enabled": False},
             "hook": self.hook.state() if self.hook is not None else None,
             "api": self._api_state(),
+            **self._printer_state(),
         }
         tmp = self.status_path.with_suffix(".tmp")
         try:

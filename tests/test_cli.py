@@ -386,7 +386,8 @@ def test_a_batch_outside_its_issuer_delegation_is_refused_with_dates_not_epoch_s
 
 def test_config_is_accepted_before_or_after_every_subcommand(loaded_box):
     parser = daemon_cli._parser()
-    needs = {"import": ["x.rdb"], "check": ["DEMO-0001"], "backup": ["x.db"], "decode": ["x.png"]}
+    needs = {"import": ["x.rdb"], "check": ["DEMO-0001"], "backup": ["x.db"], "decode": ["x.png"],
+             "dispense": ["--card", "1"], "grant": ["install", "x.rdg"]}  # fmt: skip
     for name in _subcommands(parser):
         rest = needs.get(name, [])
         before = parser.parse_args(["-c", "A.toml", name, *rest])

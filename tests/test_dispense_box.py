@@ -3,10 +3,13 @@ they are shown, and the ways to dispense (local API, rules, `redeemd dispense`).
 
 from __future__ import annotations
 
+import json
 import sqlite3
+from pathlib import Path
 
 import pytest
-from conftest import CREATED, FAR, KeySet
+from conftest import CREATED, FAR, Box, KeySet, write_box
+from test_api_service import Daemon
 
 from cards import claim_code, grant, keys
 from cards.grant import Grant
@@ -171,3 +174,203 @@ def test_a_revoked_or_missing_grant_is_refused(loaded_box):
     refused = engine.dispense(1, 1, key).refused
     assert refused.reason.value == "grant_revoked" and refused.record_id is not None
     assert engine.dispense(2, 1, key).refused.reason.value == "no_grant"
+
+
+# ---------------------------------------------------------------------- QR decoding
+
+
+def _decode(image) -> str:
+    import zxingcpp
+
+    found = zxingcpp.read_barcodes(image)
+    assert len(found) == 1, f"expected one QR code, found {len(found)}"
+    assert found[0].format == zxingcpp.BarcodeFormat.QRCode
+    return found[0].text
+
+
+def _image_of(dark: set[tuple[int, int]], size: int):
+    from PIL import Image
+
+    scale = 6
+    image = Image.new("L", (size * scale, size * scale), 255)
+    for row, col in dark:
+        image.paste(0, (col * scale, row * scale, (col + 1) * scale, (row + 1) * scale))
+    return image
+
+
+def decode_png_b64(text: str) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    return _decode(Image.open(io.BytesIO(base64.b64decode(text))).convert("L"))
+
+
+def decode_svg(svg: str) -> str:
+    """Rasterise segno's SVG (one path of horizontal runs, `M x y`, `m dx dy`, `h n`,
+    after a `scale(s)` transform) and decode it: the SVG itself is what is checked."""
+    import re
+
+    scale = float(re.search(r'transform="scale\(([\d.]+)\)"', svg).group(1))
+    size = int(float(re.search(r'width="([\d.]+)"', svg).group(1)) / scale)
+    path = re.search(r' d="([^"]+)"', svg).group(1)
+    dark: set[tuple[int, int]] = set()
+    x = y = 0.0
+    for command, a, b in re.findall(r"([MmHh])\s*(-?[\d.]+)(?:[ ,](-?[\d.]+))?", path):
+        if command == "M":
+            x, y = float(a), float(b)
+        elif command == "m":
+            x, y = x + float(a), y + float(b)
+        else:
+            dark.update((int(y), int(x) + i) for i in range(int(float(a))))
+            x += float(a)
+    return _decode(_image_of(dark, size))
+
+
+def decode_text(text: str) -> str:
+    """The half-block rendering back to modules: a block is two light modules."""
+    halves = {"█": (0, 0), "▀": (0, 1), "▄": (1, 0), " ": (1, 1)}
+    dark: set[tuple[int, int]] = set()
+    lines = text.split("\n")
+    for index, line in enumerate(lines):
+        for col, char in enumerate(line):
+            top, bottom = halves[char]
+            if top:
+                dark.add((2 * index, col))
+            if bottom:
+                dark.add((2 * index + 1, col))
+    return _decode(_image_of(dark, max(len(lines) * 2, len(lines[0]))))
+
+
+def test_every_rendering_decodes_to_the_claim_url(loaded_box):
+    engine, key = held_box(loaded_box)
+    claim = engine.dispense(1, 1, key).claims[0]
+    shown = claim.to_json()
+    assert shown["claim_url"] == claim.url and claim.url.startswith("https://claim.invalid/c/RC1")
+    assert decode_png_b64(shown["qr_png_b64"]) == claim.url
+    assert decode_svg(shown["qr_svg"]) == claim.url
+    assert decode_text(shown["qr_text"]) == claim.url
+
+
+# ---------------------------------------------------------------------- the real daemon
+
+
+def enrolled(box, grants: tuple[Grant, ...] = (LIVE,), seq: int = 1) -> Path:
+    """`redeemd box-key --json` as a technician runs it, and a grant set for that key."""
+    shown = box.cli("box-key", "--json")
+    assert shown.returncode == 0, shown.stderr.decode()
+    info = json.loads(shown.stdout)
+    public = keys.unb64(info["box_public_key"], "box key", 32)
+    assert keys.key_id(public) == info["box_key_id"]
+    data = grant.build(
+        box.keyset.issuer_private, box.keyset.delegation, merchant="demo", box="box-1",
+        box_public=public, seq=seq, created_at=CREATED, grants=grants,
+    )  # fmt: skip
+    return box.write_batch(f"grants-{seq}.rdg", data)
+
+
+def test_grant_install_from_a_file_and_status(loaded_box):
+    second = enrolled(loaded_box, seq=2)
+    ran = loaded_box.cli("grant", "install", str(second))
+    assert ran.returncode == 0, ran.stderr.decode()
+    assert "grant set seq 2 installed: 1 grant(s)" in ran.stdout.decode()
+    assert b"already installed" in loaded_box.cli("grant", "install", str(second)).stdout
+
+    older = loaded_box.cli("grant", "install", str(enrolled(loaded_box, seq=1)))
+    assert older.returncode == 1 and b"older than the set held (seq 2)" in older.stderr
+    other_box = grant.build(
+        loaded_box.keyset.issuer_private, loaded_box.keyset.delegation, merchant="demo",
+        box="box-2", box_public=keys.public_of(keys.new_private_key()), seq=3,
+        created_at=CREATED, grants=(LIVE,),
+    )  # fmt: skip
+    refused = loaded_box.cli("grant", "install", str(loaded_box.write_batch("o.rdg", other_box)))
+    assert refused.returncode == 1 and b"for box 'box-2', this box is 'box-1'" in refused.stderr
+    tampered = bytearray(enrolled(loaded_box, seq=4).read_bytes())
+    tampered[-70] ^= 1
+    bad = loaded_box.cli("grant", "install", str(loaded_box.write_batch("t.rdg", bytes(tampered))))
+    assert bad.returncode == 1 and b"nothing changed" in bad.stderr
+
+    status = json.loads(loaded_box.cli("status", "--json").stdout)["dispensing"]
+    assert status["grant_seq"] == 2
+    assert status["grants"] == [{**LIVE.to_json(), "used": 0, "left": 3}]
+    text = loaded_box.cli("status").stdout.decode()
+    assert "grant 00000000000000aa: cards 1, used 0/3 (3 left)" in text, text
+
+
+def daemon_with(box, socket: Path, extra: str = "") -> tuple[Box, Path]:
+    configured = write_box(box.dir, box.keyset, extra=f'\n[api]\nsocket = "{socket}"\n{extra}')
+    return configured, socket
+
+
+def test_api_dispense_answers_codes_that_decode_then_refuses_over_quota(loaded_box, tmp_path):
+    box, socket = daemon_with(loaded_box, tmp_path / "run" / "api.sock")
+    installed = box.cli("grant", "install", str(enrolled(box)))
+    assert installed.returncode == 0, installed.stderr.decode()
+    daemon = Daemon(box)
+    pos = daemon.connect(socket)
+    watcher = daemon.connect(socket)
+    assert watcher.request({"cmd": "subscribe"})["ok"]
+
+    answer = pos.request({"cmd": "dispense", "card": 1, "count": 2, "key": "k-1"})
+    assert answer["ok"] and answer["replayed"] is False and "refused" not in answer, answer
+    items = answer["dispensed"]
+    assert [i["counter"] for i in items] == [1, 2]
+    for item in items:
+        url = item["claim_url"]
+        assert decode_png_b64(item["qr_png_b64"]) == url
+        assert decode_svg(item["qr_svg"]) == url
+        assert decode_text(item["qr_text"]) == url
+        assert (item["card_id"], item["grant_id"]) == (1, LIVE.id)
+        assert item["claim_by"] == claim_code.parse(url.rsplit("/", 1)[1]).claim_by
+    events = [watcher.event(), watcher.event()]
+    assert [e["event"] for e in events] == ["dispensed", "dispensed"]
+    assert [e["claim_url"] for e in events] == [i["claim_url"] for i in items]
+
+    again = pos.request({"cmd": "dispense", "card": 1, "count": 2, "key": "k-1"})
+    assert again["replayed"] is True
+    assert [i["claim_url"] for i in again["dispensed"]] == [i["claim_url"] for i in items]
+    reused = pos.request({"cmd": "dispense", "card": 1, "count": 1, "key": "k-1"})
+    assert reused["error"] == "key_reused"
+    assert pos.request({"cmd": "dispense", "card": 1, "count": 11})["error"] == "bad_request"
+
+    last = pos.request({"cmd": "dispense", "card": 1, "count": 2})
+    assert [i["counter"] for i in last["dispensed"]] == [3]
+    assert last["refused"]["reason"] == "quota_exhausted" and last["refused"]["record_id"]
+    status = pos.request({"cmd": "status"})["status"]["dispensing"]
+    assert status["grants"][0]["used"] == 3 and status["box_key_id"]
+    pos.close()
+    watcher.close()
+    code, printed, stderr = daemon.finish()
+    assert code == 0, stderr
+    conn = sqlite3.connect(box.database)
+    assert conn.execute(
+        "SELECT action, verdict, reason, grant_id, counter FROM ledger ORDER BY seq"
+    ).fetchall() == [
+        ("dispense", "accepted", None, LIVE.id, 1),
+        ("dispense", "accepted", None, LIVE.id, 2),
+        ("dispense", "accepted", None, LIVE.id, 3),
+        ("reject", "rejected", "quota_exhausted", None, None),
+    ]
+    assert_no_claim_code_anywhere(box, [i["claim_url"] for i in [*items, *last["dispensed"]]],
+                                  stderr + json.dumps(printed))  # fmt: skip
+
+
+def assert_no_claim_code_anywhere(box, urls: list[str], output: str) -> None:
+    """No claim code text in the database files (ledger, outbox, idempotency keys),
+    the daemon's log and stdout: only in what was handed to the customer."""
+    texts = [url.rsplit("/", 1)[1] for url in urls]
+    assert texts and all(claim_code.looks_like_claim(t) for t in texts)
+    stored = b"".join(
+        path.read_bytes() for path in box.dir.iterdir() if path.name.startswith("redeemd.db")
+    )
+    conn = sqlite3.connect(box.database)
+    digests = {
+        row[0] for row in conn.execute("SELECT digest FROM ledger WHERE action = 'dispense'")
+    }
+    for text in texts:
+        assert text.encode() not in stored, "a claim code is stored in the database"
+        assert text[3:40] not in output and text not in output, "a claim code is in the log"
+        assert box.keyset.digest(text) in digests, "a code shown has no ledger record"
+    exported = box.cli("ledger").stdout.decode()
+    assert not any(t in exported for t in texts)
