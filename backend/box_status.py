@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from backend.store import BoxStatus, Store
+from cards import keys
 from sync.session import Message
 
 # A box repeats its status every `status_every`: a refusal (unregistered box, bad
@@ -81,6 +82,8 @@ def parse_status(payload: bytes, box: str) -> BoxStatus:
         for d in drivers
     ):
         raise StatusError("drivers must be an array of objects, each with a name and a state")
+    if doc.get("box_key") is not None:
+        _box_key(doc["box_key"])
     return BoxStatus(
         state=state,
         raw=raw,
@@ -95,6 +98,33 @@ def parse_status(payload: bytes, box: str) -> BoxStatus:
         stuck=doc.get("stuck"),
         alarm=doc.get("alarm"),
     )
+
+
+def box_key_of(raw: str) -> bytes | None:
+    """The box's public key from a stored status (its optional `box_key` member,
+    {"key_id": ..., "public_key": base64}, which a box that dispenses reports), or None
+    when it has none or the text is not a status that carries a good one (a last will
+    carries none). `redeemd-backend grant add` grants this key when given no other."""
+    try:
+        doc = json.loads(raw)
+        return _box_key(doc["box_key"]) if isinstance(doc, dict) and doc.get("box_key") else None
+    except (ValueError, RecursionError, StatusError):
+        return None
+
+
+def _box_key(value: Any) -> bytes:
+    if not isinstance(value, dict) or not isinstance(value.get("public_key"), str):
+        raise StatusError('box_key must be {"key_id": ..., "public_key": base64} or absent')
+    try:
+        public = keys.unb64(value["public_key"], "box_key public_key", 32)
+    except keys.TrustError as exc:
+        raise StatusError(str(exc)) from None
+    if value.get("key_id") != keys.key_id(public):
+        raise StatusError(
+            f"box_key key_id {value.get('key_id')!r} is not the key id of its public_key "
+            f"({keys.key_id(public)})"
+        )
+    return public
 
 
 def _is_int(value: Any) -> bool:

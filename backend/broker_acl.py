@@ -35,9 +35,10 @@ HEADER = """\
 #
 # Anything not granted here is refused. A box logs in with its box id as username (the
 # broker makes that its client id too: use_username_as_clientid, systemd/mosquitto.conf)
-# and may publish its own events, requests and status, read its own acks and resent
-# batches, and read its own merchant's manifest and batches: nothing of another box or
-# another merchant. Only the backend's users publish acks, manifests and batches.
+# and may publish its own events, requests and status, read its own acks, resent
+# batches and grant set, and read its own merchant's manifest and batches: nothing of
+# another box or another merchant. Only the backend's users publish acks, manifests,
+# batches and grant sets.
 """
 
 
@@ -83,6 +84,7 @@ def render(
             f"topic write {any_box.merchant_root}/batches/+",
             f"topic write {any_box.box_batches}",
             f"topic write {any_box.ack}",
+            f"topic write {any_box.box_root}/grants",
             f"topic read {any_box.events}",
             f"topic read {any_box.request}",
             f"topic read {any_box.status}",
@@ -104,6 +106,7 @@ def render(
                 f"topic write {t.status}",
                 f"topic read {t.ack}",
                 f"topic read {t.box_batches}",
+                f"topic read {t.box_root}/grants",
                 f"topic read {t.manifest}",
                 f"topic read {t.batches}",
                 "",

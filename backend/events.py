@@ -13,10 +13,12 @@ be from somewhere else rather than storing it under the wrong box.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 
 MAX_RECORDS = 10_000
+_GRANT_ID = re.compile(r"[0-9a-fA-F]{16}")
 
 
 class EventError(ValueError):
@@ -42,6 +44,10 @@ class Event:
     balance: int | None
     reverses: str | None
     raw: str
+    grant_id: str | None = None
+    """A `dispense` record's grant (16 hex digits) and counter: the claim code it minted
+    is (grant_id, counter), which the claim service's claims name too (issue 12)."""
+    counter: int | None = None
 
 
 def parse_message(payload: bytes, *, merchant: str, box: str) -> list[Event]:
@@ -105,6 +111,11 @@ def _record(value: object, merchant: str, box: str, index: int) -> Event:
             reverses = str(uuid.UUID(reverses))
         except (TypeError, ValueError, AttributeError):
             raise EventError(f"record {index}: reverses {reverses!r} is not a UUID") from None
+    grant_id, counter = get("grant_id"), get("counter")
+    if grant_id is not None and (type(grant_id) is not str or not _GRANT_ID.fullmatch(grant_id)):
+        raise EventError(f"record {index}: grant_id must be 16 hex digits, got {grant_id!r}")
+    if counter is not None and (type(counter) is not int or counter < 0):
+        raise EventError(f"record {index}: counter must be an integer >= 0, got {counter!r}")
     return Event(
         id=record_id,
         seq=seq,
@@ -121,4 +132,6 @@ def _record(value: object, merchant: str, box: str, index: int) -> Event:
         balance=get("balance"),
         reverses=reverses,
         raw=json.dumps(value, sort_keys=True, separators=(",", ":")),
+        grant_id=grant_id.lower() if grant_id is not None else None,
+        counter=counter,
     )
