@@ -395,6 +395,7 @@ class Service:
             self.config.sync, box=box.id, merchant=box.merchant, database=box.database,
             roots=trust.root_keys, max_batch_bytes=trust.max_batch_bytes,
             drivers=lambda: [s.state.to_json() for s in list(self.supervisors.values())],
+            box_key=None if self.box_key is None else self.box_key.public,
         )  # fmt: skip
         self.sync.start()
 

@@ -4,10 +4,14 @@ they are shown, and the ways to dispense (local API, rules, `redeemd dispense`).
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
+import time
+import uuid
 from pathlib import Path
 
 import pytest
+from api_helpers import WAIT
 from conftest import CREATED, FAR, Box, KeySet, write_box
 from test_api_service import Daemon
 
@@ -374,3 +378,73 @@ def assert_no_claim_code_anywhere(box, urls: list[str], output: str) -> None:
         assert box.keyset.digest(text) in digests, "a code shown has no ledger record"
     exported = box.cli("ledger").stdout.decode()
     assert not any(t in exported for t in texts)
+
+
+def test_kill_9_between_commit_and_answer_never_reuses_a_counter(loaded_box, tmp_path):
+    # The POS application retries every request with its key until it is answered, as
+    # docs/local-api.md says; the daemon is killed -9 right after every third request
+    # is sent, at a random moment: before its COMMIT, between COMMIT and the answer, or
+    # after. Whatever was committed must come back as the same codes, and no counter may
+    # be minted twice (a different code for one counter) or above the quota.
+    quota = 40
+    box, socket = daemon_with(loaded_box, tmp_path / "run" / "api.sock")
+    wide = Grant("00000000000000aa", (1,), quota, CREATED, FAR)
+    assert box.cli("grant", "install", str(enrolled(box, (wide,)))).returncode == 0
+    rng = random.Random(1234)
+    received: dict[int, str] = {}
+    output: list[str] = []
+    daemon = Daemon(box)
+
+    def stop(proc) -> None:
+        out, err = proc.communicate(timeout=WAIT)
+        output.append(out.decode() + err.decode())
+
+    kills = requests = replays = 0
+    exhausted = False
+    while not exhausted:
+        requests += 1
+        request = {"cmd": "dispense", "card": 1, "count": rng.choice([1, 2]),
+                   "key": str(uuid.uuid4())}  # fmt: skip
+        kill = requests % 2 == 0
+        while True:
+            client = daemon.connect(socket)
+            try:
+                client.send(request)
+                if kill:
+                    kill = False
+                    time.sleep(rng.uniform(0, 0.02))
+                    daemon.proc.kill()
+                    kills += 1
+                answer = client.answer()
+                break
+            except (EOFError, OSError):
+                stop(daemon.proc)
+                daemon = Daemon(box)
+            finally:
+                client.close()
+        assert answer["ok"], answer
+        replays += answer["replayed"]
+        for item in answer["dispensed"]:
+            counter, url = item["counter"], item["claim_url"]
+            assert received.setdefault(counter, url) == url, f"counter {counter} minted twice"
+        refused = answer.get("refused")
+        if refused is not None:
+            assert refused["reason"] == "quota_exhausted", refused
+            exhausted = not answer["dispensed"]
+        if daemon.proc.poll() is not None:  # killed after it answered
+            stop(daemon.proc)
+            daemon = Daemon(box)
+    stop(daemon.proc)  # stdin closed: the daemon ends
+    assert daemon.proc.returncode == 0, output[-1]
+    assert kills >= 10
+    # Most kills land after the COMMIT and before the answer (the QR is rendered in
+    # between): the retry is then answered from its key, with the codes committed.
+    assert replays >= 1, f"no kill of {kills} landed between a commit and its answer"
+
+    conn = sqlite3.connect(box.database)
+    counters = [row[0] for row in conn.execute(
+        "SELECT counter FROM ledger WHERE action = 'dispense' ORDER BY seq"
+    )]  # fmt: skip
+    assert sorted(counters) == list(range(1, quota + 1)), "a counter reused, skipped or over quota"
+    assert sorted(received) == counters == sorted(counters), "every committed code reached the POS"
+    assert_no_claim_code_anywhere(box, list(received.values()), "".join(output))
