@@ -14,10 +14,13 @@ it reconnects, with a growing pause between tries, and subscribes again.
     python3 examples/pos_client.py --redeem DEMO-0003   # redeem now (--amount for gift cards)
     python3 examples/pos_client.py --reverse 01a2...    # undo a redemption by its record_id
     python3 examples/pos_client.py --manual DEMO-0003   # a code the cashier typed
+    python3 examples/pos_client.py --dispense 8 --codes 2   # hand out 2 claim codes for card 8
     python3 examples/pos_client.py --socket .demo/api.sock --operator anna --amount 500
 
 It prints one JSON line per verdict or answer on stdout (a real POS shows it to the
-cashier), and what happens to the connection on stderr.
+cashier), and what happens to the connection on stderr. A claim code (dispensed by
+--dispense, or by a rule after a redemption) is also drawn as a QR code on stderr, for
+the customer to scan from the terminal; a real POS shows its `qr_svg` or `qr_png_b64`.
 """
 
 from __future__ import annotations
@@ -153,6 +156,17 @@ class Redeemd:
     def reverse(self, **fields) -> dict:
         return self.idempotent("reverse", **fields)
 
+    def dispense(self, **fields) -> dict:
+        """Claim codes for a card. The key makes a retry answer the codes the first try
+        committed, so a lost answer never uses up quota for codes nobody saw."""
+        return self.idempotent("dispense", **fields)
+
+
+def show_claim(claim: dict) -> None:
+    """The QR code for the customer (stderr here: stdout is for the JSON lines)."""
+    print(claim["qr_text"], file=sys.stderr)
+    print(f"claim by {claim['claim_by_iso']}: {claim['claim_url']}", file=sys.stderr, flush=True)
+
 
 def show(what: str, body: dict) -> None:
     print(json.dumps({"what": what, **body}), flush=True)
@@ -172,12 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     once.add_argument("--redeem", metavar="CODE", help="redeem a code now and exit")
     once.add_argument("--reverse", metavar="RECORD_ID", help="undo a redemption and exit")
     once.add_argument("--manual", metavar="CODE", help="enter a code by hand and exit")
+    once.add_argument("--dispense", metavar="CARD", type=int,
+                      help="dispense claim codes for card CARD and exit")  # fmt: skip
+    parser.add_argument("--codes", type=int, default=1, help="--dispense: how many (1-10)")
     parser.add_argument("--count", type=int, default=0, help="exit after N verdicts (tests)")
     args = parser.parse_args(argv)
 
     extra = {"operator": args.operator} if args.operator else {}
     api = Redeemd(args.socket)
-    watching = not (args.status or args.check or args.redeem or args.reverse or args.manual)
+    watching = not (args.status or args.check or args.redeem or args.reverse or args.manual
+                    or args.dispense)  # fmt: skip
     try:
         api.connect()
     except OSError as exc:
@@ -199,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
             show("reverse", api.reverse(record_id=args.reverse, **extra))
         elif args.manual:
             show("manual", api.request("manual", code=args.manual))
+        elif args.dispense:
+            answer = api.dispense(card=args.dispense, count=args.codes, **extra)
+            show("dispense", answer)
+            for claim in answer.get("dispensed", []):
+                show_claim(claim)
     except OSError as exc:
         print(f"redeemd did not answer: {exc}", file=sys.stderr)
         return 1
@@ -216,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             # for the total first). Answers come back through request() below.
             pending.append(event)
         show(kind, event)
+        if kind == "dispensed":  # a rule dispensed it after a redemption
+            show_claim(event)
         seen += 1
 
     api.on_event = on_event

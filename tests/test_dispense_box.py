@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 from api_helpers import WAIT
-from conftest import CREATED, FAR, Box, KeySet, write_box
+from conftest import CREATED, FAR, ROOT, Box, KeySet, read_json_lines, write_box
 from test_api_service import Daemon
 
 from cards import claim_code, grant, keys
@@ -448,3 +450,44 @@ def test_kill_9_between_commit_and_answer_never_reuses_a_counter(loaded_box, tmp
     assert sorted(counters) == list(range(1, quota + 1)), "a counter reused, skipped or over quota"
     assert sorted(received) == counters == sorted(counters), "every committed code reached the POS"
     assert_no_claim_code_anywhere(box, list(received.values()), "".join(output))
+
+
+def test_the_example_client_dispenses_and_draws_the_qr_code(loaded_box, tmp_path):
+    box, socket = daemon_with(loaded_box, tmp_path / "run" / "api.sock")
+    assert box.cli("grant", "install", str(enrolled(box))).returncode == 0
+    daemon = Daemon(box)
+    daemon.connect(socket).close()
+    example = [sys.executable, str(ROOT / "examples" / "pos_client.py"), "--socket", str(socket)]
+    ran = subprocess.run([*example, "--dispense", "1", "--codes", "2"], capture_output=True,
+                         timeout=WAIT)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr.decode()
+    (answer,) = read_json_lines(ran.stdout)
+    assert answer["what"] == "dispense" and [c["counter"] for c in answer["dispensed"]] == [1, 2]
+    drawn = ran.stderr.decode().split("claim by ")[0].strip("\n")
+    assert decode_text(drawn) == answer["dispensed"][0]["claim_url"]
+
+    cli = box.cli("dispense", "--card", "1", "--count", "2")  # through the running daemon
+    assert cli.returncode == 1, cli.stderr.decode()  # the quota (3) ran out after one
+    assert b"refused: quota_exhausted" in cli.stderr
+    url = next(line for line in cli.stdout.decode().splitlines() if line.startswith("https://"))
+    assert decode_text(cli.stdout.decode().split("\nhttps://")[0]) == url
+    code, _, stderr = daemon.finish()
+    assert code == 0, stderr
+    conn = sqlite3.connect(box.database)
+    assert [r[0] for r in conn.execute("SELECT counter FROM ledger ORDER BY seq")] == [
+        1,
+        2,
+        3,
+        None,
+    ]
+
+
+def test_redeemd_dispense_without_a_daemon_writes_the_ledger_itself(loaded_box):
+    assert loaded_box.cli("grant", "install", str(enrolled(loaded_box))).returncode == 0
+    ran = loaded_box.cli("dispense", "--card", "1", "--json")
+    assert ran.returncode == 0, ran.stderr.decode()
+    answer = json.loads(ran.stdout)
+    (item,) = answer["dispensed"]
+    assert decode_png_b64(item["qr_png_b64"]) == item["claim_url"] and item["counter"] == 1
+    refused = loaded_box.cli("dispense", "--card", "2")
+    assert refused.returncode == 1 and b"refused: no_grant" in refused.stderr
