@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from api_helpers import WAIT
+from api_helpers import WAIT, wait_for
 from conftest import CREATED, FAR, ROOT, Box, KeySet, read_json_lines, write_box
 from test_api_service import Daemon
 
@@ -491,3 +491,86 @@ def test_redeemd_dispense_without_a_daemon_writes_the_ledger_itself(loaded_box):
     assert decode_png_b64(item["qr_png_b64"]) == item["claim_url"] and item["counter"] == 1
     refused = loaded_box.cli("dispense", "--card", "2")
     assert refused.returncode == 1 and b"refused: no_grant" in refused.stderr
+
+
+def test_a_rule_dispenses_after_a_redemption_and_prints_the_receipt(loaded_box, tmp_path):
+    from escpos import CUT, PtyPrinter, parse
+
+    printer = PtyPrinter(tmp_path / "usb-printer")
+    extra = f"""
+[dispense]
+claim_url = "https://claim.example.com/c/"
+
+[[dispense.rules]]
+after_card = 1
+card = 2
+
+[printer]
+kind = "serial"
+device = "{printer.path}"
+timeout = "1s"
+"""
+    box, socket = daemon_with(loaded_box, tmp_path / "run" / "api.sock", extra)
+    second = Grant("00000000000000bb", (2,), 5, CREATED, FAR)
+    assert box.cli("grant", "install", str(enrolled(box, (LIVE, second)))).returncode == 0
+    daemon = Daemon(box)
+    pos = daemon.connect(socket)
+    assert pos.request({"cmd": "subscribe"})["ok"]
+    try:
+        daemon.scan("DEMO-0001")  # card 1, redeemed: the rule dispenses card 2 after it
+        verdict, dispensed = pos.event(), pos.event()
+        assert (verdict["event"], verdict["action"], verdict["box_seq"]) == ("verdict", "redeem", 1)
+        assert (dispensed["event"], dispensed["card_id"], dispensed["box_seq"]) == (
+            "dispensed", 2, 2,
+        )  # fmt: skip
+        assert dispensed["claim_url"].startswith("https://claim.example.com/c/RC1")
+        assert (dispensed["grant_id"], dispensed["counter"]) == (second.id, 1)
+        receipt = parse(printer.wait_for(CUT)).receipts[0]
+        assert [q.payload.decode() for q in receipt.qr_codes] == [dispensed["claim_url"]]
+        assert receipt.cut
+
+        # A redemption through the API: answered first, then the rule's code.
+        answer = pos.request({"cmd": "redeem", "code": "DEMO-0002", "key": "r-2"})
+        assert answer["verdict"]["verdict"] == "accepted"
+        assert pos.event()["event"] == "verdict"
+        by_api_rule = pos.event()
+        assert by_api_rule["counter"] == 2
+        receipts = parse(printer.wait_for(CUT, count=2)).receipts
+        assert receipts[1].qr_codes[0].payload.decode() == by_api_rule["claim_url"]
+        wait_for(  # the driver asks the printer's state after each receipt
+            lambda: pos.request({"cmd": "status"})["status"]["printer"]["printed"] == 2,
+            "the second receipt to be printed",
+        )
+
+        # The printer is unplugged: the next rule's code is still committed and sent to
+        # the POS; the receipt's failure is the printer's state, not a crash.
+        printer.unplug()
+        daemon.scan("DEMO-0003")
+        assert pos.event()["event"] == "verdict" and pos.event()["counter"] == 3
+
+        def printer_state():
+            state = pos.request({"cmd": "status"})["status"]["printer"]
+            return state if state["state"] == "offline" else None
+
+        state = wait_for(printer_state, "the printer to be offline in status")
+        assert state["printed"] == 2 and state["failed"] == 1 and state["last_error"]
+        daemon.scan("NOPE-0001")  # still deciding scans
+        assert pos.event()["reason"] == "unknown_code"
+    finally:
+        pos.close()
+        printer.close()
+    code, printed, stderr = daemon.finish()
+    assert code == 0, stderr
+    conn = sqlite3.connect(box.database)
+    assert conn.execute(
+        "SELECT action, card_id, grant_id, counter, source FROM ledger ORDER BY seq"
+    ).fetchall() == [
+        ("redeem", 1, None, None, "stdin"),
+        ("dispense", 2, second.id, 1, "rule"),
+        ("redeem", 1, None, None, "api"),
+        ("dispense", 2, second.id, 2, "rule"),
+        ("redeem", 1, None, None, "stdin"),
+        ("dispense", 2, second.id, 3, "rule"),
+        ("reject", None, None, None, "stdin"),
+    ]
+    assert [p.get("event") for p in printed if p.get("event")] == ["dispensed"] * 3
