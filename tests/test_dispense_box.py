@@ -574,3 +574,18 @@ timeout = "1s"
         ("reject", None, None, None, "stdin"),
     ]
     assert [p.get("event") for p in printed if p.get("event")] == ["dispensed"] * 3
+
+
+def test_the_example_config_shows_every_printer_key_with_its_default():
+    import re
+    import tomllib
+
+    from drivers.settings import PrinterSettings
+
+    text = (ROOT / "config.example.toml").read_text()
+    block = re.search(r"(?m)^#   \[printer\]\n((?:#   .*\n)+)", text)
+    assert block, "config.example.toml has no commented [printer] example"
+    data = tomllib.loads("\n".join(line[4:] for line in block.group(1).splitlines()))
+    assert set(data) == set(PrinterSettings.model_fields)
+    required = {"kind": data["kind"], "device": data["device"]}
+    assert PrinterSettings.model_validate(data) == PrinterSettings.model_validate(required)
