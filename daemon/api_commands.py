@@ -145,13 +145,13 @@ class Commands:
 
     def _dispensing_status(self) -> dict[str, object]:
         grants, problem = self.engine.held_grants()
-        used = (
-            dispensing.used_counters(self.engine.conn, [g.id for g in grants.grants])
-            if grants
-            else {}
-        )
-        key = self.box_key()
-        return {**key.describe(), **grants_status(grants, used, problem)}
+        ids = [g.id for g in grants.grants] if grants else []
+        used = dispensing.used_counters(self.engine.conn, ids)
+        try:
+            key: dict[str, object] = {**self.box_key().describe()}
+        except RequestError as exc:  # status still answers; dispensing says why not
+            key = {"box_key_id": None, "box_public_key": None, "box_key_problem": exc.message}
+        return {**key, **grants_status(grants, used, problem)}
 
     def box_key(self) -> BoxKey:
         """The box key, read (or made) the first time it is needed."""
