@@ -476,11 +476,28 @@ class Store:
             last_uses = self._last_uses(
                 [(m, new) for (m, _, _), new in zip(messages, fresh, strict=True)]
             )
+            advanced = self._advance([(m, b) for m, b, _ in messages], now)
+            told: set[tuple[str, str]] = set()
             results = []
             for (merchant, box, events), new in zip(messages, fresh, strict=True):
                 later.difference_update(e.id for e in new)
+                # A box's new and filled gaps are told once, with its first message.
+                upto, gaps, filled = advanced[merchant, box]
+                if (merchant, box) in told:
+                    gaps, filled = (), ()
+                told.add((merchant, box))
                 results.append(
-                    self._store(merchant, box, events, new, last_uses, later, sign_consumed, now)
+                    self._store(
+                        merchant,
+                        box,
+                        events,
+                        new,
+                        (upto, gaps, filled),
+                        last_uses,
+                        later,
+                        sign_consumed,
+                        now,
+                    )
                 )
             return results
 
@@ -490,12 +507,13 @@ class Store:
         box: str,
         events: list[Event],
         new: list[Event],
+        advanced: tuple[int, tuple[Gap, ...], tuple[Gap, ...]],
         last_uses: dict[str, list[tuple[str, str]]],
         later: set[str],
         sign_consumed: SignConsumed | None,
         now: int,
     ) -> Stored:
-        upto, gaps, filled = self._advance(merchant, box, now)
+        upto, gaps, filled = advanced
         conflicts = self._conflicts(merchant, new, last_uses, later, now)
         consumed = None
         if conflicts and sign_consumed is not None:
@@ -523,62 +541,91 @@ class Store:
         return found
 
     def _advance(
-        self, merchant: str, box: str, now: int
-    ) -> tuple[int, tuple[Gap, ...], tuple[Gap, ...]]:
-        self._sql(
-            "INSERT INTO boxes(merchant, box) VALUES (?, ?) ON CONFLICT DO NOTHING",
-            (merchant, box),
+        self, boxes: list[tuple[str, str]], now: int
+    ) -> dict[tuple[str, str], tuple[int, tuple[Gap, ...], tuple[Gap, ...]]]:
+        """Raise each box's high-water mark over its stored records and record the gaps
+        opened and filled: (upto, new gaps, filled gaps) per (merchant, box). A handful of
+        statements for the whole group, whatever the number of boxes in it: per box,
+        these were most of a one-record message's cost."""
+        boxes = sorted(set(boxes))
+        self.engine.executemany(
+            "INSERT INTO boxes(merchant, box) VALUES (?, ?) ON CONFLICT DO NOTHING", boxes
         )
-        (upto,) = self._sql(
-            "SELECT upto FROM boxes WHERE merchant = ? AND box = ?", (merchant, box)
-        ).fetchone()
-        # Every stored seq above the old mark, in order: the contiguous run raises the
-        # mark, whatever lies beyond a hole is "above".
-        above: list[int] = []
-        for (seq,) in self._sql(
-            "SELECT seq FROM events WHERE merchant = ? AND box = ? AND seq > ? ORDER BY seq",
-            (merchant, box, upto),
-        ):
-            if not above and seq <= upto + 1:
-                upto = seq
-            else:
-                above.append(seq)
-        top = above[-1] if above else upto
-        self._sql(
+        marks: dict[tuple[str, str], int] = {}
+        above: dict[tuple[str, str], list[int]] = {b: [] for b in boxes}
+        open_gaps: dict[tuple[str, str], list[tuple[int, int]]] = {b: [] for b in boxes}
+        for merchant in sorted({m for m, _ in boxes}):
+            names = [b for m, b in boxes if m == merchant]
+            for i in range(0, len(names), 500):
+                part = names[i : i + 500]
+                marks_sql = ",".join("?" * len(part))
+                for box, upto in self._sql(
+                    f"SELECT box, upto FROM boxes WHERE merchant = ? AND box IN ({marks_sql})",
+                    (merchant, *part),
+                ):
+                    marks[merchant, box] = upto
+                # Every stored seq above each box's old mark, in order.
+                for box, seq in self._sql(
+                    "SELECT e.box, e.seq FROM boxes b JOIN events e ON e.merchant = b.merchant "
+                    "AND e.box = b.box AND e.seq > b.upto "
+                    f"WHERE b.merchant = ? AND b.box IN ({marks_sql}) ORDER BY e.box, e.seq",
+                    (merchant, *part),
+                ):
+                    above[merchant, box].append(seq)
+                for box, first, last in self._sql(
+                    "SELECT box, first, last FROM gaps WHERE merchant = ? "
+                    f"AND box IN ({marks_sql}) AND filled_at IS NULL",
+                    (merchant, *part),
+                ):
+                    open_gaps[merchant, box].append((first, last))
+        results = {}
+        updates, fills, detections = [], [], []
+        for key in boxes:
+            merchant, box = key
+            upto = marks[key]
+            # The contiguous run raises the mark, whatever lies beyond a hole is "above".
+            rest: list[int] = []
+            for seq in above[key]:
+                if not rest and seq <= upto + 1:
+                    upto = seq
+                else:
+                    rest.append(seq)
+            top = rest[-1] if rest else upto
+            updates.append((upto, top, top, now, merchant, box))
+            missing = []
+            previous = upto
+            for seq in rest:
+                if seq > previous + 1:
+                    missing.append((previous + 1, seq - 1))
+                previous = seq
+            filled = []
+            for first, last in open_gaps[key]:
+                if not any(a <= last and b >= first for a, b in missing):
+                    fills.append((now, merchant, box, first, last))
+                    filled.append(Gap(merchant, box, first, last))
+            detected = []
+            for a, b in missing:
+                if not any(first <= a and b <= last for first, last in open_gaps[key]):
+                    detections.append((merchant, box, a, b, now))
+                    detected.append(Gap(merchant, box, a, b))
+            results[key] = (upto, tuple(detected), tuple(filled))
+        self.engine.executemany(
             "UPDATE boxes SET upto = ?, max_seq = CASE WHEN max_seq > ? THEN max_seq ELSE ? END, "
             "last_stored_at = ? WHERE merchant = ? AND box = ?",
-            (upto, top, top, now, merchant, box),
+            updates,
         )
-        missing = []
-        previous = upto
-        for seq in above:
-            if seq > previous + 1:
-                missing.append((previous + 1, seq - 1))
-            previous = seq
-        open_gaps = self._sql(
-            "SELECT first, last FROM gaps WHERE merchant = ? AND box = ? AND filled_at IS NULL",
-            (merchant, box),
-        ).fetchall()
-        filled = []
-        for first, last in open_gaps:
-            if not any(a <= last and b >= first for a, b in missing):
-                self._sql(
-                    "UPDATE gaps SET filled_at = ? WHERE merchant = ? AND box = ? AND first = ? "
-                    "AND last = ?",
-                    (now, merchant, box, first, last),
-                )
-                filled.append(Gap(merchant, box, first, last))
-        detected = []
-        for a, b in missing:
-            if not any(first <= a and b <= last for first, last in open_gaps):
-                self._sql(
-                    "INSERT INTO gaps(merchant, box, first, last, detected_at) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (merchant, box, first, last) "
-                    "DO UPDATE SET detected_at = excluded.detected_at, filled_at = NULL",
-                    (merchant, box, a, b, now),
-                )
-                detected.append(Gap(merchant, box, a, b))
-        return upto, tuple(detected), tuple(filled)
+        self.engine.executemany(
+            "UPDATE gaps SET filled_at = ? WHERE merchant = ? AND box = ? AND first = ? "
+            "AND last = ?",
+            fills,
+        )
+        self.engine.executemany(
+            "INSERT INTO gaps(merchant, box, first, last, detected_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (merchant, box, first, last) "
+            "DO UPDATE SET detected_at = excluded.detected_at, filled_at = NULL",
+            detections,
+        )
+        return results
 
     def _last_uses(
         self, messages: list[tuple[str, list[Event]]]
