@@ -1,0 +1,427 @@
+"""The console's ASGI app (Starlette): its routes, sessions, CSRF checks and roles.
+
+Every page but the sign-in page needs a session; every POST needs the session's CSRF
+token in its form (the sign-in form: the token of its own short cookie, a
+double-submit), and every POST that changes something needs the operator role. What a
+request does to the store runs on a worker thread holding the one store connection
+(SQLite's and psycopg's connections are not for two threads at once); a password check
+(Argon2id, deliberately slow) runs outside that lock.
+
+    >>> console = Console(Path("keys/"), secure_cookies=True, metrics_token=token)
+    >>> uvicorn.run(console.app(), host="127.0.0.1", port=8081)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import parse_qs, urlencode
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from backend.console import audit, auth, fleet, metrics, pages
+from backend.store import Store, StoreError
+
+STATIC = Path(__file__).parent / "static"
+MAX_FORM = 16 * 1024
+RETRY_DATABASE = 2.0
+USER_FAILURES = (5, 15 * 60)
+"""A user name is refused sign-ins after 5 failures in 15 minutes (a guessed password)."""
+CLIENT_FAILURES = (20, 15 * 60)
+"""A client address, after 20 failures in 15 minutes (names tried one after another)."""
+
+T = TypeVar("T")
+
+_HEADERS = [
+    (b"content-security-policy",
+     b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+     b"frame-ancestors 'none'; form-action 'self'; base-uri 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+    (b"x-frame-options", b"DENY"),
+]  # fmt: skip
+
+
+class _SecurityHeaders:
+    """Adds the headers every answer carries (no inline script may run, no framing)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *_HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, sending)
+
+
+class Unavailable(RuntimeError):
+    """The database cannot answer now; the page says so (503) and a later request retries."""
+
+
+class Refused(Exception):
+    """A request refused with a page: status and a message for the person."""
+
+    def __init__(self, status: int, title: str, text: str):
+        super().__init__(text)
+        self.status, self.title, self.text = status, title, text
+
+
+class Console:
+    """The console over one backend store; `app()` is the ASGI application."""
+
+    def __init__(
+        self,
+        directory: Path,
+        database: str | None = None,
+        *,
+        secure_cookies: bool = True,
+        metrics_token: str | None = None,
+        clock: Callable[[], float] = time.time,
+        say: Callable[[str], None] = print,
+    ):
+        self.dir = directory
+        self.database = database
+        self.secure = secure_cookies
+        self.metrics_token = metrics_token
+        self.clock = clock
+        self.say = say
+        # The __Host- prefix makes a browser refuse the cookie unless Secure, for this
+        # host only and path /: no subdomain or plain-http page can set or shadow it.
+        prefix = "__Host-" if secure_cookies else ""
+        self.session_cookie = f"{prefix}redeemd-console"
+        self.login_cookie = f"{prefix}redeemd-login"
+        self.users = auth.RateLimiter(*USER_FAILURES)
+        self.clients = auth.RateLimiter(*CLIENT_FAILURES)
+        self._lock = threading.Lock()
+        self._store: Store | None = None
+        self._retry_at = 0.0
+
+    # ------------------------------------------------------------ the store
+
+    def _open(self) -> Store:
+        if self._store is not None:
+            return self._store
+        if time.monotonic() < self._retry_at:
+            raise Unavailable("the database is unreachable")
+        try:
+            self._store = Store.open(self.dir, self.database)
+        except Exception as exc:  # StoreError, or the driver's own on a half-up server
+            self._retry_at = time.monotonic() + RETRY_DATABASE
+            self.say(f"database {Store.describe(self.dir, self.database)} unreachable: {exc}")
+            raise Unavailable("the database is unreachable") from None
+        return self._store
+
+    def _locked(self, work: Callable[[Store], T]) -> T:
+        with self._lock:
+            store = self._open()
+            try:
+                return work(store)
+            except store.errors as exc:
+                self.say(f"database error: {exc}")
+                if store.broken:
+                    self._store = None
+                    with contextlib.suppress(Exception):
+                        store.close()
+                raise Unavailable(str(exc)) from None
+
+    async def db(self, work: Callable[[Store], T]) -> T:
+        """Run `work(store)` on a worker thread, alone on the store."""
+        return await run_in_threadpool(self._locked, work)
+
+    # ------------------------------------------------------------ sessions and forms
+
+    async def session(self, request: Request) -> auth.Session | None:
+        token = request.cookies.get(self.session_cookie)
+        if not token:
+            return None
+        now = self.clock()
+        return await self.db(lambda s: auth.find_session(s, token, now))
+
+    async def form(self, request: Request) -> dict[str, str]:
+        """An urlencoded form's fields (first value of each); others are refused."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip()
+        if kind != "application/x-www-form-urlencoded":
+            raise Refused(415, "Not a form", "This address takes a submitted form only.")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_FORM:
+                raise Refused(413, "Too large", "The form is larger than this console takes.")
+        try:
+            fields = parse_qs(body.decode(), keep_blank_values=True, max_num_fields=50)
+        except (UnicodeDecodeError, ValueError):
+            raise Refused(400, "Bad form", "The form could not be read.") from None
+        return {k: v[0] for k, v in fields.items()}
+
+    async def acting(self, request: Request, action: str) -> tuple[auth.Session, dict[str, str]]:
+        """The session and form of a POST that changes something: signed in, the form's
+        CSRF token the session's, the operator role. A refusal is audited."""
+        session = await self.session(request)
+        if session is None:
+            raise Refused(403, "Signed out", "Your session has ended: sign in again.")
+        fields = await self.form(request)
+        if not auth.same_token(session.csrf, fields.get("csrf")):
+            await self.audit(request, session.user.name, action, None, "refused: CSRF token")
+            raise Refused(
+                403,
+                "Form refused",
+                "This form did not come from your console session (its security token is "
+                "missing or old): reload the page and submit it again.",
+            )
+        if not session.user.may_act:
+            await self.audit(request, session.user.name, action, None, "refused: viewer")
+            raise Refused(
+                403,
+                "Not allowed",
+                f"Your role ({session.user.role}) may look but not act; ask an operator, or "
+                "an administrator to give you the operator role.",
+            )
+        return session, fields
+
+    async def audit(
+        self, request: Request, actor: str | None, action: str, target: str | None, outcome: str
+    ) -> None:
+        client = request.client.host if request.client else None
+        now = self.clock()
+        await self.db(
+            lambda s: audit.record(
+                s, actor, action, target, client=client, outcome=outcome, now=now
+            )
+        )
+
+    def _set_cookie(self, response: Response, name: str, value: str, max_age: int) -> None:
+        response.set_cookie(
+            name, value, max_age=max_age, path="/", secure=self.secure, httponly=True,
+            samesite="strict",
+        )  # fmt: skip
+
+    # ------------------------------------------------------------ routes
+
+    def app(self) -> Starlette:
+        app = Starlette(
+            routes=[
+                Route("/", self.fleet_page, methods=["GET"]),
+                Route("/fleet/rows", self.fleet_rows, methods=["GET"]),
+                Route("/boxes", self.register_box, methods=["POST"]),
+                Route("/login", self.login_page, methods=["GET"]),
+                Route("/login", self.login, methods=["POST"]),
+                Route("/logout", self.logout, methods=["POST"]),
+                Route("/audit", self.audit_page, methods=["GET"]),
+                Route("/metrics", self.metrics, methods=["GET"]),
+                Route("/health", self.health, methods=["GET"]),
+                Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
+            ],
+            exception_handlers={Refused: self._refused, Unavailable: self._unavailable},
+            lifespan=self._lifespan,
+        )
+        app.add_middleware(_SecurityHeaders)
+        return app
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        yield
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+    async def _refused(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Refused)
+        session = None
+        with contextlib.suppress(Unavailable, Refused):
+            session = await self.session(request)
+        return HTMLResponse(pages.message_page(exc.title, exc.text, session), exc.status)
+
+    async def _unavailable(self, request: Request, exc: Exception) -> Response:
+        text = "The backend database does not answer; this page will work again once it does."
+        if request.url.path in ("/fleet/rows", "/metrics"):
+            return PlainTextResponse(text, 503)
+        return HTMLResponse(pages.message_page("Database unavailable", text, None), 503)
+
+    async def login_page(self, request: Request) -> Response:
+        if await self.session(request) is not None:
+            return RedirectResponse("/", 303)
+        token = secrets.token_urlsafe(32)
+        response = HTMLResponse(pages.login_page(token))
+        self._set_cookie(response, self.login_cookie, token, 3600)
+        return response
+
+    async def login(self, request: Request) -> Response:
+        fields = await self.form(request)
+        expected = request.cookies.get(self.login_cookie)
+        if not expected or not auth.same_token(expected, fields.get("csrf")):
+            raise Refused(
+                403,
+                "Sign-in refused",
+                "The sign-in form was old or not from this console: open the sign-in page "
+                "again and sign in from there.",
+            )
+        name = fields.get("name", "").strip()[:64]
+        password = fields.get("password", "")[:1024]
+        client = request.client.host if request.client else "unknown"
+        now = self.clock()
+        wait = max(
+            self.users.retry_after(f"user:{name}", now),
+            self.clients.retry_after(f"client:{client}", now),
+        )
+        if wait > 0:
+            await self.audit(request, name or None, "sign in", None, "refused: rate limited")
+            minutes = max(1, round(wait / 60))
+            return self._login_again(
+                fields,
+                f"Too many failed sign-ins for this user or from this address. Try again in "
+                f"{minutes} minute{'s' if minutes != 1 else ''}, or ask an administrator to "
+                "check the audit log.",
+                429,
+            )
+        found = await self.db(lambda s: auth.password_hash_of(s, name))
+        user = await run_in_threadpool(auth.verify, found, password)
+        if user is None:
+            self.users.failed(f"user:{name}", now)
+            self.clients.failed(f"client:{client}", now)
+            # The actor only if the name exists: a name field sometimes holds a password.
+            await self.audit(
+                request, name if found else None, "sign in", None, "refused: wrong password"
+            )
+            return self._login_again(fields, "Wrong user name or password.", 401)
+        self.users.clear(f"user:{name}")
+        token, _ = await self.db(lambda s: auth.open_session(s, user, now))
+        await self.audit(request, user.name, "sign in", None, audit.OK)
+        response = RedirectResponse("/", 303)
+        self._set_cookie(response, self.session_cookie, token, auth.SESSION_SECONDS)
+        response.delete_cookie(
+            self.login_cookie, path="/", secure=self.secure, httponly=True, samesite="strict"
+        )
+        return response
+
+    def _login_again(self, fields: dict[str, str], error: str, status: int) -> Response:
+        token = secrets.token_urlsafe(32)
+        response = HTMLResponse(pages.login_page(token, error, fields.get("name", "")[:64]), status)
+        self._set_cookie(response, self.login_cookie, token, 3600)
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        session = await self.session(request)
+        if session is not None:
+            fields = await self.form(request)
+            if not auth.same_token(session.csrf, fields.get("csrf")):
+                raise Refused(403, "Form refused", "Reload the page and sign out from there.")
+            token = request.cookies[self.session_cookie]
+            await self.db(lambda s: auth.close_session(s, token))
+            await self.audit(request, session.user.name, "sign out", None, audit.OK)
+        response = RedirectResponse("/login", 303)
+        response.delete_cookie(
+            self.session_cookie, path="/", secure=self.secure, httponly=True, samesite="strict"
+        )
+        return response
+
+    async def fleet_page(self, request: Request) -> Response:
+        session = await self.session(request)
+        if session is None:
+            return RedirectResponse("/login", 303)
+        query = self._query(request)
+        now = int(self.clock())
+        rows = await self.db(lambda s: s.box_rows())
+        page = fleet.select(rows, query, now)
+        notice = ""
+        if request.query_params.get("registered"):
+            notice = f"Box {query.q} registered."
+        return HTMLResponse(
+            pages.fleet_page(page, query, now, session, notice=notice),
+            headers={"cache-control": "no-store"},
+        )
+
+    def _query(self, request: Request) -> fleet.Query:
+        try:
+            return fleet.Query.parse(request.query_params)
+        except fleet.QueryError as exc:
+            raise Refused(
+                400, "Bad address", f"{exc}. Open the fleet page from its menu."
+            ) from None
+
+    async def fleet_rows(self, request: Request) -> Response:
+        """The fleet table's body for the page's live update, as JSON."""
+        if await self.session(request) is None:
+            return JSONResponse({"error": "signed out"}, 401)
+        query = self._query(request)
+        now = int(self.clock())
+        rows = await self.db(lambda s: s.box_rows())
+        page = fleet.select(rows, query, now)
+        body = json.dumps(
+            {"rows": pages.fleet_rows(page, now), "summary": pages.fleet_summary(page.counts)}
+        ).encode()
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        headers = {"etag": etag, "cache-control": "no-store"}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        return Response(body, media_type="application/json", headers=headers)
+
+    async def register_box(self, request: Request) -> Response:
+        session, fields = await self.acting(request, "box add")
+        merchant, box = fields.get("merchant", "").strip(), fields.get("box", "").strip()
+        target = f"{merchant}/{box}"
+        if not merchant or not box or len(target) > 200 or "/" in box or "/" in merchant:
+            raise Refused(400, "Not registered", "Give a merchant and a box id (no slashes).")
+        try:
+            await self.db(lambda s: s.add_boxes(merchant, [box]))
+        except StoreError as exc:
+            await self.audit(request, session.user.name, "box add", target, f"refused: {exc}")
+            raise Refused(409, "Not registered", str(exc)) from None
+        await self.audit(request, session.user.name, "box add", target, audit.OK)
+        return RedirectResponse("/?" + urlencode({"q": box, "registered": "1"}), 303)
+
+    async def audit_page(self, request: Request) -> Response:
+        session = await self.session(request)
+        if session is None:
+            return RedirectResponse("/login", 303)
+        before = request.query_params.get("before")
+        before_ms = int(before) if before and before.isdigit() else None
+        entries = await self.db(lambda s: audit.recent(s, 200, before_ms))
+        next_before = entries[-1].at_ms if len(entries) == 200 else None
+        return HTMLResponse(pages.audit_page(entries, session, next_before))
+
+    async def metrics(self, request: Request) -> Response:
+        if self.metrics_token is None:
+            return PlainTextResponse(
+                "/metrics is off: start the console with --metrics-token-file", 404
+            )
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.metrics_token}".encode()):
+            return PlainTextResponse(
+                "give the metrics token: Authorization: Bearer TOKEN", 401,
+                headers={"www-authenticate": 'Bearer realm="redeemd-metrics"'},
+            )  # fmt: skip
+        now = int(self.clock())
+        text = await self.db(lambda s: metrics.render(s, now))
+        return Response(text, media_type=None, headers={"content-type": metrics.CONTENT_TYPE})
+
+    async def health(self, request: Request) -> Response:
+        await self.db(lambda s: s.engine.execute("SELECT 1").fetchone())
+        return PlainTextResponse("ok")

@@ -1,0 +1,275 @@
+"""The console's HTML, rendered on the server: every value goes through `esc` here and
+nowhere else builds markup. No template engine: a few pages of plain HTML read well as
+f-strings, and the live fleet table re-uses `fleet_rows` for its updates, so the page
+and its refresh cannot drift apart.
+
+Accessibility: a skip link first, every input with a <label>, sortable headers as links
+with aria-sort, the live update's time in a polite status region, tables with captions.
+"""
+
+from __future__ import annotations
+
+import html
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode
+
+from backend import boxes_view
+from backend.console.audit import Entry
+from backend.console.auth import Session
+from backend.console.fleet import Counts, Page, Query
+
+CURRENT = ' aria-current="page"'
+
+
+def esc(value: object) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def utc(ts: int | float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def when(ts: int | float | None, now: int) -> str:
+    """A time as "12m ago", with the exact UTC time on hover and for screen readers."""
+    if ts is None:
+        return "-"
+    iso = datetime.fromtimestamp(ts, UTC).isoformat()
+    return (
+        f'<time datetime="{esc(iso)}" title="{esc(utc(ts))}">{boxes_view.ago(now - ts)} ago</time>'
+    )
+
+
+def layout(title: str, body: str, session: Session | None, *, current: str = "") -> str:
+    nav = ""
+    if session is not None:
+        links = "".join(
+            f'<li><a href="{href}"{CURRENT if href == current else ""}>{label}</a></li>'
+            for href, label in (
+                ("/", "Fleet"),
+                ("/conflicts", "Conflicts"),
+                ("/audit", "Audit log"),
+            )
+        )
+        nav = (
+            f'<nav aria-label="Main"><ul>{links}</ul>'
+            f'<form method="post" action="/logout" class="signout">'
+            f'<input type="hidden" name="csrf" value="{esc(session.csrf)}">'
+            f"<span>{esc(session.user.name)} ({esc(session.user.role)})</span> "
+            f'<button type="submit">Sign out</button></form></nav>'
+        )
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{esc(title)} · redeemd console</title>"
+        '<link rel="stylesheet" href="/static/console.css">'
+        '<script src="/static/console.js" defer></script></head><body>'
+        '<a class="skip" href="#main">Skip to content</a>'
+        f'<header><p class="brand">redeemd console</p>{nav}</header>'
+        f'<main id="main" tabindex="-1"><h1>{esc(title)}</h1>{body}</main></body></html>'
+    )
+
+
+def message_page(title: str, text: str, session: Session | None) -> str:
+    return layout(
+        title, f'<p role="alert">{esc(text)}</p><p><a href="/">Back to the fleet</a></p>', session
+    )
+
+
+def login_page(csrf: str, error: str = "", name: str = "") -> str:
+    alert = f'<p class="error" role="alert">{esc(error)}</p>' if error else ""
+    body = (
+        f"{alert}"
+        '<form method="post" action="/login" class="login">'
+        f'<input type="hidden" name="csrf" value="{esc(csrf)}">'
+        '<p><label for="name">User name</label>'
+        f'<input id="name" name="name" autocomplete="username" required autofocus value="{esc(name)}"></p>'
+        '<p><label for="password">Password</label>'
+        '<input id="password" name="password" type="password" autocomplete="current-password" required></p>'
+        '<p><button type="submit">Sign in</button></p></form>'
+    )
+    return layout("Sign in", body, None)
+
+
+# ------------------------------------------------------------------ fleet
+
+
+def _state_cell(e: dict[str, Any], now: int) -> str:
+    state = "never seen" if e["state"] == boxes_view.NEVER_SEEN else e["state"]
+    since = f'<time datetime="{esc(datetime.fromtimestamp(e["since"], UTC).isoformat())}" title="since {esc(utc(e["since"]))}">{boxes_view.ago(e["for_s"])}</time>'
+    return f'<span class="state {esc(e["state"])}">{esc(state)}</span> for {since}'
+
+
+def _cache_cell(e: dict[str, Any]) -> str:
+    if e["cache_seq"] is None:
+        return f"-/{esc(e['latest_seq'])}"
+    text = f"{esc(e['cache_seq'])}/{esc(e['latest_seq'])}"
+    if e["behind"]:
+        text += f' <strong class="behind">{esc(e["behind"])} behind</strong>'
+    return text
+
+
+def _outbox_cell(e: dict[str, Any], now: int) -> str:
+    if e["outbox_depth"] is None:
+        return "-"
+    if e["outbox_depth"] and e["outbox_oldest_at"] is not None:
+        return (
+            f'<strong class="holding">{esc(e["outbox_depth"])}</strong>'
+            f" (oldest {boxes_view.ago(now - e['outbox_oldest_at'])})"
+        )
+    return esc(e["outbox_depth"])
+
+
+def _scanners_cell(e: dict[str, Any]) -> str:
+    if not e["drivers"]:
+        return "-"
+    return "<br>".join(
+        f'{esc(d["name"])}: <span class="driver {esc(d["state"])}">{esc(d["state"])}</span>'
+        for d in e["drivers"]
+    )
+
+
+def _problems_cell(e: dict[str, Any]) -> str:
+    return "<br>".join(
+        f"<strong>{label}</strong>: {esc(e[key])}"
+        for label, key in (("Alarm", "alarm"), ("Stuck", "stuck"), ("Publish", "publish_error"))
+        if e[key]
+    )
+
+
+def fleet_rows(page: Page, now: int) -> str:
+    """The table body: also what the live update sends, rendered by the same code."""
+    if not page.rows:
+        return '<tr><td colspan="9">No box matches.</td></tr>'
+    rows = []
+    for e in page.rows:
+        rows.append(
+            f'<tr data-box="{esc(e["box"])}">'
+            f'<th scope="row"><a href="/box/{esc(e["box"])}">{esc(e["box"])}</a></th>'
+            f"<td>{esc(e['merchant'])}</td>"
+            f"<td>{_state_cell(e, now)}</td>"
+            f"<td>{when(e['last_seen'], now)}</td>"
+            f"<td>{_cache_cell(e)}</td>"
+            f"<td>{_outbox_cell(e, now)}</td>"
+            f"<td>{_scanners_cell(e)}</td>"
+            f"<td>{esc(e['version'] or '-')}</td>"
+            f"<td>{_problems_cell(e)}</td></tr>"
+        )
+    return "".join(rows)
+
+
+def fleet_summary(c: Counts) -> str:
+    return (
+        f"{c.total} boxes: <strong>{c.online}</strong> online, "
+        f"<strong>{c.offline}</strong> offline, {c.never_seen} never seen; "
+        f"{c.behind} behind on batches, {c.holding} holding records. "
+        f"{c.matching} match the filters."
+    )
+
+
+def _href(params: dict[str, str], path: str = "/") -> str:
+    return esc(f"{path}?{urlencode(params)}" if params else path)
+
+
+def _header(query: Query, sort: str, label: str) -> str:
+    if query.sort == sort:
+        aria = "descending" if query.desc else "ascending"
+        params = query.params(desc=not query.desc, after=None)
+        arrow = " ▼" if query.desc else " ▲"
+        return (
+            f'<th scope="col" aria-sort="{aria}"><a href="{_href(params)}">{esc(label)}'
+            f'<span aria-hidden="true">{arrow}</span></a></th>'
+        )
+    params = query.params(sort=sort, desc=False, after=None)
+    return f'<th scope="col"><a href="{_href(params)}">{esc(label)}</a></th>'
+
+
+def fleet_page(
+    page: Page, query: Query, now: int, session: Session, *, notice: str = "", error: str = ""
+) -> str:
+    checks = "".join(
+        f'<input type="checkbox" id="f-{name}" name="{name}" value="1"'
+        f'{" checked" if getattr(query, name) else ""}><label for="f-{name}">{label}</label> '
+        for name, label in (
+            ("offline", "Offline over 1 h"),
+            ("behind", "Behind on batches"),
+            ("holding", "Holding records"),
+        )
+    )
+    keep = "".join(
+        f'<input type="hidden" name="{k}" value="{esc(v)}">'
+        for k, v in query.params(
+            after=None, offline=False, behind=False, holding=False, q=""
+        ).items()
+    )
+    filters = (
+        '<form method="get" action="/" role="search" class="filters">'
+        f'<label for="q">Search boxes</label> <input id="q" name="q" type="search" value="{esc(query.q)}" '
+        'placeholder="box, merchant or version"> '
+        f'{checks}{keep}<button type="submit">Apply</button> '
+        '<a href="/">Clear</a></form>'
+    )
+    headers = "".join(
+        _header(query, sort, label)
+        for sort, label in (
+            ("box", "Box"), ("merchant", "Merchant"), ("state", "State"),
+            ("last_seen", "Last seen"), ("behind", "Cache / latest"), ("outbox", "Outbox"),
+        )
+    ) + '<th scope="col">Scanners</th>' + _header(query, "version", "Version") + '<th scope="col">Problems</th>'  # fmt: skip
+    live = _href(query.params(), "/fleet/rows")
+    more = ""
+    if page.next_after is not None:
+        more = f'<p><a href="{_href(query.params(after=page.next_after))}" rel="next">Next {query.limit} boxes</a></p>'
+    if query.after is not None:
+        more += f'<p><a href="{_href(query.params(after=None))}">Back to the first page</a></p>'
+    register = ""
+    if session.user.may_act:
+        register = (
+            "<details><summary>Register a box</summary>"
+            '<form method="post" action="/boxes" class="register">'
+            f'<input type="hidden" name="csrf" value="{esc(session.csrf)}">'
+            '<p><label for="r-merchant">Merchant</label> <input id="r-merchant" name="merchant" required> '
+            '<label for="r-box">Box id</label> <input id="r-box" name="box" required> '
+            '<button type="submit">Register</button></p>'
+            "<p>The collector stores events only from registered boxes (as "
+            "<code>redeemd-backend box add</code>).</p></form></details>"
+        )
+    flash = f'<p class="notice" role="status">{esc(notice)}</p>' if notice else ""
+    flash += f'<p class="error" role="alert">{esc(error)}</p>' if error else ""
+    body = (
+        f'{flash}<p id="summary">{fleet_summary(page.counts)}</p>{filters}'
+        f'<p class="live" role="status" aria-live="polite" id="live-status">'
+        f"Updated {esc(utc(now))}</p>"
+        f'<table id="fleet" data-live="{live}"><caption>Boxes'
+        f"{' matching the filters' if query.offline or query.behind or query.holding or query.q else ''}"
+        f"</caption><thead><tr>{headers}</tr></thead>"
+        f'<tbody id="fleet-rows">{fleet_rows(page, now)}</tbody></table>{more}{register}'
+    )
+    return layout("Fleet", body, session, current="/")
+
+
+# ------------------------------------------------------------------ audit, conflicts
+
+
+def audit_page(entries: list[Entry], session: Session, next_before: int | None) -> str:
+    rows = (
+        "".join(
+            f"<tr><td>{esc(utc(e.at_ms / 1000))}</td><td>{esc(e.actor or '-')}</td>"
+            f"<td>{esc(e.action)}</td><td>{esc(e.target or '')}</td><td>{esc(e.client or '')}</td>"
+            f"<td>{esc(e.outcome)}</td></tr>"
+            for e in entries
+        )
+        or '<tr><td colspan="6">Nothing yet.</td></tr>'
+    )
+    more = ""
+    if next_before is not None:
+        more = f'<p><a href="/audit?before={next_before}" rel="next">Older entries</a></p>'
+    body = (
+        "<table><caption>Newest first</caption><thead><tr>"
+        + "".join(
+            f'<th scope="col">{h}</th>'
+            for h in ("When", "Who", "Action", "Target", "From", "Outcome")
+        )
+        + f"</tr></thead><tbody>{rows}</tbody></table>{more}"
+    )
+    return layout("Audit log", body, session, current="/audit")
