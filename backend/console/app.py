@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlencode
 
 from starlette.applications import Starlette
@@ -39,7 +39,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from backend.console import audit, auth, fleet, metrics, pages
+from backend import boxes_view
+from backend.console import audit, auth, fleet, metrics, pages, records
 from backend.store import Store, StoreError
 
 STATIC = Path(__file__).parent / "static"
@@ -234,6 +235,8 @@ class Console:
                 Route("/login", self.login, methods=["POST"]),
                 Route("/logout", self.logout, methods=["POST"]),
                 Route("/audit", self.audit_page, methods=["GET"]),
+                Route("/conflicts", self.conflicts_page, methods=["GET"]),
+                Route("/box/{box}", self.box_page, methods=["GET"]),
                 Route("/metrics", self.metrics, methods=["GET"]),
                 Route("/health", self.health, methods=["GET"]),
                 Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
@@ -406,6 +409,42 @@ class Console:
         entries = await self.db(lambda s: audit.recent(s, 200, before_ms))
         next_before = entries[-1].at_ms if len(entries) == 200 else None
         return HTMLResponse(pages.audit_page(entries, session, next_before))
+
+    async def conflicts_page(self, request: Request) -> Response:
+        session = await self.session(request)
+        if session is None:
+            return RedirectResponse("/login", 303)
+        found = await self.db(lambda s: records.conflicts(s))
+        return HTMLResponse(pages.conflicts_page(found, session))
+
+    async def box_page(self, request: Request) -> Response:
+        session = await self.session(request)
+        if session is None:
+            return RedirectResponse("/login", 303)
+        box = request.path_params["box"]
+        now = int(self.clock())
+
+        def read(store: Store) -> tuple[Any, ...] | None:
+            rows = [r for r in store.box_rows() if r.box == box]
+            if not rows:
+                return None
+            merchant = rows[0].merchant
+            recent = records.recent_records(store, merchant, box)
+            return (
+                boxes_view.view(rows, now)[0],
+                recent,
+                records.by_reason(recent),
+                records.gaps(store, merchant, box),
+                records.conflicts(store, box=box),
+            )
+
+        found = await self.db(read)
+        if found is None:
+            raise Refused(
+                404, "No such box", f"No box {box} is registered (redeemd-backend box add)."
+            )
+        entry, recent, reasons, gaps, conflicts = found
+        return HTMLResponse(pages.box_page(entry, recent, reasons, gaps, conflicts, now, session))
 
     async def metrics(self, request: Request) -> Response:
         if self.metrics_token is None:

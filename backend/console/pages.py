@@ -18,6 +18,7 @@ from backend import boxes_view
 from backend.console.audit import Entry
 from backend.console.auth import Session
 from backend.console.fleet import Counts, Page, Query
+from backend.console.records import ConflictRow, GapRow, Record
 
 CURRENT = ' aria-current="page"'
 
@@ -273,3 +274,104 @@ def audit_page(entries: list[Entry], session: Session, next_before: int | None) 
         + f"</tr></thead><tbody>{rows}</tbody></table>{more}"
     )
     return layout("Audit log", body, session, current="/audit")
+
+
+def _table(caption: str, headers: tuple[str, ...], rows: list[str], empty: str) -> str:
+    head = "".join(f'<th scope="col">{esc(h)}</th>' for h in headers)
+    body = "".join(rows) or f'<tr><td colspan="{len(headers)}">{esc(empty)}</td></tr>'
+    return f"<table><caption>{esc(caption)}</caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _conflict_rows(found: list[ConflictRow]) -> list[str]:
+    return [
+        f"<tr><td>{esc(utc(c.detected_at))}</td><td>{esc(c.merchant)}</td>"
+        f"<td><code>{esc(c.digest)}</code></td>"
+        f'<td><a href="/box/{esc(c.first_box)}">{esc(c.first_box)}</a><br><code>{esc(c.first_id)}</code></td>'
+        f'<td><a href="/box/{esc(c.second_box)}">{esc(c.second_box)}</a><br><code>{esc(c.second_id)}</code></td>'
+        f"<td>{esc('batch ' + str(c.consumed_seq) + ' (consumed elsewhere)' if c.consumed_seq is not None else 'none signed yet')}</td></tr>"
+        for c in found
+    ]
+
+
+_CONFLICT_HEADERS = (
+    "Found",
+    "Merchant",
+    "Code digest",
+    "First (box, record)",
+    "Second (box, record)",
+    "Done",
+)
+
+
+def conflicts_page(found: list[ConflictRow], session: Session) -> str:
+    body = (
+        "<p>The same single-use code accepted on two boxes (found by the collector). "
+        "The consumed-elsewhere batch tells every box of the merchant that the code is used.</p>"
+        + _table(
+            "Double redemptions, newest first",
+            _CONFLICT_HEADERS,
+            _conflict_rows(found),
+            "None found.",
+        )
+    )
+    return layout("Conflicts", body, session, current="/conflicts")
+
+
+def box_page(
+    entry: dict[str, Any],
+    records: list[Record],
+    reasons: list[tuple[str, str, int]],
+    gaps: list[GapRow],
+    found: list[ConflictRow],
+    now: int,
+    session: Session,
+) -> str:
+    e = entry
+    facts = (
+        ("Merchant", esc(e["merchant"])),
+        ("State", _state_cell(e, now)),
+        ("Last seen", when(e["last_seen"], now)),
+        ("Cache / latest batch", _cache_cell(e)),
+        ("Outbox", _outbox_cell(e, now)),
+        ("Scanners", _scanners_cell(e)),
+        ("Version", esc(e["version"] or "-")),
+        ("Problems", _problems_cell(e) or "none"),
+    )
+    summary = (
+        '<dl class="facts">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>"
+    )
+    record_rows = [
+        f"<tr><td>{esc(r.seq)}</td><td>{esc(utc(r.at_ms / 1000))}</td><td>{esc(r.action)}</td>"
+        f"<td>{esc(r.verdict)}</td><td>{esc(r.reason or '-')}</td><td><code>{esc(r.digest)}</code></td>"
+        f"<td>{esc(r.card_id if r.card_id is not None else '-')}</td></tr>"
+        for r in records
+    ]
+    reason_rows = [
+        f"<tr><td>{esc(v)}</td><td>{esc(reason)}</td><td>{n}</td></tr>" for v, reason, n in reasons
+    ]
+    gap_rows = [
+        f"<tr><td>{g.first}–{g.last}</td><td>{esc(utc(g.detected_at))}</td>"
+        f"<td>{esc(utc(g.filled_at)) if g.filled_at is not None else '<strong>open</strong>'}</td></tr>"
+        for g in gaps
+    ]
+    body = (
+        summary
+        + "<p>The store keeps each box's latest status only; its history is not stored.</p>"
+        + _table(
+            f"Verdicts of its last {len(records)} records, by reason",
+            ("Verdict", "Reason", "Records"),
+            reason_rows,
+            "No records stored.",
+        )
+        + _table(
+            "Recent records, newest first (code digests shortened)",
+            ("Seq", "At", "Action", "Verdict", "Reason", "Code digest", "Card"),
+            record_rows,
+            "No records stored.",
+        )
+        + _table("Gaps in its sequence", ("Seqs", "Found", "Filled"), gap_rows, "No gaps.")
+        + _table(
+            "Double redemptions it took part in", _CONFLICT_HEADERS, _conflict_rows(found), "None."
+        )
+    )
+    return layout(f"Box {e['box']}", body, session)
