@@ -162,7 +162,8 @@ def test_a_start_that_migrates_asks_systemd_for_more_time_first(loaded_box, daem
     conn.execute("DELETE FROM _sqlite_migrations WHERE name >= 'm006'")
     conn.executescript(
         "DROP VIEW outbox; DROP TABLE ledger_marks; DROP TABLE outbox_acked; "
-        "DROP TABLE ledger_ids; CREATE TABLE outbox (seq INTEGER PRIMARY KEY);"
+        "DROP TABLE ledger_ids; CREATE TABLE outbox (seq INTEGER PRIMARY KEY); "
+        "DROP TABLE grant_set;"  # m008's
     )
     conn.close()
     notify = NotifySocket(tmp_path / "notify")
