@@ -176,10 +176,30 @@ def test_dispense_counts_up_to_the_quota_then_refuses_with_a_record(loaded_box):
 def test_a_revoked_or_missing_grant_is_refused(loaded_box):
     from dataclasses import replace
 
-    engine, key = held_box(loaded_box, (replace(LIVE, revoked=True),))
+    engine, key = held_box(loaded_box)
+    assert engine.dispense(1, 1, key).claims[0].counter == 1
+    # The backend revokes it: a newer set, installed through another connection (the
+    # sync thread's, or `redeemd grant install`), is what the running engine obeys.
+    other = open_database(loaded_box.database)
+    revoked = grant_set(loaded_box.keyset, key.private, (replace(LIVE, revoked=True),), seq=2)
+    install(other, loaded_box.keyset, key.private, revoked)
     refused = engine.dispense(1, 1, key).refused
     assert refused.reason.value == "grant_revoked" and refused.record_id is not None
     assert engine.dispense(2, 1, key).refused.reason.value == "no_grant"
+    assert dispensing.used_counters(engine.conn) == {LIVE.id: 1}
+
+
+def test_a_bad_dispense_rule_or_claim_url_is_named_by_check_config(box):
+    text = box.config_path.read_text()
+    box.config_path.write_text(
+        text + '\n[dispense]\nclaim_url = "claim.example.com"\n\n'
+        "[[dispense.rules]]\nafter_card = 1\ncard = 8\n\n"
+        "[[dispense.rules]]\nafter_card = 1\ncard = 0\n"
+    )
+    ran = box.cli("check-config")
+    assert ran.returncode == 2
+    assert b"[dispense] claim_url = 'claim.example.com': must be an http(s) URL" in ran.stderr
+    assert b"[[dispense.rules]] #2: card = 0" in ran.stderr
 
 
 # ---------------------------------------------------------------------- QR decoding
