@@ -183,36 +183,33 @@ class Commands:
             recorded = self._recorded_key(key, fingerprint)
             if recorded is not None:
                 again = replayed(recorded, box_key.private, self.engine.dispensing.claim_url)
-                return {**self.dispense_answer(again), "replayed": True}
+                shown = [claim.to_json() for claim in again.claims]
+                return {**_dispense_answer(again, shown), "replayed": True}
             request_key = RequestKey(key, fingerprint)
         result = self.engine.dispense(card, count, box_key, "api", operator, request_key)
-        return {**self.dispense_answer(self.committed(result, to_print)), "replayed": False}
+        return {**_dispense_answer(result, self.committed(result, to_print)), "replayed": False}
 
     def dispense_by_rule(self, card: int, count: int, source: str) -> Dispensed:
         """A rule's dispense (`[[dispense.rules]]`), after the redemption that triggered
         it was answered: committed, then published and shown as an API one is."""
         result = self.engine.dispense(card, count, self.box_key(), source)
-        return self.committed(result, True)
+        self.committed(result, True)
+        return result
 
-    def committed(self, result: Dispensed, to_print: bool) -> Dispensed:
+    def committed(self, result: Dispensed, to_print: bool) -> list[dict]:
         """Publish a dispense's committed records: a `dispensed` event per claim code
         (with its claim URL and QR, for the POS application to show), a `verdict`
-        event for a recorded refusal."""
-        for claim in result.claims:
-            self.publish({"event": "dispensed", **claim.to_json()})
+        event for a recorded refusal. Returns each code's JSON, rendered once (encoding
+        the QR is most of a dispense's time) for the answer too."""
+        shown = [claim.to_json() for claim in result.claims]
+        for item in shown:
+            self.publish({"event": "dispensed", **item})
         refused = result.refused
         if refused is not None and refused.record_id is not None:
             self.publish({"event": "verdict", **refused.to_json()})
         if self.dispensed is not None and (result.claims or result.refused is not None):
             self.dispensed(result, to_print)
-        return result
-
-    @staticmethod
-    def dispense_answer(result: Dispensed) -> dict:
-        answer: dict = {"ok": True, "dispensed": [c.to_json() for c in result.claims]}
-        if result.refused is not None:
-            answer["refused"] = result.refused.to_json()
-        return answer
+        return shown
 
     def _check(self, request: dict) -> dict:
         code = _required(request, "code")
@@ -367,6 +364,13 @@ class Commands:
                 "use a new key for each new request and the same key only to retry",
             )
         return recorded.verdict
+
+
+def _dispense_answer(result: Dispensed, shown: list[dict]) -> dict:
+    answer: dict = {"ok": True, "dispensed": shown}
+    if result.refused is not None:
+        answer["refused"] = result.refused.to_json()
+    return answer
 
 
 def _text(request: dict, name: str, limit: int = 0) -> str | None:
