@@ -11,6 +11,8 @@ with what to install.
     ...     page.goto(url)
     ...     assert unlabelled(page) == []
     ...     shot(page, artifacts, "fleet")
+
+`serve_console` starts the real `redeemd-backend console` process the browser talks to.
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from backend_helpers import CliProcess
+from broker import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS_ENV = "REDEEMD_TEST_ARTIFACTS"
@@ -88,3 +94,30 @@ def focused(page: Any) -> str:
         "() => { const e = document.activeElement; "
         "return e.tagName.toLowerCase() + (e.id ? '#' + e.id : ':' + e.textContent.trim()); }"
     )
+
+
+@contextlib.contextmanager
+def serve_console(directory: Path, *extra: str) -> Iterator[tuple[str, CliProcess]]:
+    """`redeemd-backend console --dir directory` on a free loopback port, plain http
+    (--insecure-cookies), until it answers; yields (base URL, the process)."""
+    port = free_port()
+    process = CliProcess(
+        "console", "--dir", str(directory), "--listen", f"127.0.0.1:{port}", "--insecure-cookies",
+        *extra,
+    )  # fmt: skip
+    try:
+        process.wait_line(lambda line: line.startswith("console on"), "the console serving")
+        url = f"http://127.0.0.1:{port}"
+        # uvicorn says nothing at log level warning once it listens: ask until it answers.
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=5).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.process.poll() is not None:
+                    raise AssertionError(f"the console does not answer: {process.lines}") from None
+                time.sleep(0.1)
+        yield url, process
+    finally:
+        process.stop()

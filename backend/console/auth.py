@@ -34,6 +34,8 @@ from backend.store import Store
 ROLES = ("viewer", "operator")
 """viewer: reads every page; operator: also acts (the forms that change something)."""
 MIN_PASSWORD = 12
+MAX_KEYS = 10_000
+"""Rate limiter keys kept before expired ones are swept (memory stays bounded)."""
 SESSION_SECONDS = 12 * 3600
 """An operator's working day; then sign in again."""
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._@-")
@@ -219,6 +221,10 @@ class RateLimiter:
 
     def failed(self, key: str, now: float) -> None:
         self._live(key, now).append(now)
+        if len(self._failures) > MAX_KEYS:
+            # Many names tried from many addresses: forget whatever has expired.
+            for old in [k for k, t in self._failures.items() if t[-1] <= now - self.window]:
+                del self._failures[old]
 
     def clear(self, key: str) -> None:
         self._failures.pop(key, None)

@@ -161,7 +161,7 @@ def fleet_rows(page: Page, now: int) -> str:
 
 def fleet_summary(c: Counts) -> str:
     return (
-        f"{c.total} boxes: <strong>{c.online}</strong> online, "
+        f"{c.total} {'box' if c.total == 1 else 'boxes'}: <strong>{c.online}</strong> online, "
         f"<strong>{c.offline}</strong> offline, {c.never_seen} never seen; "
         f"{c.behind} behind on batches, {c.holding} holding records. "
         f"{c.matching} match the filters."
