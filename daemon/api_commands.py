@@ -182,7 +182,7 @@ class Commands:
             fingerprint = self._fingerprint("dispense", card, count, operator)
             recorded = self._recorded_key(key, fingerprint)
             if recorded is not None:
-                again = replayed(recorded, box_key.private, self.engine.dispensing.claim_url)
+                again = replayed(recorded, box_key.private, self.engine.dispense_config.claim_url)
                 shown = [claim.to_json() for claim in again.claims]
                 return {**_dispense_answer(again, shown), "replayed": True}
             request_key = RequestKey(key, fingerprint)

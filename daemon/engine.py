@@ -106,7 +106,7 @@ class Engine:
         )
         # Until daemon/config.py carries [dispense] (see the request in the notes),
         # a Config without it dispenses with the defaults.
-        self.dispensing: Dispense = getattr(config, "dispense", None) or Dispense()
+        self.dispense_config: Dispense = getattr(config, "dispense", None) or Dispense()
         self._grants: tuple[int | None, GrantSet | None, str] = (None, None, "")
         self._refresh()
 
@@ -378,7 +378,7 @@ class Engine:
                 )  # fmt: skip
                 break
             grant, counter = choice.grant, choice.counter
-            by = claim_by(now, self.dispensing.claim_days, grant)
+            by = claim_by(now, self.dispense_config.claim_days, grant)
             text = claim_code.mint(box_key.private, grant.id, counter, card_id, by)
             digest = self._digest(text)
             ledger.append(
@@ -392,8 +392,8 @@ class Engine:
                 Outcome.ACCEPTED, Action.DISPENSE, None, "", short(digest), card_id, kind,
                 record_id=record_text, box_seq=seq, source=source,
             )  # fmt: skip
-            claims.append(Claim(verdict, grant.id, counter, by, self.dispensing.claim_url + text,
-                                title))  # fmt: skip
+            url = self.dispense_config.claim_url + text
+            claims.append(Claim(verdict, grant.id, counter, by, url, title))
             seq += 1
         result = Dispensed(tuple(claims), refused)
         if request is not None:

@@ -476,7 +476,7 @@ class Service:
     def _dispense_by_rules(self, engine: Engine, card_id: int | None) -> None:
         """[[dispense.rules]] after an accepted redemption of `card_id`, whose verdict is
         already out (shown, answered, beeped). Each rule's codes are their own records."""
-        rules = engine.dispensing.after(card_id)
+        rules = engine.dispense_config.after(card_id)
         if not rules:
             return
         if self.box_key is None:
