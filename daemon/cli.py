@@ -669,7 +669,7 @@ def _dispensing_text(dispensing: dict, printer: dict | None) -> list[str]:
         cards = ",".join(str(c) for c in g["cards"])
         state = "REVOKED" if g["revoked"] else f"{g['left']} left"
         lines.append(
-            f"{'grant ' + g['id']:>20}: cards {cards}, used {g['used']}/{g['quota']} ({state}), "
+            f"{'grant':>20}: {g['id']} cards {cards}, used {g['used']}/{g['quota']} ({state}), "
             f"{_utc(g['not_before'])} .. {_utc(g['not_after'])}"
         )
     if printer is not None:

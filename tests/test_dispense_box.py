@@ -321,7 +321,7 @@ def test_grant_install_from_a_file_and_status(loaded_box):
     assert status["grant_seq"] == 2
     assert status["grants"] == [{**LIVE.to_json(), "used": 0, "left": 3}]
     text = loaded_box.cli("status").stdout.decode()
-    assert "grant 00000000000000aa: cards 1, used 0/3 (3 left)" in text, text
+    assert "grant: 00000000000000aa cards 1, used 0/3 (3 left)" in text, text
 
 
 def daemon_with(box, socket: Path, extra: str = "") -> tuple[Box, Path]:
