@@ -39,7 +39,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from backend import boxes_view
+from backend import boxes_view, broker_acl
 from backend.console import audit, auth, fleet, metrics, pages, records
 from backend.store import Store, StoreError
 
@@ -399,9 +399,13 @@ class Console:
     async def register_box(self, request: Request) -> Response:
         session, fields = await self.acting(request, "box add")
         merchant, box = fields.get("merchant", "").strip(), fields.get("box", "").strip()
-        target = f"{merchant}/{box}"
-        if not merchant or not box or len(target) > 200 or "/" in box or "/" in merchant:
-            raise Refused(400, "Not registered", "Give a merchant and a box id (no slashes).")
+        target = f"{merchant[:64]}/{box[:64]}"
+        try:
+            # The names `box add` takes: each is a topic level and a word of the broker ACL.
+            broker_acl.check_name("merchant", merchant)
+            broker_acl.check_name("box id", box)
+        except broker_acl.AclError as exc:
+            raise Refused(400, "Not registered", str(exc)) from None
         try:
             await self.db(lambda s: s.add_boxes(merchant, [box]))
         except StoreError as exc:
