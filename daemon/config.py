@@ -25,9 +25,11 @@ from pydantic import BaseModel, ValidationError
 
 from cards import keys
 from daemon.config_model import (
+    OPTIONAL_SECTIONS,
     SECTIONS,
     Api,
     Box,
+    Dispense,
     Hooks,
     Places,
     Scan,
@@ -37,7 +39,7 @@ from daemon.config_model import (
     Trust,
     file_keys,
 )
-from drivers.settings import SCANNER_SETTINGS, StdinSettings
+from drivers.settings import SCANNER_SETTINGS, PrinterSettings, StdinSettings
 
 __all__ = ["Config", "ConfigError", "ScannerConfig", "load", "parse", "resolve_path"]
 
@@ -65,6 +67,9 @@ class Config:
     api: Api
     sync: Sync
     hooks: Hooks
+    dispense: Dispense = Dispense()
+    printer: PrinterSettings | None = None
+    """None without a [printer] table: no receipt printer."""
 
 
 def default_config_dir() -> str:
@@ -118,6 +123,13 @@ def parse(data: dict, source: str) -> Config:
         if name == "box":  # {state_dir} in the other sections is the box's
             places = replace(places, state_dir=str(sections["box"].state_dir))
 
+    for name, optional in OPTIONAL_SECTIONS.items():
+        table = data.get(name)
+        if table is not None and not isinstance(table, dict):
+            problems.append(f"[{name}]: must be a table, got {table!r}")
+        elif table is not None:
+            sections[name] = _checked(f"[{name}]", optional, table, problems, places)
+
     scanners = _scanners(data.get("scanner"), problems, places)
     trust = _with_keys(sections["trust"], problems)
     sync = _with_password(sections["sync"], given["sync"], problems)
@@ -134,13 +146,15 @@ def parse(data: dict, source: str) -> Config:
         api=sections["api"],
         sync=sync,
         hooks=sections["hooks"],
+        dispense=sections["dispense"],
+        printer=sections.get("printer"),
     )
 
 
 def _outside_sections(data: dict, problems: list[str]) -> None:
     """Unknown [sections], and keys written above every [section] line."""
-    names = sorted([*SECTIONS, "scanner"])
-    for name in sorted(set(data) - set(SECTIONS) - {"scanner"}):
+    names = sorted([*SECTIONS, *OPTIONAL_SECTIONS, "scanner"])
+    for name in sorted(set(data) - set(SECTIONS) - set(OPTIONAL_SECTIONS) - {"scanner"}):
         if isinstance(data[name], dict):
             problems.append(f"[{name}]: unknown section; allowed: {', '.join(names)}")
             continue

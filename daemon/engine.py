@@ -106,7 +106,7 @@ class Engine:
         )
         # Until daemon/config.py carries [dispense] (see the request in the notes),
         # a Config without it dispenses with the defaults.
-        self.dispense_config: Dispense = getattr(config, "dispense", None) or Dispense()
+        self.dispense_config: Dispense = config.dispense
         self._grants: tuple[int | None, GrantSet | None, str] = (None, None, "")
         self._refresh()
 

@@ -512,7 +512,7 @@ class Service:
                 self.receipts.submit(claim)
 
     def _start_printer(self) -> None:
-        settings = getattr(self.config, "printer", None)
+        settings = self.config.printer
         if settings is None:
             return
         from drivers.printer import ReceiptPrinter
