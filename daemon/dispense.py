@@ -24,7 +24,9 @@ import contextlib
 import io
 import logging
 import queue
+import struct
 import time
+import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -140,10 +142,39 @@ def qr_svg(qr: segno.QRCode) -> str:
 
 
 def qr_png_b64(qr: segno.QRCode) -> str:
-    """A PNG (4 px per module), base64, for an <img src="data:image/png;base64,...">."""
-    out = io.BytesIO()
-    qr.save(out, kind="png", scale=4)
-    return base64.b64encode(out.getvalue()).decode("ascii")
+    """A PNG (4 px per module, the standard 4-module border), base64, for an
+    <img src="data:image/png;base64,...">."""
+    return base64.b64encode(qr_png(qr)).decode("ascii")
+
+
+def qr_png(qr: segno.QRCode, scale: int = 4, border: int = 4) -> bytes:
+    """A 1-bit greyscale PNG of `qr`, written here rather than by segno's writer:
+    bench/dispense.py measured segno's PNG at 2.8 ms a code (a Python loop per pixel),
+    a fifth of a dispense, against 0.2 ms for this. segno still encodes the symbol and
+    writes the SVG. tests/test_dispense_box.py decodes the PNG with zxing-cpp."""
+    size = len(qr.matrix) + 2 * border
+    width = size * scale
+    pad = -width % 8
+    light = "1" * (scale * border)
+    dark_px, light_px = "0" * scale, "1" * scale
+    blank = b"\x00" + int("1" * (width + pad), 2).to_bytes((width + pad) // 8)
+    rows = [blank] * (scale * border)
+    for row in qr.matrix:
+        bits = light + "".join(dark_px if m else light_px for m in row) + light + "1" * pad
+        rows += [b"\x00" + int(bits, 2).to_bytes((width + pad) // 8)] * scale
+    rows += [blank] * (scale * border)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, width, 1, 0, 0, 0, 0)  # 1 bit, greyscale
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"".join(rows), 6))
+        + chunk(b"IEND", b"")
+    )
 
 
 def qr_text(qr: segno.QRCode) -> str:

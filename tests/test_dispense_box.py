@@ -609,3 +609,25 @@ def test_the_example_config_shows_every_printer_key_with_its_default():
     assert set(data) == set(PrinterSettings.model_fields)
     required = {"kind": data["kind"], "device": data["device"]}
     assert PrinterSettings.model_validate(data) == PrinterSettings.model_validate(required)
+
+
+@pytest.mark.parametrize(
+    "url", ["https://claim.example.com/c/RC1" + "A2" * 74, "HTTPS://C.EXAMPLE/C/RC1X"]
+)
+def test_our_png_writer_draws_exactly_what_segno_draws(url):
+    """daemon.dispense.qr_png replaces segno's PNG writer for speed (bench/dispense.py);
+    pixel for pixel it must be segno's picture, 4 px per module with a 4-module border."""
+    import io
+
+    import segno
+    from PIL import Image
+
+    from daemon.dispense import qr_png
+
+    qr = segno.make(url, error="m", micro=False)
+    reference = io.BytesIO()
+    qr.save(reference, kind="png", scale=4, border=4)
+    ours = Image.open(io.BytesIO(qr_png(qr))).convert("L")
+    theirs = Image.open(reference).convert("L")
+    assert ours.size == theirs.size
+    assert ours.tobytes() == theirs.tobytes()
