@@ -18,11 +18,12 @@ import pytest
 from broker import broker  # noqa: F401  (fixture)
 from conftest import CREATED, make_keyset, wait_for
 from test_message_schemas import problems
-from test_sync_box import BOX, Backend, sync_box
+from test_sync_box import BOX, Backend, start_daemon, sync_box
 
 from cards import grant, keys
 from cards.grant import Grant
 from cards.scan import Scan
+from daemon import box_key as box_key_file
 from daemon.box_key import BoxKey
 from daemon.engine import Engine
 from storage import dispensing
@@ -302,3 +303,36 @@ def test_a_box_without_a_key_refuses_grant_sets_until_it_is_given_one(
         assert sync.state().last_grants_refused is None
     finally:
         assert sync.stop(timeout=10)
+
+
+def test_a_running_box_shows_its_key_and_takes_its_grants_from_the_retained_message(
+    tmp_path, keyset, broker, backend
+):
+    """The real `redeemd run`: its retained status names the key the daemon made, a
+    backend grants that key, and the box holds the set and says so in its status."""
+    box = sync_box(tmp_path, keyset, broker)
+    daemon = start_daemon(box)
+    try:
+        first = statuses_with(
+            backend, "the running box's status with its key", lambda s: s.get("box_key")
+        )
+        assert problems("status", first) == []
+        made = box_key_file.load(box.config.box.state_dir)
+        assert made is not None, "the daemon made the box key"
+        assert first["box_key"] == {"key_id": made.key_id, "public_key": made.public_b64}
+        backend.publish(GRANTS, grant_set(keyset, made.private, 7, COFFEE), retain=True)
+        status = statuses_with(
+            backend, "the grant set in the status",
+            lambda s: s.get("dispensing", {}).get("grant_seq") == 7,
+        )  # fmt: skip
+        assert problems("status", status) == []
+        assert [g["id"] for g in status["dispensing"]["grants"]] == [COFFEE.id]
+
+        def local() -> dict:
+            return json.loads(box.cli("status", "--json").stdout)["sync"]
+
+        wait_for(lambda: local()["grant_seq"] == 7, "redeemd status showing the grant set")
+        assert local()["last_grants_refused"] is None
+    finally:
+        daemon.terminate()
+        daemon.communicate(timeout=60)
