@@ -138,6 +138,8 @@ def test_real_events_acks_and_status_messages_match_the_published_schemas(fleet)
             for message in messages:
                 assert problems(kind, message) == [], (kind, message)
 
+        # The box key the daemon made travels in its own status (section 18).
+        assert all(s["box_key"]["key_id"] for s in seen["status"] if "drivers" in s)
         records = [r for m in seen["events"] for r in m["records"]]
         assert [r["seq"] for r in records][:6] == [1, 2, 3, 4, 5, 6]
         assert records[3]["digest"] is None and records[3]["reason"] == "malformed"
