@@ -42,11 +42,11 @@ from pathlib import Path
 
 from sqlite_utils import Database
 
+from daemon import box_key, liveness
 from daemon import config as config_mod
-from daemon import liveness
 from daemon.config import Config, ConfigError, ScannerConfig
 from drivers.settings import CameraSettings, HidSettings, SerialSettings, StdinSettings
-from storage import trust
+from storage import dispensing, trust
 from storage.database import DatabaseLost, is_empty, refuse_if_lost
 from storage.migrations import migrations
 
@@ -213,6 +213,7 @@ def check(
     findings += _clock_plausible(now)
     findings += [f for scanner in config.scanners for f in _scanner(scanner, account)]
     findings += _sync(config, account)
+    findings += _dispensing(config, now)
     findings += _disk(config, min_free)
     return findings
 
@@ -833,6 +834,75 @@ def _mqtt_login(sync, box_id: str) -> Finding:
 
 
 # ---------------------------------------------------------------- disk
+
+
+def _dispensing(config: Config, now: float) -> Iterator[Finding]:
+    """The box key and the grant set, on a box that dispenses (rules configured, or a
+    key or grant set already there): what would make a dispense be refused."""
+    rules = config.dispense.rules
+    try:
+        key = box_key.load(Path(config.box.state_dir))
+    except box_key.BoxKeyError as exc:
+        yield Finding("dispensing", False, str(exc))
+        return
+    held = None
+    path = config.box.database
+    if not is_empty(path):
+        try:
+            conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+            try:
+                held = dispensing.held_grants(conn, config.trust.root_keys)
+                used = dispensing.used_counters(conn, [g.id for g in held.grants] if held else [])
+            finally:
+                conn.close()
+                give_back(path)
+        except dispensing.GrantsRefused as exc:
+            yield Finding("dispensing", False, str(exc))
+            return
+        except sqlite3.Error:
+            return  # the database line says what is wrong with it
+    if key is None and held is None and not rules:
+        return  # a box that does not dispense
+    if key is None:
+        yield Finding(
+            "dispensing", False,
+            "rules dispense claim codes but this box has no key yet: run `redeemd box-key` "
+            "and have the backend grant that key",
+        )  # fmt: skip
+        return
+    if "claim.invalid" in config.dispense.claim_url:
+        yield Finding(
+            "dispensing", False,
+            "[dispense] claim_url is the placeholder: set the merchant's claim service, or "
+            "customers get a QR code that opens nothing",
+        )  # fmt: skip
+    if held is None:
+        yield Finding(
+            "dispensing", not rules,
+            f"box key {key.key_id}, no grant set: "
+            + ("rules cannot dispense; " if rules else "")
+            + "have the backend grant this key (redeemd-backend grant add)",
+        )  # fmt: skip
+        return
+    live = [g for g in held.grants if not g.revoked and g.not_before <= now <= g.not_after]
+    for rule in rules:
+        if not any(rule.card in g.cards for g in live):
+            yield Finding(
+                "dispensing", False,
+                f"a rule dispenses card {rule.card} but no current grant covers it: "
+                "have the backend grant it (redeemd status shows the grants)",
+            )  # fmt: skip
+    low = [g for g in live if g.quota - used.get(g.id, 0) <= max(1, g.quota // 10)]
+    for g in low:
+        yield Finding(
+            "dispensing", False,
+            f"grant {g.id} has {g.quota - used.get(g.id, 0)} of {g.quota} claim codes left: "
+            "ask the backend to raise its quota",
+        )  # fmt: skip
+    yield Finding(
+        "dispensing", True,
+        f"box key {key.key_id}, grant set {held.seq}: {len(live)} current grant(s)",
+    )  # fmt: skip
 
 
 def _disk(config: Config, min_free: int) -> Iterator[Finding]:

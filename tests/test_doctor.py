@@ -495,3 +495,57 @@ def test_a_camera_scanner_without_ffmpeg_is_a_problem_saying_what_to_install(loa
     _, lines = doctor_lines(loaded_box, "--user", ME)
     [line] = [line for line in problems(lines) if "scanner cam" in line]
     assert "ffmpeg not found" in line and "apt install ffmpeg" in line
+
+
+def test_doctor_says_what_stops_a_box_from_dispensing(loaded_box):
+    """A rule with no box key, then no grant for its card, then a grant almost used up:
+    each is a problem line that says what to do; a box that dispenses nothing gets no
+    dispensing line at all."""
+    from cards import grant as grants
+    from cards import keys as keys_mod
+    from daemon import box_key
+    from storage import dispensing
+
+    box = fresh(loaded_box)
+    _, lines = doctor_lines(box)
+    assert not [line for line in lines if "dispensing:" in line]
+
+    add(box, '\n[dispense]\nclaim_url = "https://claim.example.com/c/"\n'
+             "[[dispense.rules]]\nafter_card = 1\ncard = 1\n")  # fmt: skip
+    _, lines = doctor_lines(box)
+    [line] = problems(lines, "dispensing")
+    assert "no key yet" in line and "redeemd box-key" in line
+
+    key = box_key.load_or_create(box.dir)
+    _, lines = doctor_lines(box)
+    [line] = problems(lines, "dispensing")
+    assert key.key_id in line and "grant add" in line
+
+    now = int(time.time())
+    data = grants.build(
+        box.keyset.issuer_private, box.keyset.delegation, merchant="demo", box="box-1",
+        box_public=keys_mod.public_of(key.private), seq=1, created_at=now - 10,
+        grants=(grants.Grant("00000000000000c1", (1,), 10, now - 10, now + 3600),),
+    )  # fmt: skip
+    conn = open_database(box.dir / "redeemd.db")
+    try:
+        dispensing.install_grants(
+            conn, data, box.keyset.roots, merchant="demo", box="box-1", box_key_id=key.key_id
+        )
+    finally:
+        conn.close()
+    code, lines = doctor_lines(box)
+    assert problems(lines, "dispensing") == [], lines
+    assert any(line.startswith("ok       dispensing: box key") for line in lines), lines
+    from daemon import config as config_mod
+    from daemon.engine import Engine
+
+    conn = open_database(box.dir / "redeemd.db")
+    try:
+        dispensed = Engine(conn, config_mod.load(str(box.config_path))).dispense(1, 9, key)
+        assert len(dispensed.claims) == 9
+    finally:
+        conn.close()
+    _, lines = doctor_lines(box)
+    [line] = problems(lines, "dispensing")
+    assert "1 of 10 claim codes left" in line and "raise its quota" in line
