@@ -730,7 +730,14 @@ def _last_errors(live: dict) -> list[str]:
         errors.append(f"engine: {live['alarm']}")
     sync = live.get("sync") or {}
     shown = set()
-    for key in ("alarm", "stuck", "last_error", "publish_error", "last_refused"):
+    for key in (
+        "alarm",
+        "stuck",
+        "last_error",
+        "publish_error",
+        "last_refused",
+        "last_grants_refused",
+    ):
         if sync.get(key) and sync[key] not in shown:  # a conflict is the alarm and last_refused
             shown.add(sync[key])
             errors.append(f"sync {key}: {sync[key]}")
