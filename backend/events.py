@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 MAX_RECORDS = 10_000
 _GRANT_ID = re.compile(r"[0-9a-fA-F]{16}")
+_ACCOUNT_ID = re.compile(r"[0-9a-fA-F]{32}")
 
 
 class EventError(ValueError):
@@ -48,6 +49,12 @@ class Event:
     """A `dispense` record's grant (16 hex digits) and counter: the claim code it minted
     is (grant_id, counter), which the claim service's claims name too (issue 12)."""
     counter: int | None = None
+    account: str | None = None
+    """The card account the record spent from (32 hex digits, issue 13): present on
+    records of codes linked to an account, which the backend reconciles per account."""
+    cache_seq: int | None = None
+    """The box's applied batch sequence when it decided: tells a redemption on a box that
+    had not applied a transfer yet (backend/accounts.py)."""
 
 
 def parse_message(payload: bytes, *, merchant: str, box: str) -> list[Event]:
@@ -116,6 +123,12 @@ def _record(value: object, merchant: str, box: str, index: int) -> Event:
         raise EventError(f"record {index}: grant_id must be 16 hex digits, got {grant_id!r}")
     if counter is not None and (type(counter) is not int or counter < 0):
         raise EventError(f"record {index}: counter must be an integer >= 0, got {counter!r}")
+    account = get("account")
+    if account is not None and (type(account) is not str or not _ACCOUNT_ID.fullmatch(account)):
+        raise EventError(f"record {index}: account must be 32 hex digits, got {account!r}")
+    cache_seq = get("cache_seq")
+    if cache_seq is not None and (type(cache_seq) is not int or cache_seq < 0):
+        raise EventError(f"record {index}: cache_seq must be an integer >= 0, got {cache_seq!r}")
     return Event(
         id=record_id,
         seq=seq,
@@ -134,4 +147,6 @@ def _record(value: object, merchant: str, box: str, index: int) -> Event:
         raw=json.dumps(value, sort_keys=True, separators=(",", ":")),
         grant_id=grant_id.lower() if grant_id is not None else None,
         counter=counter,
+        account=account.lower() if account is not None else None,
+        cache_seq=cache_seq,
     )

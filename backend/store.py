@@ -174,10 +174,122 @@ M003_BOX_STATUS = """
         );
 """
 
+M006_ACCOUNTS = """
+        -- Card accounts (issue 13, backend/accounts.py): an account holds the uses or the
+        -- balance that every code linked to it spends. Ids are 16 random bytes in hex,
+        -- opaque (never a person). created_value is what `account create` gave it (uses
+        -- or minor units, per unit; NULL: unlimited uses); top-ups add to it.
+        CREATE TABLE accounts (
+            id TEXT PRIMARY KEY,
+            merchant TEXT NOT NULL,
+            card_id INTEGER NOT NULL,
+            unit TEXT NOT NULL,
+            created_value INTEGER,
+            status INTEGER NOT NULL,
+            batch_seq INTEGER NOT NULL,
+            created_at INTEGER NOT NULL
+        );
+
+        -- Which account a code spends: its keyed digest (never the code) -> account, as
+        -- the newest `link` (or transfer) batch said.
+        CREATE TABLE account_links (
+            merchant TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            account TEXT NOT NULL,
+            batch_seq INTEGER NOT NULL,
+            linked_at INTEGER NOT NULL,
+            PRIMARY KEY (merchant, digest)
+        );
+        CREATE INDEX account_links_account ON account_links(merchant, account);
+
+        -- A code's value moved to a new code (a gift); serial: the receiver's signed code's.
+        CREATE TABLE transfers (
+            id TEXT PRIMARY KEY,
+            merchant TEXT NOT NULL,
+            old_digest TEXT NOT NULL,
+            new_digest TEXT NOT NULL,
+            card_id INTEGER,
+            serial INTEGER,
+            batch_seq INTEGER NOT NULL,
+            issued_at INTEGER NOT NULL
+        );
+        CREATE INDEX transfers_old ON transfers(merchant, old_digest);
+        CREATE UNIQUE INDEX transfers_serial ON transfers(card_id, serial)
+            WHERE serial IS NOT NULL;
+
+        -- Value added to an account; a box applies each id once, whatever repeats it.
+        CREATE TABLE topups (
+            id TEXT PRIMARY KEY,
+            merchant TEXT NOT NULL,
+            account TEXT NOT NULL,
+            amount INTEGER NOT NULL,
+            batch_seq INTEGER NOT NULL,
+            issued_at INTEGER NOT NULL
+        );
+        CREATE INDEX topups_account ON topups(merchant, account);
+
+        -- Offline spending limits per card and box ('*': every box); each `limits`
+        -- batch carries all of a merchant's rows.
+        CREATE TABLE spending_limits (
+            merchant TEXT NOT NULL,
+            card_id INTEGER NOT NULL,
+            box TEXT NOT NULL,
+            per_redemption INTEGER,
+            per_account INTEGER,
+            set_at INTEGER NOT NULL,
+            PRIMARY KEY (merchant, card_id, box)
+        );
+
+        -- The merchant's policy for an overspent account: block its codes by batch.
+        CREATE TABLE account_policy (
+            merchant TEXT PRIMARY KEY,
+            block_overspent INTEGER NOT NULL,
+            set_at INTEGER NOT NULL
+        );
+
+        -- An account whose accepted spends (several boxes offline) passed its value:
+        -- the largest excess seen, the boxes and records (JSON arrays) that spent it,
+        -- and the block batch that answered it under the policy.
+        CREATE TABLE overspends (
+            merchant TEXT NOT NULL,
+            account TEXT NOT NULL,
+            amount_over INTEGER NOT NULL,
+            spent INTEGER NOT NULL,
+            account_value INTEGER NOT NULL,
+            boxes TEXT NOT NULL,
+            records TEXT NOT NULL,
+            detected_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL,
+            blocked_seq INTEGER,
+            PRIMARY KEY (merchant, account)
+        );
+
+        -- A transferred code's old digest redeemed on a box that had not applied the
+        -- transfer batch (its record's cache_seq below the batch's seq).
+        CREATE TABLE transfer_conflicts (
+            merchant TEXT NOT NULL,
+            transfer_id TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            record_id TEXT NOT NULL,
+            box TEXT NOT NULL,
+            cache_seq INTEGER,
+            transfer_seq INTEGER NOT NULL,
+            detected_at INTEGER NOT NULL,
+            PRIMARY KEY (transfer_id, record_id)
+        );
+
+        -- The account a record spent from (the event's "account").
+        ALTER TABLE events ADD COLUMN account TEXT;
+        CREATE INDEX events_account ON events(merchant, account) WHERE account IS NOT NULL;
+"""
+
 STEPS: list[Step] = [
     ("m001_initial", M001_INITIAL),
     ("m002_fleet", M002_FLEET),
     ("m003_box_status", M003_BOX_STATUS),
+    # m004 and m005 are dispensing's and the console's; accounts take m006 whatever order
+    # they land in (a step is recorded by name, not by position).
+    ("m006_accounts", M006_ACCOUNTS),
 ]
 
 
@@ -463,7 +575,7 @@ class Store:
                     (
                         e.id, merchant, box, e.seq, e.at_ms, e.digest, e.card_id, e.action,
                         e.verdict, e.uses, e.amount, e.uses_left, e.balance, e.reverses,
-                        e.raw, now,
+                        e.raw, now, e.account,
                     )
                     for (merchant, box, _), new in zip(messages, fresh, strict=True)
                     for e in new
@@ -911,7 +1023,7 @@ class Store:
 
 _EVENT_COLUMNS = (
     "id", "merchant", "box", "seq", "at_ms", "digest", "card_id", "action", "verdict", "uses",
-    "amount", "uses_left", "balance", "reverses", "raw", "stored_at",
+    "amount", "uses_left", "balance", "reverses", "raw", "stored_at", "account",
 )  # fmt: skip
 
 
