@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from backend.console.schema import M_CONSOLE
+
 # FILENAME: re-exported, the SQLite store's file name is the store's to tell.
 from backend.engines import FILENAME as FILENAME
 from backend.engines import Engine, EngineError, Step, open_engine, redact
@@ -289,6 +291,7 @@ STEPS: list[Step] = [
     ("m003_box_status", M003_BOX_STATUS),
     # m004 and m005 are dispensing's and the console's; accounts take m006 whatever order
     # they land in (a step is recorded by name, not by position).
+    ("m005_console", M_CONSOLE),
     ("m006_accounts", M006_ACCOUNTS),
 ]
 
