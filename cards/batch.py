@@ -25,6 +25,7 @@ from enum import StrEnum
 from typing import Any
 
 from cards import envelope, keys
+from cards.card import CardError, Limit, parse_limits
 
 FILE_MAGIC = b"RDB1"
 CHUNK_MAGIC = b"RDC1"
@@ -46,6 +47,12 @@ class Kind(StrEnum):
     BLOCK = "block"
     UNBLOCK = "unblock"
     CONSUMED = "consumed"
+    # Accounts (issue 13, docs/protocol.md 19).
+    ACCOUNTS = "accounts"
+    LINK = "link"
+    TRANSFER = "transfer"
+    TOPUP = "topup"
+    LIMITS = "limits"
 
 
 class CodeStatus:
@@ -55,6 +62,11 @@ class CodeStatus:
     CONSUMED = 1
     REVOKED = 2
     BLOCKED = 3
+    TRANSFERRED = 4
+    """Its value was moved to another code by a `transfer` batch (codes only)."""
+
+
+ACCOUNT_STATUSES = frozenset({CodeStatus.ACTIVE, CodeStatus.REVOKED, CodeStatus.BLOCKED})
 
 
 UNLIMITED = 0xFFFFFFFF
@@ -67,6 +79,14 @@ ISSUE_ENTRY = struct.Struct(">16sIIIIqB")
 DIGEST_ENTRY = struct.Struct(">16s")
 # consumed elsewhere: digest, the other box's record id (UUID bytes), uses, amount.
 CONSUMED_ENTRY = struct.Struct(">16s16sIq")
+# accounts: the issue entry's layout keyed by the account id (16 opaque bytes).
+ACCOUNT_ENTRY = ISSUE_ENTRY
+# link: digest, account id: the code spends that account from now on.
+LINK_ENTRY = struct.Struct(">16s16s")
+# transfer: transfer id, old digest, new digest.
+TRANSFER_ENTRY = struct.Struct(">16s16s16s")
+# topup: topup id, account id, amount (> 0) added to the account's balance or uses.
+TOPUP_ENTRY = struct.Struct(">16s16sq")
 
 ENTRY_SIZES = {
     Kind.CARDS: 0,
@@ -76,7 +96,13 @@ ENTRY_SIZES = {
     Kind.BLOCK: DIGEST_ENTRY.size,
     Kind.UNBLOCK: DIGEST_ENTRY.size,
     Kind.CONSUMED: CONSUMED_ENTRY.size,
+    Kind.ACCOUNTS: ACCOUNT_ENTRY.size,
+    Kind.LINK: LINK_ENTRY.size,
+    Kind.TRANSFER: TRANSFER_ENTRY.size,
+    Kind.TOPUP: TOPUP_ENTRY.size,
+    Kind.LIMITS: 0,
 }
+JSON_KINDS = frozenset({Kind.CARDS, Kind.LIMITS})
 
 
 class BatchError(ValueError):
@@ -122,15 +148,42 @@ class Batch:
     def consumed_entries(self) -> Iterator[tuple[bytes, bytes, int, int]]:
         return CONSUMED_ENTRY.iter_unpack(self.entries)
 
+    def account_entries(self) -> Iterator[tuple[bytes, int, int, int, int, int, int]]:
+        """(account id, card id, not_before, not_after, uses, balance, status)."""
+        return ACCOUNT_ENTRY.iter_unpack(self.entries)
+
+    def link_entries(self) -> Iterator[tuple[bytes, bytes]]:
+        """(digest, account id)."""
+        return LINK_ENTRY.iter_unpack(self.entries)
+
+    def transfer_entries(self) -> Iterator[tuple[bytes, bytes, bytes]]:
+        """(transfer id, old digest, new digest), in file order."""
+        return TRANSFER_ENTRY.iter_unpack(self.entries)
+
+    def topup_entries(self) -> Iterator[tuple[bytes, bytes, int]]:
+        """(topup id, account id, amount), in file order."""
+        return TOPUP_ENTRY.iter_unpack(self.entries)
+
     def card_templates(self) -> list[dict[str, Any]]:
+        return _json_objects(self.entries, "cards")
+
+    def limits(self) -> list[Limit]:
+        """The offline limits of a `limits` batch, parsed strictly (cards.card.parse_limit)."""
         try:
-            value = json.loads(self.entries)
-        # ValueError: integers over Python's 4300-digit limit; RecursionError: deep nesting.
-        except (ValueError, RecursionError) as exc:
-            raise BatchError(f"cards batch entries are not JSON: {exc}") from None
-        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            raise BatchError("cards batch entries must be a JSON array of objects")
-        return value
+            return parse_limits(_json_objects(self.entries, "limits"))
+        except CardError as exc:
+            raise BatchError(f"limits batch {self.header.seq}: {exc}") from None
+
+
+def _json_objects(entries: bytes, kind: str) -> list[dict[str, Any]]:
+    try:
+        value = json.loads(entries)
+    # ValueError: integers over Python's 4300-digit limit; RecursionError: deep nesting.
+    except (ValueError, RecursionError) as exc:
+        raise BatchError(f"{kind} batch entries are not JSON: {exc}") from None
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise BatchError(f"{kind} batch entries must be a JSON array of objects")
+    return value
 
 
 # ---------------------------------------------------------------- building (backend)
@@ -163,6 +216,79 @@ def encode_cards(templates: list[dict[str, Any]]) -> bytes:
     return keys.canonical_json(templates)
 
 
+def encode_accounts(rows: Iterable[tuple[bytes, int, int, int, int, int, int]]) -> bytes:
+    """Entries for an `accounts` batch: (account id, card id, not_before, not_after, uses,
+    balance, status) as in an issue entry, sorted by account id.
+
+    Raises BatchError for a field out of range or a status other than active (0),
+    revoked (2) or blocked (3).
+    """
+    rows = list(rows)
+    for row in rows:
+        _check_account(row)
+    return encode_issue(rows)
+
+
+def encode_links(rows: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """Entries for a `link` batch: (digest, account id), sorted by digest."""
+    return _pack(LINK_ENTRY, sorted(rows), "link")
+
+
+def encode_transfers(rows: Iterable[tuple[bytes, bytes, bytes]]) -> bytes:
+    """Entries for a `transfer` batch: (transfer id, old digest, new digest), kept in the
+    given order (a box applies them in file order: A -> B then B -> C)."""
+    return _pack(TRANSFER_ENTRY, rows, "transfer")
+
+
+def encode_topups(rows: Iterable[tuple[bytes, bytes, int]]) -> bytes:
+    """Entries for a `topup` batch: (topup id, account id, amount > 0), in the given order."""
+    rows = list(rows)
+    for topup_id, _, amount in rows:
+        if not 0 < amount <= MAX_BALANCE:
+            raise BatchError(
+                f"top-up {topup_id.hex()}: amount {amount} must be 1..{MAX_BALANCE} "
+                "(minor units or uses added)"
+            )
+    return _pack(TOPUP_ENTRY, rows, "topup")
+
+
+def encode_limits(limits: Iterable[dict[str, Any]]) -> bytes:
+    """Entries for a `limits` batch: canonical JSON of the limit objects, sorted by card
+    and box. Each is checked as a box parses it (cards.card.parse_limit)."""
+    values = list(limits)
+    try:
+        parse_limits(values)
+    except CardError as exc:
+        raise BatchError(str(exc)) from None
+    return keys.canonical_json(sorted(values, key=lambda v: (v["card"], v["box"])))
+
+
+def _pack(entry: struct.Struct, rows: Iterable[tuple[Any, ...]], kind: str) -> bytes:
+    out = []
+    for row in rows:
+        # struct pads a short bytes field with zeros: an id cut short must not pass.
+        if any(isinstance(f, bytes) and len(f) != 16 for f in row):
+            raise BatchError(f"a {kind} entry has an id or digest that is not 16 bytes")
+        try:
+            out.append(entry.pack(*row))
+        except struct.error as exc:
+            raise BatchError(f"a {kind} entry does not fit its layout: {exc}") from None
+    return b"".join(out)
+
+
+def _check_account(row: tuple[bytes, int, int, int, int, int, int]) -> None:
+    account, status, balance = row[0], row[6], row[5]
+    if len(account) != 16:
+        raise BatchError(f"an account id must be 16 bytes, got {len(account)}")
+    if status not in ACCOUNT_STATUSES:
+        raise BatchError(
+            f"account {account.hex()}: status {status} is not active (0), revoked (2) or "
+            "blocked (3)"
+        )
+    if balance < 0:
+        raise BatchError(f"account {account.hex()}: balance {balance} is negative")
+
+
 def build(
     issuer_private: bytes,
     delegation: keys.Delegation,
@@ -190,6 +316,7 @@ def build(
         count = len(entries) // size
     else:
         count = len(json.loads(entries))
+    _check_entries(kind, entries)
     payload = zlib.compress(entries, 6)
     chunks = [payload[i : i + chunk_size] for i in range(0, len(payload), chunk_size)] or [b""]
     body = {
@@ -367,7 +494,23 @@ def _decode(header: Header, payload: bytes, max_entries_size: int) -> Batch:
     batch = Batch(header=header, entries=entries)
     if header.kind is Kind.CARDS and len(batch.card_templates()) != header.count:
         raise BatchError("cards batch count does not match its templates")
+    if header.kind is Kind.LIMITS and len(batch.limits()) != header.count:
+        raise BatchError("limits batch count does not match its limits")
+    _check_entries(header.kind, entries)
     return batch
+
+
+def _check_entries(kind: Kind, entries: bytes) -> None:
+    """What a signed batch of the accounts kinds may not say, whoever signed it: a
+    top-up that takes value away, an account with a code-only status or a negative
+    balance (docs/protocol.md 19.1). Raises BatchError naming the entry."""
+    if kind is Kind.TOPUP:
+        for topup_id, _, amount in TOPUP_ENTRY.iter_unpack(entries):
+            if amount <= 0:
+                raise BatchError(f"top-up {topup_id.hex()}: amount {amount} must be above 0")
+    elif kind is Kind.ACCOUNTS:
+        for row in ACCOUNT_ENTRY.iter_unpack(entries):
+            _check_account(row)
 
 
 class ChunkAssembler:

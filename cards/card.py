@@ -7,6 +7,7 @@ the box than in the backend turns into money lost at the counter.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -158,3 +159,92 @@ def _minutes(text: str) -> int:
     if not (0 <= int(minute) < 60 and 0 <= result <= 24 * 60):
         raise ValueError(text)
     return result
+
+
+# ---------------------------------------------------------------- offline limits
+
+# A box id as the config allows it (1-64 of A-Z a-z 0-9 _ . -), or "*" for every box.
+_BOX_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+EVERY_BOX = "*"
+
+
+@dataclass(frozen=True)
+class Limit:
+    """An offline spending limit for one card template on one box (or every box).
+
+    Amounts are what the card counts: minor units for balance kinds, uses for the
+    others. None means no cap of that kind (docs/protocol.md 19.5).
+    """
+
+    card_id: int
+    box: str
+    """A box id, or EVERY_BOX ("*"); a limit naming the box wins over "*"."""
+    per_redemption: int | None = None
+    """One redemption may take at most this much."""
+    per_account: int | None = None
+    """What this box accepted for one account (a code without one is its own account)
+    in records the backend has not acknowledged yet, plus this redemption, may not be
+    more than this."""
+
+
+def parse_limit(value: dict[str, Any]) -> Limit:
+    """Build a Limit from its JSON object in a `limits` batch.
+
+    >>> parse_limit({"card": 5, "box": "*", "per_redemption": 2000, "per_account": None})
+    Limit(card_id=5, box='*', per_redemption=2000, per_account=None)
+    """
+    known = {"card", "box", "per_redemption", "per_account"}
+    if not isinstance(value, dict):
+        raise CardError(f"a limit must be a JSON object, got {value!r}")
+    if set(value) != known:
+        raise CardError(
+            f"limit has fields {sorted(value)}; it must have exactly {sorted(known)} "
+            "(null for a cap that does not apply)"
+        )
+    card_id = _count(value, "card")
+    if card_id > 0xFFFFFFFF:
+        raise CardError(f"limit: card id {card_id} does not fit in 32 bits")
+    box = value["box"]
+    if not isinstance(box, str) or not (
+        box == EVERY_BOX or (1 <= len(box) <= 64 and set(box) <= _BOX_CHARS)
+    ):
+        raise CardError(
+            f"limit for card {card_id}: box {box!r} must be a box id (1-64 of A-Z a-z 0-9 "
+            '_ . -) or "*" for every box'
+        )
+    caps = {}
+    for name in ("per_redemption", "per_account"):
+        cap = value[name]
+        if cap is not None and (type(cap) is not int or not 0 <= cap <= (1 << 63) - 1):
+            raise CardError(
+                f"limit for card {card_id} on box {box}: {name} must be null or an integer "
+                f"0..2^63-1 (minor units or uses), got {cap!r}"
+            )
+        caps[name] = cap
+    return Limit(card_id, box, caps["per_redemption"], caps["per_account"])
+
+
+def parse_limits(values: list[Any]) -> list[Limit]:
+    """Every limit of a `limits` batch; CardError for the first bad one or for two limits
+    of the same card and box (which one holds would be ambiguous)."""
+    limits = [parse_limit(v) for v in values]
+    seen: set[tuple[int, str]] = set()
+    for limit in limits:
+        key = (limit.card_id, limit.box)
+        if key in seen:
+            raise CardError(f"two limits for card {limit.card_id} on box {limit.box!r}")
+        seen.add(key)
+    return limits
+
+
+def limit_for(limits: Iterable[Limit], card_id: int, box: str) -> Limit | None:
+    """The limit that holds for `card_id` on box `box`: the one naming the box, else the
+    one for every box, else None."""
+    found = None
+    for limit in limits:
+        if limit.card_id == card_id:
+            if limit.box == box:
+                return limit
+            if limit.box == EVERY_BOX:
+                found = limit
+    return found

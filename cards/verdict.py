@@ -37,6 +37,10 @@ class Reason(StrEnum):
     GRANT_EXPIRED = "grant_expired"
     GRANT_NOT_YET_VALID = "grant_not_yet_valid"
     QUOTA_EXHAUSTED = "quota_exhausted"
+    # Accounts (issue 13): a code whose value was given to another code, and a
+    # redemption past the merchant's offline spending limit for this box.
+    TRANSFERRED = "transferred"
+    OFFLINE_LIMIT = "offline_limit"
 
 
 class Outcome(StrEnum):

@@ -237,6 +237,29 @@ def entries_doc(kind: Kind, entries: bytes) -> list[dict]:
             {"digest": d.hex(), "record_id": r.hex(), "uses": u, "amount": a}
             for d, r, u, a in batch.CONSUMED_ENTRY.iter_unpack(entries)
         ]
+    if kind is Kind.ACCOUNTS:
+        return [
+            {"account": i.hex(), "card_id": c, "not_before": nb, "not_after": na,
+             "uses": u, "balance": b, "status": s}
+            for i, c, nb, na, u, b, s in batch.ACCOUNT_ENTRY.iter_unpack(entries)
+        ]  # fmt: skip
+    if kind is Kind.LINK:
+        return [
+            {"digest": d.hex(), "account": a.hex()}
+            for d, a in batch.LINK_ENTRY.iter_unpack(entries)
+        ]
+    if kind is Kind.TRANSFER:
+        return [
+            {"transfer_id": t.hex(), "old_digest": o.hex(), "new_digest": n.hex()}
+            for t, o, n in batch.TRANSFER_ENTRY.iter_unpack(entries)
+        ]
+    if kind is Kind.TOPUP:
+        return [
+            {"topup_id": t.hex(), "account": a.hex(), "amount": m}
+            for t, a, m in batch.TOPUP_ENTRY.iter_unpack(entries)
+        ]
+    if kind is Kind.LIMITS:
+        return json.loads(entries)
     return [{"digest": d.hex()} for (d,) in batch.DIGEST_ENTRY.iter_unpack(entries)]
 
 
@@ -427,6 +450,75 @@ def main() -> None:
         "zlib_level": 6,
         "zlib_version_used": zlib.ZLIB_RUNTIME_VERSION,
         "batches": batches,
+    })  # fmt: skip
+    write_accounts(delegation, root_public)
+
+
+# Accounts, transfers, top-ups and offline limits (docs/protocol.md section 19): five
+# batches continuing the chain above (sequences 5-9), in their own files so that the
+# vectors above stay byte for byte as they were.
+FAMILY = bytes(range(128, 144))  # a family's stored-value account on the gift card (5)
+GROUP = bytes(range(144, 160))  # a use-counted account on the groupon card (3)
+# accounts: account id, card id, not_before, not_after, uses, balance, status
+ACCOUNT_ROWS = [
+    (FAMILY, 5, 0, 0, 0, 10_000, CodeStatus.ACTIVE),
+    (GROUP, 3, 0, 0, 10, 0, CodeStatus.ACTIVE),
+]
+# link: code text, account id (GIFT-20 is an issued code: a plastic card joining it)
+LINK_ROWS = [
+    ("FAMILY-PHONE-1", FAMILY),
+    ("FAMILY-PHONE-2", FAMILY),
+    ("GIFT-20", FAMILY),
+    ("GROUP-1", GROUP),
+]
+# transfer: transfer id, old code text, new code text (GIFT-50 given to a friend)
+TRANSFER_ROWS = [(bytes(range(160, 176)), "GIFT-50", "GIFT-50-FRIEND")]
+# topup: topup id, account id, amount (minor units for FAMILY, uses for GROUP)
+TOPUP_ROWS = [(bytes(range(176, 192)), FAMILY, 2_500), (bytes(range(192, 208)), GROUP, 5)]
+LIMIT_ROWS = [
+    {"card": 5, "box": "*", "per_redemption": 5_000, "per_account": 8_000},
+    {"card": 5, "box": "box-1", "per_redemption": None, "per_account": 3_000},
+    {"card": 3, "box": "*", "per_redemption": 2, "per_account": None},
+]
+
+
+def write_accounts(delegation, root_public) -> None:
+    """batch-accounts.rdb, batch-link.rdb, batch-transfer.rdb, batch-topup.rdb,
+    batch-limits.rdb and accounts.json (laid out as batches.json)."""
+    found = {}
+    _, found["accounts"] = make_batch(
+        delegation, "batch-accounts.rdb", Kind.ACCOUNTS, 5, batch.encode_accounts(ACCOUNT_ROWS),
+        {"rows": [{"account": a.hex(), "card_id": c, "not_before": nb, "not_after": na,
+                   "uses": u, "balance": b, "status": s}
+                  for a, c, nb, na, u, b, s in ACCOUNT_ROWS]},
+    )  # fmt: skip
+    _, found["link"] = make_batch(
+        delegation, "batch-link.rdb", Kind.LINK, 6,
+        batch.encode_links((digest_of(t), a) for t, a in LINK_ROWS),
+        {"rows": [{"code": t, "account": a.hex()} for t, a in LINK_ROWS]},
+    )  # fmt: skip
+    _, found["transfer"] = make_batch(
+        delegation, "batch-transfer.rdb", Kind.TRANSFER, 7,
+        batch.encode_transfers((i, digest_of(o), digest_of(n)) for i, o, n in TRANSFER_ROWS),
+        {"rows": [{"transfer_id": i.hex(), "old_code": o, "new_code": n}
+                  for i, o, n in TRANSFER_ROWS]},
+    )  # fmt: skip
+    _, found["topup"] = make_batch(
+        delegation, "batch-topup.rdb", Kind.TOPUP, 8, batch.encode_topups(TOPUP_ROWS),
+        {"rows": [{"topup_id": i.hex(), "account": a.hex(), "amount": m}
+                  for i, a, m in TOPUP_ROWS]},
+    )  # fmt: skip
+    _, found["limits"] = make_batch(
+        delegation, "batch-limits.rdb", Kind.LIMITS, 9, batch.encode_limits(LIMIT_ROWS),
+        {"limits": LIMIT_ROWS},
+    )  # fmt: skip
+    write("accounts.json", {
+        "roots": {keys.key_id(root_public): root_public.hex()},
+        "issuer_seed_hex": ISSUER_SEED.hex(),
+        "code_key_hex": CODE_KEY.hex(),
+        "zlib_level": 6,
+        "zlib_version_used": zlib.ZLIB_RUNTIME_VERSION,
+        "batches": found,
     })  # fmt: skip
 
 
