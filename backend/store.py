@@ -559,6 +559,7 @@ class Store:
                     for e in events
                     if e.digest is not None and _consumes_last_use(e)
                 ]
+                + accounts.lock_keys(messages)
             )
             # Which records are new, across the whole group: one look-up for every id,
             # then one bulk insert (the records of a box resent within the group, or
@@ -614,6 +615,7 @@ class Store:
                         now,
                     )
                 )
+            accounts.reconcile(self, messages, fresh, sign_consumed, now)
             return results
 
     def _store(
@@ -1065,3 +1067,7 @@ def _issued(data: bytes) -> IssuedBatch:
 def _row_batch(row: tuple) -> IssuedBatch:
     merchant, seq, kind, count, created_at, expires_at, sha256, data = row
     return IssuedBatch(merchant, seq, Kind(kind), count, created_at, expires_at, sha256, data)
+
+
+# Last: backend/accounts.py builds on the Store above, and store_messages calls it.
+from backend import accounts  # noqa: E402
