@@ -70,6 +70,7 @@ from postgres import PostgreSQL  # noqa: E402
 from backend.keystore import Keystore  # noqa: E402
 from backend.store import DATABASE_ENV, Store  # noqa: E402
 from cards import keys  # noqa: E402
+from sync.worker import TICK  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 MERCHANT = bench_boxes.MERCHANT
@@ -278,14 +279,15 @@ def box_id(box: int) -> str:
     return f"fleet-{box:05d}"
 
 
-def worker(pipe: Connection, assigned: list[tuple[int, str]], tick: float) -> None:
+def worker(pipe: Connection, assigned: list[tuple[int, str]], tick: float | None) -> None:
     """One worker process: the boxes `assigned` ((number, config path) each), each an
     Engine and a Sync, driven by commands from the bench over `pipe`. `tick` replaces
     the sync thread's idle poll period (sync.worker.TICK) when not the box's own."""
     logging.basicConfig(level=logging.ERROR)
     import sync.worker as sync_worker
 
-    sync_worker.TICK = tick
+    if tick is not None:
+        sync_worker.TICK = tick
     from cards.scan import Scan
     from daemon import config as config_mod
     from daemon.engine import Engine
@@ -308,6 +310,7 @@ def worker(pipe: Connection, assigned: list[tuple[int, str]], tick: float) -> No
     def scan(number: int) -> None:
         counters[number] += 1
         engines[number].handle(Scan(code(number, counters[number]).encode(), "counter"))
+        syncs[number].wake()  # as redeemd run does after each committed scan
 
     for sync in syncs.values():
         # A few ms apart, as boxes booting at different times: hundreds of connects in
@@ -392,7 +395,7 @@ def steady(engines: dict, scan, seconds: float, interval: float) -> dict[str, fl
 class Fleet:
     """The worker processes and what they report together."""
 
-    def __init__(self, configs: list[tuple[int, str]], processes: int, tick: float):
+    def __init__(self, configs: list[tuple[int, str]], processes: int, tick: float | None):
         ctx = multiprocessing.get_context("fork")
         self.pipes: list[Connection] = []
         self.processes = []
@@ -678,9 +681,9 @@ def main() -> int:
     parser.add_argument(
         "--tick",
         type=float,
-        default=0.2,
-        help="the sync thread's idle poll period in s (sync.worker.TICK, default the "
-        "box's 0.2; 1000 boxes at 0.2 s saturate 2 cores while idle)",
+        default=None,
+        help="the sync thread's idle poll period in s (sync.worker.TICK; default the "
+        "box's own, 1 s: a box wakes its sync thread after each committed scan)",
     )
     parser.add_argument("--dir", default=None, help="where to put the databases (default /tmp)")
     args = parser.parse_args()
@@ -705,7 +708,8 @@ def main() -> int:
             say(
                 f"fleet: {args.boxes} boxes in {args.workers} worker processes, mosquitto and "
                 f"PostgreSQL on loopback, 2 collectors; boxes' request_retry {args.request_retry}, "
-                f"sync tick {args.tick:g} s; "
+                f"sync tick {args.tick if args.tick is not None else TICK:g} s"
+                " (woken after each scan); "
                 f"{os.cpu_count()} cores; "
                 f"databases on {bench_boxes.filesystem(scratch)}"
             )

@@ -198,6 +198,8 @@ class Service:
                         break
                     continue
                 self._decide(engine, scan)
+                if self.sync is not None:
+                    self.sync.wake()  # a committed record goes up now, not at the next tick
         except KeyboardInterrupt:
             pass
         finally:

@@ -38,8 +38,20 @@ from sync.topics import Topics
 
 log = logging.getLogger("redeemd.sync")
 
-TICK = 0.2
+TICK = 1.0
+"""The longest the sync thread sleeps with nothing to do. What it must do at once comes
+as an event: the network's (a connection, an ack, a PUBACK, a batch) and the engine's
+`wake()` after a record is committed; its timers (resends, the status) are seconds
+apart. A 0.2 s poll of the outbox cost a fleet of 1000 simulated boxes both cores
+while idle (docs/decisions.md, "Found at 1000 boxes")."""
 MAX_QUEUED_MESSAGES = 1000
+
+
+class Wake:
+    """Something to do: a record was committed (`Sync.wake`), or the thread must stop."""
+
+
+WAKE = Wake()
 
 
 class SyncSettings(LinkSettings, Protocol):
@@ -115,7 +127,7 @@ class Sync:
         self.box_key = box_key
         self.clock = clock
         self.topics = Topics(settings.topic_prefix, merchant, box)
-        self.events: queue.Queue[Event] = queue.Queue()
+        self.events: queue.Queue[Event | Wake] = queue.Queue()
         self.session = Session(
             settings,
             box,
@@ -123,7 +135,7 @@ class Sync:
             subscriptions=self.topics.subscriptions(),
             events=self._enqueue,
         )
-        self.thread = OwnedThread("sync", self._run)
+        self.thread = OwnedThread("sync", self._run, wake=self.wake)
         self._stop = self.thread.stopping
         self.pump: Pump | None = None
         self.intake: Intake | None = None
@@ -139,9 +151,14 @@ class Sync:
 
     def stop(self, timeout: float = 5.0) -> bool:
         """Publish "offline", disconnect and wait at most `timeout` seconds for the
-        threads; True if all ended. The sync thread notices the stop within a TICK, waits
-        at most 2 s for the offline status and 2 s for the network thread."""
+        threads; True if all ended. The sync thread notices the stop at once (woken),
+        waits at most 2 s for the offline status and 2 s for the network thread."""
         return self.thread.stop(timeout) and not self.session.thread.is_alive()
+
+    def wake(self) -> None:
+        """A record was committed: send it now rather than at the next TICK. Cheap and
+        safe from any thread; wakes that pile up while the thread works cost nothing."""
+        self.events.put(WAKE)
 
     def state(self) -> SyncState:
         """For status.json and `redeemd status` (immutable, safe from any thread)."""
@@ -223,7 +240,7 @@ class Sync:
         next_status = float("inf")
         while not self._stop.is_set():
             try:
-                event: Event | None = self.events.get(timeout=TICK)
+                event: Event | Wake | None = self.events.get(timeout=TICK)
             except queue.Empty:
                 event = None
             now = self.clock()
@@ -263,7 +280,7 @@ class Sync:
                 self._stop.wait(1.0)
             self._update_state(conn, now)
 
-    def _handle(self, conn: sqlite3.Connection, event: Event, now: float) -> None:
+    def _handle(self, conn: sqlite3.Connection, event: Event | Wake, now: float) -> None:
         assert self.pump is not None and self.intake is not None
         if isinstance(event, Down):
             self.pump.disconnected()
