@@ -37,12 +37,14 @@ import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from backend.events import Event
 from backend.keystore import Keystore
 from backend.store import IssuedBatch, Store, StoreError, _allocator
 from cards import batch
 from cards.batch import UNLIMITED, CodeStatus, Kind
+from cards.card import Card, parse_card
 
 Signer = Callable[[str, int, Kind, bytes], bytes]
 """(merchant, seq, kind, entries) -> the signed batch file."""
@@ -237,6 +239,22 @@ def create_account(
     return Made(batch=issued, id=account_id.hex(), account=made)
 
 
+def card_template(
+    store: Store, roots: dict[str, bytes], merchant: str, card_id: int
+) -> Card | None:
+    """Card `card_id` of `merchant` as the newest `cards` batch that has it says, or None
+    when no stored `cards` batch has it (issued elsewhere, or not yet)."""
+    rows = store.engine.execute(
+        "SELECT data FROM batches WHERE merchant = ? AND kind = ? ORDER BY seq DESC",
+        (merchant, Kind.CARDS.value),
+    )
+    for (data,) in rows:
+        for template in batch.open_file(bytes(data), roots).card_templates():
+            if template.get("id") == card_id:
+                return parse_card(template)
+    return None
+
+
 def account(store: Store, account_id: str) -> Account:
     """The account `account_id` (32 hex digits) with its top-ups; AccountsError if none."""
     account_id = _account_id(account_id)
@@ -251,7 +269,7 @@ def account(store: Store, account_id: str) -> Account:
             f"no account {account_id} in the backend's database: `redeemd-backend account "
             "create` makes one, `account list` shows them"
         )
-    return Account(*row[:8], topped_up=int(row[8]))
+    return _account(row)
 
 
 def accounts(store: Store, merchant: str | None = None) -> list[Account]:
@@ -264,7 +282,15 @@ def accounts(store: Store, merchant: str | None = None) -> list[Account]:
         f"{where} ORDER BY a.created_at, a.id",
         params,
     ).fetchall()
-    return [Account(*r[:8], topped_up=int(r[8])) for r in rows]
+    return [_account(r) for r in rows]
+
+
+def _account(row: Any) -> Account:
+    id_, merchant, card_id, unit, created_value, status, batch_seq, created_at, topped_up = row
+    return Account(
+        id=id_, merchant=merchant, card_id=card_id, unit=unit, created_value=created_value,
+        status=status, batch_seq=batch_seq, created_at=created_at, topped_up=int(topped_up),
+    )  # fmt: skip
 
 
 def link(store: Store, sign: Signer, *, account_id: str, digest: bytes, now: int) -> Made:
