@@ -19,15 +19,31 @@ from dataclasses import dataclass, replace
 from datetime import datetime, tzinfo
 
 from cards import signed_code
-from cards.card import Card
+from cards.batch import CodeStatus
+from cards.card import Card, Limit
 from cards.classify import payment_scheme
 from cards.keys import Delegation
-from cards.rules import CodeState, Context, Decision, Redeemed, decide, decide_reverse, resolve
+from cards.rules import (
+    CodeState,
+    Context,
+    Decision,
+    Redeemed,
+    decide,
+    decide_reverse,
+    resolve,
+    within_limit,
+)
 from cards.verdict import Action, Outcome, Reason
 
-CodeRow = tuple[int, "int | None", "int | None", "int | None", "int | None", int]
+CodeRow = tuple[int, "int | None", "int | None", "int | None", "int | None", int, "bytes | None"]
 """A code's stored row as `storage.codes.LOOKUP` selects it: card_id, not_before,
-not_after, uses_left, balance, status (NULL/0 = the card's default)."""
+not_after, uses_left, balance, status (NULL/0 = the card's default), account (the id of
+the account it is linked to, or NULL)."""
+AccountRow = tuple[int, "int | None", "int | None", "int | None", "int | None", int]
+"""An account's stored row as `storage.codes.ACCOUNT_LOOKUP` selects it: card_id,
+not_before, not_after, uses_left, balance, status (docs/protocol.md 19.1)."""
+# A code's own status that outranks its account's (protocol.md 19.2).
+_CODE_FIRST = frozenset({CodeStatus.REVOKED, CodeStatus.BLOCKED, CodeStatus.TRANSFERRED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +99,8 @@ class Evaluation:
     recorded: bool = True
     """False for a reversal refused before anything it names was found (no accepted
     redemption with that id, or its card or code gone): answered, not recorded."""
+    account: bytes | None = None
+    """The account a linked code spends (its record names it), None for other codes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +115,27 @@ def refusal(reason: Reason, detail: str) -> Decision:
     return Decision(Outcome.REJECTED, Action.REJECT, reason, detail)
 
 
-def _refused(reason: Reason, detail: str, card: Card | None = None) -> Evaluation:
-    return Evaluation(Decision(Outcome.REJECTED, Action.REJECT, reason, detail), card)
+def _refused(
+    reason: Reason, detail: str, card: Card | None = None, account: bytes | None = None
+) -> Evaluation:
+    return Evaluation(
+        Decision(Outcome.REJECTED, Action.REJECT, reason, detail), card, account=account
+    )
+
+
+def linked_row(row: CodeRow, account: AccountRow) -> AccountRow:
+    """A linked code judged through its account (protocol.md 19.2): the account's card,
+    uses and balance; both windows (the later start, the earlier end; 0/NULL = the
+    card's); the code's own revoked, blocked or transferred status first, else the
+    account's status."""
+    card_id, not_before, not_after, uses_left, balance, status = account
+    if row[1] and (not not_before or row[1] > not_before):
+        not_before = row[1]
+    if row[2] and (not not_after or row[2] < not_after):
+        not_after = row[2]
+    if row[5] in _CODE_FIRST:
+        status = row[5]
+    return card_id, not_before, not_after, uses_left, balance, status
 
 
 def evaluate(
@@ -108,11 +145,19 @@ def evaluate(
     now: int,
     policy: Policy,
     ask: Ask = SCAN,
+    account: AccountRow | None = None,
 ) -> Evaluation | PaymentPass:
     """The verdict for normalised code `text` whose stored row is `row` (None: not
-    listed), at `now` (Unix seconds, already floored at the time floor)."""
+    listed), at `now` (Unix seconds, already floored at the time floor). A linked code
+    (row's account set) is judged through `account`, its account's row as the engine
+    read it (None: the account is not in the cache)."""
+    linked = None
+    if row is not None and row[6] is not None:
+        linked = row[6]
+        if account is None:
+            return _refused(Reason.UNKNOWN_CODE, "the code's account is not in the cache")
     if signed_code.looks_signed(text):
-        found = _signed(text, row, trusted)
+        found = _signed(text, row, trusted, account)
         if isinstance(found, Evaluation):
             return found
         card, state = found
@@ -125,17 +170,25 @@ def evaluate(
         detail = f"{scheme} payment codes are not accepted here"
         return Evaluation(refusal(Reason.PAYMENT_CODE, detail), None, keeps_digest=False)
     else:
-        card_id, not_before, not_after, uses_left, balance, status = row
+        if linked is None:
+            card_id, not_before, not_after, uses_left, balance, status, _ = row
+        else:
+            assert account is not None
+            card_id, not_before, not_after, uses_left, balance, status = linked_row(row, account)
         listed = trusted.cards.get(card_id)
         if listed is None:
-            return _refused(Reason.UNKNOWN_CARD, f"card {card_id} is not in the cache")
+            return _refused(
+                Reason.UNKNOWN_CARD, f"card {card_id} is not in the cache", None, linked
+            )
         card = listed
         state = resolve(card, status, not_before, not_after, uses_left, balance)
 
     if card.merchant != policy.merchant:
-        return _refused(Reason.WRONG_MERCHANT, f"card belongs to merchant {card.merchant}", card)
+        return _refused(
+            Reason.WRONG_MERCHANT, f"card belongs to merchant {card.merchant}", card, linked
+        )
     if policy.reject_stale and stale(trusted.cache_time, now, policy.max_staleness):
-        return _refused(Reason.STALE_CACHE, stale_detail(trusted.cache_time, now), card)
+        return _refused(Reason.STALE_CACHE, stale_detail(trusted.cache_time, now), card, linked)
     action = ask.action
     if action is None:
         action = Action.CHECK if card.two_phase else Action.REDEEM
@@ -144,11 +197,23 @@ def evaluate(
         local = datetime.fromtimestamp(now, policy.zone) if policy.zone else _system_local(now)
         weekday, minute = local.isoweekday(), local.hour * 60 + local.minute
     ctx = Context(now, weekday, minute, policy.store, action, ask.amount, ask.uses)
-    return Evaluation(decide(card, state, ctx), card)
+    return Evaluation(decide(card, state, ctx), card, account=linked)
+
+
+def limited(found: Evaluation, ask: Ask, limit: Limit, spent: int) -> Evaluation:
+    """`found` unless it accepts a redemption past the offline `limit` of its card on
+    this box, given `spent`, this box's unacknowledged spend on the account (or the
+    code); then the refusal `offline_limit` (docs/reasons.md, the last step)."""
+    if found.card is None:
+        return found
+    decision = within_limit(found.card, found.decision, ask.amount, ask.uses, limit, spent)
+    if decision is found.decision:
+        return found
+    return replace(found, decision=decision)
 
 
 def _signed(
-    text: str, row: CodeRow | None, trusted: Trusted
+    text: str, row: CodeRow | None, trusted: Trusted, account: AccountRow | None = None
 ) -> Evaluation | tuple[Card, CodeState]:
     """A signed code's card and state, or its refusal. Its signature, issuer and
     delegation are checked before anything it claims is believed."""
@@ -171,8 +236,15 @@ def _signed(
         return _refused(Reason.BAD_SIGNATURE, "issuer key may not sign for this card's merchant")
     not_before, not_after = signed_code.window(signed, card, issuer)
     # A signed code is listed only once it was used (or revoked): until then it has
-    # the card's defaults, inside the window it was signed for.
-    _, _, _, uses_left, balance, status = row or (None, None, None, None, None, 0)
+    # the card's defaults, inside the window it was signed for. Linked to an account,
+    # it spends the account's uses or balance under its own card and window.
+    if row is None:
+        uses_left = balance = None
+        status = CodeStatus.ACTIVE
+    elif account is not None and row[6] is not None:
+        _, _, _, uses_left, balance, status = linked_row(row, account)
+    else:
+        uses_left, balance, status = row[3], row[4], row[5]
     state = resolve(card, status, None, None, uses_left, balance)
     return card, replace(state, not_before=not_before, not_after=not_after)
 
@@ -189,26 +261,39 @@ class Original:
     uses: int
     amount: int | None
     already_reversed: bool
+    account: bytes | None = None
+    """The account the redemption spent (a linked code's), which a reversal refills."""
 
 
 def evaluate_reverse(
-    original: Original | None, row: CodeRow | None, trusted: Trusted, now: int
+    original: Original | None,
+    row: CodeRow | None,
+    trusted: Trusted,
+    now: int,
+    account: AccountRow | None = None,
 ) -> Evaluation:
     """The verdict for reversing `original` (None: no record with that id), whose
-    code's stored row is `row`, at `now` (docs/reasons.md, a reversal)."""
+    code's stored row is `row` and, when it spent an account, that account's row is
+    `account`, at `now` (docs/reasons.md, a reversal)."""
     if original is None or original.action != Action.REDEEM or original.verdict != Outcome.ACCEPTED:
         return Evaluation(
             refusal(Reason.NOT_REVERSIBLE, "no accepted redemption with that id"), recorded=False
         )
     card = trusted.cards.get(original.card_id or -1)
-    if card is None or row is None:
+    if card is None or row is None or (original.account is not None and account is None):
         return Evaluation(
             refusal(Reason.UNKNOWN_CARD, "card or code no longer in the cache"), recorded=False
         )
-    _, not_before, not_after, uses_left, balance, status = row
+    if original.account is not None and account is not None:
+        # The account it spent gets the value back, whatever the code is linked to now.
+        _, not_before, not_after, uses_left, balance, status = linked_row(
+            (*row[:6], original.account), account
+        )
+    else:
+        _, not_before, not_after, uses_left, balance, status, _ = row
     state = resolve(card, status, not_before, not_after, uses_left, balance)
     redeemed = Redeemed(original.at, original.uses, original.amount, original.already_reversed)
-    return Evaluation(decide_reverse(card, state, redeemed, now), card)
+    return Evaluation(decide_reverse(card, state, redeemed, now), card, account=original.account)
 
 
 def stale(cache_time: int | None, now: int, max_staleness: float) -> bool:

@@ -12,7 +12,7 @@ import functools
 from dataclasses import dataclass
 
 from cards.batch import CodeStatus
-from cards.card import Card
+from cards.card import Card, Limit
 from cards.verdict import Action, Outcome, Reason
 
 # Stored uses_left value that means unlimited (NULL means "the card's default").
@@ -117,6 +117,8 @@ def decide(card: Card, code: CodeState, ctx: Context) -> Decision:
         return _refuse(code, Reason.REVOKED, "this code was revoked by the issuer")
     if code.status == CodeStatus.BLOCKED:
         return _refuse(code, Reason.BLOCKED, "this code is blocked; ask the issuer")
+    if code.status == CodeStatus.TRANSFERRED:
+        return _refuse(code, Reason.TRANSFERRED, "this code was given to another code")
     if code.status == CodeStatus.CONSUMED or code.uses_left == 0:
         return _refuse(code, Reason.ALREADY_REDEEMED, "this code has no uses left")
     if card.stores and ctx.store not in card.stores:
@@ -161,6 +163,47 @@ def decide(card: Card, code: CodeState, ctx: Context) -> Decision:
     return _accept(Action.REDEEM, left, code.balance, status)
 
 
+def within_limit(
+    card: Card, decision: Decision, amount: int | None, uses: int, limit: Limit, spent: int
+) -> Decision:
+    """`decision` unless it accepts a redemption past `limit` (protocol.md 19.5): what it
+    takes (minor units for balance cards, uses for the others) over `per_redemption`, or
+    `spent` (this box's unacknowledged spend on the account) plus it over `per_account`,
+    is refused `offline_limit`, showing the state before the redemption."""
+    if decision.outcome is not Outcome.ACCEPTED or decision.action is not Action.REDEEM:
+        return decision
+    if card.uses_balance:
+        asked, unit = amount or 0, "minor units"
+    else:
+        asked, unit = max(uses, 1), "uses"
+    if limit.per_redemption is not None and asked > limit.per_redemption:
+        detail = (
+            f"{asked} {unit} is over this box's offline limit of {limit.per_redemption} per "
+            "redemption"
+        )
+    elif limit.per_account is not None and spent + asked > limit.per_account:
+        detail = (
+            f"{spent} {unit} accepted here and not yet acknowledged by the backend plus "
+            f"{asked} is over this box's offline limit of {limit.per_account} per account"
+        )
+    else:
+        return decision
+    uses_left, balance = decision.uses_left, decision.balance
+    if card.uses_balance:
+        balance = (balance or 0) + asked
+    elif uses_left is not None:
+        uses_left += asked
+    return Decision(
+        Outcome.REJECTED,
+        Action.REJECT,
+        Reason.OFFLINE_LIMIT,
+        detail,
+        uses_left,
+        balance,
+        CodeStatus.ACTIVE,
+    )
+
+
 @dataclass(frozen=True)
 class Redeemed:
     """What the ledger says about the redemption being reversed."""
@@ -198,6 +241,11 @@ def decide_reverse(card: Card, code: CodeState, original: Redeemed, now: int) ->
         return refuse(
             Reason.REVOKED if code.status == CodeStatus.REVOKED else Reason.BLOCKED,
             "the code was withdrawn after it was redeemed",
+        )
+    if code.status == CodeStatus.TRANSFERRED:
+        # Its value now lives in another code: giving it back here would create value.
+        return refuse(
+            Reason.TRANSFERRED, "the code was given to another code after it was redeemed"
         )
     if card.uses_balance:
         return Decision(

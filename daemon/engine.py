@@ -21,6 +21,7 @@ from typing import TypeVar, TypeVarTuple
 from zoneinfo import ZoneInfo
 
 from cards import claim_code
+from cards.card import Limit, limit_for
 from cards.digest import CodeDigester, short
 from cards.evaluate import (
     CHECK,
@@ -33,6 +34,7 @@ from cards.evaluate import (
     Trusted,
     evaluate,
     evaluate_reverse,
+    limited,
     refusal,
 )
 from cards.grant import GrantSet
@@ -45,7 +47,7 @@ from daemon.config import Config
 from daemon.config_model import Dispense
 from daemon.debounce import Debounce, Repeat
 from daemon.dispense import Claim, Dispensed, claim_by
-from storage import api_requests, codes, dispensing, ledger, trust
+from storage import accounts, api_requests, codes, dispensing, ledger, trust
 from storage.api_requests import RequestKey
 from storage.dispensing import GrantsRefused
 
@@ -132,6 +134,16 @@ class Engine:
             issuers=trust.issuers(self.conn, self.config.trust.root_keys),
             cache_time=self.cache_time,
         )
+        # Offline limits (docs/protocol.md 19.5): the one holding on this box per card,
+        # and the cards whose redemptions count in the unacknowledged spend. Both empty
+        # on a box without limits, where the scan path only asks `in` of an empty dict.
+        held = accounts.limits(self.conn)
+        self._limits: dict[int, Limit] = {}
+        for card_id in {lim.card_id for lim in held}:
+            found = limit_for(held, card_id, self._box_id)
+            if found is not None:
+                self._limits[card_id] = found
+        self._tracked = accounts.tracked_cards(held)
 
     def reload(self) -> None:
         """Read cards, issuer keys and the time floor again after a batch was applied
@@ -232,10 +244,14 @@ class Engine:
         # `_refresh`'s check, inline: on the scan path every Python call counts.
         if execute("PRAGMA data_version").fetchone()[0] != self._data_version:
             self._refresh()
-        # One B-tree probe; the row stays the tuple SQLite returns.
+        # One B-tree probe; the row stays the tuple SQLite returns. A linked code
+        # (docs/protocol.md 19.2) costs one more, for its account.
         row = execute(codes.LOOKUP, (digest,)).fetchone()
+        account = None
+        if row is not None and row[6] is not None:
+            account = execute(codes.ACCOUNT_LOOKUP, (row[6],)).fetchone()
         now = max(int(self.clock()), self.floor)  # self.now(), inline
-        return evaluate(text, row, self.trusted, now, self.policy, ask)
+        return evaluate(text, row, self.trusted, now, self.policy, ask, account)
 
     def _decide(
         self,
@@ -250,7 +266,19 @@ class Engine:
         found = self._look_up(text, digest, ask)
         if isinstance(found, PaymentPass):
             return PaymentCode(found.scheme, text, scan.source)
+        card = found.card
+        if card is not None and card.card_id in self._limits and found.decision.changed:
+            found = self._within_limit(found, digest, ask, self._limits[card.card_id])
         return self._record(found, digest, scan, ask, operator, request)
+
+    def _within_limit(self, found: Evaluation, digest: bytes, ask: Ask, limit: Limit) -> Evaluation:
+        """The offline limit's verdict on an accepted redemption (cards.evaluate.limited),
+        with this box's unacknowledged spend on the account (or the code) read under the
+        write lock: a second scan cannot slip in between the check and the record."""
+        spent = 0
+        if limit.per_account is not None:
+            spent = accounts.spent(self.conn, found.account or digest)
+        return limited(found, ask, limit, spent)
 
     # ------------------------------------------------------------------ reversal
 
@@ -277,15 +305,17 @@ class Engine:
         """Look up the redemption and its code, evaluate the reversal, record it."""
         self._refresh()
         redemption = ledger.by_id(self.conn, rid)
-        original = row = None
+        original = row = account = None
         if redemption is not None:
             original = Original(
                 redemption.action, redemption.verdict, redemption.card_id,
                 redemption.at_ms // 1000, redemption.uses or 1, redemption.amount,
-                ledger.is_reversed(self.conn, rid),
+                ledger.is_reversed(self.conn, rid), redemption.account,
             )  # fmt: skip
             row = self.conn.execute(codes.LOOKUP, (redemption.digest or b"",)).fetchone()
-        found = evaluate_reverse(original, row, self.trusted, self.now())
+            if redemption.account is not None:
+                account = self.conn.execute(codes.ACCOUNT_LOOKUP, (redemption.account,)).fetchone()
+        found = evaluate_reverse(original, row, self.trusted, self.now(), account)
         if not found.recorded or redemption is None or original is None:
             return self._answer(found, None, scan.source)
         ask = Ask(Action.REVERSE, original.amount, original.uses)
@@ -471,19 +501,23 @@ class Engine:
             ask.uses if moved and not by_balance else None, amount,
             decision.uses_left, decision.balance, str(decision.outcome),
             str(decision.reason) if decision.reason else None,
-            scan.source, scan.symbology, operator, self.cache_seq, reverses,
+            scan.source, scan.symbology, operator, self.cache_seq, reverses, None, None,
+            found.account,
         )  # fmt: skip
         if decision.changed and digest is not None and card is not None:
-            self.conn.execute(
-                codes.UPSERT_STATE,
-                (
-                    digest,
-                    card.card_id,
-                    UNLIMITED_USES if decision.uses_left is None else decision.uses_left,
-                    decision.balance,
-                    decision.status,
-                ),
-            )
+            uses_left = UNLIMITED_USES if decision.uses_left is None else decision.uses_left
+            if found.account is None:
+                self.conn.execute(
+                    codes.UPSERT_STATE,
+                    (digest, card.card_id, uses_left, decision.balance, decision.status),
+                )
+            else:  # a linked code spends (or a reversal refills) its account
+                self.conn.execute(
+                    codes.UPDATE_ACCOUNT, (uses_left, decision.balance, found.account)
+                )
+            if action is Action.REDEEM and card.card_id in self._tracked:
+                spent = amount if by_balance else ask.uses
+                self.conn.execute(accounts.ADD_SPEND, (found.account or digest, spent or 0))
         verdict = self._verdict(found, short(digest), scan.source, record_text, seq, amount)
         if request is not None:
             api_requests.record(self.conn, request, seq, verdict.to_json())

@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cards.batch import UNLIMITED, Batch, CodeStatus, Header, Kind
+from cards.batch import MAX_BALANCE, UNLIMITED, Batch, CodeStatus, Header, Kind
 from cards.card import Card, CardError, parse_card
 from cards.rules import UNLIMITED_USES, resolve
-from storage import ledger, trust
+from storage import accounts, ledger, trust
 
 INSERT_ISSUED = (
     "INSERT INTO codes(digest, card_id, not_before, not_after, uses_left, balance, status) "
@@ -32,6 +32,16 @@ INSERT_ISSUED = (
     # Re-issuing changes card and window but keeps what was redeemed here.
     "ON CONFLICT(digest) DO UPDATE SET card_id = excluded.card_id, "
     "not_before = excluded.not_before, not_after = excluded.not_after"
+)
+# An account entry is an issue entry keyed by the account id; re-sending an account
+# changes its card, window and status but never the uses or balance spent here.
+UPSERT_ACCOUNT = (
+    "INSERT INTO accounts(account, card_id, not_before, not_after, uses_left, balance, status) "
+    "VALUES (?1, ?2, NULLIF(?3, 0), NULLIF(?4, 0), "
+    f"CASE ?5 WHEN 0 THEN NULL WHEN {UNLIMITED} THEN {UNLIMITED_USES} ELSE ?5 END, "
+    "NULLIF(?6, 0), ?7) "
+    "ON CONFLICT(account) DO UPDATE SET card_id = excluded.card_id, "
+    "not_before = excluded.not_before, not_after = excluded.not_after, status = excluded.status"
 )
 SET_STATUS = (
     "INSERT INTO codes(digest, card_id, status) VALUES (?, 0, {status}) "
@@ -235,14 +245,20 @@ def _apply_issue(conn: sqlite3.Connection, batch: Batch) -> None:
 
 
 def _apply_snapshot(conn: sqlite3.Connection, batch: Batch) -> None:
-    """Replace the cache with the backend's view, then replay what it has not seen yet."""
+    """Replace the cache with the backend's view, then replay what it has not seen yet.
+
+    Accounts are not in a snapshot: they stay, and so does the link of every code the
+    snapshot lists. Records of linked codes are not replayed: they spent the account,
+    which nothing here replaced (docs/protocol.md 19.2)."""
+    links = conn.execute("SELECT account, digest FROM codes WHERE account IS NOT NULL").fetchall()
     conn.execute("DELETE FROM codes")
     conn.executemany(INSERT_ISSUED, batch.issue_entries())
+    conn.executemany("UPDATE codes SET account = ? WHERE digest = ?", links)
     cards = trust.cards(conn)
     unacked = conn.execute(
         "SELECT l.digest, l.action, COALESCE(l.uses, 1), COALESCE(l.amount, 0) FROM outbox o "
         "JOIN ledger l USING (seq) WHERE l.verdict = 'accepted' AND l.action IN "
-        "('redeem', 'reverse') AND l.digest IS NOT NULL ORDER BY o.seq"
+        "('redeem', 'reverse') AND l.digest IS NOT NULL AND l.account IS NULL ORDER BY o.seq"
     ).fetchall()
     for digest, action, uses, amount in unacked:
         sign = 1 if action == "redeem" else -1
@@ -283,10 +299,13 @@ def _consume(
     conn: sqlite3.Connection, cards: dict[int, Card], digest: bytes, uses: int, amount: int
 ) -> None:
     row = conn.execute(
-        "SELECT card_id, not_before, not_after, uses_left, balance, status FROM codes "
+        "SELECT card_id, not_before, not_after, uses_left, balance, status, account FROM codes "
         "WHERE digest = ?",
         (digest,),
     ).fetchone()
+    if row is not None and row[6] is not None:
+        _consume_account(conn, cards, row[6], uses, amount)
+        return
     if row is None or row[0] not in cards:
         return
     card = cards[row[0]]
@@ -308,6 +327,131 @@ def _consume(
     )
 
 
+def _consume_account(
+    conn: sqlite3.Connection, cards: dict[int, Card], account: bytes, uses: int, amount: int
+) -> None:
+    """A linked code's redemption elsewhere spent its account (protocol.md 19.2)."""
+    row = conn.execute(
+        "SELECT card_id, uses_left, balance, status FROM accounts WHERE account = ?", (account,)
+    ).fetchone()
+    if row is None or row[0] not in cards:
+        return
+    card = cards[row[0]]
+    state = resolve(card, row[3], None, None, row[1], row[2])
+    uses_left, balance = state.uses_left, state.balance
+    if card.uses_balance:
+        balance = max((balance or 0) - amount, 0)
+    elif uses_left is not None:
+        uses_left = max(uses_left - uses, 0)
+    conn.execute(
+        "UPDATE accounts SET uses_left = ?, balance = ? WHERE account = ?",
+        (UNLIMITED_USES if uses_left is None else uses_left, balance, account),
+    )
+
+
+# ---------------------------------------------------------------- accounts (protocol.md 19)
+
+
+def _apply_accounts(conn: sqlite3.Connection, batch: Batch) -> None:
+    conn.executemany(UPSERT_ACCOUNT, batch.account_entries())
+
+
+def _apply_link(conn: sqlite3.Connection, batch: Batch) -> None:
+    """Link each code to its account; an account the box does not have refuses the
+    whole batch. A code not listed yet is added as an active code of the account's card."""
+    for digest, account in batch.link_entries():
+        found = conn.execute(
+            "SELECT card_id FROM accounts WHERE account = ?", (account,)
+        ).fetchone()
+        if found is None:
+            raise ImportRefused(
+                f"link batch {batch.header.seq} names account {account.hex()}, which this box "
+                "does not have; publish the accounts batch that creates it first"
+            )
+        conn.execute(
+            "INSERT INTO codes(digest, card_id, account) VALUES (?, ?, ?) "
+            "ON CONFLICT(digest) DO UPDATE SET account = excluded.account",
+            (digest, found[0], account),
+        )
+
+
+def _apply_transfer(conn: sqlite3.Connection, batch: Batch) -> None:
+    """Move each old code's value to its new code and retire the old one, in file order;
+    a transfer id applied before is a no-op (protocol.md 19.3)."""
+    for transfer_id, old, new in batch.transfer_entries():
+        if old == new:
+            raise ImportRefused(
+                f"transfer batch {batch.header.seq}: transfer {transfer_id.hex()} names the "
+                "same code as old and new"
+            )
+        if not conn.execute(
+            "INSERT OR IGNORE INTO transfers_applied(transfer_id) VALUES (?)", (transfer_id,)
+        ).rowcount:
+            continue
+        row = conn.execute(
+            "SELECT card_id, not_before, not_after, uses_left, balance, status, account "
+            "FROM codes WHERE digest = ?",
+            (old,),
+        ).fetchone()
+        if row is not None and row[5] == CodeStatus.TRANSFERRED:
+            continue  # its value already went to another code
+        if row is not None:
+            conn.execute(
+                "INSERT INTO codes(digest, card_id, not_before, not_after, uses_left, balance, "
+                "status, account) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(digest) DO UPDATE "
+                "SET card_id = excluded.card_id, not_before = excluded.not_before, "
+                "not_after = excluded.not_after, uses_left = excluded.uses_left, "
+                "balance = excluded.balance, status = excluded.status, "
+                "account = excluded.account",
+                (new, *row),
+            )
+        conn.execute(SET_STATUS.format(status=CodeStatus.TRANSFERRED), (old,))
+
+
+def _apply_topup(conn: sqlite3.Connection, batch: Batch) -> None:
+    """Add each top-up to its account's balance or uses, once per topup id ever."""
+    cards = trust.cards(conn)
+    for topup_id, account, amount in batch.topup_entries():
+        row = conn.execute(
+            "SELECT card_id, uses_left, balance, status FROM accounts WHERE account = ?",
+            (account,),
+        ).fetchone()
+        if row is None:
+            raise ImportRefused(
+                f"topup batch {batch.header.seq} names account {account.hex()}, which this "
+                "box does not have; publish the accounts batch that creates it first"
+            )
+        card = cards.get(row[0])
+        if card is None:
+            raise ImportRefused(
+                f"topup batch {batch.header.seq}: account {account.hex()} has card {row[0]}, "
+                "which is not in the cache; publish the cards batch first"
+            )
+        if not conn.execute(
+            "INSERT OR IGNORE INTO topups_applied(topup_id) VALUES (?)", (topup_id,)
+        ).rowcount:
+            continue
+        state = resolve(card, row[3], None, None, row[1], row[2])
+        uses_left, balance = state.uses_left, state.balance
+        if card.uses_balance:
+            balance = (balance or 0) + amount
+        elif uses_left is not None:
+            uses_left += amount
+        if max(balance or 0, uses_left or 0) > MAX_BALANCE:
+            raise ImportRefused(
+                f"topup batch {batch.header.seq}: top-up {topup_id.hex()} takes account "
+                f"{account.hex()} over {MAX_BALANCE}"
+            )
+        conn.execute(
+            "UPDATE accounts SET uses_left = ?, balance = ? WHERE account = ?",
+            (UNLIMITED_USES if uses_left is None else uses_left, balance, account),
+        )
+
+
+def _apply_limits(conn: sqlite3.Connection, batch: Batch) -> None:
+    accounts.replace_limits(conn, batch.limits())
+
+
 _APPLY = {
     Kind.CARDS: _apply_cards,
     Kind.ISSUE: _apply_issue,
@@ -316,4 +460,9 @@ _APPLY = {
     Kind.BLOCK: _apply_status(CodeStatus.BLOCKED),
     Kind.UNBLOCK: _apply_unblock,
     Kind.CONSUMED: _apply_consumed,
+    Kind.ACCOUNTS: _apply_accounts,
+    Kind.LINK: _apply_link,
+    Kind.TRANSFER: _apply_transfer,
+    Kind.TOPUP: _apply_topup,
+    Kind.LIMITS: _apply_limits,
 }

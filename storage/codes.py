@@ -6,8 +6,15 @@ import sqlite3
 from dataclasses import dataclass
 
 LOOKUP = (
-    "SELECT card_id, not_before, not_after, uses_left, balance, status FROM codes WHERE digest = ?"
+    "SELECT card_id, not_before, not_after, uses_left, balance, status, account FROM codes "
+    "WHERE digest = ?"
 )
+# A linked code's account (docs/protocol.md 19): the second probe, only for linked codes.
+ACCOUNT_LOOKUP = (
+    "SELECT card_id, not_before, not_after, uses_left, balance, status FROM accounts "
+    "WHERE account = ?"
+)
+UPDATE_ACCOUNT = "UPDATE accounts SET uses_left = ?, balance = ? WHERE account = ?"
 UPSERT_STATE = (
     "INSERT INTO codes(digest, card_id, uses_left, balance, status) VALUES (?, ?, ?, ?, ?) "
     "ON CONFLICT(digest) DO UPDATE SET uses_left = excluded.uses_left, "
@@ -23,6 +30,7 @@ class CodeRow:
     uses_left: int | None
     balance: int | None
     status: int
+    account: bytes | None = None
 
 
 def lookup(conn: sqlite3.Connection, digest: bytes) -> CodeRow | None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 COLUMNS = (
     "seq", "id", "at_ms", "box", "merchant", "store", "digest", "card_id", "action",
     "uses", "amount", "uses_left", "balance", "verdict", "reason", "source",
-    "symbology", "operator", "cache_seq", "reverses", "grant_id", "counter",
+    "symbology", "operator", "cache_seq", "reverses", "grant_id", "counter", "account",
 )  # fmt: skip
 INSERT = f"INSERT INTO ledger({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
@@ -49,6 +49,8 @@ class Redemption:
     # A `dispense` record's grant and the counter it committed (docs/protocol.md 18).
     grant_id: str | None = None
     counter: int | None = None
+    # The account a linked code spent (docs/protocol.md 19); None for other codes.
+    account: bytes | None = None
 
     def row(self) -> tuple[object, ...]:
         # Spelled out: this runs on every scan and a getattr loop costs more than the insert.
@@ -56,7 +58,7 @@ class Redemption:
             self.seq, self.id, self.at_ms, self.box, self.merchant, self.store, self.digest,
             self.card_id, self.action, self.uses, self.amount, self.uses_left, self.balance,
             self.verdict, self.reason, self.source, self.symbology, self.operator,
-            self.cache_seq, self.reverses, self.grant_id, self.counter,
+            self.cache_seq, self.reverses, self.grant_id, self.counter, self.account,
         )  # fmt: skip
 
     def to_json(self) -> dict[str, object]:
@@ -78,6 +80,9 @@ class Redemption:
             out["grant_id"] = self.grant_id
         if self.counter is not None:
             out["counter"] = self.counter
+        # Only on records of a linked code (issue 13): every other event is as before.
+        if self.account is not None:
+            out["account"] = self.account.hex()
         return out
 
 
@@ -145,6 +150,7 @@ def append(
     reverses: bytes | None = None,
     grant_id: str | None = None,
     counter: int | None = None,
+    account: bytes | None = None,
 ) -> None:
     """Insert one ledger row. The values are a Redemption's fields, in its order
     (COLUMNS), and this function is the one place that turns them into the row, so a
@@ -158,7 +164,7 @@ def append(
         (
             seq, record_id, at_ms, box, merchant, store, digest, card_id, action, uses,
             amount, uses_left, balance, verdict, reason, source, symbology, operator,
-            cache_seq, reverses, grant_id, counter,
+            cache_seq, reverses, grant_id, counter, account,
         ),
     )  # fmt: skip
 

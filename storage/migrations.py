@@ -298,3 +298,47 @@ def m008_dispensing(db: Database) -> None:
             WHERE grant_id IS NOT NULL;
         """
     )
+
+
+@migrations()
+def m009_accounts(db: Database) -> None:
+    # Issue 13, accounts (docs/protocol.md 19). An account holds the uses or balance that
+    # its linked codes spend: keyed by its id for one B-tree probe, as codes by digest.
+    # codes.account links a code (NULL for every code before this step and for every
+    # code never linked, so nothing changes for them, and a NULL costs no byte). Top-up
+    # and transfer ids are kept for good so each applies once whatever batch repeats it.
+    # `limits` is the backend's offline limits, replaced whole by a `limits` batch.
+    # `account_spend` is this box's unacknowledged accepted spend per account (a code
+    # without one: its digest), only for cards with a per_account limit: kept in the
+    # redemption's transaction and lowered when acks move past its records
+    # (storage/accounts.py), so the limit check is one probe, not a walk of the outbox.
+    # The ledger's `account` is added nullable at the end like m008's columns: no
+    # rewrite, no byte in a plain code's record.
+    db.executescript(
+        """
+        CREATE TABLE accounts (
+            account BLOB PRIMARY KEY,
+            card_id INTEGER NOT NULL,
+            not_before INTEGER,
+            not_after INTEGER,
+            uses_left INTEGER,
+            balance INTEGER,
+            status INTEGER NOT NULL DEFAULT 0
+        ) WITHOUT ROWID;
+        ALTER TABLE codes ADD COLUMN account BLOB;
+        CREATE TABLE topups_applied (topup_id BLOB PRIMARY KEY) WITHOUT ROWID;
+        CREATE TABLE transfers_applied (transfer_id BLOB PRIMARY KEY) WITHOUT ROWID;
+        CREATE TABLE limits (
+            card_id INTEGER NOT NULL,
+            box TEXT NOT NULL,
+            per_redemption INTEGER,
+            per_account INTEGER,
+            PRIMARY KEY (card_id, box)
+        ) WITHOUT ROWID;
+        CREATE TABLE account_spend (
+            key BLOB PRIMARY KEY,
+            spent INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        ALTER TABLE ledger ADD COLUMN account BLOB;
+        """
+    )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable
 
+from storage import accounts
 from storage.ledger import COLUMNS, Redemption
 
 
@@ -91,6 +92,9 @@ def ack(conn: sqlite3.Connection, seqs: Iterable[int]) -> int:
     """Mark these records acknowledged (out of order, by id); returns how many were still
     waiting. The caller owns the transaction."""
     waiting = seqs_waiting(conn, seqs)
+    for start in range(0, len(waiting), 500):  # under SQLite's variable limit
+        chunk = tuple(waiting[start : start + 500])
+        accounts.release(conn, f"seq IN ({', '.join('?' * len(chunk))})", chunk)
     conn.executemany("INSERT OR IGNORE INTO outbox_acked(seq) VALUES (?)", ((s,) for s in waiting))
     _settle(conn)
     return len(waiting)
@@ -106,6 +110,10 @@ def ack_upto(conn: sqlite3.Connection, upto: int) -> int:
     if upto <= mark:
         return 0
     removed: int = conn.execute("SELECT COUNT(*) FROM outbox WHERE seq <= ?", (upto,)).fetchone()[0]
+    # The unacknowledged spend of the offline limits (issue 13) loses these records.
+    accounts.release(
+        conn, "seq > ? AND seq <= ? AND seq NOT IN (SELECT seq FROM outbox_acked)", (mark, upto)
+    )
     conn.execute("UPDATE ledger_marks SET seq = ? WHERE name = 'acked'", (upto,))
     _settle(conn)
     return removed

@@ -66,8 +66,9 @@ STRICT = Policy(
 
 
 def row(card_id: int = 1, uses_left=None, balance=None, status=CodeStatus.ACTIVE) -> tuple:
-    """A stored code row as storage.codes.LOOKUP returns it (0/NULL = the card's default)."""
-    return (card_id, 0, 0, uses_left, balance, status)
+    """A stored code row as storage.codes.LOOKUP returns it (0/NULL = the card's default;
+    no account)."""
+    return (card_id, 0, 0, uses_left, balance, status, None)
 
 
 def refused(result) -> tuple[Reason | None, int | None]:
@@ -288,6 +289,19 @@ small = st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1))
 rows = st.one_of(
     st.none(),
     st.tuples(
+        st.integers(-(2**31), 2**32),
+        small,
+        small,
+        small,
+        small,
+        st.integers(-(2**31), 2**31),
+        st.sampled_from([None, b"a" * 16]),  # linked to an account or not
+    ),
+)
+# A linked code's account row (issue 13), or None: the account is not in the cache.
+account_rows = st.one_of(
+    st.none(),
+    st.tuples(
         st.integers(-(2**31), 2**32), small, small, small, small, st.integers(-(2**31), 2**31)
     ),
 )
@@ -328,11 +342,11 @@ trusts = st.builds(
 
 
 @settings(max_examples=400, deadline=None)
-@given(texts, rows, trusts, st.integers(0, 2**32 - 1), policies, asks)
+@given(texts, rows, trusts, st.integers(0, 2**32 - 1), policies, asks, account_rows)
 def test_evaluate_never_raises_and_always_gives_a_reasoned_verdict(
-    text, stored, trusted, now, policy, ask
+    text, stored, trusted, now, policy, ask, account
 ):
-    result = evaluate(text, stored, trusted, now, policy, ask)
+    result = evaluate(text, stored, trusted, now, policy, ask, account)
     if isinstance(result, PaymentPass):
         assert policy.pass_payment_codes and stored is None
         return
