@@ -329,6 +329,27 @@ def _set_link(
     )
 
 
+def unblock(store: Store, sign: Signer, *, account_id: str) -> Made:
+    """An `unblock` batch of the account's codes (after an overspend was settled): the
+    backend knows them by digest, the operator need not have them. Its overspend stays
+    on record; blocked_seq is cleared, so a new overspend blocks again by the policy."""
+    target = account(store, account_id)
+    digests = linked(store, target.merchant, target.id)
+    if not digests:
+        raise AccountsError(f"account {target.id} has no codes linked: nothing to unblock")
+    entries = batch.encode_digests(bytes.fromhex(d) for d in digests)
+
+    def make(seq: int) -> bytes:
+        store.engine.execute(
+            "UPDATE overspends SET blocked_seq = NULL WHERE merchant = ? AND account = ?",
+            (target.merchant, target.id),
+        )
+        return sign(target.merchant, seq, Kind.UNBLOCK, entries)
+
+    issued = store.issue(target.merchant, Kind.UNBLOCK, make)
+    return Made(batch=issued, id=target.id, account=target)
+
+
 # ------------------------------------------------------------------ transfers
 
 

@@ -69,6 +69,14 @@ def register(commands: Commands) -> None:
     p.add_argument("--code", required=True, help="the code, or - to read it from standard input")
     _batch_options(p)
     p = group.add(
+        "unblock",
+        cmd_unblock,
+        "Unblock every code of an account (once an overspend is settled).",
+        "redeemd-backend account unblock --dir keys/ --account 9f1c0e...",
+    )
+    p.add_argument("--account", required=True, help="the account id (32 hex digits)")
+    _batch_options(p)
+    p = group.add(
         "list",
         cmd_list,
         "List accounts, their value (created + top-ups) and linked codes' count.",
@@ -295,6 +303,15 @@ def cmd_link(args: argparse.Namespace) -> int:
             store, sign, account_id=args.account, digest=digest, now=int(time.time())
         )
     print(f"code {digest.hex()[:12]}... now spends account {made.id}")
+    _said(args, made)
+    return 0
+
+
+def cmd_unblock(args: argparse.Namespace) -> int:
+    with _opened(args) as (store, keystore):
+        sign = _signer(keystore, args)
+        made = accounts.unblock(store, sign, account_id=args.account)
+    print(f"account {made.id}: its {made.batch.count} code(s) unblocked")
     _said(args, made)
     return 0
 

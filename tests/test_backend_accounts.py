@@ -304,6 +304,12 @@ def test_an_account_overspent_on_two_boxes_is_reported_and_blocked_by_the_collec
     assert [d for (d,) in opened.digest_entries()] == sorted([phone_1, phone_2])
     assert f"blocked by batch {block_seq}" in run(backend_dir, "overspends")
 
+    # Settled: the backend unblocks the codes it knows by digest; the overspend stays listed.
+    out = run(backend_dir, "account", "unblock", "--account", family)
+    unblocked = issued(backend_dir, out)
+    assert [d for (d,) in unblocked.digest_entries()] == sorted([phone_1, phone_2])
+    assert "not blocked" in run(backend_dir, "overspends")
+
 
 def test_without_the_policy_an_overspend_is_reported_and_nothing_blocked(backend_dir):
     family = create_account(backend_dir, "--card", "5", "--balance", "5000")
