@@ -33,10 +33,11 @@ from broker import broker  # noqa: F401  (fixture)
 from backend import accounts
 from backend.cli import main
 from backend.collect import Collector
+from backend.engines import open_engine
 from backend.events import EventError, parse_message
 from backend.export import export
 from backend.keystore import Keystore
-from backend.store import DATABASE_ENV, Store
+from backend.store import DATABASE_ENV, STEPS, Store
 from cards import batch, signed_code
 from cards.batch import Kind
 from cards.digest import code_digest
@@ -395,6 +396,40 @@ def test_codes_given_to_the_commands_are_never_stored_in_plaintext(
 
 def _database_url() -> str:
     return os.environ[DATABASE_ENV]
+
+
+# ------------------------------------------------------------------ schema
+
+
+def test_a_database_before_m006_gains_the_account_tables_keeping_its_records(tmp_path, each_store):
+    directory = tmp_path / "backend"
+    make_backend(directory)
+    names = [name for name, _ in STEPS]
+    before = [step for step in STEPS if step[0] != "m006_accounts"]
+    engine = open_engine(directory, os.environ.get(DATABASE_ENV), before)
+    old = record(1, "box-1", action="redeem", digest=b"\x01" * 16, uses=1, uses_left=0)
+    with engine.transaction():
+        engine.execute(
+            "INSERT INTO events(id, merchant, box, seq, at_ms, digest, action, verdict, raw, "
+            "stored_at) VALUES (?, 'demo', 'box-1', 1, ?, ?, 'redeem', 'accepted', ?, 0)",
+            (old["id"], old["at_ms"], old["digest"], json.dumps(old)),
+        )
+    engine.close()
+
+    store = Store.open(directory)
+    try:
+        table = store.engine.migrations_table
+        applied = {r[0] for r in store.engine.execute(f"SELECT name FROM {table}")}
+        assert applied == set(names)
+        assert store.engine.execute("SELECT id, account FROM events").fetchall() == [
+            (old["id"], None)
+        ]
+    finally:
+        store.close()
+    # The migrated store takes accounts at once.
+    family = create_account(directory, "--card", "5", "--balance", "100")
+    assert "100 (minor units)" in run(directory, "account", "list")
+    assert family in run(directory, "account", "list")
 
 
 # ------------------------------------------------------------------ events
