@@ -20,7 +20,12 @@ raw on a third copy (BEGIN IMMEDIATE, data_version, lookup, ledger row + its out
 code update, COMMIT) with values prepared beforehand. replay - floor is what the schema
 costs (three rows, four B-tree pages per commit); engine - replay is Python.
 
-The three samplers take turns scan by scan, rotating who goes first, so disk noise
+Account: the same Engine.handle on codes linked to accounts (issue 13, protocol.md 19),
+two codes per account: one more primary-key probe (the account) and the account's row
+written instead of the code's. Printed beside the plain code and the floor, with its
+ratio to the same floor samples and its WAL pages.
+
+The four samplers take turns scan by scan, rotating who goes first, so disk noise
 hits all of them equally.
 
 Pages: after the timed scans, each of the three makes PAGE_SCANS more with the WAL
@@ -32,7 +37,8 @@ pump sends them), per record: the other half of the outbox's cost; and the pages
 redemption through the local API, which also stores its request's idempotency key.
 
 Targets (issue 10): p50 <= 1.3x floor, p99 <= 2x floor, <= 2 WAL pages per accepted
-redemption (its ledger row and the code's state).
+redemption (its ledger row and the code's state, or the account's); the account case is
+held to the same targets (issue 13).
 """
 
 from __future__ import annotations
@@ -46,14 +52,15 @@ import sqlite3
 import time
 
 import boxes
-from boxes import Scratch, build_cache, percentile, scan_code
+from boxes import MERCHANT, BenchKeys, Scratch, build_cache, percentile, scan_code
 
-from cards.batch import CodeStatus
+from cards import batch
+from cards.batch import CodeStatus, Kind
 from cards.digest import code_digest
 from cards.scan import Scan
 from cards.verdict import Outcome, Verdict
 from daemon.engine import Engine
-from storage import codes, ledger
+from storage import batch_import, codes, ledger
 from storage.api_requests import RequestKey
 from storage.database import open_database
 from sync import acks
@@ -97,7 +104,11 @@ def main() -> int:
 def run(scratch, count: int, scans: int) -> None:
     total = scans + WARMUP
     started = time.perf_counter()
-    cache = build_cache(scratch, count, total + 2 * PAGE_SCANS, name=f"box-{count}")
+    bench_keys = BenchKeys.new()
+    cache = build_cache(
+        scratch, count, total + 2 * PAGE_SCANS, name=f"box-{count}", bench_keys=bench_keys
+    )
+    link_accounts(cache, bench_keys, total + PAGE_SCANS)
     floor_path = cache.path.with_name("floor.db")
     replay_path = cache.path.with_name("replay.db")
     shutil.copyfile(cache.path, floor_path)
@@ -122,13 +133,26 @@ def run(scratch, count: int, scans: int) -> None:
         code_digest(cache.config.trust.code_key, scan_code(i)) for i in range(total + PAGE_SCANS)
     ]
     first_seq = ledger.last_seq(replay) + 1
-    samples: dict[str, list[int]] = {"engine": [], "floor": [], "replay": []}
+    samples: dict[str, list[int]] = {"engine": [], "floor": [], "replay": [], "account": []}
+    account_reads = [
+        Scan(account_code(i).encode(), "bench-scanner") for i in range(total + PAGE_SCANS)
+    ]
     refused = 0
     clock = time.perf_counter_ns
 
     def engine_once(i: int) -> int:
         nonlocal refused
         read = reads[i]
+        t0 = clock()
+        verdict = engine.handle(read)
+        t1 = clock()
+        if not isinstance(verdict, Verdict) or verdict.outcome is not Outcome.ACCEPTED:
+            refused += 1
+        return t1 - t0
+
+    def account_once(i: int) -> int:
+        nonlocal refused
+        read = account_reads[i]
         t0 = clock()
         verdict = engine.handle(read)
         t1 = clock()
@@ -169,11 +193,16 @@ def run(scratch, count: int, scans: int) -> None:
         if not isinstance(verdict, Verdict) or verdict.outcome is not Outcome.ACCEPTED:
             refused += 1
 
-    samplers = [("engine", engine_once), ("floor", floor_once), ("replay", replay_once)]
+    samplers = [
+        ("engine", engine_once),
+        ("floor", floor_once),
+        ("replay", replay_once),
+        ("account", account_once),
+    ]
     gc.collect()
     for i in range(total):
-        for offset in range(3):  # rotate who goes first
-            name, sampler = samplers[(i + offset) % 3]
+        for offset in range(len(samplers)):  # rotate who goes first
+            name, sampler = samplers[(i + offset) % len(samplers)]
             elapsed = sampler(i)
             if i >= WARMUP:
                 samples[name].append(elapsed)
@@ -181,6 +210,7 @@ def run(scratch, count: int, scans: int) -> None:
         "engine": wal_pages(conn, engine_once, range(total, total + PAGE_SCANS)),
         "floor": wal_pages(floor, floor_once, range(total, total + PAGE_SCANS)),
         "replay": wal_pages(replay, replay_once, range(total, total + PAGE_SCANS)),
+        "account": wal_pages(conn, account_once, range(total, total + PAGE_SCANS)),
     }
     ack_pages = ack_pages_per_record(conn, ledger.last_seq(conn) - PAGE_SCANS)
     api_pages = wal_pages(conn, api_once, range(total + PAGE_SCANS, total + 2 * PAGE_SCANS))
@@ -206,6 +236,14 @@ def run(scratch, count: int, scans: int) -> None:
         f"{label} ratio   p50 {r50:.2f}x (target <= {P50_TARGET}x)  "
         f"p99 {r99:.2f}x (target <= {P99_TARGET}x)  {verdict}"
     )
+    a50, a99 = percentile(samples["account"], 50), percentile(samples["account"], 99)
+    ra50, ra99 = a50 / f50, a99 / f99
+    account_verdict = "PASS" if ra50 <= P50_TARGET and ra99 <= P99_TARGET else "MISS"
+    print(f"{label} account Engine.handle, linked code   p50 {ms(a50)}  p99 {ms(a99)}")
+    print(
+        f"{label} ratio   account p50 {ra50:.2f}x  p99 {ra99:.2f}x of the floor; "
+        f"{a50 / o50:.2f}x the plain code at p50  {account_verdict}"
+    )
     print(
         f"{label} where   engine's SQL replayed raw    p50 {ms(s50)}  p99 {ms(s99)}: "
         f"schema {(s50 - f50) / 1e3:+.0f} us, Python {(o50 - s50) / 1e3:+.0f} us at p50"
@@ -214,8 +252,41 @@ def run(scratch, count: int, scans: int) -> None:
         f"{label} pages   WAL pages per scan: engine {pages['engine']:.2f}, floor "
         f"{pages['floor']:.2f}, replay {pages['replay']:.2f} (target <= {PAGES_TARGET:.0f}) "
         f"{page_verdict}; acks add {ack_pages:.3f} per record; a local API redeem "
-        f"{api_pages:.2f}"
+        f"{api_pages:.2f}; a linked code {pages['account']:.2f}"
     )
+
+
+def account_code(index: int) -> str:
+    """Text of the index-th code linked to an account (not in the issue batch: a `link`
+    batch adds it)."""
+    return f"ACCT-{index:08d}"
+
+
+def link_accounts(cache, bench_keys: BenchKeys, count: int) -> None:
+    """Accounts on the coupon card with 1,000 uses each, and `count` codes linked to
+    them, two per account, applied as the signed `accounts` and `link` batches they are
+    (sequences 3 and 4)."""
+    key = cache.config.trust.code_key
+    ids = [(i + 1).to_bytes(16, "big") for i in range((count + 1) // 2)]
+    made = [
+        (Kind.ACCOUNTS, batch.encode_accounts((a, 1, 0, 0, 1000, 0, 0) for a in ids)),
+        (
+            Kind.LINK,
+            batch.encode_links(
+                (code_digest(key, account_code(i)), ids[i // 2]) for i in range(count)
+            ),
+        ),
+    ]
+    conn = open_database(cache.path)
+    try:
+        for seq, (kind, entries) in enumerate(made, start=3):
+            parsed = batch.open_file(
+                bench_keys.build(kind, entries, seq), cache.config.trust.root_keys
+            )
+            batch_import.apply(conn, parsed, merchant=MERCHANT, now=int(time.time()))
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
 
 
 def wal_pages(conn: sqlite3.Connection, once, indexes: range) -> float:
