@@ -41,3 +41,29 @@ def lookup(conn: sqlite3.Connection, digest: bytes) -> CodeRow | None:
 def count(conn: sqlite3.Connection) -> int:
     value: int = conn.execute("SELECT COUNT(*) FROM codes").fetchone()[0]
     return value
+
+
+@dataclass(frozen=True)
+class AccountRow:
+    """An account as stored (docs/protocol.md 19.1; NULL = the card's default,
+    uses_left -1 = unlimited)."""
+
+    card_id: int
+    not_before: int | None
+    not_after: int | None
+    uses_left: int | None
+    balance: int | None
+    status: int
+
+
+def account(conn: sqlite3.Connection, account_id: bytes) -> AccountRow | None:
+    """The account with this id, or None when the box does not have it."""
+    row = conn.execute(ACCOUNT_LOOKUP, (account_id,)).fetchone()
+    return AccountRow(*row) if row else None
+
+
+def linked_codes(conn: sqlite3.Connection, account_id: bytes) -> list[bytes]:
+    """Digests of the codes linked to an account (a walk of the codes table: for tools
+    and tests, never the scan path)."""
+    rows = conn.execute("SELECT digest FROM codes WHERE account = ? ORDER BY digest", (account_id,))
+    return [row[0] for row in rows]

@@ -497,3 +497,17 @@ def test_migration_keeps_every_code_and_record_of_the_previous_release(tmp_path,
     assert engine.handle(Scan(b"DEMO-0001", "front")).accepted
     assert [r.account for r in ledger.records(conn)] == [None] * 5
     assert outbox.depth(conn) == 5
+
+
+def test_storage_reads_an_account_and_its_codes(engine):
+    family(engine, codes=("PHONE-1", "GIFT-0001"))
+    ks = engine.box.keyset
+    assert codes.account(engine.conn, FAMILY) == codes.AccountRow(5, None, None, None, 10_000, 0)
+    assert codes.account(engine.conn, GROUP) is None
+    assert codes.linked_codes(engine.conn, FAMILY) == sorted(
+        [ks.digest("PHONE-1"), ks.digest("GIFT-0001")]
+    )
+    assert codes.lookup(engine.conn, ks.digest("PHONE-1")).account == FAMILY
+    # The accounts table is keyed like codes: one B-tree, no rowid.
+    sql = engine.conn.execute("SELECT sql FROM sqlite_master WHERE name = 'accounts'").fetchone()
+    assert "WITHOUT ROWID" in sql[0]
