@@ -176,6 +176,60 @@ M003_BOX_STATUS = """
         );
 """
 
+M004_DISPENSING = """
+        -- Dispensing (issue 12): each grant the backend made (backend/grants.py): a box
+        -- key's right to mint claim codes for cards, up to quota, in [not_before,
+        -- not_after]; revoked_at once revoked. box_key is the public key, base64.
+        CREATE TABLE grants (
+            id TEXT PRIMARY KEY,
+            merchant TEXT NOT NULL,
+            box TEXT NOT NULL,
+            box_key_id TEXT NOT NULL,
+            box_key TEXT NOT NULL,
+            cards TEXT NOT NULL,
+            quota INTEGER NOT NULL,
+            not_before INTEGER NOT NULL,
+            not_after INTEGER NOT NULL,
+            created_at INTEGER NOT NULL,
+            revoked_at INTEGER
+        );
+        CREATE INDEX grants_box ON grants(merchant, box, box_key_id);
+
+        -- Every grant set signed for a box, as published; (merchant, box, seq) is the
+        -- set allocator's uniqueness guarantee, as (merchant, seq) is for batches.
+        CREATE TABLE grant_sets (
+            merchant TEXT NOT NULL,
+            box TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            box_key_id TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            data BLOB NOT NULL,
+            published_at INTEGER,
+            PRIMARY KEY (merchant, box, seq)
+        );
+
+        -- Each claim code accepted once (the primary key), the signed code it gave by
+        -- its keyed digest (never its text) and serial (backend/claims.py), and the
+        -- claim code's own digest, for support.
+        CREATE TABLE claims (
+            grant_id TEXT NOT NULL,
+            counter INTEGER NOT NULL,
+            merchant TEXT NOT NULL,
+            box TEXT NOT NULL,
+            card_id INTEGER NOT NULL,
+            serial INTEGER NOT NULL,
+            claimed_at INTEGER NOT NULL,
+            claim_digest TEXT NOT NULL,
+            code_digest TEXT NOT NULL,
+            PRIMARY KEY (grant_id, counter)
+        );
+        CREATE UNIQUE INDEX claims_serial ON claims(card_id, serial);
+        CREATE INDEX claims_code_digest ON claims(merchant, code_digest);
+
+        -- The funnel reads the boxes' dispense records.
+        CREATE INDEX events_dispense ON events(merchant, box) WHERE action = 'dispense';
+"""
+
 M006_ACCOUNTS = """
         -- Card accounts (issue 13, backend/accounts.py): an account holds the uses or the
         -- balance that every code linked to it spends. Ids are 16 random bytes in hex,
@@ -289,8 +343,9 @@ STEPS: list[Step] = [
     ("m001_initial", M001_INITIAL),
     ("m002_fleet", M002_FLEET),
     ("m003_box_status", M003_BOX_STATUS),
-    # m004 and m005 are dispensing's and the console's; accounts take m006 whatever order
-    # they land in (a step is recorded by name, not by position).
+    ("m004_dispensing", M004_DISPENSING),
+    # Steps are recorded by name, not by position: a database that took m005/m006 before
+    # m004 was registered gets m004 next time it is opened.
     ("m005_console", M_CONSOLE),
     ("m006_accounts", M006_ACCOUNTS),
 ]
