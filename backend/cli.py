@@ -11,16 +11,17 @@ import signal
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
-from backend import box_commands, boxes_view, codes_csv
+from backend import box_commands, boxes_view, claims, codes_csv, grants
 from backend.collect import DEFAULT_GROUP, Collector
 from backend.connection import BrokerUrlError
 from backend.export import ExportError, export, parse_seqs, pick_merchant
 from backend.keystore import Keystore, KeystoreError, utc
 from backend.publish import DEFAULT_PREFIX, Publisher
 from backend.store import DATABASE_ENV, Store, StoreError
-from cards import batch, keys, signed_code
+from cards import batch, grant, keys, signed_code
 from cards.batch import BatchError, Kind
 from cards.card import CardError, parse_card
 from runtime.cli import Commands, program
@@ -39,6 +40,10 @@ examples:
   redeemd-backend box add --dir keys/ --merchant acme box-0042
   redeemd-backend boxes --dir keys/ --offline 1h
   redeemd-backend export --dir keys/ --out /media/usb/ 4-6
+  redeemd-backend grant add --dir keys/ --box box-0042 --card 7 --quota 500 --days 30 \
+      --broker mqtt://127.0.0.1:1883
+  redeemd-backend claim --dir keys/ --listen 127.0.0.1:8080
+  redeemd-backend dispensing --dir keys/ --by store
 
 The backend's records (batches, box events, the fleet) are in {dir}/backend.db, or in
 PostgreSQL with --database postgresql://user@host:port/name (or the environment
@@ -204,7 +209,120 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--holding", action="store_true", help="only boxes with records not yet acked")
     p.add_argument("--merchant", help="only this merchant's boxes")
     p.add_argument("--json", action="store_true", help="one JSON object: {at, boxes: [...]}")
+    _dispensing_commands(commands)
     return parser
+
+
+def _dispensing_commands(commands: Commands) -> None:
+    """grant ..., claim and dispensing (issue 12)."""
+    group = commands.group(
+        "grant",
+        "Grant boxes the right to dispense cards (a quota of claim codes); revoke, list, publish.",
+        "redeemd-backend grant add --dir keys/ --box box-0042 --card 7 --quota 500 --days 30",
+        "redeemd-backend grant revoke --dir keys/ 3f0c9d1e2a4b5c6d --broker mqtt://127.0.0.1:1883",
+        details="Each change signs the box a new grant set, published retained to "
+        "{prefix}/{merchant}/box/{box}/grants with --broker, or later with `grant publish`; "
+        "--out writes it to a file for `redeemd grant install` on a box fed by USB stick.",
+    )
+
+    def delivery(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--broker", help="publish the box's new grant set there (mqtt://...)")
+        p.add_argument(
+            "--prefix", default=DEFAULT_PREFIX, help=f"topic prefix (default {DEFAULT_PREFIX})"
+        )
+        p.add_argument("--out", type=Path, help="also write the signed grant set to this file")
+
+    p = group.add(
+        "add",
+        cmd_grant_add,
+        "Grant a box's key cards to dispense, up to a quota, in a window.",
+        "redeemd-backend grant add --dir keys/ --box box-0042 --card 7,8 --quota 500 --days 30",
+        "redeemd-backend grant add --dir keys/ --box box-0042 --card 7 --quota 50 "
+        "--from 2026-12-24 --until 2026-12-26T18:00 --box-key BASE64",
+    )
+    p.add_argument("--box", required=True, help="a registered box (redeemd-backend box add)")
+    p.add_argument("--card", required=True, type=_card_ids, help="card id(s), comma-separated")
+    p.add_argument("--quota", required=True, type=int, help="how many claim codes the box may mint")
+    p.add_argument(
+        "--from",
+        dest="start",
+        type=_when,
+        help="start: YYYY-MM-DD[THH:MM] UTC or Unix seconds (default now)",
+    )
+    end = p.add_mutually_exclusive_group()
+    end.add_argument("--days", type=float, help="length in days (default 30)")
+    end.add_argument("--until", type=_when, help="end: YYYY-MM-DD[THH:MM] UTC or Unix seconds")
+    p.add_argument(
+        "--box-key",
+        metavar="B64",
+        help="the box's public key (`redeemd box-key` on the box); default: the key the "
+        "box's status reports, else the key of its newest grant",
+    )
+    delivery(p)
+    p = group.add(
+        "revoke",
+        cmd_grant_revoke,
+        "Revoke a grant: the box stops dispensing it, the claim service refuses its codes.",
+        "redeemd-backend grant revoke --dir keys/ 3f0c9d1e2a4b5c6d --broker mqtt://127.0.0.1:1883",
+    )
+    p.add_argument("grant_id", metavar="GRANT_ID")
+    delivery(p)
+    p = group.add(
+        "list", cmd_grant_list, "List grants.", "redeemd-backend grant list --dir keys/ --json"
+    )
+    p.add_argument("--box", help="only this box's grants")
+    p.add_argument("--json", action="store_true", help="a JSON array of grants")
+    p = group.add(
+        "publish",
+        cmd_grant_publish,
+        "Publish each box's newest grant set not yet published (retained).",
+        "redeemd-backend grant publish --dir keys/ --broker mqtt://127.0.0.1:1883",
+        "redeemd-backend grant publish --dir keys/ --broker mqtt://127.0.0.1:1883 --again",
+    )
+    p.add_argument("--broker", required=True, help="mqtt://[user:pass@]host[:port] or mqtts://...")
+    p.add_argument(
+        "--prefix", default=DEFAULT_PREFIX, help=f"topic prefix (default {DEFAULT_PREFIX})"
+    )
+    p.add_argument("--box", action="append", help="only these boxes (repeat)")
+    p.add_argument(
+        "--again",
+        action="store_true",
+        help="publish the newest sets even if published before (the broker lost them)",
+    )
+    p = commands.add(
+        "claim",
+        cmd_claim,
+        "Serve the claim pages customers open from a box's claim QR code (HTTP).",
+        "redeemd-backend claim --dir keys/ --listen 127.0.0.1:8080",
+        details="Run it behind a TLS reverse proxy; boxes are configured with the public URL "
+        "https://HOST/c/ (docs/backend.md).",
+    )
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:8080",
+        type=_listen,
+        help="HOST:PORT (default 127.0.0.1:8080)",
+    )
+    p.add_argument(
+        "--code-days",
+        type=float,
+        help="the signed codes given end this many days after the claim (default: the "
+        "card's own validity)",
+    )
+    p.add_argument(
+        "--forwarded-allow-ips",
+        default="127.0.0.1",
+        help="proxies trusted for X-Forwarded-For/-Proto (default 127.0.0.1)",
+    )
+    p = commands.add(
+        "dispensing",
+        cmd_dispensing,
+        "Dispensed -> claimed -> redeemed counts per card, box or store.",
+        "redeemd-backend dispensing --dir keys/",
+        "redeemd-backend dispensing --dir keys/ --by store --json",
+    )
+    p.add_argument("--by", choices=claims.BY, default="card", help="rows per (default card)")
+    p.add_argument("--json", action="store_true", help="one JSON object: {by, rows: [...]}")
 
 
 def key_directory(parser: argparse.ArgumentParser) -> None:
@@ -305,6 +423,200 @@ def cmd_boxes(args: argparse.Namespace) -> int:
         print(f"none of the {len(rows)} registered box(es) match")
     else:
         print(boxes_view.table(entries, now))
+    return 0
+
+
+def _card_ids(text: str) -> tuple[int, ...]:
+    try:
+        ids = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not card ids like 7 or 7,8") from None
+    if not all(0 < i <= grant.MAX_CARD_ID for i in ids):
+        raise argparse.ArgumentTypeError(f"card ids must be 1..{grant.MAX_CARD_ID}")
+    return ids
+
+
+def _when(text: str) -> int:
+    """`1767225600`, `2026-12-24`, `2026-12-24T18:00` (UTC unless it says otherwise)."""
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time: give YYYY-MM-DD, YYYY-MM-DDTHH:MM (UTC) or Unix seconds"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp())
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (like 127.0.0.1:8080)")
+    return host.strip("[]"), int(port)
+
+
+def _deliver(args: argparse.Namespace, store: Store, made: grants.Made) -> None:
+    """A new set: to --out, and to --broker (else it waits for `grant publish`)."""
+    signed = made.signed
+    if signed is None:
+        print(
+            f"no grant set signed: box {made.grant.box} no longer holds key "
+            f"{made.grant.box_key_id}; the claim service refuses the grant's codes from now"
+        )
+        return
+    print(
+        f"signed grant set {signed.merchant}/{signed.box} seq {signed.seq} "
+        f"for box key {signed.box_key_id}"
+    )
+    if args.out is not None:
+        args.out.write_bytes(signed.data)
+        print(f"wrote {args.out}: on the box, redeemd grant install {args.out.name}")
+    if args.broker is not None:
+        try:
+            grants.publish_latest(store, args.broker, args.prefix, [signed.box])
+        except grants.GrantsError as exc:
+            raise UsageError(str(exc)) from None
+    else:
+        print(
+            "not published: redeemd-backend grant publish --dir "
+            f"{args.dir} --broker mqtt://... (or pass --broker)"
+        )
+
+
+def cmd_grant_add(args: argparse.Namespace) -> int:
+    if not 1 <= args.quota <= grant.MAX_QUOTA:
+        raise UsageError(f"--quota {args.quota} is out of range: allowed 1..{grant.MAX_QUOTA}")
+    now = int(time.time())
+    start = now if args.start is None else args.start
+    if args.until is not None:
+        end = args.until
+    else:
+        end = start + _seconds(30.0 if args.days is None else args.days, "--days")
+    if end < start:
+        raise UsageError(f"the grant would end ({utc(end)}) before it starts ({utc(start)})")
+    keystore = Keystore(args.dir)
+    store = Store.open(args.dir)
+    try:
+        try:
+            public = grants.box_key(store, args.box, args.box_key)
+            made = grants.add(
+                store, keystore, box=args.box, cards=args.card, quota=args.quota,
+                not_before=start, not_after=end, box_key=public, now=now,
+            )  # fmt: skip
+        except grants.GrantsError as exc:
+            raise UsageError(str(exc)) from None
+        row = made.grant
+        print(
+            f"grant {row.id}: box {row.box} (key {row.box_key_id}) may dispense card(s) "
+            f"{','.join(map(str, row.cards))}, {row.quota} claim codes, "
+            f"{utc(row.not_before)} to {utc(row.not_after)}"
+        )
+        _deliver(args, store, made)
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_grant_revoke(args: argparse.Namespace) -> int:
+    keystore = Keystore(args.dir)
+    store = Store.open(args.dir)
+    try:
+        try:
+            made = grants.revoke(store, keystore, args.grant_id.lower())
+        except grants.GrantsError as exc:
+            raise UsageError(str(exc)) from None
+        print(f"grant {made.grant.id} of box {made.grant.box} revoked")
+        _deliver(args, store, made)
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_grant_list(args: argparse.Namespace) -> int:
+    store = Store.open(args.dir)
+    try:
+        rows = grants.grants(store, args.box)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([r.to_json() for r in rows], indent=1))
+        return 0
+    if not rows:
+        print("no grants" + (f" for box {args.box}" if args.box else ""))
+        return 0
+    print(f"{'GRANT':16}  {'BOX':14} {'CARDS':10} {'QUOTA':>7}  {'FROM':20} {'UNTIL':20} STATE")
+    now = int(time.time())
+    for r in rows:
+        state = (
+            f"revoked {utc(r.revoked_at)}"
+            if r.revoked_at is not None
+            else "ended"
+            if r.not_after < now
+            else "not started"
+            if r.not_before > now
+            else "live"
+        )
+        cards = ",".join(map(str, r.cards))
+        print(
+            f"{r.id}  {r.box:14} {cards:10} {r.quota:>7}  {utc(r.not_before):20} "
+            f"{utc(r.not_after):20} {state}"
+        )
+    return 0
+
+
+def cmd_grant_publish(args: argparse.Namespace) -> int:
+    store = Store.open(args.dir)
+    try:
+        try:
+            done = grants.publish_latest(
+                store, args.broker, args.prefix, args.box, again=args.again
+            )
+        except grants.GrantsError as exc:
+            raise UsageError(str(exc)) from None
+    finally:
+        store.close()
+    if not done:
+        print("nothing to publish: every box's newest grant set was published (--again resends)")
+    return 0
+
+
+def cmd_claim(args: argparse.Namespace) -> int:
+    import uvicorn  # the web extra: only this command needs it
+
+    from backend.claim_service import ClaimService
+
+    host, port = args.listen
+    service = ClaimService(args.dir, code_days=args.code_days)
+    print(
+        f"claim service on http://{host}:{port}/c/CODE with {Store.describe(args.dir)}",
+        flush=True,
+    )
+    # access_log off: an access line would hold the claim code, which is the customer's.
+    uvicorn.run(
+        service.app(), host=host, port=port, access_log=False, log_level="warning",
+        proxy_headers=True, forwarded_allow_ips=args.forwarded_allow_ips,
+    )  # fmt: skip
+    return 0
+
+
+def cmd_dispensing(args: argparse.Namespace) -> int:
+    store = Store.open(args.dir)
+    try:
+        rows = claims.funnel(store, args.by)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"by": args.by, "rows": [r.to_json(args.by) for r in rows]}, indent=1))
+        return 0
+    if not rows:
+        print("nothing dispensed or claimed yet")
+        return 0
+    print(f"{'MERCHANT':12} {args.by.upper():14} {'DISPENSED':>9} {'CLAIMED':>8} {'REDEEMED':>8}")
+    for r in rows:
+        print(f"{r.merchant:12} {r.key!s:14} {r.dispensed:>9} {r.claimed:>8} {r.redeemed:>8}")
     return 0
 
 
