@@ -14,7 +14,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from backend import box_commands, boxes_view, claims, codes_csv, grants
+from backend import accounts_cli, box_commands, boxes_view, claims, codes_csv, grants
 from backend.collect import DEFAULT_GROUP, Collector
 from backend.connection import BrokerUrlError
 from backend.export import ExportError, export, parse_seqs, pick_merchant
@@ -210,6 +210,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--merchant", help="only this merchant's boxes")
     p.add_argument("--json", action="store_true", help="one JSON object: {at, boxes: [...]}")
     _dispensing_commands(commands)
+    accounts_cli.register(commands)
     return parser
 
 
