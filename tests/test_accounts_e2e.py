@@ -1,0 +1,128 @@
+"""Accounts end to end (issue 13): real `redeemd run` boxes, a real Mosquitto, the
+reference backend's real `publish` and `collect` processes (tests/fleet.py).
+
+The backend's account changes are made with backend/accounts.py on the fleet's store,
+as `redeemd-backend account ...` makes them (the commands are a thin layer over it), and
+reach the boxes only through the broker: the publisher sends each batch, the boxes apply
+it. Nothing waits for a fixed time.
+"""
+
+# ruff: noqa: F811  (the broker fixture is imported, then named as a parameter)
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from broker import broker  # noqa: F401  (fixture)
+from conftest import wait_for
+from fleet import Fleet, FleetBox
+
+from backend import accounts
+from backend.keystore import Keystore
+from backend.store import Store
+from cards.digest import code_digest
+
+GROUPON = 3  # use-counted (the demo cards, backend/demo/cards.json)
+GIFT = 5
+# The same code scanned again at once is another customer's phone, not a double read.
+NO_DEBOUNCE = '[scan]\ndebounce = "0s"\n'
+
+
+@pytest.fixture
+def fleet(tmp_path, broker):
+    instance = Fleet(tmp_path, broker)
+    yield instance
+    instance.close()
+
+
+class Backend:
+    """The fleet's backend store and keys, for account changes made as the CLI makes them."""
+
+    def __init__(self, fleet: Fleet):
+        self.keystore = Keystore(fleet.backend)
+        self.store = Store.open(fleet.backend)
+        self.sign = accounts.signer(self.keystore)
+        self.code_key = self.keystore.code_key()
+
+    def digest(self, code: str) -> bytes:
+        return code_digest(self.code_key, code)
+
+    def account(self, card: int, unit: str, value: int, *codes: str) -> str:
+        now = int(time.time())
+        made = accounts.create_account(
+            self.store, self.sign, merchant="demo", card_id=card, unit=unit, value=value, now=now
+        )
+        for code in codes:
+            accounts.link(
+                self.store, self.sign, account_id=made.id, digest=self.digest(code), now=now
+            )
+        return made.id
+
+    def latest_seq(self) -> int:
+        return int(self.store.engine.execute("SELECT MAX(seq) FROM batches").fetchone()[0])
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def online(box: FleetBox) -> bool:
+    return json.loads(box.cli("status", "--json").stdout).get("broker_connected", False)
+
+
+def reasons(verdicts: list[dict]) -> list[str]:
+    return [v.get("reason", v["verdict"]) for v in verdicts]
+
+
+def test_a_family_account_on_two_offline_boxes_holds_to_the_limits_and_is_reconciled(fleet):
+    collector, _ = fleet.collector(), fleet.publisher()
+    collector.wait_line(lambda line: line.startswith("connected"), "collector connected")
+    a, b = fleet.box("box-a", extra=NO_DEBOUNCE), fleet.box("box-b", extra=NO_DEBOUNCE)
+    backend = Backend(fleet)
+    try:
+        # 5 uses for the family, at most 2 per redemption and 3 unacknowledged per box.
+        family = backend.account(GROUPON, "uses", 5, "FAM-1", "FAM-2")
+        limit = accounts.Limit("demo", GROUPON, "*", 2, 3)
+        accounts.set_limit(backend.store, backend.sign, limit, now=int(time.time()))
+        accounts.set_policy(backend.store, "demo", block_overspent=True, now=int(time.time()))
+        latest = backend.latest_seq()
+    finally:
+        backend.close()
+    run_a, run_b = fleet.run(a), fleet.run(b)
+    for box in (a, b):
+        wait_for(lambda box=box: box.cache_seq() == latest, f"{box.id} applied the account")
+
+    fleet.broker.stop()
+    wait_for(lambda: not online(a) and not online(b), "both boxes offline")
+    # Offline: each box holds the account's 5 uses but accepts only 3 before an ack.
+    run_a.scan("FAM-1", "FAM-2", "FAM-1", "FAM-1")
+    run_b.scan("FAM-2", "FAM-2", "FAM-2", "FAM-1")
+    got_a, got_b = run_a.wait_verdicts(4), run_b.wait_verdicts(4)
+    assert reasons(got_a) == ["accepted"] * 3 + ["offline_limit"]
+    assert reasons(got_b) == ["accepted"] * 3 + ["offline_limit"]
+    assert got_a[2]["uses_left"] == 2
+    assert all(row == (bytes.fromhex(family),) for row in a.query("SELECT account FROM ledger"))
+
+    # Online again: the backend stores both boxes' 6 uses of 5, reports the overspend and,
+    # by the merchant's policy, blocks the account's codes on every box.
+    fleet.broker.start()
+    over = wait_for(
+        lambda: fleet.query(
+            "SELECT account, amount_over, boxes, blocked_seq FROM overspends "
+            "WHERE blocked_seq IS NOT NULL"
+        ),
+        "the overspend reported and blocked",
+    )
+    (account, amount_over, boxes, blocked), *more = over
+    assert (account, amount_over, sorted(json.loads(boxes)), more) == (
+        family,
+        1,
+        ["box-a", "box-b"],
+        [],
+    )
+    for box in (a, b):
+        wait_for(lambda box=box: fleet.all_collected(box), f"{box.id} records acked")
+    for box in (a, b):
+        wait_for(lambda box=box: box.cache_seq() >= blocked, f"{box.id} applied the block")
+    run_a.scan("FAM-1")
+    assert reasons(run_a.wait_verdicts(5))[-1] == "blocked"
