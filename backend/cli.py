@@ -17,6 +17,7 @@ from pathlib import Path
 from backend import accounts_cli, box_commands, boxes_view, claims, codes_csv, grants
 from backend.collect import DEFAULT_GROUP, Collector
 from backend.connection import BrokerUrlError
+from backend.console import cli as console_cli
 from backend.export import ExportError, export, parse_seqs, pick_merchant
 from backend.keystore import Keystore, KeystoreError, utc
 from backend.publish import DEFAULT_PREFIX, Publisher
@@ -211,6 +212,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object: {at, boxes: [...]}")
     _dispensing_commands(commands)
     accounts_cli.register(commands)
+    console_cli.add_to(commands)
     return parser
 
 
