@@ -12,7 +12,9 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -433,3 +435,26 @@ def test_rate_limiter_refuses_after_the_limit_until_the_oldest_failure_expires()
     assert limiter.retry_after("client:10.0.0.9", 30) == 870
     assert limiter.retry_after("client:10.0.0.8", 30) == 0, "another address is not limited"
     assert limiter.retry_after("client:10.0.0.9", 900) == 0, "the first failure has expired"
+
+
+@pytest.mark.parametrize("each_store", ["sqlite"], indirect=True)
+def test_a_burst_of_guesses_sent_at_once_gets_no_more_than_the_limit(console: Console) -> None:
+    with urllib.request.urlopen(f"{console.url}/login", timeout=10) as answer:
+        cookie = answer.headers["set-cookie"].split(";")[0]
+        csrf = re.search(r'name="csrf" value="([^"]+)"', answer.read().decode())[1]
+    form = urllib.parse.urlencode({"csrf": csrf, "name": "ana", "password": "a guess, wrong"})
+
+    def guess(_: int) -> int:
+        request = urllib.request.Request(
+            f"{console.url}/login", data=form.encode(), headers={"Cookie": cookie}, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                return answer.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(guess, range(16)))
+    assert statuses.count(401) == 5, statuses  # checked: the per-user limit
+    assert statuses.count(429) == 11, statuses  # refused unchecked

@@ -51,6 +51,9 @@ USER_FAILURES = (5, 15 * 60)
 CLIENT_FAILURES = (20, 15 * 60)
 """A client address, after 20 failures in 15 minutes (names tried one after another)."""
 
+VERIFYING = 4
+"""Password checks at once (Argon2id: 64 MiB each)."""
+
 T = TypeVar("T")
 
 _HEADERS = [
@@ -131,6 +134,8 @@ class Console:
         self.users = auth.RateLimiter(*USER_FAILURES)
         self.clients = auth.RateLimiter(*CLIENT_FAILURES)
         self._lock = threading.Lock()
+        self._verifying = threading.BoundedSemaphore(VERIFYING)
+        self._limits = threading.RLock()
         self._store: Store | None = None
         self._retry_at = 0.0
 
@@ -165,6 +170,42 @@ class Console:
     async def db(self, work: Callable[[Store], T]) -> T:
         """Run `work(store)` on a worker thread, alone on the store."""
         return await run_in_threadpool(self._locked, work)
+
+    def _waiting(self, name: str, client: str, now: float) -> float:
+        """Seconds until `name` from `client` may try again (0: now)."""
+        with self._limits:
+            return max(
+                self.users.retry_after(f"user:{name}", now),
+                self.clients.retry_after(f"client:{client}", now),
+            )
+
+    def _attempt(
+        self,
+        name: str,
+        client: str,
+        found: tuple[auth.User, str] | None,
+        password: str,
+        now: float,
+    ) -> auth.User | float | None:
+        """One password check, on a worker thread: the user, None for a wrong password,
+        or the seconds to wait when rate limited."""
+        # Each Argon2id check takes 64 MiB for a moment: a burst of sign-in requests waits
+        # for one of a few slots instead of each taking that memory. Every check counts as
+        # a failure from before it starts (forgiven if the password is right), so a burst
+        # sent at once gets no more guesses than the limit, however many run together.
+        with self._verifying:
+            with self._limits:
+                wait = self._waiting(name, client, now)
+                if wait > 0:
+                    return wait
+                self.users.failed(f"user:{name}", now)
+                self.clients.failed(f"client:{client}", now)
+            user = auth.verify(found, password)
+            if user is not None:
+                with self._limits:
+                    self.users.clear(f"user:{name}")
+                    self.clients.forgive(f"client:{client}", now)
+            return user
 
     # ------------------------------------------------------------ sessions and forms
 
@@ -300,13 +341,19 @@ class Console:
         password = fields.get("password", "")[:1024]
         client = request.client.host if request.client else "unknown"
         now = self.clock()
-        wait = max(
-            self.users.retry_after(f"user:{name}", now),
-            self.clients.retry_after(f"client:{client}", now),
-        )
-        if wait > 0:
+        outcome: auth.User | float | None = self._waiting(name, client, now)
+        if not outcome:
+            found = await self.db(lambda s: auth.password_hash_of(s, name))
+            outcome = await run_in_threadpool(self._attempt, name, client, found, password, now)
+            if outcome is None:
+                # The actor only if the name exists: a name field sometimes holds a password.
+                await self.audit(
+                    request, name if found else None, "sign in", None, "refused: wrong password"
+                )
+                return self._login_again(fields, "Wrong user name or password.", 401)
+        if not isinstance(outcome, auth.User):
             await self.audit(request, name or None, "sign in", None, "refused: rate limited")
-            minutes = max(1, round(wait / 60))
+            minutes = max(1, round(outcome / 60))
             return self._login_again(
                 fields,
                 f"Too many failed sign-ins for this user or from this address. Try again in "
@@ -314,17 +361,7 @@ class Console:
                 "check the audit log.",
                 429,
             )
-        found = await self.db(lambda s: auth.password_hash_of(s, name))
-        user = await run_in_threadpool(auth.verify, found, password)
-        if user is None:
-            self.users.failed(f"user:{name}", now)
-            self.clients.failed(f"client:{client}", now)
-            # The actor only if the name exists: a name field sometimes holds a password.
-            await self.audit(
-                request, name if found else None, "sign in", None, "refused: wrong password"
-            )
-            return self._login_again(fields, "Wrong user name or password.", 401)
-        self.users.clear(f"user:{name}")
+        user = outcome
         token, _ = await self.db(lambda s: auth.open_session(s, user, now))
         await self.audit(request, user.name, "sign in", None, audit.OK)
         response = RedirectResponse("/", 303)

@@ -226,5 +226,11 @@ class RateLimiter:
             for old in [k for k, t in self._failures.items() if t[-1] <= now - self.window]:
                 del self._failures[old]
 
+    def forgive(self, key: str, at: float) -> None:
+        """Take back the failure counted at `at` (the attempt succeeded)."""
+        times = self._failures.get(key)
+        if times is not None and at in times:
+            times.remove(at)
+
     def clear(self, key: str) -> None:
         self._failures.pop(key, None)
