@@ -24,10 +24,13 @@ from broker import free_port
 from browser import artifacts, chromium, focused, serve_console, shot, unlabelled
 from conftest import ROOT
 
+from backend import grants
 from backend.console import auth
 from backend.console.fleet import Query, select
 from backend.events import parse_message
+from backend.keystore import Keystore
 from backend.store import BoxRow, BoxStatus, Store
+from cards import keys
 
 PASSWORD = "correct horse battery staple"
 VIEWER_PASSWORD = "viewer passphrase here"
@@ -407,6 +410,13 @@ def test_box_and_conflicts_pages_show_reasons_gaps_and_digest_prefixes_only(
             body = json.dumps({"v": 1, "box": box, "records": records}).encode()
             store.store_events("demo", box, parse_message(body, merchant="demo", box=box))
         assert len(store.conflicts()) == 1 and store.open_gaps()
+        # A grant of 10 claim codes, 3 of which the box says it has used.
+        made = grants.add(
+            store, Keystore(console.dir), box="box-0001", cards=(1,), quota=10, not_before=0,
+            not_after=int(time.time()) + 86400, box_key=keys.public_of(keys.new_private_key()),
+        ).grant  # fmt: skip
+        said = {"dispensing": {"grant_seq": 1, "grants": [{"id": made.id, "used": 3}]}}
+        store.record_status("demo", "box-0001", online(raw=json.dumps(said)), int(time.time()))
     finally:
         store.close()
     shots = artifacts(tmp_path, f"console-box-{console.store}")
@@ -420,6 +430,10 @@ def test_box_and_conflicts_pages_show_reasons_gaps_and_digest_prefixes_only(
         assert digest.hex()[:12] in text and digest.hex() not in text
         assert "3–4" in text and "open" in text  # the gap
         assert "box-0002" in text  # the conflict it took part in
+        grant = page.locator("tr", has_text=made.id)
+        expect(grant).to_contain_text("10")
+        assert grant.locator("td").nth(4).inner_text() == "7", "quota 10, used 3: 7 left"
+        expect(grant).to_contain_text("active")
         shot(page, shots, "box")
         page.get_by_role("link", name="Conflicts").click()
         expect(page.locator("table")).to_contain_text("box-0002")

@@ -481,12 +481,14 @@ class Console:
                 return None
             merchant = rows[0].merchant
             recent = records.recent_records(store, merchant, box)
+            status = rows[0].status
             return (
                 boxes_view.view(rows, now)[0],
                 recent,
                 records.by_reason(recent),
                 records.gaps(store, merchant, box),
                 records.conflicts(store, box=box),
+                records.dispensing(store, box, status.raw if status else None),
             )
 
         found = await self.db(read)
@@ -494,8 +496,10 @@ class Console:
             raise Refused(
                 404, "No such box", f"No box {box} is registered (redeemd-backend box add)."
             )
-        entry, recent, reasons, gaps, conflicts = found
-        return HTMLResponse(pages.box_page(entry, recent, reasons, gaps, conflicts, now, session))
+        entry, recent, reasons, gaps, conflicts, granted = found
+        return HTMLResponse(
+            pages.box_page(entry, recent, reasons, gaps, conflicts, granted, now, session)
+        )
 
     async def metrics(self, request: Request) -> Response:
         if self.metrics_token is None:

@@ -18,7 +18,7 @@ from backend import boxes_view
 from backend.console.audit import Entry
 from backend.console.auth import Session
 from backend.console.fleet import Counts, Page, Query
-from backend.console.records import ConflictRow, GapRow, Record
+from backend.console.records import ConflictRow, GapRow, GrantLine, Record
 
 CURRENT = ' aria-current="page"'
 
@@ -317,12 +317,31 @@ def conflicts_page(found: list[ConflictRow], session: Session) -> str:
     return layout("Conflicts", body, session, current="/conflicts")
 
 
+def _grant_row(g: GrantLine, now: int) -> str:
+    if g.revoked:
+        state = "revoked"
+    elif now > g.not_after:
+        state = "ended"
+    elif now < g.not_before:
+        state = "not started"
+    else:
+        state = "active"
+    unknown = "not reported"
+    return (
+        f"<tr><td><code>{esc(g.id)}</code></td><td>{esc(', '.join(map(str, g.cards)))}</td>"
+        f"<td>{g.quota}</td><td>{esc(unknown if g.used is None else g.used)}</td>"
+        f"<td>{esc('-' if g.left is None else g.left)}</td><td>{esc(utc(g.not_before))}</td>"
+        f"<td>{esc(utc(g.not_after))}</td><td>{state}</td></tr>"
+    )
+
+
 def box_page(
     entry: dict[str, Any],
     records: list[Record],
     reasons: list[tuple[str, str, int]],
     gaps: list[GapRow],
     found: list[ConflictRow],
+    granted: list[GrantLine],
     now: int,
     session: Session,
 ) -> str:
@@ -368,6 +387,12 @@ def box_page(
             ("Seq", "At", "Action", "Verdict", "Reason", "Code digest", "Card"),
             record_rows,
             "No records stored.",
+        )
+        + _table(
+            "Dispensing: its grants, newest first (used: as the box last said)",
+            ("Grant", "Cards", "Quota", "Used", "Left", "From", "Until", "State"),
+            [_grant_row(g, now) for g in granted],
+            "No grants (redeemd-backend grant add).",
         )
         + _table("Gaps in its sequence", ("Seqs", "Found", "Filled"), gap_rows, "No gaps.")
         + _table(

@@ -100,3 +100,47 @@ def conflicts(store: Store, box: str | None = None, limit: int = 200) -> list[Co
         (*params, limit),
     ).fetchall()
     return [ConflictRow(r[0], prefix(r[1]), *r[2:]) for r in rows]
+
+
+@dataclass(frozen=True)
+class GrantLine:
+    """A box's dispensing grant as the backend made it, beside what the box last said
+    it used of it (its status's `dispensing.grants[].used`, docs/protocol.md 16.5)."""
+
+    id: str
+    cards: tuple[int, ...]
+    quota: int
+    used: int | None
+    """None while the box has not reported this grant."""
+    not_before: int
+    not_after: int
+    revoked: bool
+
+    @property
+    def left(self) -> int | None:
+        return None if self.used is None else max(self.quota - self.used, 0)
+
+
+def _used(raw: str | None) -> dict[str, int]:
+    """{grant id: used counter} from a stored status's `dispensing` member."""
+    try:
+        doc = json.loads(raw or "null")
+        listed = doc["dispensing"]["grants"]
+        return {
+            g["id"]: g["used"]
+            for g in listed
+            if isinstance(g.get("id"), str) and isinstance(g.get("used"), int)
+        }
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return {}
+
+
+def dispensing(store: Store, box: str, raw_status: str | None) -> list[GrantLine]:
+    """The box's grants, newest first, with the used counters its status reports."""
+    from backend import grants  # the dispensing tables (m004): only this page reads them
+
+    used = _used(raw_status)
+    return [
+        GrantLine(g.id, g.cards, g.quota, used.get(g.id), g.not_before, g.not_after, g.revoked)
+        for g in reversed(grants.grants(store, box))
+    ]
