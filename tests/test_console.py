@@ -472,3 +472,17 @@ def test_a_burst_of_guesses_sent_at_once_gets_no_more_than_the_limit(console: Co
         statuses = list(pool.map(guess, range(16)))
     assert statuses.count(401) == 5, statuses  # checked: the per-user limit
     assert statuses.count(429) == 11, statuses  # refused unchecked
+
+
+@pytest.mark.parametrize("each_store", ["sqlite"], indirect=True)
+def test_a_removed_user_stops_getting_live_updates(console: Console) -> None:
+    from playwright.sync_api import expect
+
+    with chromium() as browser:
+        page = browser.new_page()
+        sign_in(page, console, "vic", VIEWER_PASSWORD)
+        expect(page.get_by_role("heading", name="Fleet")).to_be_visible()
+        assert backend_cli("user", "remove", "--dir", str(console.dir), "vic").returncode == 0
+        expect(page.locator("#live-status")).to_contain_text("Signed out", timeout=30_000)
+        page.reload()
+        assert page.url.endswith("/login")
