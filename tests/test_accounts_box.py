@@ -13,13 +13,16 @@ import zlib
 
 import pytest
 from conftest import CREATED, FAR, make_keyset, write_box
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlite_utils import Database
 
 from cards import batch
 from cards.batch import BatchError, CodeStatus, Kind
-from cards.card import CardError, Limit, limit_for, parse_limit, parse_limits
+from cards.card import Card, CardError, CardKind, Limit, limit_for, parse_limit, parse_limits
+from cards.rules import CodeState, Context, decide, within_limit
 from cards.scan import Scan
-from cards.verdict import Reason
+from cards.verdict import Action, Outcome, Reason
 from daemon.engine import Engine
 from storage import accounts, batch_import, codes, ledger, outbox, trust
 from storage.database import connect, open_database
@@ -511,3 +514,36 @@ def test_storage_reads_an_account_and_its_codes(engine):
     # The accounts table is keyed like codes: one B-tree, no rowid.
     sql = engine.conn.execute("SELECT sql FROM sqlite_master WHERE name = 'accounts'").fetchone()
     assert "WITHOUT ROWID" in sql[0]
+
+
+# ---------------------------------------------------------------- the limit, as a property
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    balance_card=st.booleans(),
+    left=st.one_of(st.none(), st.integers(0, 50)),
+    asked=st.integers(1, 60),
+    per_redemption=st.one_of(st.none(), st.integers(0, 60)),
+    per_account=st.one_of(st.none(), st.integers(0, 120)),
+    spent=st.integers(0, 100),
+)
+def test_within_limit_accepts_exactly_what_the_caps_allow_and_refusals_change_nothing(
+    balance_card, left, asked, per_redemption, per_account, spent
+):
+    card = Card(5, "demo", CardKind.GIFT if balance_card else CardKind.GROUPON, uses=3)
+    code = CodeState(
+        uses_left=None if balance_card else left, balance=(left or 0) if balance_card else None
+    )
+    ctx = Context(CREATED, 1, 600, "store-1", Action.REDEEM, asked if balance_card else None, asked)
+    before = decide(card, code, ctx)
+    limit = Limit(5, "*", per_redemption, per_account)
+    after = within_limit(card, before, ctx.amount, ctx.uses, limit, spent)
+    allowed = (per_redemption is None or asked <= per_redemption) and (
+        per_account is None or spent + asked <= per_account
+    )
+    if before.outcome is not Outcome.ACCEPTED or allowed:
+        assert after is before
+        return
+    assert after.reason is Reason.OFFLINE_LIMIT and not after.changed
+    assert (after.uses_left, after.balance) == (code.uses_left, code.balance)
