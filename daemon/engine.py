@@ -277,7 +277,7 @@ class Engine:
         write lock: a second scan cannot slip in between the check and the record."""
         spent = 0
         if limit.per_account is not None:
-            spent = accounts.spent(self.conn, found.account or digest)
+            spent = accounts.spent(self.conn, found.account, digest)
         return limited(found, ask, limit, spent)
 
     # ------------------------------------------------------------------ reversal
@@ -516,8 +516,13 @@ class Engine:
                     codes.UPDATE_ACCOUNT, (uses_left, decision.balance, found.account)
                 )
             if action is Action.REDEEM and card.card_id in self._tracked:
-                spent = amount if by_balance else ask.uses
-                self.conn.execute(accounts.ADD_SPEND, (found.account or digest, spent or 0))
+                # The unacknowledged spend of the offline limits, in the row just written
+                # (the same page: no WAL page of its own).
+                spent = (amount if by_balance else ask.uses) or 0
+                if found.account is None:
+                    self.conn.execute(accounts.ADD_CODE_SPEND, (spent, digest))
+                else:
+                    self.conn.execute(accounts.ADD_ACCOUNT_SPEND, (spent, found.account))
         verdict = self._verdict(found, short(digest), scan.source, record_text, seq, amount)
         if request is not None:
             api_requests.record(self.conn, request, seq, verdict.to_json())

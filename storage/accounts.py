@@ -1,18 +1,21 @@
-"""Accounts on the box: their rows, the offline limits, and the unacknowledged spend.
+"""Accounts on the box: the offline limits and the unacknowledged spend.
 
 An account (docs/protocol.md 19) holds the uses or balance its linked codes spend; the
 engine probes it by id (`codes.ACCOUNT_LOOKUP`) and writes its new state in the
 redemption's transaction. The offline limits are the backend's `limits` batch, as
 stored. The unacknowledged spend is what this box accepted per account (a code without
-one is keyed by its digest) in records still in the outbox, kept in `account_spend`
-only for cards with a per_account limit ("tracked" cards):
+one: per code) in records still in the outbox, kept in the `spent` column of the
+account's row (or the code's) and only for cards with a per_account limit ("tracked"
+cards):
 
-- a redemption of a tracked card adds to it in its own transaction (`ADD_SPEND`);
+- a redemption of a tracked card adds to it (`ADD_ACCOUNT_SPEND`, `ADD_CODE_SPEND`) in
+  the row it writes anyway, so it costs no WAL page of its own;
 - an ack lowers it by the records it moves past (`release`, from storage/outbox.py);
-- a `limits` batch recomputes it from the outbox (`rebuild_spend`), because the set of
-  tracked cards may have changed.
+- a `limits` batch, and a snapshot (which replaces the codes), recompute it from the
+  outbox (`rebuild_spend`), because the set of tracked cards or the rows changed.
 
-So `spent` is one primary-key probe, however long the outbox is.
+So the limit check reads one row the redemption is about to write, however long the
+outbox is.
 """
 
 from __future__ import annotations
@@ -22,24 +25,26 @@ from collections.abc import Iterable
 
 from cards.card import Limit
 
-SPENT = "SELECT spent FROM account_spend WHERE key = ?"
-ADD_SPEND = (
-    "INSERT INTO account_spend(key, spent) VALUES (?, ?) "
-    "ON CONFLICT(key) DO UPDATE SET spent = spent + excluded.spent"
-)
-# The spend a record counts for: its account (or its code), the amount for balance cards
-# or the uses for the others; only accepted redemptions of tracked cards. Reversals do
-# not lower it: the backend's ack does (protocol.md 19.5).
+ADD_ACCOUNT_SPEND = "UPDATE accounts SET spent = COALESCE(spent, 0) + ? WHERE account = ?"
+ADD_CODE_SPEND = "UPDATE codes SET spent = COALESCE(spent, 0) + ? WHERE digest = ?"
+# The spend a record counts for: its account (or, without one, its code), the amount for
+# balance cards or the uses for the others; only accepted redemptions of tracked cards.
+# Reversals do not lower it: the backend's ack does (protocol.md 19.5).
 _SPEND_OF = (
-    "SELECT COALESCE(account, digest), SUM(COALESCE(amount, uses, 0)) FROM ledger "
-    "WHERE {where} AND verdict = 'accepted' AND action = 'redeem' "
+    "SELECT account, CASE WHEN account IS NULL THEN digest END AS code, "
+    "SUM(COALESCE(amount, uses, 0)) FROM ledger "
+    "WHERE {where} AND verdict = 'accepted' AND action = 'redeem' AND digest IS NOT NULL "
     "AND card_id IN (SELECT card_id FROM limits WHERE per_account IS NOT NULL) "
-    "GROUP BY 1"
+    "GROUP BY account, code"
 )
 _WAITING = (
     "seq > (SELECT seq FROM ledger_marks WHERE name = 'acked') "
     "AND seq NOT IN (SELECT seq FROM outbox_acked)"
 )
+_LOWER_ACCOUNT = (
+    "UPDATE accounts SET spent = NULLIF(MAX(COALESCE(spent, 0) - ?, 0), 0) WHERE account = ?"
+)
+_LOWER_CODE = "UPDATE codes SET spent = NULLIF(MAX(COALESCE(spent, 0) - ?, 0), 0) WHERE digest = ?"
 
 
 def limits(conn: sqlite3.Connection) -> list[Limit]:
@@ -51,15 +56,19 @@ def limits(conn: sqlite3.Connection) -> list[Limit]:
 
 
 def tracked_cards(held: Iterable[Limit]) -> frozenset[int]:
-    """Cards whose redemptions count in account_spend: those with a per_account limit for
-    any box. The same set as _SPEND_OF's, so what is added is what acks take away."""
+    """Cards whose redemptions count in the spend: those with a per_account limit for any
+    box. The same set as _SPEND_OF's, so what is added is what acks take away."""
     return frozenset(limit.card_id for limit in held if limit.per_account is not None)
 
 
-def spent(conn: sqlite3.Connection, key: bytes) -> int:
-    """This box's unacknowledged accepted spend for an account id (or a code's digest)."""
-    row = conn.execute(SPENT, (key,)).fetchone()
-    return 0 if row is None else int(row[0])
+def spent(conn: sqlite3.Connection, account: bytes | None, digest: bytes) -> int:
+    """This box's unacknowledged accepted spend on `account`, or on the code `digest`
+    when it has none."""
+    if account is not None:
+        row = conn.execute("SELECT spent FROM accounts WHERE account = ?", (account,)).fetchone()
+    else:
+        row = conn.execute("SELECT spent FROM codes WHERE digest = ?", (digest,)).fetchone()
+    return 0 if row is None or row[0] is None else int(row[0])
 
 
 def replace_limits(conn: sqlite3.Connection, held: Iterable[Limit]) -> None:
@@ -74,23 +83,32 @@ def replace_limits(conn: sqlite3.Connection, held: Iterable[Limit]) -> None:
 
 
 def rebuild_spend(conn: sqlite3.Connection) -> None:
-    """account_spend from the records waiting in the outbox. The caller owns the
-    transaction."""
-    conn.execute("DELETE FROM account_spend")
-    conn.execute("INSERT INTO account_spend(key, spent) " + _SPEND_OF.format(where=_WAITING))
-    conn.execute("DELETE FROM account_spend WHERE spent <= 0")
+    """The spend from the records waiting in the outbox. Only rows a waiting record names
+    can hold one (the rest were lowered to nothing by acks), so the codes table is not
+    walked. The caller owns the transaction."""
+    conn.execute("UPDATE accounts SET spent = NULL WHERE spent IS NOT NULL")
+    conn.execute(
+        "UPDATE codes SET spent = NULL WHERE digest IN (SELECT digest FROM ledger WHERE "
+        + _WAITING
+        + " AND account IS NULL AND digest IS NOT NULL) AND spent IS NOT NULL"
+    )
+    for account, code, amount in conn.execute(_SPEND_OF.format(where=_WAITING)).fetchall():
+        if account is not None:
+            conn.execute("UPDATE accounts SET spent = ? WHERE account = ?", (amount, account))
+        else:
+            conn.execute("UPDATE codes SET spent = ? WHERE digest = ?", (amount, code))
 
 
 def release(conn: sqlite3.Connection, where: str, params: tuple[object, ...]) -> None:
-    """Lower account_spend by the records selected by `where` (an SQL condition on the
-    ledger with `params`), which an ack is about to mark delivered: call it before the
-    mark moves. Nothing is read when no spend is held (a box without per_account
-    limits), so an ack costs what it did. The caller owns the transaction."""
-    if conn.execute("SELECT 1 FROM account_spend LIMIT 1").fetchone() is None:
+    """Lower the spend by the records selected by `where` (an SQL condition on the ledger
+    with `params`), which an ack is about to mark delivered: call it before the mark
+    moves. Nothing is read when no card is tracked (a box without per_account limits),
+    so an ack costs what it did. The caller owns the transaction."""
+    tracked = "SELECT 1 FROM limits WHERE per_account IS NOT NULL LIMIT 1"
+    if conn.execute(tracked).fetchone() is None:
         return
-    found = conn.execute(_SPEND_OF.format(where=where), params).fetchall()
-    conn.executemany(
-        "UPDATE account_spend SET spent = spent - ? WHERE key = ?",
-        ((amount, key) for key, amount in found),
-    )
-    conn.execute("DELETE FROM account_spend WHERE spent <= 0")
+    for account, code, amount in conn.execute(_SPEND_OF.format(where=where), params).fetchall():
+        if account is not None:
+            conn.execute(_LOWER_ACCOUNT, (amount, account))
+        else:
+            conn.execute(_LOWER_CODE, (amount, code))

@@ -263,6 +263,8 @@ def _apply_snapshot(conn: sqlite3.Connection, batch: Batch) -> None:
     for digest, action, uses, amount in unacked:
         sign = 1 if action == "redeem" else -1
         _consume(conn, cards, digest, sign * uses, sign * amount)
+    # The codes' unacknowledged spend (offline limits) went with their rows.
+    accounts.rebuild_spend(conn)
 
 
 def _apply_status(status: int) -> Callable[[sqlite3.Connection, Batch], None]:

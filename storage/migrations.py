@@ -308,12 +308,11 @@ def m009_accounts(db: Database) -> None:
     # code never linked, so nothing changes for them, and a NULL costs no byte). Top-up
     # and transfer ids are kept for good so each applies once whatever batch repeats it.
     # `limits` is the backend's offline limits, replaced whole by a `limits` batch.
-    # `account_spend` is this box's unacknowledged accepted spend per account (a code
-    # without one: its digest), only for cards with a per_account limit: kept in the
-    # redemption's transaction and lowered when acks move past its records
-    # (storage/accounts.py), so the limit check is one probe, not a walk of the outbox.
-    # The ledger's `account` is added nullable at the end like m008's columns: no
-    # rewrite, no byte in a plain code's record.
+    # `spent` (accounts and codes) is this box's unacknowledged accepted spend, only for
+    # cards with a per_account limit: kept in the row the redemption writes anyway (the
+    # account's, or the code's), so it costs no WAL page of its own, and lowered when
+    # acks move past its records (storage/accounts.py). The ledger's `account` is added
+    # nullable at the end like m008's columns: no rewrite, no byte in a plain record.
     db.executescript(
         """
         CREATE TABLE accounts (
@@ -323,9 +322,11 @@ def m009_accounts(db: Database) -> None:
             not_after INTEGER,
             uses_left INTEGER,
             balance INTEGER,
-            status INTEGER NOT NULL DEFAULT 0
+            status INTEGER NOT NULL DEFAULT 0,
+            spent INTEGER
         ) WITHOUT ROWID;
         ALTER TABLE codes ADD COLUMN account BLOB;
+        ALTER TABLE codes ADD COLUMN spent INTEGER;
         CREATE TABLE topups_applied (topup_id BLOB PRIMARY KEY) WITHOUT ROWID;
         CREATE TABLE transfers_applied (transfer_id BLOB PRIMARY KEY) WITHOUT ROWID;
         CREATE TABLE limits (
@@ -334,10 +335,6 @@ def m009_accounts(db: Database) -> None:
             per_redemption INTEGER,
             per_account INTEGER,
             PRIMARY KEY (card_id, box)
-        ) WITHOUT ROWID;
-        CREATE TABLE account_spend (
-            key BLOB PRIMARY KEY,
-            spent INTEGER NOT NULL
         ) WITHOUT ROWID;
         ALTER TABLE ledger ADD COLUMN account BLOB;
         """

@@ -285,19 +285,19 @@ def test_cumulative_limit_counts_unacknowledged_spend_and_resets_after_an_ack(en
     refused = engine.redeem("GIFT-0001", "pos", amount=1000)
     assert refused.reason is Reason.OFFLINE_LIMIT
     assert "5500" in refused.detail and "6000 per account" in refused.detail
-    assert accounts.spent(engine.conn, FAMILY) == 5500
+    assert accounts.spent(engine.conn, FAMILY, b"") == 5500
     ack_all(engine)
-    assert accounts.spent(engine.conn, FAMILY) == 0
+    assert accounts.spent(engine.conn, FAMILY, b"") == 0
     assert engine.redeem("GIFT-0001", "pos", amount=1000).accepted
     # Acks by id lower it too.
     record = engine.redeem("PHONE-1", "pos", amount=500)
-    assert accounts.spent(engine.conn, FAMILY) == 1500
+    assert accounts.spent(engine.conn, FAMILY, b"") == 1500
     acks.apply(
         engine.conn,
         acks.Ack(0, (uuid.UUID(record.record_id).bytes,)),
         sent_upto=ledger.last_seq(engine.conn),
     )
-    assert accounts.spent(engine.conn, FAMILY) == 1000
+    assert accounts.spent(engine.conn, FAMILY, b"") == 1000
 
 
 def test_a_code_without_an_account_is_its_own_account_for_the_limit(engine):
@@ -305,12 +305,12 @@ def test_a_code_without_an_account_is_its_own_account_for_the_limit(engine):
     assert engine.redeem("GIFT-0001", "pos", amount=1500).accepted  # before any limit
     # The limit arrives with the box's earlier, unacknowledged spend already counted.
     limits(engine, {"card": 5, "box": "*", "per_redemption": None, "per_account": 2000})
-    assert accounts.spent(engine.conn, ks.digest("GIFT-0001")) == 1500
+    assert accounts.spent(engine.conn, None, ks.digest("GIFT-0001")) == 1500
     assert engine.redeem("GIFT-0001", "pos", amount=600).reason is Reason.OFFLINE_LIMIT
     assert engine.redeem("GIFT-0001", "pos", amount=500).accepted
     # Removing the limits removes the spend kept for them.
     limits(engine)
-    assert accounts.spent(engine.conn, ks.digest("GIFT-0001")) == 0
+    assert accounts.spent(engine.conn, None, ks.digest("GIFT-0001")) == 0
     assert engine.redeem("GIFT-0001", "pos", amount=3000).accepted
 
 
@@ -489,7 +489,7 @@ def test_migration_keeps_every_code_and_record_of_the_previous_release(tmp_path,
 
     conn = open_database(path)
     assert conn.execute("SELECT * FROM codes ORDER BY digest").fetchall() == [
-        (*row, None) for row in before_codes
+        (*row, None, None) for row in before_codes
     ]
     assert conn.execute("SELECT * FROM ledger").fetchall() == [(*r, None) for r in before_ledger]
     assert conn.execute("SELECT COUNT(*) FROM accounts").fetchone()[0] == 0

@@ -13,7 +13,7 @@ from storage.migrations import migrations
 TABLES = {
     "codes", "cards", "issuer_keys", "trust", "batches", "ledger", "consumed_seen",
     "api_requests", "ledger_marks", "outbox_acked", "ledger_ids", "grant_set",
-    "accounts", "topups_applied", "transfers_applied", "limits", "account_spend",
+    "accounts", "topups_applied", "transfers_applied", "limits",
 }  # fmt: skip
 
 
