@@ -23,7 +23,9 @@ costs (three rows, four B-tree pages per commit); engine - replay is Python.
 Account: the same Engine.handle on codes linked to accounts (issue 13, protocol.md 19),
 two codes per account: one more primary-key probe (the account) and the account's row
 written instead of the code's. Printed beside the plain code and the floor, with its
-ratio to the same floor samples and its WAL pages.
+ratio to the same floor samples and its WAL pages. Limited: the same on a second card
+with an offline limit (per_redemption and per_account, never reached): also the probe of
+the account's unacknowledged spend and its update, in the account's row.
 
 The four samplers take turns scan by scan, rotating who goes first, so disk noise
 hits all of them equally.
@@ -133,9 +135,14 @@ def run(scratch, count: int, scans: int) -> None:
         code_digest(cache.config.trust.code_key, scan_code(i)) for i in range(total + PAGE_SCANS)
     ]
     first_seq = ledger.last_seq(replay) + 1
-    samples: dict[str, list[int]] = {"engine": [], "floor": [], "replay": [], "account": []}
+    samples: dict[str, list[int]] = {
+        "engine": [], "floor": [], "replay": [], "account": [], "limited": [],
+    }  # fmt: skip
     account_reads = [
         Scan(account_code(i).encode(), "bench-scanner") for i in range(total + PAGE_SCANS)
+    ]
+    limited_reads = [
+        Scan(account_code(i, LIMITED).encode(), "bench-scanner") for i in range(total + PAGE_SCANS)
     ]
     refused = 0
     clock = time.perf_counter_ns
@@ -150,15 +157,18 @@ def run(scratch, count: int, scans: int) -> None:
             refused += 1
         return t1 - t0
 
-    def account_once(i: int) -> int:
+    def account_once(i: int, reads: list[Scan] = account_reads) -> int:
         nonlocal refused
-        read = account_reads[i]
+        read = reads[i]
         t0 = clock()
         verdict = engine.handle(read)
         t1 = clock()
         if not isinstance(verdict, Verdict) or verdict.outcome is not Outcome.ACCEPTED:
             refused += 1
         return t1 - t0
+
+    def limited_once(i: int) -> int:
+        return account_once(i, limited_reads)
 
     def floor_once(i: int) -> int:
         digest = digests[i]
@@ -198,6 +208,7 @@ def run(scratch, count: int, scans: int) -> None:
         ("floor", floor_once),
         ("replay", replay_once),
         ("account", account_once),
+        ("limited", limited_once),
     ]
     gc.collect()
     for i in range(total):
@@ -211,6 +222,7 @@ def run(scratch, count: int, scans: int) -> None:
         "floor": wal_pages(floor, floor_once, range(total, total + PAGE_SCANS)),
         "replay": wal_pages(replay, replay_once, range(total, total + PAGE_SCANS)),
         "account": wal_pages(conn, account_once, range(total, total + PAGE_SCANS)),
+        "limited": wal_pages(conn, limited_once, range(total, total + PAGE_SCANS)),
     }
     ack_pages = ack_pages_per_record(conn, ledger.last_seq(conn) - PAGE_SCANS)
     api_pages = wal_pages(conn, api_once, range(total + PAGE_SCANS, total + 2 * PAGE_SCANS))
@@ -244,6 +256,14 @@ def run(scratch, count: int, scans: int) -> None:
         f"{label} ratio   account p50 {ra50:.2f}x  p99 {ra99:.2f}x of the floor; "
         f"{a50 / o50:.2f}x the plain code at p50  {account_verdict}"
     )
+    l50, l99 = percentile(samples["limited"], 50), percentile(samples["limited"], 99)
+    rl50, rl99 = l50 / f50, l99 / f99
+    limited_verdict = "PASS" if rl50 <= P50_TARGET and rl99 <= P99_TARGET else "MISS"
+    print(f"{label} limited Engine.handle, linked, limit p50 {ms(l50)}  p99 {ms(l99)}")
+    print(
+        f"{label} ratio   limited p50 {rl50:.2f}x  p99 {rl99:.2f}x of the floor; "
+        f"{l50 / o50:.2f}x the plain code at p50  {limited_verdict}"
+    )
     print(
         f"{label} where   engine's SQL replayed raw    p50 {ms(s50)}  p99 {ms(s99)}: "
         f"schema {(s50 - f50) / 1e3:+.0f} us, Python {(o50 - s50) / 1e3:+.0f} us at p50"
@@ -252,30 +272,47 @@ def run(scratch, count: int, scans: int) -> None:
         f"{label} pages   WAL pages per scan: engine {pages['engine']:.2f}, floor "
         f"{pages['floor']:.2f}, replay {pages['replay']:.2f} (target <= {PAGES_TARGET:.0f}) "
         f"{page_verdict}; acks add {ack_pages:.3f} per record; a local API redeem "
-        f"{api_pages:.2f}; a linked code {pages['account']:.2f}"
+        f"{api_pages:.2f}; a linked code {pages['account']:.2f}, with a limit "
+        f"{pages['limited']:.2f}"
     )
 
 
-def account_code(index: int) -> str:
-    """Text of the index-th code linked to an account (not in the issue batch: a `link`
-    batch adds it)."""
-    return f"ACCT-{index:08d}"
+# A second card like the coupon, with an offline limit the bench never reaches.
+LIMITED = 2
+LIMITED_CARD = {**boxes.COUPON, "id": LIMITED, "title": "Coffee, offline limit"}
+LIMIT = {"card": LIMITED, "box": "*", "per_redemption": 1, "per_account": 1000}
+
+
+def account_code(index: int, card: int = 1) -> str:
+    """Text of the index-th code linked to an account on `card` (not in the issue batch:
+    a `link` batch adds it)."""
+    return f"ACCT-{index:08d}" if card == 1 else f"LIM{card}-{index:08d}"
 
 
 def link_accounts(cache, bench_keys: BenchKeys, count: int) -> None:
-    """Accounts on the coupon card with 1,000 uses each, and `count` codes linked to
-    them, two per account, applied as the signed `accounts` and `link` batches they are
-    (sequences 3 and 4)."""
+    """Accounts with 1,000 uses each on the coupon card and on the limited card, and
+    `count` codes linked to each set, two per account, applied as the signed `cards`,
+    `accounts`, `link` and `limits` batches they are (sequences 3 to 6)."""
     key = cache.config.trust.code_key
-    ids = [(i + 1).to_bytes(16, "big") for i in range((count + 1) // 2)]
+    half = (count + 1) // 2
+    ids = {card: [(card << 64 | i).to_bytes(16, "big") for i in range(half)] for card in (1, 2)}
     made = [
-        (Kind.ACCOUNTS, batch.encode_accounts((a, 1, 0, 0, 1000, 0, 0) for a in ids)),
+        (Kind.CARDS, batch.encode_cards([boxes.COUPON, LIMITED_CARD])),
+        (
+            Kind.ACCOUNTS,
+            batch.encode_accounts(
+                (a, card, 0, 0, 1000, 0, 0) for card, each in ids.items() for a in each
+            ),
+        ),
         (
             Kind.LINK,
             batch.encode_links(
-                (code_digest(key, account_code(i)), ids[i // 2]) for i in range(count)
+                (code_digest(key, account_code(i, card)), ids[card][i // 2])
+                for card in ids
+                for i in range(count)
             ),
         ),
+        (Kind.LIMITS, batch.encode_limits([LIMIT])),
     ]
     conn = open_database(cache.path)
     try:
