@@ -354,18 +354,22 @@ def publish_pending(
     prefix: str,
     boxes: Iterable[str] | None = None,
     *,
+    merchants: Iterable[str] | None = None,
     again: bool = False,
 ) -> list[SignedSet]:
     """Publish each box's newest set not yet published (with `again`, every box's newest
     set: after a reconnect to a broker that may have lost its retained messages), of
-    `boxes` if given, on a connected `link`, retained, and mark it; returns those the
+    `boxes` and `merchants` if given, on a connected `link`, retained, and mark it; returns those the
     broker took, stopping at the first it did not. A set that is not the newest is never
     published: the retained message must be the newest (a box ignores older ones anyway).
     For a running publisher's round, or a command."""
     wanted = None if boxes is None else set(boxes)
+    of = None if merchants is None else set(merchants)
     done = []
     for signed in newest_sets(store):
         if wanted is not None and signed.box not in wanted:
+            continue
+        if of is not None and signed.merchant not in of:
             continue
         if signed.published_at is not None and not again:
             continue

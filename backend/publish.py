@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from backend import resign
+from backend import grants, resign
 from backend.connection import Connection, Message, default_client_id
 from backend.keystore import Keystore, KeystoreError
 from backend.store import IssuedBatch, Store
@@ -206,6 +206,12 @@ class Publisher:
             )
         reconnected = self._resign.is_set()
         self._resign.clear()
+        # Grant sets signed while no broker was reachable (or by a command without
+        # --broker) go out now; after a reconnect every box's newest again, retained.
+        for granted in grants.publish_pending(
+            store, self.link, self.prefix, merchants=self.merchants, again=reconnected
+        ):
+            self.say(f"published grant set {granted.seq} of box {granted.merchant}/{granted.box}")
         for merchant in self.merchants or store.merchants():
             latest = store.latest_seq(merchant)
             signed = self._signed.get(merchant)

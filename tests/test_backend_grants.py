@@ -310,6 +310,28 @@ def test_an_unreachable_broker_leaves_the_set_stored_for_grant_publish(backend_d
         store.close()
 
 
+def test_the_running_publisher_sends_a_set_the_broker_did_not_get(backend_dir, broker):
+    """A set signed while the broker was away goes out with the publisher's next round,
+    retained, and is marked published."""
+    broker.stop()
+    cli("grant", "add", "--dir", str(backend_dir), "--box", "box-1", "--card", "1",
+        "--quota", "1", "--box-key", keys.b64(BOX_PUBLIC), "--broker", broker.url)  # fmt: skip
+    broker.start()
+    publisher = CliProcess(
+        "publish", "--dir", str(backend_dir), "--broker", broker.url, "--poll", "0.2s"
+    )
+    try:
+        publisher.wait_line(lambda line: line.startswith("published grant set 1"), "its line")
+        box = Subscriber(broker.port, TOPIC)  # a box connecting later: the broker kept it
+        try:
+            payload, retained = wait_until(lambda: box.got and box.got[0], "the grant set")
+            assert retained and grant.open_grants(payload, roots(Keystore(backend_dir))).seq == 1
+        finally:
+            box.close()
+    finally:
+        publisher.stop()
+
+
 def test_the_acl_lets_a_box_read_its_grant_set_and_the_backend_write_it():
     text = broker_acl.render({"box-1": "demo"}, PREFIX, ["redeemd-publish"])
     assert f"topic read {TOPIC}" in text
