@@ -794,11 +794,14 @@ def cmd_mint(args: argparse.Namespace) -> int:
     if args.count < 1:
         raise UsageError(f"--count {args.count} is out of range: allowed 1 or more")
     last = args.serial + args.count - 1
-    if args.serial >= 0 and last > signed_code.MAX_SERIAL:
-        # Checked before printing, so no partial run of codes is handed out.
+    if args.serial >= 0 and last >= claims.CLAIM_SERIAL_BASE:
+        # Checked before printing, so no partial run of codes is handed out. Serials from
+        # 2^62 up are the claim service's and transfers' (backend/claims.py): a code minted
+        # here with one of them would be the same code as a customer's.
         raise UsageError(
             f"--serial {args.serial} with --count {args.count} ends at serial {last}: "
-            f"allowed 0..{signed_code.MAX_SERIAL}"
+            f"allowed 0..{claims.CLAIM_SERIAL_BASE - 1} (serials from 2^62 up are given by "
+            "the claim service and transfers)"
         )
     lifetime = _seconds(args.days, "--days")
     now = int(time.time())

@@ -266,10 +266,13 @@ def test_issue_outliving_its_delegation_notes_when_boxes_stop_taking_it(keys_dir
         (["--card", "-1", "--serial", "1"], "card id -1 is out of range: allowed 0..4294967295"),
         (["--card", "1", "--serial", "-1"], f"serial -1 is out of range: allowed 0..{(1 << 64) - 1}"),
         (["--card", "1", "--serial", str((1 << 64) - 1), "--count", "2"],
-         f"ends at serial {1 << 64}: allowed 0..{(1 << 64) - 1}"),
+         f"ends at serial {1 << 64}: allowed 0..{(1 << 62) - 1} (serials from 2^62 up"),
+        (["--card", "1", "--serial", str((1 << 62) - 1), "--count", "2"],
+         f"ends at serial {1 << 62}: allowed 0..{(1 << 62) - 1} (serials from 2^62 up"),
         (["--card", "1", "--serial", "1", "--count", "0"], "--count 0 is out of range: allowed 1 or more"),
     ],
-    ids=["card-too-big", "card-negative", "serial-negative", "serial-overflows", "count-zero"],
+    ids=["card-too-big", "card-negative", "serial-negative", "serial-overflows",
+         "serial-claim-range", "count-zero"],
 )  # fmt: skip
 def test_mint_field_outside_the_code_format_is_one_clear_line(keys_dir, args, expected):
     result = backend("mint", *args, keys_dir=keys_dir)
