@@ -45,6 +45,7 @@ examples:
       --broker mqtt://127.0.0.1:1883
   redeemd-backend claim --dir keys/ --listen 127.0.0.1:8080
   redeemd-backend dispensing --dir keys/ --by store
+  redeemd-backend console --dir keys/ --listen 127.0.0.1:8081
 
 The backend's records (batches, box events, the fleet) are in {dir}/backend.db, or in
 PostgreSQL with --database postgresql://user@host:port/name (or the environment
