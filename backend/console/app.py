@@ -40,7 +40,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend import boxes_view, broker_acl
-from backend.console import audit, auth, fleet, metrics, pages, records
+from backend.console import activity, audit, auth, codes, fleet, metrics, pages, records
+from backend.keystore import Keystore, KeystoreError
 from backend.store import Store, StoreError
 
 STATIC = Path(__file__).parent / "static"
@@ -138,6 +139,7 @@ class Console:
         self._limits = threading.RLock()
         self._store: Store | None = None
         self._retry_at = 0.0
+        self.lookups = codes.Lookups()
 
     # ------------------------------------------------------------ the store
 
@@ -288,6 +290,11 @@ class Console:
                 Route("/audit", self.audit_page, methods=["GET"]),
                 Route("/conflicts", self.conflicts_page, methods=["GET"]),
                 Route("/box/{box}", self.box_page, methods=["GET"]),
+                Route("/activity", self.activity_page, methods=["GET"]),
+                Route("/activity.csv", self.activity_csv, methods=["GET"]),
+                Route("/codes", self.codes_page, methods=["GET"]),
+                Route("/codes/lookup", self.code_lookup, methods=["POST"]),
+                Route("/codes/act", self.code_act, methods=["POST"]),
                 Route("/metrics", self.metrics, methods=["GET"]),
                 Route("/health", self.health, methods=["GET"]),
                 Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
@@ -519,3 +526,134 @@ class Console:
     async def health(self, request: Request) -> Response:
         await self.db(lambda s: s.engine.execute("SELECT 1").fetchone())
         return PlainTextResponse("ok")
+
+    # ------------------------------------------------------------ activity
+
+    def _activity(self, request: Request) -> activity.Filters:
+        try:
+            return activity.Filters.parse(request.query_params, self.clock())
+        except activity.FilterError as exc:
+            raise Refused(
+                400, "Bad filter", f"{exc}. Open the activity page from its menu."
+            ) from None
+
+    async def _select(self, filters: activity.Filters) -> activity.Activity:
+        try:
+            return await self.db(lambda s: activity.select(s, filters))
+        except activity.FilterError as exc:
+            raise Refused(400, "Too many records", str(exc)) from None
+
+    async def activity_page(self, request: Request) -> Response:
+        session = await self.session(request)
+        if session is None:
+            return RedirectResponse("/login", 303)
+        found = await self._select(self._activity(request))
+        # pygal takes some milliseconds a chart: off the event loop, and off the store lock.
+        charts = await run_in_threadpool(activity.charts, found)
+        return HTMLResponse(
+            pages.activity_page(found, charts, session), headers={"cache-control": "no-store"}
+        )
+
+    async def activity_csv(self, request: Request) -> Response:
+        if await self.session(request) is None:
+            return PlainTextResponse("signed out: sign in to the console first", 401)
+        filters = self._activity(request)
+        found = await self._select(filters)
+        name = f"activity-{filters.by}-{filters.since}-{filters.until}.csv"
+        return Response(
+            activity.csv_text(found),
+            media_type="text/csv; charset=utf-8",
+            headers={
+                "content-disposition": f'attachment; filename="{name}"',
+                "cache-control": "no-store",
+            },
+        )
+
+    # ------------------------------------------------------------ batches and codes
+
+    async def _codes(self, session: auth.Session, status: int = 200, **shown: Any) -> Response:
+        def read(store: Store) -> tuple[list[codes.BatchLine], list[str]]:
+            merchants = sorted({r.merchant for r in store.box_rows()} | set(store.merchants()))
+            return codes.batches(store), merchants
+
+        lines, merchants = await self.db(read)
+        return HTMLResponse(
+            pages.codes_page(lines, merchants, session, **shown),
+            status,
+            headers={"cache-control": "no-store"},
+        )
+
+    async def codes_page(self, request: Request) -> Response:
+        session = await self.session(request)
+        if session is None:
+            return RedirectResponse("/login", 303)
+        return await self._codes(session)
+
+    async def code_lookup(self, request: Request) -> Response:
+        """Digest the typed code, show its history. Any signed-in role may look up (it
+        changes nothing), with the session's CSRF token; each look-up is audited."""
+        session = await self.session(request)
+        if session is None:
+            raise Refused(403, "Signed out", "Your session has ended: sign in again.")
+        fields = await self.form(request)
+        if not auth.same_token(session.csrf, fields.get("csrf")):
+            await self.audit(
+                request, session.user.name, "code look-up", None, "refused: CSRF token"
+            )
+            raise Refused(403, "Form refused", "Reload the page and look the code up again.")
+        merchant = fields.get("merchant", "").strip()[:64]
+        text = fields.pop("code", "")[:256]
+        try:
+            digest = codes.digest_of(Keystore(self.dir), text)
+        except codes.CodeError as exc:
+            return await self._codes(session, 400, error=f"The code typed is {exc}.")
+        except KeystoreError as exc:
+            raise Refused(500, "No code key", str(exc)) from None
+        finally:
+            del text
+        now = self.clock()
+        found = codes.Found(merchant, digest, session.user.name, now)
+        seen = await self.db(lambda s: codes.history(s, merchant, digest))
+        await self.audit(
+            request, session.user.name, "code look-up", f"{merchant}/{found.shown}", audit.OK
+        )
+        ref = self.lookups.keep(found)
+        return await self._codes(session, found=found, seen=seen, ref=ref)
+
+    async def code_act(self, request: Request) -> Response:
+        """Revoke or block a looked-up code: a signed batch, stored for `publish`."""
+        session, fields = await self.acting(request, "code revoke/block")
+        action = fields.get("action", "")
+        kind = codes.ACTIONS.get(action)
+        if kind is None:
+            raise Refused(400, "Bad form", "Choose revoke or block.")
+        found = self.lookups.get(fields.get("ref", ""), session.user.name, self.clock())
+        if found is None:
+            raise Refused(
+                410,
+                "Look the code up again",
+                "This look-up is older than 15 minutes or the console restarted: look the "
+                "code up again, then revoke or block it.",
+            )
+        target = f"{found.merchant}/{found.shown}"
+        try:
+            issued = await self.db(
+                lambda s: codes.issue(s, Keystore(self.dir), found.merchant, kind, [found.digest])
+            )
+        except (KeystoreError, StoreError) as exc:
+            await self.audit(
+                request, session.user.name, f"code {action}", target, f"refused: {exc}"
+            )
+            raise Refused(409, f"Not {action}d", str(exc)) from None
+        await self.audit(
+            request, session.user.name, f"code {action}", target, f"ok: batch {issued.seq}"
+        )
+        seen = await self.db(lambda s: codes.history(s, found.merchant, found.digest))
+        return await self._codes(
+            session,
+            found=found,
+            seen=seen,
+            ref=fields.get("ref", ""),
+            notice=f"{kind.value} batch {found.merchant}/{issued.seq} issued for code "
+            f"{found.shown}; the running publish sends it to the boxes.",
+        )

@@ -15,8 +15,11 @@ from typing import Any
 from urllib.parse import urlencode
 
 from backend import boxes_view
+from backend.console.activity import BY as ACTIVITY_BY
+from backend.console.activity import Activity
 from backend.console.audit import Entry
 from backend.console.auth import Session
+from backend.console.codes import BatchLine, Found, Seen
 from backend.console.fleet import Counts, Page, Query
 from backend.console.records import ConflictRow, GapRow, GrantLine, Record
 
@@ -48,7 +51,9 @@ def layout(title: str, body: str, session: Session | None, *, current: str = "")
             f'<li><a href="{href}"{CURRENT if href == current else ""}>{label}</a></li>'
             for href, label in (
                 ("/", "Fleet"),
+                ("/activity", "Activity"),
                 ("/conflicts", "Conflicts"),
+                ("/codes", "Batches and codes"),
                 ("/audit", "Audit log"),
             )
         )
@@ -400,3 +405,176 @@ def box_page(
         )
     )
     return layout(f"Box {e['box']}", body, session)
+
+
+# ------------------------------------------------------------------ activity
+
+
+def _chart(url: str, alt: str) -> str:
+    return f'<figure><img class="chart" src="{esc(url)}" alt="{esc(alt)}"></figure>'
+
+
+def activity_page(
+    found: Activity, charts: dict[str, str], session: Session, *, error: str = ""
+) -> str:
+    f = found.filters
+    by_options = "".join(
+        f'<option value="{b}"{" selected" if b == f.by else ""}>{b}</option>' for b in ACTIVITY_BY
+    )
+    fields = "".join(
+        f'<label for="a-{name}">{label}</label> <input id="a-{name}" name="{name}"'
+        f'{extra} value="{esc(value)}"> '
+        for name, label, extra, value in (
+            ("since", "From day", ' type="date"', f.since.isoformat()),
+            ("until", "To day", ' type="date"', f.until.isoformat()),
+            ("merchant", "Merchant", "", f.merchant),
+            ("store", "Store", "", f.store),
+            ("box", "Box", "", f.box),
+            ("card", "Card", ' inputmode="numeric"', "" if f.card is None else f.card),
+        )
+    )
+    form = (
+        '<form method="get" action="/activity" class="filters" aria-label="Activity filters">'
+        f'<label for="a-by">Per</label> <select id="a-by" name="by">{by_options}</select> '
+        f'{fields}<button type="submit">Show</button> <a href="/activity">Clear</a></form>'
+    )
+    alert = f'<p class="error" role="alert">{esc(error)}</p>' if error else ""
+    csv_href = _href(f.params(), "/activity.csv")
+    lines = [
+        f'<tr><th scope="row">{esc(x.key)}</th><td>{x.redeemed}</td><td>{x.refused}</td>'
+        f"<td>{x.dispensed}</td></tr>"
+        for x in found.lines
+        if x.redeemed or x.refused or x.dispensed or f.by != "day"
+    ]
+    reasons = [f"<tr><td>{esc(r)}</td><td>{n}</td></tr>" for r, n in found.reasons.items()]
+    funnel = [
+        f"<tr><td>{esc(x.merchant)}</td><td>{esc(x.key)}</td><td>{x.dispensed}</td>"
+        f"<td>{x.claimed}</td><td>{x.redeemed}</td></tr>"
+        for x in found.funnel
+    ]
+    total = sum(x.redeemed for x in found.lines)
+    refused = sum(x.refused for x in found.lines)
+    body = (
+        f"{alert}{form}"
+        f'<p id="activity-summary">{f.since} to {f.until} (UTC): <strong>{total}</strong> '
+        f"redeemed, <strong>{refused}</strong> refused. "
+        f'<a href="{csv_href}" download>Download as CSV</a> (the same filters).</p>'
+        + _chart(charts["redemptions"], f"Bar chart: redemptions and refusals per {f.by}")
+        + _table(
+            f"Redemptions, refusals and dispensing per {f.by} (days without any left out)",
+            (f.by.capitalize(), "Redeemed", "Refused", "Dispensed"),
+            lines,
+            "No records in this range.",
+        )
+        + _chart(charts["reasons"], "Bar chart: refusals by reason")
+        + _table("Refusals by reason", ("Reason", "Refused"), reasons, "No refusals.")
+    )
+    if f.by == "day":
+        body += (
+            "<p>The dispensed → claimed → redeemed funnel is per store, box or card: "
+            "choose one of them above.</p>"
+        )
+    else:
+        if "funnel" in charts:
+            body += _chart(charts["funnel"], f"Bar chart: dispensed, claimed, redeemed per {f.by}")
+        body += _table(
+            f"Dispensed → claimed → redeemed per {f.by} (all time)",
+            ("Merchant", f.by.capitalize(), "Dispensed", "Claimed", "Redeemed"),
+            funnel,
+            "No claim codes dispensed.",
+        )
+    return layout("Activity", body, session, current="/activity")
+
+
+# ------------------------------------------------------------------ batches and codes
+
+
+def _lookup_form(session: Session, merchants: list[str]) -> str:
+    choose = ""
+    if len(merchants) > 1:
+        options = "".join(f'<option value="{esc(m)}">{esc(m)}</option>' for m in merchants)
+        choose = (
+            f'<label for="c-merchant">Merchant</label> '
+            f'<select id="c-merchant" name="merchant">{options}</select> '
+        )
+    elif merchants:
+        choose = f'<input type="hidden" name="merchant" value="{esc(merchants[0])}">'
+    return (
+        '<form method="post" action="/codes/lookup" class="filters" autocomplete="off">'
+        f'<input type="hidden" name="csrf" value="{esc(session.csrf)}">{choose}'
+        '<label for="c-code">Code</label> <input id="c-code" name="code" required '
+        'autocomplete="off" spellcheck="false"> '
+        '<button type="submit">Look up</button></form>'
+        "<p>The code is digested on the server with the merchant's code key and not kept; "
+        "only a prefix of its digest is shown.</p>"
+    )
+
+
+def codes_page(
+    lines: list[BatchLine],
+    merchants: list[str],
+    session: Session,
+    *,
+    found: Found | None = None,
+    seen: list[Seen] | None = None,
+    ref: str = "",
+    notice: str = "",
+    error: str = "",
+) -> str:
+    flash = f'<p class="notice" role="status">{esc(notice)}</p>' if notice else ""
+    flash += f'<p class="error" role="alert">{esc(error)}</p>' if error else ""
+    result = ""
+    if found is not None and seen is not None:
+        rows = [
+            f"<tr><td>{esc(utc(s.at_ms / 1000))}</td>"
+            f'<td><a href="/box/{esc(s.box)}">{esc(s.box)}</a></td><td>{esc(s.action)}</td>'
+            f"<td>{esc(s.verdict)}</td><td>{esc(s.reason or '-')}</td>"
+            f"<td>{esc('-' if s.card_id is None else s.card_id)}</td></tr>"
+            for s in seen
+        ]
+        act = ""
+        if session.user.may_act:
+            act = (
+                '<form method="post" action="/codes/act" class="filters">'
+                f'<input type="hidden" name="csrf" value="{esc(session.csrf)}">'
+                f'<input type="hidden" name="ref" value="{esc(ref)}">'
+                '<button type="submit" name="action" value="revoke">Revoke this code</button> '
+                '<button type="submit" name="action" value="block">Block this code</button>'
+                "</form><p>Revoke ends the code for good; block stops it until an unblock "
+                "batch. Either is a signed batch the running <code>publish</code> sends to "
+                "every box of the merchant.</p>"
+            )
+        result = (
+            f'<section aria-labelledby="code-h"><h2 id="code-h">Code <code>{esc(found.shown)}</code>'
+            f" of {esc(found.merchant)}</h2>"
+            + _table(
+                "Its stored records, newest first",
+                ("At", "Box", "Action", "Verdict", "Reason", "Card"),
+                rows,
+                "No box has sent a record of this code.",
+            )
+            + act
+            + "</section>"
+        )
+    batch_rows = [
+        f"<tr><td>{esc(b.merchant)}</td><td>{b.seq}</td><td>{esc(b.kind)}</td><td>{b.count}</td>"
+        f"<td>{esc(utc(b.created_at))}</td><td>{esc(utc(b.expires_at))}</td>"
+        f"<td>{esc(utc(b.published_at)) if b.published_at is not None else '<strong>not yet</strong>'}</td>"
+        f"<td>{b.applied} of {b.boxes}</td></tr>"
+        for b in lines
+    ]
+    body = (
+        flash
+        + '<h2 id="lookup-h">Look up a code</h2>'
+        + _lookup_form(session, merchants)
+        + result
+        + '<h2 id="batches-h">Batches</h2>'
+        + _table(
+            "Batches issued, newest first (applied: boxes whose last status reports this "
+            "sequence or later, of those reporting one)",
+            ("Merchant", "Seq", "Kind", "Entries", "Created", "Expires", "Published", "Applied"),
+            batch_rows,
+            "No batches issued.",
+        )
+    )
+    return layout("Batches and codes", body, session, current="/codes")
