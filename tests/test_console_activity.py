@@ -11,6 +11,7 @@ import base64
 import csv
 import io
 import json
+import os
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,6 +56,13 @@ def refused(seq: int, box: str, digest: bytes, reason: str) -> dict:
     return made
 
 
+def dispense(seq: int, box: str) -> dict:
+    """A claim code the box printed (its grant and counter, docs/protocol.md 16.5)."""
+    made = record(seq, box, action="dispense", digest=os.urandom(16))
+    made.update(grant_id="ab" * 8, counter=1, card_id=1)
+    return made
+
+
 def chart_svg(page, alt: str) -> str:
     """The SVG of the chart image whose alt text starts with `alt`."""
     src = page.locator(f'img[alt^="{alt}"]').get_attribute("src")
@@ -77,6 +85,7 @@ def test_a_stored_redemption_shows_in_the_activity_chart_and_csv(
             record(1, "box-0001", action="redeem", digest=digest, uses=1, uses_left=0),
             refused(2, "box-0001", digest, "used_up"),
             refused(3, "box-0001", digest, "used_up"),
+            dispense(4, "box-0001"),
         ],
     )
     today = datetime.now(UTC).date().isoformat()
@@ -88,7 +97,7 @@ def test_a_stored_redemption_shows_in_the_activity_chart_and_csv(
         expect(page.locator("#activity-summary")).to_contain_text("1 redeemed, 2 refused")
         day = page.locator("tr", has=page.locator(f'th:text-is("{today}")'))
         expect(day).to_contain_text("1")
-        assert day.locator("td").all_inner_texts() == ["1", "2", "0"]
+        assert day.locator("td").all_inner_texts() == ["1", "2", "1"]
         svg = chart_svg(page, "Bar chart: redemptions and refusals")
         assert "<svg" in svg and "redeemed" in svg and "<script" not in svg
         values = svg.split('class="value"')
@@ -105,6 +114,9 @@ def test_a_stored_redemption_shows_in_the_activity_chart_and_csv(
         page.get_by_label("Per").select_option("box")
         page.get_by_role("button", name="Show").click()
         expect(page.locator("#activity-summary")).to_contain_text("1 redeemed")
+        funnel = page.locator("table", has=page.locator("caption", has_text="Dispensed"))
+        assert funnel.locator("tbody td").all_inner_texts() == ["demo", "box-0001", "1", "0", "0"]
+        assert "dispensed" in chart_svg(page, "Bar chart: dispensed, claimed, redeemed")
         shot(page, shots, "activity-by-box")
         href = page.get_by_role("link", name="Download as CSV").get_attribute("href")
         assert href and href.startswith("/activity.csv?") and "by=box" in href
@@ -112,7 +124,7 @@ def test_a_stored_redemption_shows_in_the_activity_chart_and_csv(
         assert answer.status == 200 and answer.headers["content-type"].startswith("text/csv")
         rows = list(csv.reader(io.StringIO(answer.text())))
         assert rows[0] == ["box", "redeemed", "refused", "dispensed", "refused:used_up"]
-        assert ["box-0001", "1", "2", "0", "2"] in rows
+        assert ["box-0001", "1", "2", "1", "2"] in rows
         assert digest.hex() not in answer.text()
         # Signed out: no export.
         fresh = browser.new_context().request.get(console.url + href)
