@@ -13,7 +13,13 @@ sees the same conditions:
   fleet, all rows   GET /?limit=1000
   live update       GET /fleet/rows       (the page's poll, a changed answer: 200)
   live, unchanged   GET /fleet/rows       with If-None-Match (304)
+  activity page     GET /activity         (30 days per day: 2 pygal charts, the table)
+  activity CSV      GET /activity.csv?by=box
+  batches and codes GET /codes
   static file       GET /static/console.js (the floor: the same server, no store)
+
+The store also holds --events redemption records (one in ten refused) spread over the
+last 30 days and the boxes, for the activity page.
 
 It prints p50/p99 of the server's own time (its Server-Timing header: the app from
 request to response start) and of the client's round trip (one keep-alive connection
@@ -24,12 +30,14 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,18 +47,45 @@ if str(ROOT) not in sys.path:
 from boxes import percentile  # noqa: E402
 
 from backend.console import auth  # noqa: E402
+from backend.events import parse_message  # noqa: E402
 from backend.store import DATABASE_ENV, BoxStatus, Store  # noqa: E402
 
 COOKIE = "redeemd-console"  # --insecure-cookies: plain http on loopback
 
 
-def fill(directory: Path, boxes: int) -> str:
+def records(names: list[str], events: int, now: int) -> list[tuple[str, str, list]]:
+    """`events` redeem records over 30 days, round-robin on the boxes, as messages."""
+    per_box: dict[str, list[dict]] = {}
+    for i in range(events):
+        box = names[i % len(names)]
+        rows = per_box.setdefault(box, [])
+        rows.append({
+            "seq": len(rows) + 1, "id": str(uuid.uuid4()),
+            "at_ms": (now - (i * 2_591_000 // max(events, 1))) * 1000, "box": box,
+            "merchant": "acme", "store": f"store-{i % 17}", "digest": os.urandom(16).hex(),
+            "card_id": 1 + i % 5, "action": "redeem", "uses": 1, "amount": None,
+            "uses_left": 3, "balance": None,
+            "verdict": "refused" if i % 10 == 0 else "accepted",
+            "reason": "expired" if i % 10 == 0 else None, "source": "stdin",
+            "symbology": None, "operator": None, "cache_seq": 1, "reverses": None,
+        })  # fmt: skip
+    return [
+        ("acme", box, parse_message(
+            json.dumps({"v": 1, "box": box, "records": rows}).encode(), merchant="acme", box=box
+        ))
+        for box, rows in per_box.items()
+    ]  # fmt: skip
+
+
+def fill(directory: Path, boxes: int, events: int = 0) -> str:
     """N boxes with statuses and an operator's session; returns the session token."""
     store = Store.open(directory)
     try:
         names = [f"box-{i:05d}" for i in range(boxes)]
         store.add_boxes("acme", names)
         now = int(time.time())
+        if events:
+            store.store_messages(records(names, events, now))
         for i, box in enumerate(names):
             if i % 3 == 0:
                 status = BoxStatus(state="offline", raw=f'{{"will":{i}}}', will=True)
@@ -82,13 +117,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--boxes", type=int, default=1000)
     parser.add_argument("--requests", type=int, default=300, help="per kind of request")
+    parser.add_argument("--events", type=int, default=20_000, help="redeem records stored")
     parser.add_argument("--database", help="a PostgreSQL URL (default: SQLite in a temp dir)")
     args = parser.parse_args()
     if args.database:
         os.environ[DATABASE_ENV] = args.database
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "keys"
-        token = fill(directory, args.boxes)
+        token = fill(directory, args.boxes, args.events)
         port = free_port()
         server = subprocess.Popen(
             [sys.executable, "-m", "backend.cli", "console", "--dir", str(directory),
@@ -133,6 +169,9 @@ def run(port: int, token: str, args: argparse.Namespace) -> int:
         "live update (200)": ("/fleet/rows", cookie, 200),
         # 304 unless a relative time ("for 45s") ticked since the update before it.
         "live update, unchanged (304)": ("/fleet/rows", etag, 304),
+        "activity page (30 days)": ("/activity", cookie, 200),
+        "activity CSV (by box)": ("/activity.csv?by=box", cookie, 200),
+        "batches and codes": ("/codes", cookie, 200),
         "static file": ("/static/console.js", {}, 200),  # sent the cookie too: ignored
     }
     samples: dict[str, tuple[list[float], list[float], int]] = {k: ([], [], 0) for k in kinds}

@@ -157,17 +157,22 @@ def select(store: Store, filters: Filters) -> Activity:
         while day <= filters.until:
             lines[day.isoformat()] = Line(day.isoformat())
             day += timedelta(days=1)
+    # The raw JSON is parsed only when the store or reason is needed: most of the time.
+    by_store = bool(filters.store) or filters.by == "store"
+    day_ms = 86_400_000
     for at_ms, box, card_id, action, verdict, raw in rows:
-        doc = _raw(raw)
+        doc = _raw(raw) if by_store or verdict != "accepted" else {}
         where_sold = doc.get("store") if isinstance(doc.get("store"), str) else "-"
         if filters.store and where_sold != filters.store:
             continue
-        key = {
-            "day": datetime.fromtimestamp(at_ms / 1000, UTC).date().isoformat(),
-            "store": str(where_sold),
-            "box": box,
-            "card": "-" if card_id is None else str(card_id),
-        }[filters.by]
+        if filters.by == "day":
+            key = (filters.since + timedelta(days=(at_ms - start) // day_ms)).isoformat()
+        elif filters.by == "store":
+            key = str(where_sold)
+        elif filters.by == "box":
+            key = box
+        else:
+            key = "-" if card_id is None else str(card_id)
         line = lines.setdefault(key, Line(key))
         if verdict == "accepted":
             if action == "redeem":
