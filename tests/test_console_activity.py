@@ -16,6 +16,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from backend_helpers import record, roots
 from browser import artifacts, chromium, shot, unlabelled
 from test_console import (  # noqa: F401 (console: a fixture)
@@ -25,7 +26,7 @@ from test_console import (  # noqa: F401 (console: a fixture)
     sign_in,
 )
 
-from backend.console import audit
+from backend.console import activity, audit, codes
 from backend.events import parse_message
 from backend.keystore import Keystore
 from backend.store import Store
@@ -196,3 +197,31 @@ def test_code_lookup_viewer_refused_operator_revokes(
     assert ("vic", "code revoke/block", None, "refused: viewer") in said
     assert ("vic", "code look-up", target, "ok") in said
     assert all(CODE not in str(e).upper() and digest.hex() not in str(e) for e in entries)
+
+
+def test_filters_refuse_what_they_cannot_use_and_csv_cells_are_not_formulas() -> None:
+    now = datetime(2026, 12, 3, 12, tzinfo=UTC).timestamp()
+    default = activity.Filters.parse({}, now)
+    assert (default.by, default.since.isoformat(), default.until.isoformat()) == (
+        "day", "2026-11-04", "2026-12-03",
+    )  # fmt: skip
+    for params, said in (
+        ({"by": "week"}, "not one of day, store, box, card"),
+        ({"since": "2026-13-01"}, "not a day"),
+        ({"since": "2026-12-04"}, "is after until"),
+        ({"since": "2024-01-01"}, "over 366 days"),
+        ({"card": "1; DROP"}, "not a card number"),
+    ):
+        with pytest.raises(activity.FilterError, match=said):
+            activity.Filters.parse(params, now)
+    found = activity.Activity(default, [activity.Line("=HYPERLINK(1)", redeemed=1)], {}, [])
+    assert "'=HYPERLINK(1),1,0,0" in activity.csv_text(found)
+
+
+def test_a_lookup_reference_is_the_users_own_and_ends() -> None:
+    lookups = codes.Lookups(ttl=60)
+    ref = lookups.keep(codes.Found("demo", b"\x01" * 16, "ana", at=1000.0))
+    assert lookups.get(ref, "ana", 1010.0) is not None
+    assert lookups.get(ref, "vic", 1010.0) is None, "another user's look-up"
+    assert lookups.get("guess", "ana", 1010.0) is None
+    assert lookups.get(ref, "ana", 1061.0) is None, "older than its time to live"

@@ -37,6 +37,10 @@ class FilterError(ValueError):
     """A filter in the address cannot be used; the message says which and what is allowed."""
 
 
+class ChartsMissing(RuntimeError):
+    """pygal is not installed; the message says how to install it."""
+
+
 @dataclass(frozen=True)
 class Filters:
     by: str = "day"
@@ -263,7 +267,13 @@ def _style() -> object:
 
 
 def _bar(title: str, labels: list[str], series: list[tuple[str, list[int]]]) -> str:
-    import pygal  # type: ignore[import-untyped]  # loaded with the first chart only
+    try:
+        import pygal  # type: ignore[import-untyped]  # loaded with the first chart only
+    except ImportError:
+        raise ChartsMissing(
+            "the activity charts need pygal: pip install 'redeemd[web]' (or pygal) where the "
+            "console runs, then restart it; the CSV export works without it"
+        ) from None
 
     chart = pygal.Bar(
         js=[],

@@ -549,7 +549,11 @@ class Console:
             return RedirectResponse("/login", 303)
         found = await self._select(self._activity(request))
         # pygal takes some milliseconds a chart: off the event loop, and off the store lock.
-        charts = await run_in_threadpool(activity.charts, found)
+        try:
+            charts = await run_in_threadpool(activity.charts, found)
+        except activity.ChartsMissing as exc:
+            self.say(f"activity page: {exc}")
+            raise Refused(500, "Charts unavailable", str(exc)) from None
         return HTMLResponse(
             pages.activity_page(found, charts, session), headers={"cache-control": "no-store"}
         )
