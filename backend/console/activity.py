@@ -252,7 +252,10 @@ def _svg_url(chart: object) -> str:
     return "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode()
 
 
-def _style() -> object:
+GREEN, RED, BLUE, BROWN = "#1f6f3f", "#b00020", "#1f3a5f", "#8a4b00"
+
+
+def _style(colors: tuple[str, ...]) -> object:
     from pygal.style import Style  # type: ignore[import-untyped]
 
     return Style(
@@ -261,12 +264,17 @@ def _style() -> object:
         foreground="#1a1a1a",
         foreground_strong="#1a1a1a",
         foreground_subtle="#555555",
-        colors=("#1f6f3f", "#b00020", "#1f3a5f", "#8a4b00", "#6b2f8a", "#2f6b8a"),
+        colors=colors,
         font_family="system-ui, sans-serif",
     )
 
 
-def _bar(title: str, labels: list[str], series: list[tuple[str, list[int]]]) -> str:
+def _bar(
+    title: str,
+    labels: list[str],
+    series: list[tuple[str, list[int]]],
+    colors: tuple[str, ...] = (GREEN, RED, BLUE),
+) -> str:
     try:
         import pygal  # type: ignore[import-untyped]  # loaded with the first chart only
     except ImportError:
@@ -277,7 +285,7 @@ def _bar(title: str, labels: list[str], series: list[tuple[str, list[int]]]) -> 
 
     chart = pygal.Bar(
         js=[],
-        style=_style(),
+        style=_style(colors),
         title=title,
         width=900,
         height=320,
@@ -289,6 +297,10 @@ def _bar(title: str, labels: list[str], series: list[tuple[str, list[int]]]) -> 
         no_data_text="No records",
     )
     chart.x_labels = labels
+    # Whole numbers on the axis: these are counts of records.
+    top = max((v for _, values in series for v in values), default=0)
+    step = max(1, -(-top // 8))
+    chart.y_labels = list(range(0, top + step + 1, step))
     for name, values in series:
         chart.add(name, values)
     return _svg_url(chart)
@@ -313,6 +325,7 @@ def charts(found: Activity) -> dict[str, str]:
             "Refusals by reason",
             list(found.reasons),
             [("refused", list(found.reasons.values()))],
+            (RED,),
         ),
     }
     if found.funnel:
@@ -324,5 +337,6 @@ def charts(found: Activity) -> dict[str, str]:
                 ("claimed", [f.claimed for f in found.funnel]),
                 ("redeemed", [f.redeemed for f in found.funnel]),
             ],
+            (BLUE, BROWN, GREEN),
         )
     return made

@@ -461,7 +461,8 @@ def activity_page(
         f'<a href="{csv_href}" download>Download as CSV</a> (the same filters).</p>'
         + _chart(charts["redemptions"], f"Bar chart: redemptions and refusals per {f.by}")
         + _table(
-            f"Redemptions, refusals and dispensing per {f.by} (days without any left out)",
+            f"Redemptions, refusals and dispensing per {f.by}"
+            + (" (days without any left out)" if f.by == "day" else ""),
             (f.by.capitalize(), "Redeemed", "Refused", "Dispensed"),
             lines,
             "No records in this range.",
