@@ -870,7 +870,7 @@ def _dispensing(config: Config, now: float) -> Iterator[Finding]:
             "and have the backend grant that key",
         )  # fmt: skip
         return
-    if "claim.invalid" in config.dispense.claim_url:
+    if (rules or held is not None) and "claim.invalid" in config.dispense.claim_url:
         yield Finding(
             "dispensing", False,
             "[dispense] claim_url is the placeholder: set the merchant's claim service, or "

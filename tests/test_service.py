@@ -164,6 +164,10 @@ def test_a_start_that_migrates_asks_systemd_for_more_time_first(loaded_box, daem
         "DROP VIEW outbox; DROP TABLE ledger_marks; DROP TABLE outbox_acked; "
         "DROP TABLE ledger_ids; CREATE TABLE outbox (seq INTEGER PRIMARY KEY); "
         "DROP TABLE grant_set;"  # m008's
+        # m009's (the ledger's `account` goes with m006's copy of the ledger)
+        "DROP TABLE accounts; DROP TABLE topups_applied; DROP TABLE transfers_applied; "
+        "DROP TABLE limits; ALTER TABLE codes DROP COLUMN account; "
+        "ALTER TABLE codes DROP COLUMN spent;"
     )
     conn.close()
     notify = NotifySocket(tmp_path / "notify")
