@@ -417,6 +417,20 @@ def test_box_and_conflicts_pages_show_reasons_gaps_and_digest_prefixes_only(
         ).grant  # fmt: skip
         said = {"dispensing": {"grant_seq": 1, "grants": [{"id": made.id, "used": 3}]}}
         store.record_status("demo", "box-0001", online(raw=json.dumps(said)), int(time.time()))
+        # An offline overspend and a raced transfer, as the collector's reconciliation
+        # writes them (backend/accounts.py; found by tests/test_backend_accounts.py).
+        now = int(time.time())
+        store.engine.execute(
+            "INSERT INTO overspends(merchant, account, amount_over, spent, account_value, boxes, "
+            "records, detected_at, updated_at, blocked_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ("demo", "ac" * 16, 2000, 13000, 11000, json.dumps(["box-0001", "box-0002"]),
+             json.dumps(["r-1", "r-2", "r-3"]), now, now, 7),
+        )  # fmt: skip
+        store.engine.execute(
+            "INSERT INTO transfer_conflicts(merchant, transfer_id, digest, record_id, box, "
+            "cache_seq, transfer_seq, detected_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            ("demo", "t" * 32, digest.hex(), "r-9", "box-0002", 4, 6, now),
+        )  # fmt: skip
     finally:
         store.close()
     shots = artifacts(tmp_path, f"console-box-{console.store}")
@@ -436,7 +450,13 @@ def test_box_and_conflicts_pages_show_reasons_gaps_and_digest_prefixes_only(
         expect(grant).to_contain_text("active")
         shot(page, shots, "box")
         page.get_by_role("link", name="Conflicts").click()
-        expect(page.locator("table")).to_contain_text("box-0002")
+        expect(page.locator("table").first).to_contain_text("box-0002")
+        overspent = page.locator("table", has_text="Offline overspends")
+        expect(overspent).to_contain_text("2000 over (13000 spent of 11000)")
+        expect(overspent).to_contain_text("blocked by batch 7")
+        raced = page.locator("table", has_text="Transfers raced")
+        expect(raced).to_contain_text("r-9")
+        expect(raced).to_contain_text("4 < 6")
         assert digest.hex() not in page.content()
         shot(page, shots, "conflicts")
 

@@ -39,7 +39,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from backend import boxes_view, broker_acl
+from backend import accounts, boxes_view, broker_acl
 from backend.console import activity, audit, auth, codes, fleet, metrics, pages, records
 from backend.keystore import Keystore, KeystoreError
 from backend.store import Store, StoreError
@@ -473,7 +473,9 @@ class Console:
         if session is None:
             return RedirectResponse("/login", 303)
         found = await self.db(lambda s: records.conflicts(s))
-        return HTMLResponse(pages.conflicts_page(found, session))
+        overspent = await self.db(lambda s: accounts.overspends(s))
+        raced = await self.db(lambda s: accounts.transfer_conflicts(s))
+        return HTMLResponse(pages.conflicts_page(found, overspent, raced, session))
 
     async def box_page(self, request: Request) -> Response:
         session = await self.session(request)

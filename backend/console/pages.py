@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from backend import boxes_view
+from backend.accounts import Overspend, TransferConflict
 from backend.console.activity import BY as ACTIVITY_BY
 from backend.console.activity import Activity
 from backend.console.audit import Entry
@@ -308,7 +309,44 @@ _CONFLICT_HEADERS = (
 )
 
 
-def conflicts_page(found: list[ConflictRow], session: Session) -> str:
+def _shown(ids: tuple[str, ...], most: int = 4) -> str:
+    more = f" and {len(ids) - most} more" if len(ids) > most else ""
+    return "<br>".join(f"<code>{esc(i)}</code>" for i in ids[:most]) + esc(more)
+
+
+def _box_links(boxes: tuple[str, ...]) -> str:
+    return ", ".join(f'<a href="/box/{esc(b)}">{esc(b)}</a>' for b in boxes)
+
+
+def _overspend_rows(found: list[Overspend]) -> list[str]:
+    return [
+        f"<tr><td>{esc(utc(o.detected_at))}</td><td>{esc(o.merchant)}</td>"
+        f"<td><code>{esc(o.account)}</code></td>"
+        f"<td>{o.amount_over} {esc(o.unit)} over ({o.spent} spent of {o.value})</td>"
+        f"<td>{_box_links(o.boxes)}</td>"
+        f"<td>{_shown(o.records)}</td>"
+        f"<td>{esc(f'blocked by batch {o.blocked_seq}' if o.blocked_seq is not None else 'reported, not blocked (merchant policy)')}</td></tr>"
+        for o in found
+    ]
+
+
+def _transfer_rows(found: list[TransferConflict]) -> list[str]:
+    return [
+        f"<tr><td>{esc(utc(t.detected_at))}</td><td>{esc(t.merchant)}</td>"
+        f"<td><code>{esc(t.digest[:12])}</code></td>"
+        f'<td><a href="/box/{esc(t.box)}">{esc(t.box)}</a><br><code>{esc(t.record_id)}</code></td>'
+        f"<td>{esc(str(t.cache_seq) if t.cache_seq is not None else 'unknown')} &lt; "
+        f"{t.transfer_seq}</td></tr>"
+        for t in found
+    ]
+
+
+def conflicts_page(
+    found: list[ConflictRow],
+    overspent: list[Overspend],
+    raced: list[TransferConflict],
+    session: Session,
+) -> str:
     body = (
         "<p>The same single-use code accepted on two boxes (found by the collector). "
         "The consumed-elsewhere batch tells every box of the merchant that the code is used.</p>"
@@ -316,6 +354,22 @@ def conflicts_page(found: list[ConflictRow], session: Session) -> str:
             "Double redemptions, newest first",
             _CONFLICT_HEADERS,
             _conflict_rows(found),
+            "None found.",
+        )
+        + "<p>Accounts spent past their value by boxes offline at the same time, and what "
+        "the merchant's policy did (redeemd-backend account policy).</p>"
+        + _table(
+            "Offline overspends",
+            ("Found", "Merchant", "Account", "Over", "Boxes", "Records", "Done"),
+            _overspend_rows(overspent),
+            "None found.",
+        )
+        + "<p>A gifted code's old code redeemed by a box that had not applied the "
+        "transfer yet (its cache sequence below the transfer's batch).</p>"
+        + _table(
+            "Transfers raced by a redemption",
+            ("Found", "Merchant", "Old code digest", "Box, record", "Box cache < transfer batch"),
+            _transfer_rows(raced),
             "None found.",
         )
     )
