@@ -339,6 +339,24 @@ M006_ACCOUNTS = """
         CREATE INDEX events_account ON events(merchant, account) WHERE account IS NOT NULL;
 """
 
+M007_STATUS_HISTORY = """
+        -- Each box's statuses over time, for the console's box page: a row when the state,
+        -- the cache sequence or a problem (alarm, stuck, publish error) changed, not for
+        -- every periodic status; kept HISTORY_DAYS (Store.record_status trims it).
+        CREATE TABLE box_status_history (
+            merchant TEXT NOT NULL,
+            box TEXT NOT NULL,
+            at INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            cache_seq INTEGER,
+            outbox_depth INTEGER,
+            problem TEXT
+        );
+        CREATE INDEX box_status_history_box ON box_status_history(merchant, box, at);
+"""
+
+HISTORY_DAYS = 90
+
 STEPS: list[Step] = [
     ("m001_initial", M001_INITIAL),
     ("m002_fleet", M002_FLEET),
@@ -348,6 +366,7 @@ STEPS: list[Step] = [
     # m004 was registered gets m004 next time it is opened.
     ("m005_console", M_CONSOLE),
     ("m006_accounts", M006_ACCOUNTS),
+    ("m007_status_history", M007_STATUS_HISTORY),
 ]
 
 
@@ -985,12 +1004,14 @@ class Store:
             # Several collectors receive every status: one writer per box at a time.
             self.engine.lock([("status", merchant, box)])
             row = self._sql(
-                "SELECT state, since, raw FROM box_status WHERE merchant = ? AND box = ?",
+                "SELECT state, since, raw, cache_seq, alarm, stuck, publish_error FROM box_status "
+                "WHERE merchant = ? AND box = ?",
                 (merchant, box),
             ).fetchone()
             if row is not None and row[2] == status.raw:
                 return False
             since = row[1] if row is not None and row[0] == status.state else now
+            self._history(merchant, box, status, row, now)
             if status.will:
                 if row is None:
                     self._sql(
@@ -1028,6 +1049,38 @@ class Store:
                 (merchant, box, *values),
             )
         return True
+
+    def _history(
+        self, merchant: str, box: str, status: BoxStatus, row: tuple | None, now: int
+    ) -> None:
+        """A history row when what an operator follows changed: the state, the cache
+        sequence (a last will keeps the last one the box said) or a problem."""
+        problem = "; ".join(p for p in (status.alarm, status.stuck, status.publish_error) if p)
+        cache_seq = row[3] if status.will and row is not None else status.cache_seq
+        if row is not None:
+            before = "; ".join(p for p in (row[4], row[5], row[6]) if p)
+            if (row[0], row[3], before) == (status.state, cache_seq, problem):
+                return
+        self._sql(
+            "INSERT INTO box_status_history(merchant, box, at, state, cache_seq, outbox_depth, "
+            "problem) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (merchant, box, now, status.state, cache_seq,
+             None if status.will else status.outbox_depth, problem or None),
+        )  # fmt: skip
+        self._sql(
+            "DELETE FROM box_status_history WHERE merchant = ? AND box = ? AND at < ?",
+            (merchant, box, now - HISTORY_DAYS * 86400),
+        )
+
+    def status_history(self, merchant: str, box: str, limit: int = 50) -> list[tuple]:
+        """(at, state, cache_seq, outbox_depth, problem) of `box`, newest first."""
+        return list(
+            self._sql(
+                "SELECT at, state, cache_seq, outbox_depth, problem FROM box_status_history "
+                "WHERE merchant = ? AND box = ? ORDER BY at DESC LIMIT ?",
+                (merchant, box, limit),
+            ).fetchall()
+        )
 
     def box_rows(self) -> list[BoxRow]:
         """Every registered box with its latest status (or none yet) and its merchant's

@@ -444,6 +444,7 @@ def test_box_and_conflicts_pages_show_reasons_gaps_and_digest_prefixes_only(
         assert digest.hex()[:12] in text and digest.hex() not in text
         assert "3–4" in text and "open" in text  # the gap
         assert "box-0002" in text  # the conflict it took part in
+        expect(page.locator("table", has_text="Status history")).to_contain_text("online")
         grant = page.locator("tr", has_text=made.id)
         expect(grant).to_contain_text("10")
         assert grant.locator("td").nth(4).inner_text() == "7", "quota 10, used 3: 7 left"

@@ -474,6 +474,31 @@ def status_message(box: str, state: str = "online", **members: object) -> bytes:
     return json.dumps(doc).encode()
 
 
+def test_a_box_status_history_keeps_changes_of_state_cache_and_problems_only(store: Store):
+    store.add_boxes("demo", ["box-1"])
+
+    def status(cache_seq: int, depth: int = 0, at: int = 1_780_000_000, **more) -> object:
+        message = status_message("box-1", cache_seq=cache_seq, outbox_depth=depth, at=at, **more)
+        return parse_status(message, "box-1")
+
+    store.record_status("demo", "box-1", status(3), now=1000)
+    store.record_status("demo", "box-1", status(3, depth=5, at=1_780_000_060), now=1060)
+    store.record_status("demo", "box-1", status(4, at=1_780_000_120), now=1120)
+    store.record_status("demo", "box-1", status(4, at=1_780_000_180, alarm="disk full"), now=1180)
+    will = parse_status(b'{"v":1,"box":"box-1","state":"offline"}', "box-1")
+    store.record_status("demo", "box-1", will, now=1240)
+    assert store.status_history("demo", "box-1") == [
+        (1240, "offline", 4, None, None),
+        (1180, "online", 4, 0, "disk full"),
+        (1120, "online", 4, 0, None),
+        (1000, "online", 3, 0, None),
+    ], "the outbox alone changing is no history row; a last will keeps the cache seq"
+    assert store.status_history("demo", "box-1", limit=1) == [(1240, "offline", 4, None, None)]
+    # Rows older than HISTORY_DAYS go when the box next writes one.
+    store.record_status("demo", "box-1", status(5, at=1_790_000_000), now=1000 + 91 * 86400)
+    assert [row[2] for row in store.status_history("demo", "box-1")] == [5]
+
+
 def test_a_box_status_is_kept_once_and_its_last_will_marks_it_offline_since_then(store: Store):
     store.add_boxes("demo", ["box-1", "box-2"])
     scanner = {"name": "front", "kind": "serial", "state": "disconnected", "message": "unplugged",

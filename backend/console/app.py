@@ -498,6 +498,7 @@ class Console:
                 records.gaps(store, merchant, box),
                 records.conflicts(store, box=box),
                 records.dispensing(store, box, status.raw if status else None),
+                store.status_history(merchant, box),
             )
 
         found = await self.db(read)
@@ -505,9 +506,9 @@ class Console:
             raise Refused(
                 404, "No such box", f"No box {box} is registered (redeemd-backend box add)."
             )
-        entry, recent, reasons, gaps, conflicts, granted = found
+        entry, recent, reasons, gaps, conflicts, granted, history = found
         return HTMLResponse(
-            pages.box_page(entry, recent, reasons, gaps, conflicts, granted, now, session)
+            pages.box_page(entry, recent, reasons, gaps, conflicts, granted, history, now, session)
         )
 
     async def metrics(self, request: Request) -> Response:

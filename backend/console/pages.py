@@ -401,6 +401,7 @@ def box_page(
     gaps: list[GapRow],
     found: list[ConflictRow],
     granted: list[GrantLine],
+    history: list[tuple],
     now: int,
     session: Session,
 ) -> str:
@@ -434,7 +435,18 @@ def box_page(
     ]
     body = (
         summary
-        + "<p>The store keeps each box's latest status only; its history is not stored.</p>"
+        + _table(
+            "Status history, newest first (changes of state, cache or problems)",
+            ("When", "State", "Cache seq", "Outbox", "Problem"),
+            [
+                f"<tr><td>{esc(utc(at))}</td><td>{esc(state)}</td>"
+                f"<td>{esc(seq if seq is not None else '-')}</td>"
+                f"<td>{esc(depth if depth is not None else '-')}</td>"
+                f"<td>{esc(problem or '-')}</td></tr>"
+                for at, state, seq, depth, problem in history
+            ],
+            "No status received yet.",
+        )
         + _table(
             f"Verdicts of its last {len(records)} records, by reason",
             ("Verdict", "Reason", "Records"),
