@@ -28,6 +28,7 @@ one issuer key may sign for several.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ from cards.claim_code import ClaimCode
 from cards.digest import code_digest
 
 CLAIM_SERIAL_BASE = 1 << 62
-BY = ("card", "box", "store")
+BY = ("card", "box", "store", "day")
 
 
 class AlreadyClaimed(Exception):
@@ -168,8 +169,9 @@ class FunnelRow:
 
 
 def funnel(store: Store, by: str = "card") -> list[FunnelRow]:
-    """Dispensed -> claimed -> redeemed counts per merchant and card, dispensing box or
-    dispensing box's store.
+    """Dispensed -> claimed -> redeemed counts per merchant and card, dispensing box,
+    dispensing box's store, or UTC day (each step on the day it happened: the dispense
+    record's time, the claim's, the first redemption's).
 
     Dispensed: accepted `dispense` records the collector stored. Claimed: claims.
     Redeemed: claims whose signed code has an accepted `redeem` record (on any box of the
@@ -187,37 +189,42 @@ def funnel(store: Store, by: str = "card") -> list[FunnelRow]:
         counts.setdefault((merchant, key), [0, 0, 0])[column] += 1
 
     dispensed = store.engine.execute(
-        "SELECT merchant, box, card_id, raw FROM events WHERE action = 'dispense' "
+        "SELECT merchant, box, card_id, raw, at_ms FROM events WHERE action = 'dispense' "
         "AND verdict = 'accepted'"
     ).fetchall()
-    for merchant, box, card_id, raw in dispensed:
+    for merchant, box, card_id, raw, at_ms in dispensed:
         record = json.loads(raw)
         where = record.get("store") if isinstance(record.get("store"), str) else "-"
         if isinstance(record.get("grant_id"), str) and isinstance(record.get("counter"), int):
             stores[(record["grant_id"].lower(), record["counter"])] = where
         box_store[(merchant, box)] = where
-        add(merchant, {"card": card_id, "box": box, "store": where}[by], 0)
+        add(merchant, {"card": card_id, "box": box, "store": where, "day": _day(at_ms)}[by], 0)
     redeemed = {
-        digest
-        for (digest,) in store.engine.execute(
-            "SELECT DISTINCT c.code_digest FROM claims c JOIN events e ON e.merchant = c.merchant "
-            "AND e.digest = c.code_digest WHERE e.action = 'redeem' AND e.verdict = 'accepted' "
-            "AND NOT EXISTS (SELECT 1 FROM events r WHERE r.reverses = e.id "
-            "AND r.action = 'reverse' AND r.verdict = 'accepted')"
+        digest: first
+        for digest, first in store.engine.execute(
+            "SELECT c.code_digest, MIN(e.at_ms) FROM claims c JOIN events e "
+            "ON e.merchant = c.merchant AND e.digest = c.code_digest WHERE e.action = 'redeem' "
+            "AND e.verdict = 'accepted' AND NOT EXISTS (SELECT 1 FROM events r "
+            "WHERE r.reverses = e.id AND r.action = 'reverse' AND r.verdict = 'accepted') "
+            "GROUP BY c.code_digest"
         ).fetchall()
     }
-    for grant_id, counter, merchant, box, card_id, digest in store.engine.execute(
-        "SELECT grant_id, counter, merchant, box, card_id, code_digest FROM claims"
+    for grant_id, counter, merchant, box, card_id, digest, claimed_at in store.engine.execute(
+        "SELECT grant_id, counter, merchant, box, card_id, code_digest, claimed_at FROM claims"
     ).fetchall():
         where = stores.get((grant_id, counter)) or box_store.get((merchant, box), "-")
-        key = {"card": card_id, "box": box, "store": where}[by]
-        add(merchant, key, 1)
+        keys = {"card": card_id, "box": box, "store": where}
+        add(merchant, keys.get(by) or _day(claimed_at * 1000), 1)
         if digest in redeemed:
-            add(merchant, key, 2)
+            add(merchant, keys.get(by) or _day(redeemed[digest]), 2)
     return [
         FunnelRow(merchant, key, *numbers)
         for (merchant, key), numbers in sorted(counts.items(), key=lambda item: _order(*item[0]))
     ]
+
+
+def _day(at_ms: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(at_ms // 1000))
 
 
 def _order(merchant: str, key: str | int) -> tuple[str, int, str]:

@@ -423,6 +423,12 @@ def test_the_funnel_counts_dispensed_claimed_and_redeemed(backend_dir):
     ]
     table = ok("dispensing", "--dir", str(backend_dir), "--by", "box")
     assert "box-1" in table and "DISPENSED" in table
+    # Per day, each step on the day it happened: all of them today here.
+    by_day = json.loads(ok("dispensing", "--dir", str(backend_dir), "--by", "day", "--json"))
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    assert by_day["rows"] == [
+        {"merchant": "demo", "day": today, "dispensed": 4, "claimed": 3, "redeemed": 1}
+    ]
 
 
 def test_on_a_broker_with_the_acl_only_the_box_reads_its_grant_set(tmp_path, each_store):

@@ -109,6 +109,9 @@ def test_a_stored_redemption_shows_in_the_activity_chart_and_csv(
             "a chart image does not render in Chromium"
         )
         assert unlabelled(page) == []
+        # The funnel per day: each step on its day (one dispense today, nothing claimed).
+        per_day = page.locator("table", has=page.locator("caption", has_text="Dispensed"))
+        assert per_day.locator("tbody td").all_inner_texts() == ["demo", today, "1", "0", "0"]
         shot(page, shots, "activity")
 
         # The CSV export, with the same filters as the page, by box.

@@ -118,8 +118,8 @@ class Activity:
     reasons: dict[str, int]
     """Refusals by reason over the whole selection, the most frequent first."""
     funnel: list[claims.FunnelRow]
-    """Dispensed -> claimed -> redeemed by the page's `by` (not for `day`: claims carry no
-    day the funnel groups on), over all time, filtered on merchant/box/card/store."""
+    """Dispensed -> claimed -> redeemed by the page's `by`, filtered on
+    merchant/box/card/store; per day within the page's days, else over all time."""
 
 
 def _raw(text: str) -> dict[str, object]:
@@ -193,16 +193,15 @@ def select(store: Store, filters: Filters) -> Activity:
         ordered.sort(key=lambda x: (not x.key.isdigit(), int(x.key) if x.key.isdigit() else 0))
     elif filters.by != "day":
         ordered.sort(key=lambda x: x.key)
-    funnel: list[claims.FunnelRow] = []
-    if filters.by != "day":
-        funnel = [
-            f
-            for f in claims.funnel(store, filters.by)
-            if (not filters.merchant or f.merchant == filters.merchant)
-            and (filters.by != "box" or not filters.box or f.key == filters.box)
-            and (filters.by != "store" or not filters.store or f.key == filters.store)
-            and (filters.by != "card" or filters.card is None or f.key == filters.card)
-        ]
+    funnel = [
+        f
+        for f in claims.funnel(store, filters.by)
+        if (not filters.merchant or f.merchant == filters.merchant)
+        and (filters.by != "box" or not filters.box or f.key == filters.box)
+        and (filters.by != "store" or not filters.store or f.key == filters.store)
+        and (filters.by != "card" or filters.card is None or f.key == filters.card)
+        and (filters.by != "day" or str(f.key) in lines)
+    ]
     ranked = dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
     return Activity(filters, ordered, ranked, funnel)
 

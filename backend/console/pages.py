@@ -536,20 +536,15 @@ def activity_page(
         + _chart(charts["reasons"], "Bar chart: refusals by reason")
         + _table("Refusals by reason", ("Reason", "Refused"), reasons, "No refusals.")
     )
-    if f.by == "day":
-        body += (
-            "<p>The dispensed → claimed → redeemed funnel is per store, box or card: "
-            "choose one of them above.</p>"
-        )
-    else:
-        if "funnel" in charts:
-            body += _chart(charts["funnel"], f"Bar chart: dispensed, claimed, redeemed per {f.by}")
-        body += _table(
-            f"Dispensed → claimed → redeemed per {f.by} (all time)",
-            ("Merchant", f.by.capitalize(), "Dispensed", "Claimed", "Redeemed"),
-            funnel,
-            "No claim codes dispensed.",
-        )
+    if "funnel" in charts:
+        body += _chart(charts["funnel"], f"Bar chart: dispensed, claimed, redeemed per {f.by}")
+    span = "each step on its day" if f.by == "day" else "all time"
+    body += _table(
+        f"Dispensed → claimed → redeemed per {f.by} ({span})",
+        ("Merchant", f.by.capitalize(), "Dispensed", "Claimed", "Redeemed"),
+        funnel,
+        "No claim codes dispensed.",
+    )
     return layout("Activity", body, session, current="/activity")
 
 
