@@ -72,6 +72,11 @@ def test_a_code_revoked_in_the_console_is_refused_by_the_real_box(
         assert "FLEET-0002" not in page.content()
         # publish sends it; the box applies it and says so in its status.
         wait_for(lambda: box.cache_seq() == 3, "the box applying the revoke batch")
+        # ... and the backend knowing it from the box's status (the page does not poll).
+        wait_for(
+            lambda: fleet.query("SELECT cache_seq FROM box_status WHERE box = ?", box.id) == [(3,)],
+            "the box's status saying cache_seq 3",
+        )
         page.goto(f"{url}/codes")
         batches = page.locator("table").last
         expect(batches.locator("tr", has_text="revoke")).to_contain_text("1 of 1", timeout=WAIT)
