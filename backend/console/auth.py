@@ -19,15 +19,14 @@ after SESSION_SECONDS, at sign-out, or when their user is removed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
 import time
 from collections import deque
 from dataclasses import dataclass
-
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from typing import Any
 
 from backend.store import Store
 
@@ -40,14 +39,28 @@ SESSION_SECONDS = 12 * 3600
 """An operator's working day; then sign in again."""
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._@-")
 
-_hasher = PasswordHasher()  # Argon2id
-# Verified when the name is unknown, so an unknown name takes as long as a wrong password
-# and the timing does not tell which names exist.
-_DUMMY = _hasher.hash(secrets.token_hex(16))
-
 
 class AuthError(ValueError):
     """An account cannot be made or changed; the message says why and what to do."""
+
+
+@functools.cache
+def _argon2() -> tuple[Any, tuple[type[Exception], ...], str]:
+    """The Argon2id hasher, the errors a wrong password raises, and a dummy hash that is
+    verified when the name is unknown (so an unknown name takes as long as a wrong
+    password, and the timing does not tell which names exist). Made on first use: every
+    `redeemd-backend` command imports this module, only the console's need argon2-cffi
+    (the web extra), and hashing the dummy costs 64 MiB and tens of milliseconds."""
+    try:
+        from argon2 import PasswordHasher
+        from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+    except ImportError:
+        raise AuthError(
+            "console accounts need argon2-cffi: install the web extra (pip install 'redeemd[web]')"
+        ) from None
+    hasher = PasswordHasher()
+    wrong = (VerifyMismatchError, VerificationError, InvalidHashError)
+    return hasher, wrong, hasher.hash(secrets.token_hex(16))
 
 
 @dataclass(frozen=True)
@@ -70,7 +83,7 @@ class Session:
 
 def hash_password(password: str) -> str:
     """The Argon2id hash string (parameters and salt inside) of `password`."""
-    return _hasher.hash(password)
+    return str(_argon2()[0].hash(password))
 
 
 def check_name(name: str) -> str:
@@ -135,12 +148,13 @@ def password_hash_of(store: Store, name: str) -> tuple[User, str] | None:
 def verify(found: tuple[User, str] | None, password: str) -> User | None:
     """The user if `password` is theirs, else None. Slow by design (Argon2id): call it
     outside any lock on the store."""
+    hasher, wrong, dummy = _argon2()
     try:
         if found is None:
-            _hasher.verify(_DUMMY, password)
+            hasher.verify(dummy, password)
             return None
-        _hasher.verify(found[1], password)
-    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        hasher.verify(found[1], password)
+    except wrong:
         return None
     return found[0]
 
