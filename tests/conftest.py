@@ -10,8 +10,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +91,16 @@ def make_keyset(
     issuer = keys.new_private_key()
     delegation = keys.delegate(root, keys.public_of(issuer), merchants, not_before, not_after)
     return KeySet(root, issuer, delegation, b"c" * 32)
+
+
+@pytest.fixture(autouse=True)
+def own_runtime_directory(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Every test gets its own {runtime_dir}: a box whose config keeps the default local API
+    socket would otherwise find another test's daemon there when tests run in parallel
+    (pytest -n). Short, under /tmp: a Unix socket path must stay under 108 bytes."""
+    with tempfile.TemporaryDirectory(prefix="rd-run-", ignore_cleanup_errors=True) as directory:
+        monkeypatch.setenv("RUNTIME_DIRECTORY", directory)
+        yield Path(directory)
 
 
 @pytest.fixture(scope="session")
