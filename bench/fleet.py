@@ -257,14 +257,84 @@ class Backend:
         return json.loads(result.stdout)["boxes"]
 
 
-def wait(condition, what: str, timeout: float = 300.0, every: float = 0.2) -> float:
-    """Poll until `condition()`; the seconds it took. Exits the bench on timeout."""
+def wait(
+    condition, what: str, timeout: float = 300.0, every: float = 0.2, give_up: bool = True
+) -> float:
+    """Poll until `condition()`; the seconds it took. On timeout, exits the bench, or
+    with give_up=False says so and returns the seconds waited."""
     started = time.monotonic()
     while not condition():
         if time.monotonic() - started > timeout:
-            sys.exit(f"timed out after {timeout:.0f} s waiting for {what}")
+            if give_up:
+                sys.exit(f"timed out after {timeout:.0f} s waiting for {what}")
+            say(f"  timed out after {timeout:.0f} s waiting for {what}")
+            break
         time.sleep(every)
     return time.monotonic() - started
+
+
+# ---------------------------------------------------------------------- CPU
+
+
+class CpuMeter:
+    """CPU seconds each part of the run used during a phase, from /proc/<pid>/stat: the
+    measured reason when a fleet of 1000 boxes on 2 cores misses a target (who had the
+    cores). A process killed during the phase takes its seconds with it."""
+
+    def __init__(self, fleet: Fleet, backend: Backend, broker: Broker, server: PostgreSQL):
+        self.fleet, self.backend, self.broker, self.server = fleet, backend, broker, server
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def _groups(self) -> dict[str, list[int]]:
+        postmaster = self.server.pid
+        postgres = [postmaster] if postmaster else []
+        if postmaster:
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit() and self._parent(int(entry.name)) == postmaster:
+                    postgres.append(int(entry.name))
+        broker = self.broker.process
+        return {
+            "boxes": [p.pid for p in self.fleet.processes if p.pid],
+            "collectors": [p.pid for p in self.backend.collectors if p is not None],
+            "publisher": [self.backend.publisher.pid] if self.backend.publisher else [],
+            "PostgreSQL": postgres,
+            "mosquitto": [broker.pid] if broker is not None else [],
+        }
+
+    @staticmethod
+    def _parent(pid: int) -> int | None:
+        try:
+            return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _seconds(self, pid: int) -> float:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / self.tick  # utime, stime
+
+    def snapshot(self) -> tuple[float, dict[str, dict[int, float]]]:
+        return time.monotonic(), {
+            group: {pid: self._seconds(pid) for pid in pids}
+            for group, pids in self._groups().items()
+        }
+
+    def say_since(self, before: tuple[float, dict[str, dict[int, float]]]) -> None:
+        began, old = before
+        now, new = self.snapshot()
+        wall = now - began
+        used = {
+            group: sum(t - old.get(group, {}).get(pid, 0.0) for pid, t in pids.items())
+            for group, pids in new.items()
+        }
+        parts = ", ".join(f"{group} {seconds:.0f}" for group, seconds in used.items())
+        cores = os.cpu_count() or 1
+        say(
+            f"  cpu    CPU-s used: {parts}; {sum(used.values()):.0f} of the {wall * cores:.0f} "
+            f"the {cores} cores had in {wall:.0f} s"
+        )
 
 
 # ---------------------------------------------------------------------- boxes
@@ -478,13 +548,17 @@ def drained(fleet: Fleet, backend: Backend, expected: int):
     return done
 
 
-def scenario_steady(fleet: Fleet, backend: Backend, args, stored_before: int) -> None:
+def scenario_steady(
+    fleet: Fleet, backend: Backend, args, stored_before: int, meter: CpuMeter
+) -> float:
     say(f"steady: {args.boxes} boxes, one scan every {args.interval:g} s each, {args.steady:g} s")
     began_ms = int(time.time() * 1000)
+    cpu = meter.snapshot()
     results = fleet.ask("steady", args.steady, args.interval)
     ended_ms = int(time.time() * 1000)
     scans = sum(r["scans"] for r in results)
     wait(drained(fleet, backend, stored_before + scans), "the steady-state records stored")
+    meter.say_since(cpu)
     rows = backend.query(
         "SELECT at_ms, bench_inserted_ms FROM events WHERE at_ms >= %s AND at_ms <= %s",
         began_ms,
@@ -517,7 +591,7 @@ def scenario_steady(fleet: Fleet, backend: Backend, args, stored_before: int) ->
     return floor
 
 
-def scenario_fanout(fleet: Fleet, backend: Backend, args, scratch: Path) -> None:
+def scenario_fanout(fleet: Fleet, backend: Backend, args, scratch: Path, meter: CpuMeter) -> None:
     codes = scratch / "fanout.csv"
     codes.write_text(
         "code,card_id\n" + "".join(f"FAN-{i:07d},1\n" for i in range(args.fanout_codes))
@@ -525,6 +599,7 @@ def scenario_fanout(fleet: Fleet, backend: Backend, args, scratch: Path) -> None
     seq = backend.query("SELECT MAX(seq) FROM batches")[0][0] + 1
     say(f"fanout: one issue batch of {args.fanout_codes:,} codes (seq {seq}) to {args.boxes} boxes")
     started = time.monotonic()
+    cpu = meter.snapshot()
     backend.issue("issue", codes)
     issued = time.monotonic() - started
 
@@ -532,7 +607,13 @@ def scenario_fanout(fleet: Fleet, backend: Backend, args, scratch: Path) -> None
         rows = backend.boxes_json()
         return len(rows) == args.boxes and all((r.get("cache_seq") or 0) >= seq for r in rows)
 
-    seconds = wait(every_box_at_seq, f"every box at cache_seq {seq}", every=1.0)
+    # Not the bench's usual exit on timeout: a fleet that takes longer still has figures
+    # to give (how many boxes got there, and how fast they went).
+    seconds = wait(
+        every_box_at_seq, f"every box at cache_seq {seq}", timeout=args.fanout_timeout,
+        every=1.0, give_up=False,
+    )  # fmt: skip
+    meter.say_since(cpu)
     at_seq = sum((r.get("cache_seq") or 0) >= seq for r in backend.boxes_json())
     state = fleet.state()
     met = "met" if seconds < TARGET_FANOUT_S else "NOT met"
@@ -545,7 +626,9 @@ def scenario_fanout(fleet: Fleet, backend: Backend, args, scratch: Path) -> None
     say(f"  check  boxes at the new cache_seq: {at_seq} of {args.boxes}")
 
 
-def scenario_herd(fleet: Fleet, backend: Backend, broker: Broker, args, floor: float) -> None:
+def scenario_herd(
+    fleet: Fleet, backend: Backend, broker: Broker, args, floor: float, meter: CpuMeter
+) -> None:
     say(
         f"herd: collectors paused (SIGSTOP), {HERD_RECORDS} records scanned on each box, "
         "broker restarted, collectors resumed"
@@ -565,12 +648,14 @@ def scenario_herd(fleet: Fleet, backend: Backend, broker: Broker, args, floor: f
     broker.stop()
     restarted_at = time.time()
     broker.start()
+    cpu = meter.snapshot()
     started = time.monotonic()
     for process in paused:
         process.send_signal(signal.SIGCONT)
     connected = wait(lambda: fleet.state()["connected"] == args.boxes, "every box reconnected")
     wait(drained(fleet, backend, before + records), "the herd drained")
     seconds = time.monotonic() - started
+    meter.say_since(cpu)
     state = fleet.state()
     per_second = broker.connects_per_second(restarted_at)
     rate = records / seconds
@@ -673,6 +758,9 @@ def main() -> int:
     parser.add_argument("--faults", type=float, default=40.0, help="fault phase seconds")
     parser.add_argument("--fanout-codes", type=int, default=100_000)
     parser.add_argument(
+        "--fanout-timeout", type=float, default=900.0, help="s to wait for every box at the new seq"
+    )
+    parser.add_argument(
         "--request-retry",
         default="30s",
         help="the boxes' [sync] request_retry: how long an unacked record waits before it "
@@ -756,9 +844,10 @@ def main() -> int:
                 lambda: fleet.state()["connected"] == args.boxes, "every box connected"
             )
             say(f"  every box connected {connected:.1f} s after the workers were up")
-            floor = scenario_steady(fleet, backend, args, 0)
-            scenario_fanout(fleet, backend, args, scratch)
-            scenario_herd(fleet, backend, broker, args, floor)
+            meter = CpuMeter(fleet, backend, broker, server)
+            floor = scenario_steady(fleet, backend, args, 0, meter)
+            scenario_fanout(fleet, backend, args, scratch, meter)
+            scenario_herd(fleet, backend, broker, args, floor, meter)
             scenario_faults(fleet, backend, server, args)
             ok = check(fleet, backend, args)
             say(f"total {time.monotonic() - started:.0f} s")
