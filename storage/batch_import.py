@@ -247,13 +247,23 @@ def _apply_issue(conn: sqlite3.Connection, batch: Batch) -> None:
 def _apply_snapshot(conn: sqlite3.Connection, batch: Batch) -> None:
     """Replace the cache with the backend's view, then replay what it has not seen yet.
 
-    Accounts are not in a snapshot: they stay, and so does the link of every code the
-    snapshot lists. Records of linked codes are not replayed: they spent the account,
-    which nothing here replaced (docs/protocol.md 19.2)."""
-    links = conn.execute("SELECT account, digest FROM codes WHERE account IS NOT NULL").fetchall()
-    conn.execute("DELETE FROM codes")
-    conn.executemany(INSERT_ISSUED, batch.issue_entries())
-    conn.executemany("UPDATE codes SET account = ? WHERE digest = ?", links)
+    Accounts are not in a snapshot: they stay, and so do their codes. A linked code the
+    snapshot lists takes the snapshot's row and keeps its account; one it does not list
+    keeps its row as it was: a code born of a `link` (a signed code, a card number) is in
+    no issue list a snapshot is made from, and removing a code from its account is a
+    `revoke`, not an omission. Records of linked codes are not replayed: they spent the
+    account, which nothing here replaced (docs/protocol.md 19.2)."""
+    conn.execute("CREATE TEMP TABLE linked_codes AS SELECT * FROM codes WHERE account IS NOT NULL")
+    try:
+        conn.execute("DELETE FROM codes")
+        conn.executemany(INSERT_ISSUED, batch.issue_entries())
+        conn.execute(
+            "UPDATE codes SET account = (SELECT account FROM linked_codes k WHERE k.digest = "
+            "codes.digest) WHERE digest IN (SELECT digest FROM linked_codes)"
+        )
+        conn.execute("INSERT OR IGNORE INTO codes SELECT * FROM linked_codes")
+    finally:
+        conn.execute("DROP TABLE temp.linked_codes")
     cards = trust.cards(conn)
     unacked = conn.execute(
         "SELECT l.digest, l.action, COALESCE(l.uses, 1), COALESCE(l.amount, 0) FROM outbox o "

@@ -453,6 +453,23 @@ def test_a_snapshot_keeps_accounts_and_the_links_of_the_codes_it_lists(engine):
     assert account_row(engine)[4] == 9000
 
 
+def test_a_snapshot_keeps_a_code_that_only_a_link_made(engine):
+    """PHONE-1 was never issued: the link made it. A snapshot of the issued codes does
+    not list it, and the family's phone must still spend the account afterwards, while a
+    linked code the backend revoked stays revoked."""
+    family(engine, codes=("PHONE-1", "PHONE-2", "GIFT-0001"))
+    ks = engine.box.keyset
+    apply(engine, Kind.REVOKE, batch.encode_digests([ks.digest("PHONE-2")]))
+    rows = [(ks.digest("GIFT-0001"), 5, 0, 0, 0, 0, CodeStatus.ACTIVE)]
+    apply(engine, Kind.SNAPSHOT, batch.encode_issue(rows))
+    assert code_row(engine, "PHONE-1")[6] == FAMILY
+    assert engine.redeem("PHONE-1", "pos", amount=700).accepted
+    assert account_row(engine)[4] == 9300
+    assert engine.redeem("PHONE-2", "pos", amount=1).reason is Reason.REVOKED
+    # A code that is neither listed nor linked is gone, as a snapshot says.
+    assert code_row(engine, "DEMO-0001") is None
+
+
 # ---------------------------------------------------------------- migration
 
 
