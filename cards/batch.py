@@ -513,6 +513,37 @@ def _check_entries(kind: Kind, entries: bytes) -> None:
             _check_account(row)
 
 
+class VerifiedHeaders:
+    """The signed headers of the last few batches, by their signed bytes.
+
+    Every chunk of a batch carries the same signed header, and a box verified it (two
+    Ed25519 signatures, the delegation and the header) for every chunk, twice: a
+    100,000-code batch is about 60 chunks, and a batch a box already holds arrives again
+    whenever the backend publishes it to every box. The same bytes under the same roots
+    verify the same way, so a header found here is as good as one checked again; the
+    chunk's own bytes are still checked against the header's hashes.
+    """
+
+    def __init__(self, roots: dict[str, bytes], keep: int = 4):
+        self.roots = roots
+        self.keep = keep
+        self._kept: dict[bytes, tuple[Header, int]] = {}  # oldest first
+
+    def read(self, data: bytes, magic: bytes) -> tuple[Header, int]:
+        """`read_header(data, magic, roots)`, once per signed header."""
+        if len(data) >= 8 and data[:4] == magic:
+            end = 8 + _U32.unpack_from(data, 4)[0] + 64
+            if end <= len(data) and end - 72 <= MAX_HEADER_SIZE:
+                found = self._kept.get(data[:end])
+                if found is not None:
+                    return found
+        header, offset = read_header(data, magic, self.roots)
+        self._kept[data[:offset]] = (header, offset)
+        if len(self._kept) > self.keep:
+            del self._kept[next(iter(self._kept))]
+        return header, offset
+
+
 class ChunkAssembler:
     """Collects the chunks of one batch as they arrive, in any order.
 
@@ -520,15 +551,20 @@ class ChunkAssembler:
     or corrupted chunk is refused at once and never waits in memory.
     """
 
-    def __init__(self, roots: dict[str, bytes], max_entries_size: int = DEFAULT_MAX_ENTRIES_SIZE):
-        self.roots = roots
+    def __init__(
+        self,
+        roots: dict[str, bytes],
+        max_entries_size: int = DEFAULT_MAX_ENTRIES_SIZE,
+        headers: VerifiedHeaders | None = None,
+    ):
         self.max_entries_size = max_entries_size
+        self.headers = headers if headers is not None else VerifiedHeaders(roots)
         self.header: Header | None = None
         self.pieces: dict[int, bytes] = {}
 
     def add(self, message: bytes) -> Batch | None:
         """Add one chunk message; return the verified batch once it is complete."""
-        header, offset = read_header(message, CHUNK_MAGIC, self.roots)
+        header, offset = self.headers.read(message, CHUNK_MAGIC)
         if self.header is not None and header.raw != self.header.raw:
             raise BatchError("chunk belongs to a different batch header")
         if len(message) < offset + 4:

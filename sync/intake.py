@@ -27,7 +27,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 
-from cards.batch import CHUNK_MAGIC, Batch, BatchError, ChunkAssembler, Kind, read_header
+from cards.batch import CHUNK_MAGIC, Batch, BatchError, ChunkAssembler, Kind, VerifiedHeaders
 from cards.manifest import Manifest, ManifestError, open_manifest
 from storage import batch_import, trust
 from storage.batch_import import MAX_CLOCK_AHEAD, BatchConflict, ImportRefused, SequenceGap
@@ -152,13 +152,24 @@ class Intake:
         self.want_to = max(self.want_to, manifest.latest_seq)
         return None
 
+    @property
+    def roots(self) -> dict[str, bytes]:
+        return self._roots
+
+    @roots.setter
+    def roots(self, roots: dict[str, bytes]) -> None:
+        """New roots (a reload) also start a new set of verified headers: a header
+        verified under a root the box no longer trusts must be checked again."""
+        self._roots = roots
+        self.headers = VerifiedHeaders(roots)
+
     # ------------------------------------------------------------------ batches
 
     def on_chunk(self, topic: str, seq: int, payload: bytes) -> None:
         if len(payload) > MAX_MESSAGE:
             return self.refuse(topic, f"oversized chunk ({len(payload)} bytes)")
         try:
-            header, _ = read_header(payload, CHUNK_MAGIC, self.roots)
+            header, _ = self.headers.read(payload, CHUNK_MAGIC)
         except BatchError as exc:
             return self.refuse(topic, str(exc))
         if header.seq != seq:
@@ -189,7 +200,9 @@ class Intake:
                 return self.refuse(topic, f"an older signing of batch {seq} than the one arriving")
             assembler = None
         if assembler is None:
-            assembler = self.assemblers[seq] = ChunkAssembler(self.roots, self.max_batch_bytes)
+            assembler = self.assemblers[seq] = ChunkAssembler(
+                self.roots, self.max_batch_bytes, self.headers
+            )
         try:
             batch = assembler.add(payload)
         except BatchError as exc:

@@ -456,6 +456,39 @@ def test_chunks_in_shuffled_order_give_the_same_entries_as_the_file(keyset):
         assert assembled.header.raw == from_file.header.raw
 
 
+def test_a_batch_header_is_verified_once_for_all_its_chunks(keyset, monkeypatch):
+    """Every chunk carries the same signed header: its two signatures (delegation and
+    header) are checked for the first chunk only, the rest are still checked against
+    the header's hashes, and a second assembly of the same batch checks nothing again."""
+    _, data = _chunked(keyset)
+    chunks = batch.split(data)
+    calls = []
+    real = keys.verify
+    monkeypatch.setattr(keys, "verify", lambda *a: calls.append(1) or real(*a))
+    headers = batch.VerifiedHeaders(keyset.roots)
+    assert ChunkAssembler(keyset.roots, headers=headers).add(chunks[0]) is None
+    assert len(calls) == 2
+    assembler = ChunkAssembler(keyset.roots, headers=headers)
+    assert [assembler.add(c) for c in chunks][-1] is not None
+    assert len(calls) == 2
+    damaged = bytearray(chunks[1])
+    damaged[-1] ^= 0x01
+    with pytest.raises(BatchError, match="corrupted"):
+        ChunkAssembler(keyset.roots, headers=headers).add(bytes(damaged))
+
+
+def test_a_header_with_another_signature_is_verified_again_and_refused(keyset):
+    _, data = _chunked(keyset)
+    chunks = batch.split(data)
+    headers = batch.VerifiedHeaders(keyset.roots)
+    assert ChunkAssembler(keyset.roots, headers=headers).add(chunks[0]) is None
+    (length,) = struct.unpack_from(">I", chunks[1], 4)
+    forged = bytearray(chunks[1])
+    forged[8 + length] ^= 0x01  # the first byte of the header's signature
+    with pytest.raises(BatchError, match="bad signature"):
+        ChunkAssembler(keyset.roots, headers=headers).add(bytes(forged))
+
+
 def test_single_chunk_batch_assembles_from_one_message(keyset):
     data = keyset.build(Kind.REVOKE, _revoke_entries(), seq=2)
     (chunk,) = batch.split(data)
