@@ -37,7 +37,10 @@ from storage import batch_import
 from storage.database import open_database
 
 TARGET = 0.60
-FLOOR_INSERT = "INSERT INTO codes VALUES (?, ?, ?, ?, ?, ?, ?)"
+FLOOR_INSERT = (
+    "INSERT INTO codes(digest, card_id, not_before, not_after, uses_left, balance, status) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 def main() -> int:
