@@ -168,7 +168,14 @@ class FunnelRow:
         }
 
 
-def funnel(store: Store, by: str = "card") -> list[FunnelRow]:
+def funnel(
+    store: Store,
+    by: str = "card",
+    *,
+    box: str | None = None,
+    card: int | None = None,
+    sold_at: str | None = None,
+) -> list[FunnelRow]:
     """Dispensed -> claimed -> redeemed counts per merchant and card, dispensing box,
     dispensing box's store, or UTC day (each step on the day it happened: the dispense
     record's time, the claim's, the first redemption's).
@@ -178,6 +185,7 @@ def funnel(store: Store, by: str = "card") -> list[FunnelRow]:
     merchant) not undone by an accepted reversal. A claim is counted under the box that
     minted its claim code, and under that box's store as its `dispense` record names it
     ("-" until that record arrives: a claim can come before the box's records do).
+    `box`, `card` and `sold_at` (a store) count only what they name, whatever `by` is.
     """
     if by not in BY:
         raise ValueError(f"funnel by {by!r}: allowed {', '.join(BY)}")
@@ -188,17 +196,26 @@ def funnel(store: Store, by: str = "card") -> list[FunnelRow]:
     def add(merchant: str, key: str | int, column: int) -> None:
         counts.setdefault((merchant, key), [0, 0, 0])[column] += 1
 
+    def wanted(on_box: str, card_id: int | None, where: str) -> bool:
+        return (
+            (box is None or on_box == box)
+            and (card is None or card_id == card)
+            and (sold_at is None or where == sold_at)
+        )
+
     dispensed = store.engine.execute(
         "SELECT merchant, box, card_id, raw, at_ms FROM events WHERE action = 'dispense' "
         "AND verdict = 'accepted'"
     ).fetchall()
-    for merchant, box, card_id, raw, at_ms in dispensed:
+    for merchant, on_box, card_id, raw, at_ms in dispensed:
         record = json.loads(raw)
         where = record.get("store") if isinstance(record.get("store"), str) else "-"
         if isinstance(record.get("grant_id"), str) and isinstance(record.get("counter"), int):
             stores[(record["grant_id"].lower(), record["counter"])] = where
-        box_store[(merchant, box)] = where
-        add(merchant, {"card": card_id, "box": box, "store": where, "day": _day(at_ms)}[by], 0)
+        box_store[(merchant, on_box)] = where
+        if wanted(on_box, card_id, where):
+            keyed = {"card": card_id, "box": on_box, "store": where, "day": _day(at_ms)}
+            add(merchant, keyed[by], 0)
     redeemed = {
         digest: first
         for digest, first in store.engine.execute(
@@ -209,11 +226,13 @@ def funnel(store: Store, by: str = "card") -> list[FunnelRow]:
             "GROUP BY c.code_digest"
         ).fetchall()
     }
-    for grant_id, counter, merchant, box, card_id, digest, claimed_at in store.engine.execute(
+    for grant_id, counter, merchant, minted_on, card_id, digest, claimed_at in store.engine.execute(
         "SELECT grant_id, counter, merchant, box, card_id, code_digest, claimed_at FROM claims"
     ).fetchall():
-        where = stores.get((grant_id, counter)) or box_store.get((merchant, box), "-")
-        keys = {"card": card_id, "box": box, "store": where}
+        where = stores.get((grant_id, counter)) or box_store.get((merchant, minted_on), "-")
+        if not wanted(minted_on, card_id, where):
+            continue
+        keys = {"card": card_id, "box": minted_on, "store": where}
         add(merchant, keys.get(by) or _day(claimed_at * 1000), 1)
         if digest in redeemed:
             add(merchant, keys.get(by) or _day(redeemed[digest]), 2)

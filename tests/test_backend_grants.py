@@ -429,6 +429,20 @@ def test_the_funnel_counts_dispensed_claimed_and_redeemed(backend_dir):
     assert by_day["rows"] == [
         {"merchant": "demo", "day": today, "dispensed": 4, "claimed": 3, "redeemed": 1}
     ]
+    # Filtered (the console's activity page filters its per-day funnel by card, box or
+    # store): only what the filter names counts, whatever the grouping.
+    store = Store.open(backend_dir)
+    try:
+        card_2 = claims.funnel(store, "day", card=2)
+        assert [(f.dispensed, f.claimed, f.redeemed) for f in card_2] == [(1, 1, 0)]
+        assert claims.funnel(store, "day", box="box-2") == []
+        assert claims.funnel(store, "day", sold_at="elsewhere") == []
+        on_box_1 = claims.funnel(store, "card", box="box-1", sold_at="store-1")
+        assert [(f.key, f.dispensed, f.claimed, f.redeemed) for f in on_box_1] == [
+            (1, 3, 2, 1), (2, 1, 1, 0),
+        ]  # fmt: skip
+    finally:
+        store.close()
 
 
 def test_on_a_broker_with_the_acl_only_the_box_reads_its_grant_set(tmp_path, each_store):

@@ -195,11 +195,14 @@ def select(store: Store, filters: Filters) -> Activity:
         ordered.sort(key=lambda x: x.key)
     funnel = [
         f
-        for f in claims.funnel(store, filters.by)
+        for f in claims.funnel(
+            store,
+            filters.by,
+            box=filters.box or None,
+            card=filters.card,
+            sold_at=filters.store or None,
+        )  # fmt: skip
         if (not filters.merchant or f.merchant == filters.merchant)
-        and (filters.by != "box" or not filters.box or f.key == filters.box)
-        and (filters.by != "store" or not filters.store or f.key == filters.store)
-        and (filters.by != "card" or filters.card is None or f.key == filters.card)
         and (filters.by != "day" or str(f.key) in lines)
     ]
     ranked = dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
