@@ -263,7 +263,7 @@ def _apply_snapshot(conn: sqlite3.Connection, batch: Batch) -> None:
         )
         conn.execute("INSERT OR IGNORE INTO codes SELECT * FROM linked_codes")
     finally:
-        conn.execute("DROP TABLE temp.linked_codes")
+        conn.execute("DROP TABLE IF EXISTS temp.linked_codes")  # gone if SQLite rolled back
     cards = trust.cards(conn)
     unacked = conn.execute(
         "SELECT l.digest, l.action, COALESCE(l.uses, 1), COALESCE(l.amount, 0) FROM outbox o "
