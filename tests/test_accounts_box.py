@@ -231,6 +231,21 @@ def test_a_family_account_is_spent_through_any_of_its_codes(engine):
     assert "account" not in list(ledger.records(engine.conn))[-1].to_json()
 
 
+def test_a_code_linked_to_an_account_the_box_lacks_is_refused_and_nothing_changes(engine):
+    # Batches never link to an unknown account (see the refusal test below); a database
+    # edited by hand or restored half can. The engine's one joined lookup must still
+    # tell "no account" from "a plain code".
+    digest = engine.box.keyset.digest("DEMO-0002")
+    with engine.conn:
+        engine.conn.execute("UPDATE codes SET account = ? WHERE digest = ?", (GROUP, digest))
+    before = code_row(engine, "DEMO-0002")
+    verdict = engine.handle(Scan(b"DEMO-0002", "front"))
+    assert verdict.reason is Reason.UNKNOWN_CODE
+    assert verdict.detail == "the code's account is not in the cache"
+    assert code_row(engine, "DEMO-0002") == before
+    assert engine.handle(Scan(b"DEMO-0003", "front")).accepted
+
+
 def test_a_use_counted_account_is_spent_by_scans_and_refilled_by_a_reversal(engine):
     ks = engine.box.keyset
     apply(engine, Kind.ACCOUNTS, batch.encode_accounts([(GROUP, 3, 0, 0, 2, 0, 0)]))

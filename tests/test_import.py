@@ -6,11 +6,12 @@ import sqlite3
 import uuid
 
 import pytest
-from conftest import CREATED, FAR, KeySet, make_keyset, write_box
+from conftest import CREATED, DEMO_CARDS, FAR, KeySet, make_keyset, write_box
 from sqlite_utils import Database
 
 from cards import batch, signed_code
 from cards.batch import CodeStatus, Kind
+from cards.scan import Scan
 from daemon.engine import Engine
 from storage import batch_import, codes, ledger, trust
 from storage.batch_import import BatchConflict, ImportRefused, SequenceGap
@@ -243,6 +244,18 @@ def test_revoke_batch_makes_the_code_revoked(loaded_box, keyset):
     _apply(conn, loaded_box, keyset.status_batch(Kind.REVOKE, ["DEMO-0001"], seq=3))
     assert _reason(engine.check("DEMO-0001")) == "revoked"
     assert engine.check("DEMO-0002").accepted
+
+
+def test_a_scan_sees_a_card_and_codes_another_connection_just_imported(loaded_box, keyset):
+    # The engine's one read per scan carries PRAGMA data_version (storage/codes.py,
+    # SCAN_LOOKUP): a new card must be known to the very next scan, not only to checks.
+    conn, engine = _engine(loaded_box)
+    assert _reason(engine.handle(Scan(b"NEW-0001", "front"))) == "unknown_code"
+    cards = [*DEMO_CARDS, {"id": 6, "merchant": "demo", "kind": "coupon", "title": "Tea"}]
+    _apply(conn, loaded_box, keyset.cards_batch(3, cards))
+    _apply(conn, loaded_box, keyset.issue_batch({"NEW-0001": 6}, seq=4))
+    verdict = engine.handle(Scan(b"NEW-0001", "back"))  # another scanner: no debounce
+    assert verdict.accepted and verdict.card_id == 6
 
 
 def test_block_then_unblock_batches_toggle_the_verdict(loaded_box, keyset):
