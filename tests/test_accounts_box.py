@@ -233,8 +233,8 @@ def test_a_family_account_is_spent_through_any_of_its_codes(engine):
 
 def test_a_code_linked_to_an_account_the_box_lacks_is_refused_and_nothing_changes(engine):
     # Batches never link to an unknown account (see the refusal test below); a database
-    # edited by hand or restored half can. The engine's one joined lookup must still
-    # tell "no account" from "a plain code".
+    # edited by hand or restored half can. The engine must still tell "no account" from
+    # "a plain code" and change nothing.
     digest = engine.box.keyset.digest("DEMO-0002")
     with engine.conn:
         engine.conn.execute("UPDATE codes SET account = ? WHERE digest = ?", (GROUP, digest))

@@ -247,8 +247,8 @@ def test_revoke_batch_makes_the_code_revoked(loaded_box, keyset):
 
 
 def test_a_scan_sees_a_card_and_codes_another_connection_just_imported(loaded_box, keyset):
-    # The engine's one read per scan carries PRAGMA data_version (storage/codes.py,
-    # SCAN_LOOKUP): a new card must be known to the very next scan, not only to checks.
+    # The scan path checks PRAGMA data_version inline (daemon/engine.py, _look_up): a new
+    # card must be known to the very next scan, not only to checks.
     conn, engine = _engine(loaded_box)
     assert _reason(engine.handle(Scan(b"NEW-0001", "front"))) == "unknown_code"
     cards = [*DEMO_CARDS, {"id": 6, "merchant": "demo", "kind": "coupon", "title": "Tea"}]
