@@ -16,13 +16,13 @@ opened with plain sqlite3 in WAL with synchronous=FULL, doing one primary-key pr
 the same digest plus one autocommitted INSERT into a two-column table.
 
 Also measured, to say where the difference goes: the engine's own statements replayed
-raw on a third copy (BEGIN IMMEDIATE, data_version, lookup, ledger row + its outbox trigger,
-code update, COMMIT) with values prepared beforehand. replay - floor is what the schema
-costs (three rows, four B-tree pages per commit); engine - replay is Python.
+raw on a third copy (BEGIN IMMEDIATE, data_version, lookup, ledger row, code update,
+COMMIT) with values prepared beforehand. replay - floor is what the schema costs (the
+ledger row and the code's state: about two pages per commit); engine - replay is Python.
 
 Account: the same Engine.handle on codes linked to accounts (issue 13, protocol.md 19),
-two codes per account: one more primary-key probe (the account) and the account's row
-written instead of the code's. Printed beside the plain code and the floor, with its
+two codes per account: one more primary-key probe (the account's row, joined in the same
+lookup) and the account's row written instead of the code's. Printed beside the plain code and the floor, with its
 ratio to the same floor samples and its WAL pages. Limited: the same on a second card
 with an offline limit (per_redemption and per_account, never reached): also the probe of
 the account's unacknowledged spend and its update, in the account's row.
@@ -188,8 +188,8 @@ def run(scratch, count: int, scans: int) -> None:
         t0 = clock()
         replay.execute("BEGIN IMMEDIATE")
         replay.execute("PRAGMA data_version").fetchone()
-        replay.execute(codes.LOOKUP, (digest,)).fetchone()
-        replay.execute(ledger.INSERT, row)  # its trigger adds the outbox row
+        replay.execute(codes.SCAN_LOOKUP, (digest,)).fetchone()
+        replay.execute(ledger.INSERT, row)  # the outbox is a view: no row of its own
         replay.execute(codes.UPSERT_STATE, state)
         replay.execute("COMMIT")
         return clock() - t0

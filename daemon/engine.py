@@ -244,12 +244,14 @@ class Engine:
         # `_refresh`'s check, inline: on the scan path every Python call counts.
         if execute("PRAGMA data_version").fetchone()[0] != self._data_version:
             self._refresh()
-        # One B-tree probe; the row stays the tuple SQLite returns. A linked code
-        # (docs/protocol.md 19.2) costs one more, for its account.
-        row = execute(codes.LOOKUP, (digest,)).fetchone()
+        # One statement: the code's row and, for a linked code (docs/protocol.md 19.2),
+        # its account's, as the tuple SQLite returns (storage/codes.py, SCAN_LOOKUP).
+        row = execute(codes.SCAN_LOOKUP, (digest,)).fetchone()
         account = None
-        if row is not None and row[6] is not None:
-            account = execute(codes.ACCOUNT_LOOKUP, (row[6],)).fetchone()
+        if row is not None:
+            if row[7] is not None:
+                account = row[7:]
+            row = row[:7]
         now = max(int(self.clock()), self.floor)  # self.now(), inline
         return evaluate(text, row, self.trusted, now, self.policy, ask, account)
 

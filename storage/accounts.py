@@ -1,7 +1,7 @@
 """Accounts on the box: the offline limits and the unacknowledged spend.
 
 An account (docs/protocol.md 19) holds the uses or balance its linked codes spend; the
-engine probes it by id (`codes.ACCOUNT_LOOKUP`) and writes its new state in the
+engine reads it with the code (`codes.SCAN_LOOKUP`) and writes its new state in the
 redemption's transaction. The offline limits are the backend's `limits` batch, as
 stored. The unacknowledged spend is what this box accepted per account (a code without
 one: per code) in records still in the outbox, kept in the `spent` column of the

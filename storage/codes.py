@@ -9,10 +9,19 @@ LOOKUP = (
     "SELECT card_id, not_before, not_after, uses_left, balance, status, account FROM codes "
     "WHERE digest = ?"
 )
-# A linked code's account (docs/protocol.md 19): the second probe, only for linked codes.
+# An account by id (docs/protocol.md 19).
 ACCOUNT_LOOKUP = (
     "SELECT card_id, not_before, not_after, uses_left, balance, status FROM accounts "
     "WHERE account = ?"
+)
+# The scan path's read (daemon/engine.py): the code's row, LOOKUP's columns (0-6), and for
+# a linked code its account's, ACCOUNT_LOOKUP's (7-12; NULL for a plain code or an account
+# the box lacks: accounts.card_id is NOT NULL, so column 7 tells). One statement for what
+# took two on a linked code (docs/decisions.md, "One read for a linked code").
+SCAN_LOOKUP = (
+    "SELECT c.card_id, c.not_before, c.not_after, c.uses_left, c.balance, c.status, "
+    "c.account, a.card_id, a.not_before, a.not_after, a.uses_left, a.balance, a.status "
+    "FROM codes c LEFT JOIN accounts a ON a.account = c.account WHERE c.digest = ?"
 )
 UPDATE_ACCOUNT = "UPDATE accounts SET uses_left = ?, balance = ? WHERE account = ?"
 UPSERT_STATE = (
