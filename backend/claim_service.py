@@ -50,6 +50,7 @@ from starlette.routing import Route
 from backend import claims, grants
 from backend.keystore import Keystore, KeystoreError
 from backend.store import Store
+from backend.store_keeper import StoreOnDemand
 from cards import claim_code, keys, signed_code
 from cards.claim_code import ClaimCode, ClaimCodeError
 from cards.digest import code_digest
@@ -58,9 +59,6 @@ from cards.verdict import Reason
 
 MAX_CODE = 512
 """Longer path segments are refused before anything else (414)."""
-RETRY_DATABASE = 2.0
-"""While the database is unreachable, a request tries to reconnect at most this often;
-the others get the 503 page at once."""
 ALREADY_CLAIMED = "already_claimed"
 MALFORMED = Reason.MALFORMED.value
 UNAVAILABLE = "unavailable"
@@ -119,60 +117,6 @@ class _Claimable:
     delegation: keys.Delegation
 
 
-class _Database:
-    """The service's store, opened on demand and dropped when its connection is lost, so
-    a request never waits long for a database that is away: it gets the 503 page. The
-    collector's StoreKeeper waits instead, which suits a loop, not a page."""
-
-    def __init__(self, directory: Path, database: str | None, say: Callable[[str], None]):
-        self.dir = directory
-        self.database = database
-        self.say = say
-        self._store: Store | None = None
-        self._retry_at = 0.0
-        self._lost = False
-
-    @property
-    def where(self) -> str:
-        return Store.describe(self.dir, self.database)
-
-    def store(self) -> Store | None:
-        if self._store is not None:
-            return self._store
-        if time.monotonic() < self._retry_at:
-            return None
-        try:
-            self._store = Store.open(self.dir, self.database)
-        except Exception as exc:  # StoreError, or the driver's own on a half-up server
-            self._retry_at = time.monotonic() + RETRY_DATABASE
-            if not self._lost:
-                self._lost = True
-                self.say(
-                    f"database {self.where} unreachable: {exc}; answering 503 until it is back"
-                )
-            return None
-        if self._lost:
-            self._lost = False
-            self.say(f"database {self.where} is reachable again")
-        return self._store
-
-    def failed(self, exc: BaseException) -> None:
-        """After a statement failed: drop the store if its connection is gone."""
-        store = self._store
-        self.say(f"database error: {exc}; answered 503")
-        if store is not None and store.broken:
-            self._store = None
-            self._lost = True
-            with contextlib.suppress(Exception):  # a lost connection may fail to close
-                store.close()
-            self.say(f"lost the database {self.where}; reconnecting on a later request")
-
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-            self._store = None
-
-
 class ClaimService:
     """The claim decision and its pages; `app()` is the ASGI application."""
 
@@ -192,7 +136,7 @@ class ClaimService:
         self.code_days = code_days
         self.say = say
         self.clock = clock
-        self._db = _Database(directory, database, say)
+        self._db = StoreOnDemand(directory, database, say)
         # One connection, one statement at a time: requests run in a thread pool.
         self._lock = threading.Lock()
         self._titles: dict[str, tuple[int, dict[int, str]]] = {}

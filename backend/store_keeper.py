@@ -1,5 +1,10 @@
 """The store a long-running backend process works on, opened again when the database is lost.
 
+Two ways to wait for it: `StoreKeeper` blocks (with backoff) until the database answers,
+which suits a loop such as the collector or the publisher; `StoreOnDemand` never blocks,
+which suits a page: a request while the database is away is answered 503 at once, and one
+request every RETRY_ON_DEMAND seconds tries to reconnect (the claim service, the console).
+
 A collector or publisher outlives its database connection: PostgreSQL restarts, fails
 over, or drops idle connections. A statement on a lost connection raises, and nothing
 was committed, so nothing was acked: the boxes still hold their records and send them
@@ -33,6 +38,9 @@ RETRY_CAP = 15.0
 # A database that stays away is said again this often, so the journal shows it is still
 # being retried.
 SAY_EVERY = 60.0
+# While the database is unreachable, a request tries to reconnect at most this often;
+# the others get their 503 at once.
+RETRY_ON_DEMAND = 2.0
 
 
 class StoreKeeper:
@@ -109,6 +117,63 @@ class StoreKeeper:
             f"lost the database {self.where}{why}; reconnecting. Nothing is acked until "
             "it is back: the boxes keep their records and send them again"
         )
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+class StoreOnDemand:
+    """The store of a process that answers requests: opened on demand and dropped when
+    its connection is lost, so a request never waits for a database that is away. Its
+    losses and returns are said once each, not once per request."""
+
+    def __init__(self, directory: Path, database: str | None, say: Callable[[str], None]):
+        self.dir = directory
+        self.database = database
+        self.say = say
+        self._store: Store | None = None
+        self._retry_at = 0.0
+        self._lost = False
+
+    @property
+    def where(self) -> str:
+        """The database, as a person reads it (never with its password)."""
+        return Store.describe(self.dir, self.database)
+
+    def store(self) -> Store | None:
+        """The open store, or None while the database cannot be reached."""
+        if self._store is not None:
+            return self._store
+        if time.monotonic() < self._retry_at:
+            return None
+        try:
+            self._store = Store.open(self.dir, self.database)
+        except Exception as exc:  # StoreError, or the driver's own on a half-up server
+            self._retry_at = time.monotonic() + RETRY_ON_DEMAND
+            if not self._lost:
+                self._lost = True
+                self.say(
+                    f"database {self.where} unreachable: {exc}; answering 503 until it is back"
+                )
+            return None
+        if self._lost:
+            self._lost = False
+            self.say(f"database {self.where} is reachable again")
+        return self._store
+
+    def failed(self, exc: BaseException) -> None:
+        """After a statement failed (and its request was answered 503): drop the store if
+        its connection is gone, so a later request reconnects."""
+        store = self._store
+        self.say(f"database error: {exc}; answered 503")
+        if store is not None and store.broken:
+            self._store = None
+            self._lost = True
+            with contextlib.suppress(Exception):  # a lost connection may fail to close
+                store.close()
+            self.say(f"lost the database {self.where}; reconnecting on a later request")
 
     def close(self) -> None:
         if self._store is not None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from backend_helpers import CliProcess, make_backend, record
+from backend_helpers import CliProcess, make_backend, record, wait_until
 from broker import free_port
 from browser import artifacts, chromium, focused, serve_console, shot, unlabelled
 from conftest import ROOT
@@ -29,7 +29,7 @@ from backend.console import auth
 from backend.console.fleet import Query, select
 from backend.events import parse_message
 from backend.keystore import Keystore
-from backend.store import BoxRow, BoxStatus, Store
+from backend.store import DATABASE_ENV, BoxRow, BoxStatus, Store
 from cards import keys
 
 PASSWORD = "correct horse battery staple"
@@ -507,3 +507,28 @@ def test_a_removed_user_stops_getting_live_updates(console: Console) -> None:
         expect(page.locator("#live-status")).to_contain_text("Signed out", timeout=30_000)
         page.reload()
         assert page.url.endswith("/login")
+
+
+def test_a_lost_database_is_a_503_and_the_console_comes_back_without_a_restart(
+    tmp_path: Path, own_postgresql, monkeypatch
+) -> None:
+    monkeypatch.setenv(DATABASE_ENV, own_postgresql.create_database())
+    keys = tmp_path / "keys"
+    make_backend(keys, boxes=BOXES)
+    token = tmp_path / "metrics.token"
+    token.write_text(TOKEN + "\n")
+    with serve_console(keys, "--metrics-token-file", str(token)) as (url, process):
+        console = Console(url, keys, process, "postgresql")
+        status, text = metrics(console)
+        assert status == 200 and "box-0001" in text
+        own_postgresql.kill()
+        status, text = metrics(console)
+        assert status == 503 and "database does not answer" in text
+        with pytest.raises(urllib.error.HTTPError) as page:
+            urllib.request.urlopen(f"{url}/health", timeout=10)
+        assert page.value.code == 503
+        assert process.process.poll() is None, "the console must keep serving"
+        own_postgresql.start()
+        wait_until(lambda: metrics(console)[0] == 200, "/metrics once the database is back")
+        said = "\n".join(process.lines)
+    assert "lost the database" in said and "reachable again" in said, said

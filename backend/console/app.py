@@ -43,10 +43,10 @@ from backend import accounts, boxes_view, broker_acl
 from backend.console import activity, audit, auth, codes, fleet, metrics, pages, records
 from backend.keystore import Keystore, KeystoreError
 from backend.store import Store, StoreError
+from backend.store_keeper import StoreOnDemand
 
 STATIC = Path(__file__).parent / "static"
 MAX_FORM = 16 * 1024
-RETRY_DATABASE = 2.0
 USER_FAILURES = (5, 15 * 60)
 """A user name is refused sign-ins after 5 failures in 15 minutes (a guessed password)."""
 CLIENT_FAILURES = (20, 15 * 60)
@@ -137,36 +137,20 @@ class Console:
         self._lock = threading.Lock()
         self._verifying = threading.BoundedSemaphore(VERIFYING)
         self._limits = threading.RLock()
-        self._store: Store | None = None
-        self._retry_at = 0.0
+        self._db = StoreOnDemand(directory, database, say)
         self.lookups = codes.Lookups()
 
     # ------------------------------------------------------------ the store
 
-    def _open(self) -> Store:
-        if self._store is not None:
-            return self._store
-        if time.monotonic() < self._retry_at:
-            raise Unavailable("the database is unreachable")
-        try:
-            self._store = Store.open(self.dir, self.database)
-        except Exception as exc:  # StoreError, or the driver's own on a half-up server
-            self._retry_at = time.monotonic() + RETRY_DATABASE
-            self.say(f"database {Store.describe(self.dir, self.database)} unreachable: {exc}")
-            raise Unavailable("the database is unreachable") from None
-        return self._store
-
     def _locked(self, work: Callable[[Store], T]) -> T:
         with self._lock:
-            store = self._open()
+            store = self._db.store()
+            if store is None:
+                raise Unavailable("the database is unreachable")
             try:
                 return work(store)
             except store.errors as exc:
-                self.say(f"database error: {exc}")
-                if store.broken:
-                    self._store = None
-                    with contextlib.suppress(Exception):
-                        store.close()
+                self._db.failed(exc)
                 raise Unavailable(str(exc)) from None
 
     async def db(self, work: Callable[[Store], T]) -> T:
@@ -309,9 +293,7 @@ class Console:
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         yield
         with self._lock:
-            if self._store is not None:
-                self._store.close()
-                self._store = None
+            self._db.close()
 
     async def _refused(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, Refused)
