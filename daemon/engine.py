@@ -206,7 +206,7 @@ class Engine:
                 Outcome.REJECTED, Action.REJECT, Reason.MALFORMED, str(exc), source=source
             )
         digest = self._digest(norm.text)
-        found = self._look_up(norm.text, digest, CHECK)
+        found, _ = self._look_up(norm.text, digest, CHECK)
         if isinstance(found, PaymentPass):
             return PaymentCode(found.scheme, norm.text, source)
         return self._answer(found, digest, source)
@@ -238,8 +238,10 @@ class Engine:
             scan, digest, self._decide, norm.text, digest, scan, ask, operator, request
         )
 
-    def _look_up(self, text: str, digest: bytes, ask: Ask) -> Evaluation | PaymentPass:
-        """Look the code up and evaluate it: the decision, with nothing written."""
+    def _look_up(self, text: str, digest: bytes, ask: Ask) -> tuple[Evaluation | PaymentPass, int]:
+        """Look the code up and evaluate it: the decision, with nothing written, and this
+        box's unacknowledged spend on the code's account (or the code) for the offline
+        limits (storage/accounts.py)."""
         execute = self.conn.execute
         # `_refresh`'s check, inline: on the scan path every Python call counts.
         if execute("PRAGMA data_version").fetchone()[0] != self._data_version:
@@ -248,12 +250,16 @@ class Engine:
         # its account's, as the tuple SQLite returns (storage/codes.py, SCAN_LOOKUP).
         row = execute(codes.SCAN_LOOKUP, (digest,)).fetchone()
         account = None
+        spent = 0
         if row is not None:
             if row[7] is not None:
-                account = row[7:]
+                account = row[7:13]
+                spent = row[14] or 0
+            else:
+                spent = row[13] or 0
             row = row[:7]
         now = max(int(self.clock()), self.floor)  # self.now(), inline
-        return evaluate(text, row, self.trusted, now, self.policy, ask, account)
+        return evaluate(text, row, self.trusted, now, self.policy, ask, account), spent
 
     def _decide(
         self,
@@ -264,23 +270,16 @@ class Engine:
         operator: str | None = None,
         request: RequestKey | None = None,
     ) -> Verdict | PaymentCode:
-        """Look up, evaluate and record, inside the caller's write transaction."""
-        found = self._look_up(text, digest, ask)
+        """Look up, evaluate and record, inside the caller's write transaction: the
+        unacknowledged spend an offline limit is judged on is read under the write lock,
+        so a second scan cannot slip in between the check and the record."""
+        found, spent = self._look_up(text, digest, ask)
         if isinstance(found, PaymentPass):
             return PaymentCode(found.scheme, text, scan.source)
         card = found.card
         if card is not None and card.card_id in self._limits and found.decision.changed:
-            found = self._within_limit(found, digest, ask, self._limits[card.card_id])
+            found = limited(found, ask, self._limits[card.card_id], spent)
         return self._record(found, digest, scan, ask, operator, request)
-
-    def _within_limit(self, found: Evaluation, digest: bytes, ask: Ask, limit: Limit) -> Evaluation:
-        """The offline limit's verdict on an accepted redemption (cards.evaluate.limited),
-        with this box's unacknowledged spend on the account (or the code) read under the
-        write lock: a second scan cannot slip in between the check and the record."""
-        spent = 0
-        if limit.per_account is not None:
-            spent = accounts.spent(self.conn, found.account, digest)
-        return limited(found, ask, limit, spent)
 
     # ------------------------------------------------------------------ reversal
 
@@ -508,23 +507,22 @@ class Engine:
         )  # fmt: skip
         if decision.changed and digest is not None and card is not None:
             uses_left = UNLIMITED_USES if decision.uses_left is None else decision.uses_left
-            if found.account is None:
-                self.conn.execute(
-                    codes.UPSERT_STATE,
-                    (digest, card.card_id, uses_left, decision.balance, decision.status),
-                )
-            else:  # a linked code spends (or a reversal refills) its account
-                self.conn.execute(
-                    codes.UPDATE_ACCOUNT, (uses_left, decision.balance, found.account)
-                )
-            if action is Action.REDEEM and card.card_id in self._tracked:
-                # The unacknowledged spend of the offline limits, in the row just written
-                # (the same page: no WAL page of its own).
+            balance, account = decision.balance, found.account
+            if action is not Action.REDEEM or card.card_id not in self._tracked:
+                if account is None:
+                    state = (digest, card.card_id, uses_left, balance, decision.status)
+                    self.conn.execute(codes.UPSERT_STATE, state)
+                else:  # a linked code spends (or a reversal refills) its account
+                    self.conn.execute(codes.UPDATE_ACCOUNT, (uses_left, balance, account))
+            else:
+                # The unacknowledged spend of the offline limits, added in the same
+                # statement as the new state (no WAL page or statement of its own).
                 spent = (amount if by_balance else ask.uses) or 0
-                if found.account is None:
-                    self.conn.execute(accounts.ADD_CODE_SPEND, (spent, digest))
+                if account is None:
+                    spend = (digest, card.card_id, uses_left, balance, decision.status, spent)
+                    self.conn.execute(accounts.SPEND_CODE, spend)
                 else:
-                    self.conn.execute(accounts.ADD_ACCOUNT_SPEND, (spent, found.account))
+                    self.conn.execute(accounts.SPEND_ACCOUNT, (uses_left, balance, spent, account))
         verdict = self._verdict(found, short(digest), scan.source, record_text, seq, amount)
         if request is not None:
             api_requests.record(self.conn, request, seq, verdict.to_json())

@@ -8,8 +8,9 @@ one: per code) in records still in the outbox, kept in the `spent` column of the
 account's row (or the code's) and only for cards with a per_account limit ("tracked"
 cards):
 
-- a redemption of a tracked card adds to it (`ADD_ACCOUNT_SPEND`, `ADD_CODE_SPEND`) in
-  the row it writes anyway, so it costs no WAL page of its own;
+- a redemption of a tracked card adds to it (`SPEND_ACCOUNT`, `SPEND_CODE`) in the
+  statement that writes the row's new state, so it costs no WAL page or statement of its
+  own; the engine reads it with the code (`codes.SCAN_LOOKUP`);
 - an ack lowers it by the records it moves past (`release`, from storage/outbox.py);
 - a `limits` batch, and a snapshot (which replaces the codes), recompute it from the
   outbox (`rebuild_spend`), because the set of tracked cards or the rows changed.
@@ -25,8 +26,19 @@ from collections.abc import Iterable
 
 from cards.card import Limit
 
-ADD_ACCOUNT_SPEND = "UPDATE accounts SET spent = COALESCE(spent, 0) + ? WHERE account = ?"
-ADD_CODE_SPEND = "UPDATE codes SET spent = COALESCE(spent, 0) + ? WHERE digest = ?"
+# A tracked redemption's new state and its spend in one statement: codes.UPDATE_ACCOUNT
+# and codes.UPSERT_STATE, each with the spend added.
+SPEND_ACCOUNT = (
+    "UPDATE accounts SET uses_left = ?, balance = ?, spent = COALESCE(spent, 0) + ? "
+    "WHERE account = ?"
+)
+SPEND_CODE = (
+    "INSERT INTO codes(digest, card_id, uses_left, balance, status, spent) "
+    "VALUES (?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT(digest) DO UPDATE SET uses_left = excluded.uses_left, "
+    "balance = excluded.balance, status = excluded.status, "
+    "spent = COALESCE(codes.spent, 0) + excluded.spent"
+)
 # The spend a record counts for: its account (or, without one, its code), the amount for
 # balance cards or the uses for the others; only accepted redemptions of tracked cards.
 # Reversals do not lower it: the backend's ack does (protocol.md 19.5).
@@ -59,16 +71,6 @@ def tracked_cards(held: Iterable[Limit]) -> frozenset[int]:
     """Cards whose redemptions count in the spend: those with a per_account limit for any
     box. The same set as _SPEND_OF's, so what is added is what acks take away."""
     return frozenset(limit.card_id for limit in held if limit.per_account is not None)
-
-
-def spent(conn: sqlite3.Connection, account: bytes | None, digest: bytes) -> int:
-    """This box's unacknowledged accepted spend on `account`, or on the code `digest`
-    when it has none."""
-    if account is not None:
-        row = conn.execute("SELECT spent FROM accounts WHERE account = ?", (account,)).fetchone()
-    else:
-        row = conn.execute("SELECT spent FROM codes WHERE digest = ?", (digest,)).fetchone()
-    return 0 if row is None or row[0] is None else int(row[0])
 
 
 def replace_limits(conn: sqlite3.Connection, held: Iterable[Limit]) -> None:

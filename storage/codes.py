@@ -16,11 +16,14 @@ ACCOUNT_LOOKUP = (
 )
 # The scan path's read (daemon/engine.py): the code's row, LOOKUP's columns (0-6), and for
 # a linked code its account's, ACCOUNT_LOOKUP's (7-12; NULL for a plain code or an account
-# the box lacks: accounts.card_id is NOT NULL, so column 7 tells). One statement for what
-# took two on a linked code (docs/decisions.md, "One read for a linked code").
+# the box lacks: accounts.card_id is NOT NULL, so column 7 tells); then the unacknowledged
+# spend of the offline limits (storage/accounts.py), the code's (13) and the account's
+# (14). One statement for what took three on a linked code with a limit
+# (docs/decisions.md, "One read for a linked code").
 SCAN_LOOKUP = (
     "SELECT c.card_id, c.not_before, c.not_after, c.uses_left, c.balance, c.status, "
-    "c.account, a.card_id, a.not_before, a.not_after, a.uses_left, a.balance, a.status "
+    "c.account, a.card_id, a.not_before, a.not_after, a.uses_left, a.balance, a.status, "
+    "c.spent, a.spent "
     "FROM codes c LEFT JOIN accounts a ON a.account = c.account WHERE c.digest = ?"
 )
 UPDATE_ACCOUNT = "UPDATE accounts SET uses_left = ?, balance = ? WHERE account = ?"

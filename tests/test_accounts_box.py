@@ -24,7 +24,7 @@ from cards.rules import CodeState, Context, decide, within_limit
 from cards.scan import Scan
 from cards.verdict import Action, Outcome, Reason
 from daemon.engine import Engine
-from storage import accounts, batch_import, codes, ledger, outbox, trust
+from storage import batch_import, codes, ledger, outbox, trust
 from storage.database import connect, open_database
 from storage.migrations import migrations
 from sync import acks
@@ -198,6 +198,16 @@ def account_row(engine, account: bytes = FAMILY) -> tuple:
     return engine.conn.execute(codes.ACCOUNT_LOOKUP, (account,)).fetchone()
 
 
+def spent(conn, account: bytes | None, digest: bytes) -> int:
+    """This box's unacknowledged spend on `account`, or on the code `digest` without one,
+    as the engine reads it (storage/codes.py, SCAN_LOOKUP's last columns)."""
+    if account is not None:
+        row = conn.execute("SELECT spent FROM accounts WHERE account = ?", (account,)).fetchone()
+    else:
+        row = conn.execute("SELECT spent FROM codes WHERE digest = ?", (digest,)).fetchone()
+    return 0 if row is None or row[0] is None else int(row[0])
+
+
 def code_row(engine, code: str) -> tuple | None:
     return engine.conn.execute(codes.LOOKUP, (engine.box.keyset.digest(code),)).fetchone()
 
@@ -300,19 +310,19 @@ def test_cumulative_limit_counts_unacknowledged_spend_and_resets_after_an_ack(en
     refused = engine.redeem("GIFT-0001", "pos", amount=1000)
     assert refused.reason is Reason.OFFLINE_LIMIT
     assert "5500" in refused.detail and "6000 per account" in refused.detail
-    assert accounts.spent(engine.conn, FAMILY, b"") == 5500
+    assert spent(engine.conn, FAMILY, b"") == 5500
     ack_all(engine)
-    assert accounts.spent(engine.conn, FAMILY, b"") == 0
+    assert spent(engine.conn, FAMILY, b"") == 0
     assert engine.redeem("GIFT-0001", "pos", amount=1000).accepted
     # Acks by id lower it too.
     record = engine.redeem("PHONE-1", "pos", amount=500)
-    assert accounts.spent(engine.conn, FAMILY, b"") == 1500
+    assert spent(engine.conn, FAMILY, b"") == 1500
     acks.apply(
         engine.conn,
         acks.Ack(0, (uuid.UUID(record.record_id).bytes,)),
         sent_upto=ledger.last_seq(engine.conn),
     )
-    assert accounts.spent(engine.conn, FAMILY, b"") == 1000
+    assert spent(engine.conn, FAMILY, b"") == 1000
 
 
 def test_a_code_without_an_account_is_its_own_account_for_the_limit(engine):
@@ -320,12 +330,12 @@ def test_a_code_without_an_account_is_its_own_account_for_the_limit(engine):
     assert engine.redeem("GIFT-0001", "pos", amount=1500).accepted  # before any limit
     # The limit arrives with the box's earlier, unacknowledged spend already counted.
     limits(engine, {"card": 5, "box": "*", "per_redemption": None, "per_account": 2000})
-    assert accounts.spent(engine.conn, None, ks.digest("GIFT-0001")) == 1500
+    assert spent(engine.conn, None, ks.digest("GIFT-0001")) == 1500
     assert engine.redeem("GIFT-0001", "pos", amount=600).reason is Reason.OFFLINE_LIMIT
     assert engine.redeem("GIFT-0001", "pos", amount=500).accepted
     # Removing the limits removes the spend kept for them.
     limits(engine)
-    assert accounts.spent(engine.conn, None, ks.digest("GIFT-0001")) == 0
+    assert spent(engine.conn, None, ks.digest("GIFT-0001")) == 0
     assert engine.redeem("GIFT-0001", "pos", amount=3000).accepted
 
 
