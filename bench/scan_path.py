@@ -27,8 +27,10 @@ ratio to the same floor samples and its WAL pages. Limited: the same on a second
 with an offline limit (per_redemption and per_account, never reached): also the probe of
 the account's unacknowledged spend and its update, in the account's row.
 
-The four samplers take turns scan by scan, rotating who goes first, so disk noise
-hits all of them equally.
+The five samplers take turns scan by scan, in a new random order each round (seeded, so
+runs compare), so disk noise hits all of them equally and none always follows the same
+other: what ran just before leaves caches warm or cold (the same connection's code path,
+or another file's fsync), and a fixed cycle gave that to one sampler every time.
 
 Pages: after the timed scans, each of the three makes PAGE_SCANS more with the WAL
 checkpointed empty and autocheckpoint off; the WAL's frame count (PRAGMA
@@ -49,6 +51,7 @@ import argparse
 import gc
 import os
 import platform
+import random
 import shutil
 import sqlite3
 import time
@@ -210,10 +213,11 @@ def run(scratch, count: int, scans: int) -> None:
         ("account", account_once),
         ("limited", limited_once),
     ]
+    order = random.Random(20261204)
     gc.collect()
     for i in range(total):
-        for offset in range(len(samplers)):  # rotate who goes first
-            name, sampler = samplers[(i + offset) % len(samplers)]
+        order.shuffle(samplers)
+        for name, sampler in samplers:
             elapsed = sampler(i)
             if i >= WARMUP:
                 samples[name].append(elapsed)
