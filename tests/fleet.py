@@ -25,10 +25,10 @@ WAIT = 120.0
 CODES = 1200
 
 
-def backend_cli(*args: str) -> subprocess.CompletedProcess:
+def backend_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
     result = subprocess.run(
         [sys.executable, "-m", "backend.cli", *args],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=120,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

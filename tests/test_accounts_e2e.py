@@ -1,27 +1,23 @@
 """Accounts end to end (issue 13): real `redeemd run` boxes, a real Mosquitto, the
 reference backend's real `publish` and `collect` processes (tests/fleet.py).
 
-The backend's account changes are made with backend/accounts.py on the fleet's store,
-as `redeemd-backend account ...` makes them (the commands are a thin layer over it), and
-reach the boxes only through the broker: the publisher sends each batch, the boxes apply
-it. Nothing waits for a fixed time.
+The backend's account changes are made as an operator makes them, with the
+`redeemd-backend account`, `limits`, `transfer` and `topup` commands (codes typed on
+standard input, never on the command line), and reach the boxes only through the
+broker: the publisher sends each batch, the boxes apply it. Nothing waits for a fixed
+time.
 """
 
 # ruff: noqa: F811  (the broker fixture is imported, then named as a parameter)
 from __future__ import annotations
 
 import json
-import time
+import re
 
 import pytest
 from broker import broker  # noqa: F401  (fixture)
 from conftest import wait_for
-from fleet import Fleet, FleetBox
-
-from backend import accounts
-from backend.keystore import Keystore
-from backend.store import Store
-from cards.digest import code_digest
+from fleet import Fleet, FleetBox, backend_cli
 
 GROUPON = 3  # use-counted (the demo cards, backend/demo/cards.json)
 GIFT = 5
@@ -36,34 +32,29 @@ def fleet(tmp_path, broker):
     instance.close()
 
 
-class Backend:
-    """The fleet's backend store and keys, for account changes made as the CLI makes them."""
+def operator(fleet: Fleet, command: str, *options: str, stdin: str = "") -> str:
+    """`redeemd-backend COMMAND --dir <the fleet's backend> OPTIONS`: what it printed."""
+    return backend_cli(*command.split(), "--dir", str(fleet.backend), *options, stdin=stdin).stdout
 
-    def __init__(self, fleet: Fleet):
-        self.keystore = Keystore(fleet.backend)
-        self.store = Store.open(fleet.backend)
-        self.sign = accounts.signer(self.keystore)
-        self.code_key = self.keystore.code_key()
 
-    def digest(self, code: str) -> bytes:
-        return code_digest(self.code_key, code)
+def batch_seq(printed: str) -> int:
+    """The sequence of the batch a command says it stored."""
+    found = re.search(r"batch demo/(\d+) stored", printed)
+    assert found, printed
+    return int(found.group(1))
 
-    def account(self, card: int, unit: str, value: int, *codes: str) -> str:
-        now = int(time.time())
-        made = accounts.create_account(
-            self.store, self.sign, merchant="demo", card_id=card, unit=unit, value=value, now=now
-        )
-        for code in codes:
-            accounts.link(
-                self.store, self.sign, account_id=made.id, digest=self.digest(code), now=now
-            )
-        return made.id
 
-    def latest_seq(self) -> int:
-        return int(self.store.engine.execute("SELECT MAX(seq) FROM batches").fetchone()[0])
-
-    def close(self) -> None:
-        self.store.close()
+def new_account(fleet: Fleet, card: int, value: str, *codes: str) -> str:
+    """`account create` (`value`: "--uses N" or "--balance N"), then `account link` for
+    each code; the account's id."""
+    made = operator(fleet, "account create", "--merchant", "demo", "--card", str(card),
+                    *value.split())  # fmt: skip
+    found = re.match(r"account ([0-9a-f]{32}):", made)
+    assert found, made
+    for code in codes:
+        operator(fleet, "account link", "--account", found.group(1), "--code", "-",
+                 stdin=code + "\n")  # fmt: skip
+    return found.group(1)
 
 
 def online(box: FleetBox) -> bool:
@@ -78,16 +69,12 @@ def test_a_family_account_on_two_offline_boxes_holds_to_the_limits_and_is_reconc
     collector, _ = fleet.collector(), fleet.publisher()
     collector.wait_line(lambda line: line.startswith("connected"), "collector connected")
     a, b = fleet.box("box-a", extra=NO_DEBOUNCE), fleet.box("box-b", extra=NO_DEBOUNCE)
-    backend = Backend(fleet)
-    try:
-        # 5 uses for the family, at most 2 per redemption and 3 unacknowledged per box.
-        family = backend.account(GROUPON, "uses", 5, "FAM-1", "FAM-2")
-        limit = accounts.Limit("demo", GROUPON, "*", 2, 3)
-        accounts.set_limit(backend.store, backend.sign, limit, now=int(time.time()))
-        accounts.set_policy(backend.store, "demo", block_overspent=True, now=int(time.time()))
-        latest = backend.latest_seq()
-    finally:
-        backend.close()
+    # 5 uses for the family, at most 2 per redemption and 3 unacknowledged per box.
+    family = new_account(fleet, GROUPON, "--uses 5", "FAM-1", "FAM-2")
+    operator(fleet, "limits set", "--merchant", "demo", "--card", str(GROUPON),
+             "--per-redemption", "2", "--per-account", "3")  # fmt: skip
+    operator(fleet, "account policy", "--merchant", "demo", "--block-overspent")
+    latest = fleet.latest_seq()
     run_a, run_b = fleet.run(a), fleet.run(b)
     for box in (a, b):
         wait_for(lambda box=box: box.cache_seq() == latest, f"{box.id} applied the account")
@@ -138,16 +125,10 @@ def test_a_gift_transferred_while_the_old_code_is_scanned_offline_elsewhere(flee
         wait_for(lambda box=box: online(box), f"{box.id} online")
     assert run_b.stop() == 0  # box-b is away while the gift is made
 
-    backend = Backend(fleet)
-    try:
-        receiver = accounts.Receiver(digest=backend.digest("FRIEND-0005"), card_id=1)
-        made = accounts.transfer(
-            backend.store, backend.sign, merchant="demo", old=backend.digest("FLEET-0005"),
-            receiver=receiver, now=int(time.time()),
-        )  # fmt: skip
-        transfer_seq = made.batch.seq
-    finally:
-        backend.close()
+    given = operator(fleet, "transfer", "--merchant", "demo", "--code", "-", "--to", "-",
+                     stdin="FLEET-0005\nFRIEND-0005\n")  # fmt: skip
+    transfer_seq = batch_seq(given)
+    assert "FLEET-0005" not in given and "FRIEND-0005" not in given, given
     wait_for(lambda: a.cache_seq() == transfer_seq, "box-a applied the transfer")
 
     fleet.broker.stop()
@@ -176,15 +157,8 @@ def test_a_top_up_is_applied_once_despite_resends(fleet):
     collector.wait_line(lambda line: line.startswith("connected"), "collector connected")
     a, b = fleet.box("box-a"), fleet.box("box-b")
     run_a = fleet.run(a)
-    backend = Backend(fleet)
-    try:
-        family = backend.account(GIFT, "balance", 1000, "TOP-1")
-        made = accounts.topup(
-            backend.store, backend.sign, account_id=family, amount=500, now=int(time.time())
-        )
-        topup_seq = made.batch.seq
-    finally:
-        backend.close()
+    family = new_account(fleet, GIFT, "--balance 1000", "TOP-1")
+    topup_seq = batch_seq(operator(fleet, "topup", "--account", family, "--amount", "500"))
     wait_for(lambda: a.cache_seq() == topup_seq, "box-a applied the top-up")
     balance = "SELECT balance FROM accounts"
     assert a.query(balance) == [(1500,)]
@@ -199,12 +173,7 @@ def test_a_top_up_is_applied_once_despite_resends(fleet):
     # retained manifest and batches reach it again): still one top-up.
     export = fleet.dir / "export"
     export.mkdir()
-    from fleet import backend_cli
-
-    backend_cli(
-        "export", "--dir", str(fleet.backend), "--merchant", "demo", "--out", str(export),
-        str(topup_seq),
-    )  # fmt: skip
+    operator(fleet, "export", "--merchant", "demo", "--out", str(export), str(topup_seq))
     assert run_a.stop() == 0
     imported = a.cli("import", *sorted(str(p) for p in export.iterdir()))
     assert imported.returncode == 0 and "already applied" in imported.stdout, imported
