@@ -12,7 +12,8 @@ with what to install.
     ...     assert unlabelled(page) == []
     ...     shot(page, artifacts, "fleet")
 
-`serve_console` starts the real `redeemd-backend console` process the browser talks to.
+`serve_console` starts the real `redeemd-backend console` process the browser talks to;
+`add_user` makes its user as an operator would, and `sign_in` signs in through the page.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -29,6 +32,7 @@ from typing import Any
 import pytest
 from backend_helpers import CliProcess
 from broker import free_port
+from conftest import ROOT
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS_ENV = "REDEEMD_TEST_ARTIFACTS"
@@ -121,3 +125,21 @@ def serve_console(directory: Path, *extra: str) -> Iterator[tuple[str, CliProces
         yield url, process
     finally:
         process.stop()
+
+
+def add_user(directory: Path, name: str, role: str, password: str) -> None:
+    """`redeemd-backend user add` as an operator runs it: the password on standard input."""
+    made = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "user", "add", "--dir", str(directory), name,
+         "--role", role],
+        input=password + "\n", capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+
+
+def sign_in(page: Any, url: str, name: str, password: str) -> None:
+    """Sign in through the login form, as a person does (the labels, the button)."""
+    page.goto(f"{url}/login")
+    page.get_by_label("User name").fill(name)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Sign in").click()

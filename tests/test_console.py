@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import browser
 import pytest
 from backend_helpers import CliProcess, make_backend, record, wait_until
 from broker import free_port
@@ -90,10 +91,7 @@ def console(tmp_path: Path, each_store: str):
 
 
 def sign_in(page, console: Console, name: str = "ana", password: str = PASSWORD) -> None:
-    page.goto(f"{console.url}/login")
-    page.get_by_label("User name").fill(name)
-    page.get_by_label("Password").fill(password)
-    page.get_by_role("button", name="Sign in").click()
+    browser.sign_in(page, console.url, name, password)
 
 
 def row(page, box: str):

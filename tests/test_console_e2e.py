@@ -7,14 +7,11 @@ online again. Waits are for what the page shows, never for a time."""
 # ruff: noqa: F811  (the broker fixture is imported, then named as a parameter)
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from broker import broker  # noqa: F401  (fixture)
-from browser import artifacts, chromium, serve_console, shot
-from conftest import ROOT
+from browser import add_user, artifacts, chromium, serve_console, shot, sign_in
 from fleet import Fleet
 
 PASSWORD = "correct horse battery staple"
@@ -37,19 +34,11 @@ def test_a_killed_daemon_goes_offline_in_the_fleet_table_and_comes_back(
     collector.wait_line(lambda line: line.startswith("connected"), "collector connected")
     box = fleet.box("box-a")
     daemon = fleet.run(box)
-    made = subprocess.run(
-        [sys.executable, "-m", "backend.cli", "user", "add", "--dir", str(fleet.backend), "ana",
-         "--role", "viewer"],
-        input=PASSWORD + "\n", capture_output=True, text=True, cwd=ROOT, timeout=120,
-    )  # fmt: skip
-    assert made.returncode == 0, made.stderr
+    add_user(fleet.backend, "ana", "viewer", PASSWORD)
     shots = artifacts(tmp_path, "console-e2e")
     with serve_console(fleet.backend) as (url, _console), chromium() as browser:
         page = browser.new_page()
-        page.goto(f"{url}/login")
-        page.get_by_label("User name").fill("ana")
-        page.get_by_label("Password").fill(PASSWORD)
-        page.get_by_role("button", name="Sign in").click()
+        sign_in(page, url, "ana", PASSWORD)
         row = page.locator('#fleet-rows tr[data-box="box-a"]')
         expect(row).to_contain_text("online", timeout=WAIT)
         expect(row).to_contain_text("2/2")  # cards and codes batches applied, none behind

@@ -9,14 +9,12 @@ what the page or the box shows, never for a time."""
 from __future__ import annotations
 
 import base64
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from broker import broker  # noqa: F401  (fixture)
-from browser import artifacts, chromium, serve_console, shot
-from conftest import ROOT, wait_for
+from browser import add_user, artifacts, chromium, serve_console, shot, sign_in
+from conftest import wait_for
 from fleet import Fleet
 
 PASSWORD = "correct horse battery staple"
@@ -40,22 +38,14 @@ def test_a_code_revoked_in_the_console_is_refused_by_the_real_box(
     fleet.publisher()
     box = fleet.box("box-a")
     daemon = fleet.run(box)
-    made = subprocess.run(
-        [sys.executable, "-m", "backend.cli", "user", "add", "--dir", str(fleet.backend), "ana",
-         "--role", "operator"],
-        input=PASSWORD + "\n", capture_output=True, text=True, cwd=ROOT, timeout=120,
-    )  # fmt: skip
-    assert made.returncode == 0, made.stderr
+    add_user(fleet.backend, "ana", "operator", PASSWORD)
     daemon.scan("FLEET-0001")
     assert daemon.wait_verdicts(1)[0]["verdict"] == "accepted"
     wait_for(lambda: fleet.all_collected(box), "the redemption collected")
     shots = artifacts(tmp_path, "console-revoke-e2e")
     with serve_console(fleet.backend) as (url, _console), chromium() as browser:
         page = browser.new_page()
-        page.goto(f"{url}/login")
-        page.get_by_label("User name").fill("ana")
-        page.get_by_label("Password").fill(PASSWORD)
-        page.get_by_role("button", name="Sign in").click()
+        sign_in(page, url, "ana", PASSWORD)
         page.get_by_role("link", name="Activity").click()
         expect(page.locator("#activity-summary")).to_contain_text("1 redeemed")
         src = page.locator('img[alt^="Bar chart: redemptions"]').get_attribute("src") or ""
