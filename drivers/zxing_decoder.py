@@ -203,8 +203,17 @@ class ZxingDecoder:
         found = self._zxing.read_barcodes(
             image, formats=self._formats, text_mode=self._zxing.TextMode.Plain
         )
+        # A row of a 2-D symbol's modules can read as a short linear code (zxing-cpp
+        # finds an ITF "6603" across about one QR code in 2000): it is in every frame the
+        # symbol is, so confirmation would not stop it. A linear code whose centre lies
+        # inside a 2-D symbol found in the same frame is that symbol, not a code.
+        symbols = [b.position for b in found if _NAMES.get(str(b.format)) in TWO_D]
         reads = []
         for barcode in found:
+            if symbols and _NAMES.get(str(barcode.format)) not in TWO_D:
+                centre = _centre(barcode.position)
+                if any(_inside(centre, symbol) for symbol in symbols):
+                    continue
             read = self._read(barcode)
             if read is not None:
                 reads.append(read)
@@ -227,3 +236,34 @@ class ZxingDecoder:
             # No text in it: what the scanner sends is the bytes themselves.
             return Read(name, aim, bytes(barcode.bytes))
         return Read(name, aim, text.encode("utf-8"))
+
+
+def _corners(position: zxingcpp.Position) -> list[tuple[float, float]]:
+    """A found symbol's quadrilateral, corner by corner around it."""
+    return [
+        (point.x, point.y)
+        for point in (
+            position.top_left,
+            position.top_right,
+            position.bottom_right,
+            position.bottom_left,
+        )
+    ]
+
+
+def _centre(position: zxingcpp.Position) -> tuple[float, float]:
+    corners = _corners(position)
+    return (sum(x for x, _ in corners) / 4, sum(y for _, y in corners) / 4)
+
+
+def _inside(point: tuple[float, float], position: zxingcpp.Position) -> bool:
+    """Whether `point` lies in the (convex) quadrilateral of `position`, edges included:
+    on the same side of all four edges, whichever way round the corners go."""
+    corners = _corners(position)
+    x, y = point
+    sides = set()
+    for (x1, y1), (x2, y2) in zip(corners, corners[1:] + corners[:1], strict=True):
+        cross = (x2 - x1) * (y - y1) - (y2 - y1) * (x - x1)
+        if cross:
+            sides.add(cross > 0)
+    return len(sides) == 1

@@ -189,6 +189,32 @@ def test_the_frame_itself_is_handed_to_zxing_cpp_not_a_copy(monkeypatch) -> None
     assert handed == [frame] and handed[0] is frame
 
 
+# A claim link whose QR code zxing-cpp also reads as an ITF "6603" (one of about 2000
+# random links does), from a row of the symbol's own modules.
+QR_WITH_AN_ITF_INSIDE = "https://claim.example.com/C/LE2UH32VPR47YZ3M4NCOPP4KHZYMIEJWOZWZG4PP"
+
+
+def test_a_linear_code_read_inside_a_qr_code_is_not_a_read_of_its_own() -> None:
+    frame = qr(QR_WITH_AN_ITF_INSIDE, error="m")
+    seen = {str(barcode.format) for barcode in zxingcpp.read_barcodes(frame)}
+    assert seen == {"QR Code", "ITF"}, f"zxing-cpp no longer sees the ITF here: {seen}"
+    # In every frame the phone is held up, so confirming 1-D reads would not stop it.
+    assert ZxingDecoder().decode(frame) == {("]Q1", QR_WITH_AN_ITF_INSIDE.encode())}
+
+
+def test_a_linear_code_beside_a_qr_code_is_still_read() -> None:
+    beside = symbol("12345678", F.ITF)
+    code = qr(QR_WITH_AN_ITF_INSIDE, error="m")
+    frame = np.full((max(code.shape[0], beside.shape[0]), code.shape[1] + beside.shape[1]), 255,
+                    dtype=np.uint8)  # fmt: skip
+    frame[: code.shape[0], : code.shape[1]] = code
+    frame[: beside.shape[0], code.shape[1] :] = beside
+    assert ZxingDecoder().decode(frame) == {
+        ("]Q1", QR_WITH_AN_ITF_INSIDE.encode()),
+        ("]I0", b"12345678"),
+    }
+
+
 def test_a_colour_frame_is_refused() -> None:
     with pytest.raises(ValueError, match="2-D uint8"):
         ZxingDecoder().decode(np.zeros((10, 10, 3), dtype=np.uint8))
