@@ -508,21 +508,21 @@ class Engine:
         if decision.changed and digest is not None and card is not None:
             uses_left = UNLIMITED_USES if decision.uses_left is None else decision.uses_left
             balance, account = decision.balance, found.account
-            if action is not Action.REDEEM or card.card_id not in self._tracked:
-                if account is None:
-                    state = (digest, card.card_id, uses_left, balance, decision.status)
+            # A tracked card's redemption also adds to the offline limits' unacknowledged
+            # spend, in the same statement as the new state (storage/accounts.py).
+            spend = None
+            if action is Action.REDEEM and card.card_id in self._tracked:
+                spend = (amount if by_balance else ask.uses) or 0
+            if account is None:
+                state = (digest, card.card_id, uses_left, balance, decision.status)
+                if spend is None:
                     self.conn.execute(codes.UPSERT_STATE, state)
-                else:  # a linked code spends (or a reversal refills) its account
-                    self.conn.execute(codes.UPDATE_ACCOUNT, (uses_left, balance, account))
-            else:
-                # The unacknowledged spend of the offline limits, added in the same
-                # statement as the new state (no WAL page or statement of its own).
-                spent = (amount if by_balance else ask.uses) or 0
-                if account is None:
-                    spend = (digest, card.card_id, uses_left, balance, decision.status, spent)
-                    self.conn.execute(accounts.SPEND_CODE, spend)
                 else:
-                    self.conn.execute(accounts.SPEND_ACCOUNT, (uses_left, balance, spent, account))
+                    self.conn.execute(accounts.SPEND_CODE, (*state, spend))
+            elif spend is None:  # a linked code spends (or a reversal refills) its account
+                self.conn.execute(codes.UPDATE_ACCOUNT, (uses_left, balance, account))
+            else:
+                self.conn.execute(accounts.SPEND_ACCOUNT, (uses_left, balance, spend, account))
         verdict = self._verdict(found, short(digest), scan.source, record_text, seq, amount)
         if request is not None:
             api_requests.record(self.conn, request, seq, verdict.to_json())
