@@ -22,10 +22,11 @@ ledger row and the code's state: about two pages per commit); engine - replay is
 
 Account: the same Engine.handle on codes linked to accounts (issue 13, protocol.md 19),
 two codes per account: one more primary-key probe (the account's row, joined in the same
-lookup) and the account's row written instead of the code's. Printed beside the plain code and the floor, with its
-ratio to the same floor samples and its WAL pages. Limited: the same on a second card
-with an offline limit (per_redemption and per_account, never reached): also the probe of
-the account's unacknowledged spend and its update, in the account's row.
+lookup) and the account's row written instead of the code's. Printed beside the plain
+code and the floor, with its ratio to the same floor samples and its WAL pages. Limited:
+the same on a second card with an offline limit (per_redemption and per_account, never
+reached): also the limit check, on the account's unacknowledged spend read in the same
+lookup and added in the same UPDATE.
 
 The five samplers take turns scan by scan, in a new random order each round (seeded, so
 runs compare), so disk noise hits all of them equally and none always follows the same

@@ -207,14 +207,15 @@ class ZxingDecoder:
         # finds an ITF "6603" across about one QR code in 2000): it is in every frame the
         # symbol is, so confirmation would not stop it. A linear code whose centre lies
         # inside a 2-D symbol found in the same frame is that symbol, not a code.
-        symbols = [b.position for b in found if _NAMES.get(str(b.format)) in TWO_D]
+        named = [(barcode, _NAMES.get(str(barcode.format))) for barcode in found]
+        symbols = [barcode.position for barcode, name in named if name in TWO_D]
         reads = []
-        for barcode in found:
-            if symbols and _NAMES.get(str(barcode.format)) not in TWO_D:
+        for barcode, name in named:
+            if symbols and name not in TWO_D:
                 centre = _centre(barcode.position)
                 if any(_inside(centre, symbol) for symbol in symbols):
                     continue
-            read = self._read(barcode)
+            read = self._read(barcode, name)
             if read is not None:
                 reads.append(read)
         return reads
@@ -223,9 +224,9 @@ class ZxingDecoder:
         """(AIM identifier, data) of every code in a 2-D uint8 frame."""
         return {(read.aim, read.data) for read in self.reads(image)}
 
-    def _read(self, barcode: zxingcpp.Barcode) -> Read | None:
+    def _read(self, barcode: zxingcpp.Barcode, name: str | None) -> Read | None:
+        """`barcode` as a hardware scanner sends it; `name` is its format's config name."""
         text, aim = barcode.text, barcode.symbology_identifier
-        name = _NAMES.get(str(barcode.format))
         if name == "ean-13" and text.startswith("0"):
             name = "upc-a"
         if name is None or name not in self.symbologies:
