@@ -187,13 +187,13 @@ def run(scratch, count: int, scans: int) -> None:
         digest = digests[i]
         row = (first_seq + i, os.urandom(16), int(time.time() * 1000), "bench-box", "demo",
                "store-1", digest, 1, "redeem", 1, None, 0, None, "accepted", None,
-               "bench-scanner", None, None, 2, None, None, None, None)  # fmt: skip
+               "bench-scanner", None, 2)  # fmt: skip
         state = (digest, 1, 0, None, CodeStatus.CONSUMED)
         t0 = clock()
         replay.execute("BEGIN IMMEDIATE")
         replay.execute("PRAGMA data_version").fetchone()
         replay.execute(codes.SCAN_LOOKUP, (digest,)).fetchone()
-        replay.execute(ledger.INSERT, row)  # the outbox is a view: no row of its own
+        replay.execute(ledger.INSERT_COMMON, row)  # the outbox is a view: no row of its own
         replay.execute(codes.UPSERT_STATE, state)
         replay.execute("COMMIT")
         return clock() - t0
