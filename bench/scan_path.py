@@ -36,7 +36,12 @@ or another file's fsync), and a fixed cycle gave that to one sampler every time.
 Pages: after the timed scans, each of the three makes PAGE_SCANS more with the WAL
 checkpointed empty and autocheckpoint off; the WAL's frame count (PRAGMA
 wal_checkpoint's `log`) divided by the scans is the pages each commit writes, which is
-what wears an SD card or eMMC and what each fsync waits for. Also shown: the pages the
+what wears an SD card or eMMC and what each fsync waits for. Read from the -wal file,
+the frames are then split by page type: pages that hold rows (what a scan must change:
+the ledger's last leaf and the page of the code's or the account's row) and the rest,
+the ledger's growth (each new leaf, every few dozen rows, also writes its parent and the
+header page; the floor's table grows the same way, more slowly as its rows are smaller).
+Also shown: the pages the
 backend's acks of those records write on the box (acks of ACK_RECORDS records, as the
 pump sends them), per record: the other half of the outbox's cost; and the pages of a
 redemption through the local API, which also stores its request's idempotency key.
@@ -56,6 +61,7 @@ import random
 import shutil
 import sqlite3
 import time
+from dataclasses import dataclass
 
 import boxes
 from boxes import MERCHANT, BenchKeys, Scratch, build_cache, percentile, scan_code
@@ -245,7 +251,7 @@ def run(scratch, count: int, scans: int) -> None:
     s50, s99 = percentile(samples["replay"], 50), percentile(samples["replay"], 99)
     r50, r99 = o50 / f50, o99 / f99
     verdict = "PASS" if r50 <= P50_TARGET and r99 <= P99_TARGET else "MISS"
-    page_verdict = "PASS" if pages["engine"] <= PAGES_TARGET else "MISS"
+    page_verdict = "PASS" if pages["engine"].total <= PAGES_TARGET else "MISS"
     label = f"{count:>12,} codes:"
     print(f"{label} engine  Engine.handle, durable verdict  p50 {ms(o50)}  p99 {ms(o99)}")
     print(f"{label} floor   probe + committed INSERT       p50 {ms(f50)}  p99 {ms(f99)}")
@@ -274,11 +280,18 @@ def run(scratch, count: int, scans: int) -> None:
         f"schema {(s50 - f50) / 1e3:+.0f} us, Python {(o50 - s50) / 1e3:+.0f} us at p50"
     )
     print(
-        f"{label} pages   WAL pages per scan: engine {pages['engine']:.2f}, floor "
-        f"{pages['floor']:.2f}, replay {pages['replay']:.2f} (target <= {PAGES_TARGET:.0f}) "
-        f"{page_verdict}; acks add {ack_pages:.3f} per record; a local API redeem "
-        f"{api_pages:.2f}; a linked code {pages['account']:.2f}, with a limit "
-        f"{pages['limited']:.2f}"
+        f"{label} pages   WAL pages per scan: engine {pages['engine'].total:.2f}, floor "
+        f"{pages['floor'].total:.2f}, replay {pages['replay'].total:.2f} (target <= "
+        f"{PAGES_TARGET:.0f}) {page_verdict}; acks add {ack_pages:.3f} per record; a local API "
+        f"redeem {api_pages.total:.2f}; a linked code {pages['account'].total:.2f}, with a "
+        f"limit {pages['limited'].total:.2f}"
+    )
+    growth = {name: p.total - p.rows for name, p in pages.items()}
+    print(
+        f"{label} rows    of those, pages holding rows: engine {pages['engine'].rows:.2f}, "
+        f"floor {pages['floor'].rows:.2f}, linked {pages['account'].rows:.2f}, limited "
+        f"{pages['limited'].rows:.2f}; the rest is the ledger's growth (a new leaf's parent "
+        f"and the header page): engine {growth['engine']:.3f}, floor {growth['floor']:.3f}"
     )
 
 
@@ -331,7 +344,20 @@ def link_accounts(cache, bench_keys: BenchKeys, count: int) -> None:
         conn.close()
 
 
-def wal_pages(conn: sqlite3.Connection, once, indexes: range) -> float:
+@dataclass(frozen=True)
+class Pages:
+    """WAL frames per call: all of them, and the pages among them that hold rows."""
+
+    total: float
+    rows: float
+    """Leaf pages, and index B-tree interior pages (which hold entries too: a WITHOUT
+    ROWID table's rows live at every level): what a call must change. The rest are
+    rowid tables' interior pages, which hold only keys, and the header page: they change
+    when a table grows a leaf (its parent gets the new leaf's key, the header the
+    database's new size)."""
+
+
+def wal_pages(conn: sqlite3.Connection, once, indexes: range) -> Pages:
     """WAL frames (page images) written per call of `once`, on an emptied WAL with
     autocheckpoint off so that no frame is overwritten while counting."""
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -340,9 +366,32 @@ def wal_pages(conn: sqlite3.Connection, once, indexes: range) -> float:
         for i in indexes:
             once(i)
         frames = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+        rows = row_frames(conn, frames)
     finally:
         conn.execute("PRAGMA wal_autocheckpoint = 1000")
-    return frames / len(indexes)
+    return Pages(frames / len(indexes), rows / len(indexes))
+
+
+# B-tree page types that hold rows (https://www.sqlite.org/fileformat2.html, 1.6): table
+# leaves, index leaves, index interior pages; not 0x05, a rowid table's interior page.
+_ROW_PAGES = (0x0D, 0x0A, 0x02)
+
+
+def row_frames(conn: sqlite3.Connection, frames: int) -> int:
+    """How many of the WAL's first `frames` frames are pages that hold rows, page 1 (the
+    header page) aside. Read from the -wal file itself: a 32-byte header, then per frame
+    a 24-byte header whose first 4 bytes are the page number, then the page, whose first
+    byte is its B-tree type (fileformat2.html, 4.1)."""
+    path = conn.execute("PRAGMA database_list").fetchone()[2] + "-wal"
+    size = conn.execute("PRAGMA page_size").fetchone()[0]
+    with open(path, "rb") as wal:
+        data = wal.read(32 + frames * (24 + size))
+    rows = 0
+    for offset in range(32, len(data), 24 + size):
+        page_number = int.from_bytes(data[offset : offset + 4])
+        if page_number != 1 and data[offset + 24] in _ROW_PAGES:
+            rows += 1
+    return rows
 
 
 def ack_pages_per_record(conn: sqlite3.Connection, counted_from: int) -> float:

@@ -36,3 +36,18 @@ def test_scan_path_bench_runs_and_a_scan_writes_about_two_pages(tmp_path):
     assert 2.0 <= engine <= 2.1 and 2.0 <= linked <= 2.1 and 2.0 <= limited <= 2.1, out
     assert abs(replay - engine) <= 0.03 and 1.0 <= floor <= 1.05, out
     assert api <= 4.0, out  # a scan's two pages, the request's key and its growth
+    rows = re.search(
+        r"pages holding rows: engine ([\d.]+), floor ([\d.]+), linked ([\d.]+), "
+        r"limited ([\d.]+); .* engine ([\d.]+), floor ([\d.]+)",
+        out,
+    )
+    assert rows, out
+    engine_rows, floor_rows, linked_rows, limited_rows, growth, floor_growth = map(
+        float, rows.groups()
+    )
+    # Read from the WAL's frames: every scan changes exactly the ledger's last leaf and
+    # the page holding the code's (or the account's) row; all else is the ledger's own
+    # growth, one new leaf every few dozen rows, as the floor's table grows too.
+    assert engine_rows == linked_rows == limited_rows == 2.0 and floor_rows == 1.0, out
+    assert abs(engine - (engine_rows + growth)) < 0.01 and 0 < growth < 0.1, out
+    assert 0 < floor_growth < growth, out
