@@ -41,10 +41,10 @@ the frames are then split by page type: pages that hold rows (what a scan must c
 the ledger's last leaf and the page of the code's or the account's row) and the rest,
 the ledger's growth (each new leaf, every few dozen rows, also writes its parent and the
 header page; the floor's table grows the same way, more slowly as its rows are smaller).
-Also shown: the pages the
-backend's acks of those records write on the box (acks of ACK_RECORDS records, as the
-pump sends them), per record: the other half of the outbox's cost; and the pages of a
-redemption through the local API, which also stores its request's idempotency key.
+Also shown: the pages the backend's acks of those records write on the box (acks of
+ACK_RECORDS records, as the pump sends them), per record: the other half of the
+outbox's cost; and the pages of a redemption through the local API, which also stores
+its request's idempotency key.
 
 Targets (issue 10): p50 <= 1.3x floor, p99 <= 2x floor, <= 2 WAL pages per accepted
 redemption (its ledger row and the code's state, or the account's); the account case is
