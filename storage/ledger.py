@@ -19,15 +19,20 @@ COLUMNS = (
     "uses", "amount", "uses_left", "balance", "verdict", "reason", "source",
     "symbology", "operator", "cache_seq", "reverses", "grant_id", "counter", "account",
 )  # fmt: skip
-INSERT = f"INSERT INTO ledger({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+
+
+def _insert(columns: tuple[str, ...]) -> str:
+    return f"INSERT INTO ledger({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
+INSERT = _insert(COLUMNS)
 # The columns only some records fill: who redeemed through the local API, what a reversal
 # undoes, a dispense's grant and counter, a linked code's account. A scanned code's
 # record leaves them NULL, and sqlite3 sends every None it binds through its adapter
 # lookup: five of them cost about 1.5 us on a scan, cold after the last fsync
 # (docs/decisions.md, "Fewer bound NULLs"). `append` leaves them out when all are None.
 _RARE = ("operator", "reverses", "grant_id", "counter", "account")
-_COMMON = tuple(name for name in COLUMNS if name not in _RARE)
-INSERT_COMMON = f"INSERT INTO ledger({', '.join(_COMMON)}) VALUES ({', '.join('?' * len(_COMMON))})"
+INSERT_COMMON = _insert(tuple(name for name in COLUMNS if name not in _RARE))
 
 
 @dataclass(frozen=True, slots=True)
