@@ -37,6 +37,9 @@ class Debounce:
         # (source, key) -> [time of its last read, whether that read was accepted (None
         # until decided)], oldest read first: a read moves its key to the end.
         self._recent: OrderedDict[tuple[str, bytes], list] = OrderedDict()
+        # The entry of the last new read, until `decided` answers it: the scan path
+        # need not build and hash its key a second time after the COMMIT.
+        self._undecided: list | None = None
 
     def read(self, source: str, key: bytes) -> Repeat | None:
         """A Repeat if this read repeats one decided inside the window, else None: a
@@ -57,12 +60,15 @@ class Debounce:
             age = now - last[0]
             last[0] = now
             recent[(source, key)] = last
+            self._undecided = None
             return Repeat(last[1], age)
-        recent[(source, key)] = [now, None]
+        self._undecided = recent[(source, key)] = [now, None]
         return None
 
-    def decided(self, source: str, key: bytes, accepted: bool) -> None:
-        """The read just taken by `read` was answered: its repeats get the same answer."""
-        entry = self._recent.get((source, key))
+    def decided(self, accepted: bool) -> None:
+        """The new read just taken by `read` was answered: its repeats get the same
+        answer. (If it has left the window meanwhile, setting it changes nothing.)"""
+        entry = self._undecided
         if entry is not None:
             entry[1] = accepted
+            self._undecided = None

@@ -91,6 +91,7 @@ class Engine:
         self.alarm: str | None = None
         self._data_version = -1
         self._next_seq = ledger.last_seq(conn) + 1
+        self._new_id = ledger.RecordIds()  # this engine's decider thread is its one caller
         self._digest = CodeDigester(config.trust.code_key)
         self._debounce = Debounce(config.scan.debounce, monotonic)
         # Read on every scan; the config is frozen and a reload makes a new Engine.
@@ -171,9 +172,9 @@ class Engine:
             return repeat
         result = self._write(scan, digest, self._decide, text, digest, scan, SCAN)
         if isinstance(result, PaymentCode):
-            self._debounce.decided(source, digest, True)  # passed on to the POS app: a good read
+            self._debounce.decided(True)  # passed on to the POS app: a good read
         elif result.reason is not Reason.STORAGE_ERROR:
-            self._debounce.decided(source, digest, result.accepted)
+            self._debounce.decided(result.accepted)
         # After a storage error (or an exception) the read stays undecided: nothing was
         # recorded, so the cashier's rescan is a new try (see `Debounce.read`).
         return result
@@ -194,7 +195,7 @@ class Engine:
         refused = Evaluation(refusal(Reason.MALFORMED, detail))
         verdict = self._write(scan, None, self._record, refused, None, scan, SCAN)
         if key is not None and verdict.reason is not Reason.STORAGE_ERROR:
-            self._debounce.decided(scan.source, key, False)
+            self._debounce.decided(False)
         return verdict
 
     def check(self, text: str, source: str = "cli") -> Verdict | PaymentCode:
@@ -394,7 +395,7 @@ class Engine:
         seq = self._next_seq
         for _ in range(count):
             choice = claim_code.choose(grants, used, card_id, now)
-            record_id, record_text = ledger.new_id()
+            record_id, record_text = self._new_id()
             if choice.grant is None:
                 reason = choice.reason or Reason.NO_GRANT
                 detail = problem or choice.detail
@@ -454,19 +455,18 @@ class Engine:
             except BaseException:
                 # SQLITE_FULL and SQLITE_IOERR roll the transaction back themselves; a
                 # second ROLLBACK would raise and hide the real cause from the alarm.
-                if self.conn.in_transaction:
-                    self.conn.execute("ROLLBACK")
+                try:
+                    if self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
+                finally:
+                    self._resync_seq()  # `_record` counted a row that is not there
                 raise
         except sqlite3.Error as exc:
             # Disk full, I/O error, locked too long: refuse rather than accept unrecorded.
             self.alarm = f"cannot write the ledger: {exc}; free disk space or check the storage"
             log.error("storage error on scan from %s: %s", scan.source, exc)
-            self._resync_seq()
             return Verdict(Outcome.REJECTED, Action.REJECT, Reason.STORAGE_ERROR, str(exc),
                            short(digest), source=scan.source)  # fmt: skip
-        if isinstance(result, Verdict) and result.box_seq is not None:  # a ledger row committed
-            self._next_seq += 1
-            self.alarm = None
         return result
 
     def _resync_seq(self) -> None:
@@ -488,7 +488,7 @@ class Engine:
         decision, card = found.decision, found.card
         if not found.keeps_digest:
             digest = None
-        record_id, record_text = ledger.new_id()
+        record_id, record_text = self._new_id()
         seq = self._next_seq
         action = decision.action
         moved = action is Action.REDEEM or action is Action.REVERSE
@@ -524,6 +524,10 @@ class Engine:
             else:
                 self.conn.execute(accounts.SPEND_ACCOUNT, (uses_left, balance, spend, account))
         verdict = self._verdict(found, short(digest), scan.source, record_text, seq, amount)
+        # Counted before the COMMIT, so nothing but the COMMIT runs between the fsync and
+        # the verdict's return; `_write` counts again from the ledger if the row is lost.
+        self._next_seq = seq + 1
+        self.alarm = None
         if request is not None:
             api_requests.record(self.conn, request, seq, verdict.to_json())
         return verdict

@@ -103,35 +103,60 @@ class Redemption:
 # 0b10 in bits 62-63 of the 128-bit value.
 _V7_BITS = (0x7 << 76) | (0x2 << 62)
 _V7_FREE = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)
-_last_id = 0
-_id_lock = threading.Lock()
+_RANDOM_BYTES = 10  # the 74 random bits of an id, and 6 more that the version and variant replace
+_POOL_IDS = 100
 
 
-def new_id() -> tuple[bytes, str]:
-    """A fresh UUIDv7 record id (RFC 9562: 48 bits of Unix milliseconds, then random
-    bits), as stored (16 bytes) and as shown (canonical text). Ids made in one process
-    strictly increase: one made in the same millisecond as the last is the last plus
-    one (RFC 9562 section 6.2, method 3).
+class RecordIds:
+    """Fresh UUIDv7 record ids (RFC 9562: 48 bits of Unix milliseconds, then random
+    bits), as stored (16 bytes) and as shown (canonical text), for one writer thread.
+    Ids from one instance strictly increase: one made in the same millisecond as the
+    last is the last plus one (RFC 9562 section 6.2, method 3).
 
     Made here rather than by a library because the scan path makes one per scan and
     bench/scan_path.py showed the difference: the uuid6 package's uuid7() and the
     uuid.UUID round trip cost about 7 us and a dozen Python calls, about 0.06x of the
-    floor on a cold scan; this costs about 1.5 us (docs/decisions.md).
+    floor on a cold scan (docs/decisions.md). For the same reason the random bits come
+    from the OS a hundred ids at a time, not one getrandom call per scan, and there is
+    no lock: the engine's one decider thread owns its instance; `new_id` serves any
+    other thread.
 
-    >>> raw, text = new_id()
+    >>> raw, text = RecordIds()()
     >>> uuid.UUID(text).bytes == raw and uuid.UUID(text).version
     7
     """
-    global _last_id
-    value = ((time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10))) & _V7_FREE
-    value |= _V7_BITS
-    with _id_lock:
-        if value <= _last_id:
-            value = (_last_id + 1) & _V7_FREE | _V7_BITS
-        _last_id = value
-    raw = value.to_bytes(16)
-    h = raw.hex()
-    return raw, f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+    __slots__ = ("_last", "_pool", "_at")
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._pool = b""
+        self._at = 0
+
+    def __call__(self) -> tuple[bytes, str]:
+        at = self._at
+        if at == len(self._pool):
+            self._pool = os.urandom(_RANDOM_BYTES * _POOL_IDS)
+            at = 0
+        self._at = at + _RANDOM_BYTES
+        random_bits = int.from_bytes(self._pool[at : at + _RANDOM_BYTES])
+        value = ((time.time_ns() // 1_000_000) << 80 | random_bits) & _V7_FREE | _V7_BITS
+        if value <= self._last:
+            value = (self._last + 1) & _V7_FREE | _V7_BITS
+        self._last = value
+        raw = value.to_bytes(16)
+        h = raw.hex()
+        return raw, f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_shared_ids = RecordIds()
+_shared_lock = threading.Lock()
+
+
+def new_id() -> tuple[bytes, str]:
+    """A fresh record id from any thread (RecordIds, shared by the process)."""
+    with _shared_lock:
+        return _shared_ids()
 
 
 def last_seq(conn: sqlite3.Connection) -> int:

@@ -18,6 +18,7 @@ from cards.verdict import Action, Outcome, Reason, Verdict
 from daemon.debounce import Repeat
 from daemon.engine import Engine, PaymentCode
 from storage import batch_import, codes, ledger, outbox
+from storage.api_requests import RequestKey
 from storage.database import open_database
 
 
@@ -554,6 +555,18 @@ def test_a_rescan_after_a_storage_error_is_tried_again_not_debounced(loaded_box,
     assert debounced.handle(scan("DEMO-0002")) == Repeat(accepted=True, age=0.0)  # and now a repeat
 
 
+def test_a_row_rolled_back_after_it_was_counted_leaves_no_gap_in_the_sequence(engine):
+    # The engine counts a row before its COMMIT; a failure after that (here the request
+    # key's own INSERT: a key stored twice breaks its UNIQUE constraint) rolls the row
+    # back and the next record must still take the next number.
+    key = RequestKey("pos-1", "f" * 64)
+    assert engine.redeem("DEMO-0001", "api", request=key).box_seq == 1
+    again = engine.redeem("DEMO-0002", "api", request=key)
+    assert reason(again) == "storage_error" and again.box_seq is None
+    assert engine.handle(scan("DEMO-0003")).box_seq == 2
+    assert [r.seq for r in ledger_rows(engine)] == [1, 2]
+
+
 def test_full_database_rejects_as_storage_error_and_recovers_without_gap(engine):
     conn = engine.conn
     pages = conn.execute("PRAGMA page_count").fetchone()[0]
@@ -622,10 +635,19 @@ def test_verdict_record_id_is_the_stored_uuid7_id(engine):
     assert all(uuid.UUID(r.record_id).variant == uuid.RFC_4122 for r in results)
 
 
-def test_record_ids_made_in_one_millisecond_still_increase():
-    made = [ledger.new_id() for _ in range(2000)]
+@pytest.mark.parametrize("make", [ledger.new_id, ledger.RecordIds()], ids=["shared", "engine's"])
+def test_record_ids_made_in_one_millisecond_still_increase(make):
+    made = [make() for _ in range(2000)]  # past the end of the random pool many times
+    while len({int.from_bytes(m[0]) >> 80 for m in made}) < 5:  # five milliseconds at least
+        made.append(make())
     raw = [m[0] for m in made]
     assert raw == sorted(raw) and len(set(raw)) == len(raw)
+    # The first id of each millisecond shows its random bits (later ones may be the last
+    # plus one): fresh ones each time, not the same slice of the pool.
+    first: dict[int, int] = {}
+    for value in map(int.from_bytes, raw):
+        first.setdefault(value >> 80, value & ((1 << 80) - 1))
+    assert len(set(first.values())) == len(first)
     for value, text in made:
         parsed = uuid.UUID(text)
         assert (parsed.bytes, parsed.version, parsed.variant) == (value, 7, uuid.RFC_4122)
