@@ -24,7 +24,7 @@ def test_scan_path_bench_runs_and_a_scan_writes_about_two_pages(tmp_path):
     for sampler in ("engine ", "floor ", "account", "limited", "where "):
         assert re.search(rf"20,000 codes: {sampler}", out), out
     pages = re.search(
-        r"engine ([\d.]+), floor ([\d.]+), replay ([\d.]+) .*a local API redeem ([\d.]+); "
+        r"engine ([\d.]+), floor ([\d.]+), replay ([\d.]+); .*a local API redeem ([\d.]+); "
         r"a linked code ([\d.]+), with a limit ([\d.]+)",
         out,
     )
@@ -38,12 +38,12 @@ def test_scan_path_bench_runs_and_a_scan_writes_about_two_pages(tmp_path):
     assert api <= 4.0, out  # a scan's two pages, the request's key and its growth
     rows = re.search(
         r"pages holding rows: engine ([\d.]+), floor ([\d.]+), linked ([\d.]+), "
-        r"limited ([\d.]+); .* engine ([\d.]+), floor ([\d.]+)",
+        r"limited ([\d.]+) \(target <= 2\) (PASS|MISS); .* engine ([\d.]+), floor ([\d.]+)",
         out,
     )
     assert rows, out
     engine_rows, floor_rows, linked_rows, limited_rows, growth, floor_growth = map(
-        float, rows.groups()
+        float, rows.group(1, 2, 3, 4, 6, 7)
     )
     # Read from the WAL's frames: every scan changes exactly the ledger's last leaf and
     # the page holding the code's (or the account's) row; all else is the ledger's own
@@ -52,6 +52,7 @@ def test_scan_path_bench_runs_and_a_scan_writes_about_two_pages(tmp_path):
     # stored in no bytes); a limited account's row grows by a byte when its spend
     # reaches 2, which could split a full leaf now and then: hence the 0.02.
     assert engine_rows == 2.0 and floor_rows == 1.0, out
+    assert rows.group(5) == ("PASS" if max(linked_rows, limited_rows) <= 2.0 else "MISS"), out
     assert 2.0 <= linked_rows <= 2.02 and 2.0 <= limited_rows <= 2.02, out
     assert abs(engine - (engine_rows + growth)) < 0.01 and 0 < growth < 0.1, out
     assert 0 < floor_growth < growth, out
