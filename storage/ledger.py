@@ -30,9 +30,12 @@ INSERT = _insert(COLUMNS)
 # undoes, a dispense's grant and counter, a linked code's account. A scanned code's
 # record leaves them NULL, and sqlite3 sends every None it binds through its adapter
 # lookup: five of them cost about 1.5 us on a scan, cold after the last fsync
-# (docs/decisions.md, "Fewer bound NULLs"). `append` leaves them out when all are None.
+# (docs/decisions.md, "Fewer bound NULLs"). `append` leaves them out when all are None,
+# and all but the account on a linked code's scan (issue 13's account case).
 _RARE = ("operator", "reverses", "grant_id", "counter", "account")
-INSERT_COMMON = _insert(tuple(name for name in COLUMNS if name not in _RARE))
+_COMMON = tuple(name for name in COLUMNS if name not in _RARE)
+INSERT_COMMON = _insert(_COMMON)
+INSERT_LINKED = _insert((*_COMMON, "account"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,17 +200,25 @@ def append(
     dataclass costs about 5 us, more than the Python of the rest of the row. Nothing
     else is written: the row waits in the outbox, a view of the ledger, until an ack
     moves past it (storage/outbox.py). The caller owns the transaction."""
-    if (
-        operator is None and reverses is None and grant_id is None and counter is None
-        and account is None
-    ):  # fmt: skip
-        conn.execute(
-            INSERT_COMMON,
-            (
-                seq, record_id, at_ms, box, merchant, store, digest, card_id, action, uses,
-                amount, uses_left, balance, verdict, reason, source, symbology, cache_seq,
-            ),
-        )  # fmt: skip
+    if operator is None and reverses is None and grant_id is None and counter is None:
+        if account is None:
+            conn.execute(
+                INSERT_COMMON,
+                (
+                    seq, record_id, at_ms, box, merchant, store, digest, card_id, action,
+                    uses, amount, uses_left, balance, verdict, reason, source, symbology,
+                    cache_seq,
+                ),
+            )  # fmt: skip
+        else:
+            conn.execute(
+                INSERT_LINKED,
+                (
+                    seq, record_id, at_ms, box, merchant, store, digest, card_id, action,
+                    uses, amount, uses_left, balance, verdict, reason, source, symbology,
+                    cache_seq, account,
+                ),
+            )  # fmt: skip
         return
     conn.execute(
         INSERT,

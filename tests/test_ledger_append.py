@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
+import pytest
+
 from storage import ledger
 from storage.database import open_database
 
@@ -34,16 +36,18 @@ def test_an_appended_row_reads_back_as_the_record_it_was(tmp_path):
     conn.close()
 
 
-def test_a_record_without_the_rare_columns_reads_back_as_it_was(tmp_path):
-    # A scanned code's record: no operator, reversal, dispense or account, so append
-    # writes it with the shorter INSERT; every value must land in its own column.
+@pytest.mark.parametrize("account", [None, b"\x0a" * 16], ids=["plain", "linked"])
+def test_a_record_without_the_rare_columns_reads_back_as_it_was(tmp_path, account):
+    # A scanned code's record: no operator, reversal or dispense, and an account only for
+    # a linked code, so append writes it with a shorter INSERT; every value must land in
+    # its own column.
     conn = open_database(tmp_path / "box.db")
     record_id, _ = ledger.new_id()
     written = ledger.Redemption(
         seq=1, id=record_id, at_ms=1_800_000_000_123, box="box-1", merchant="demo",
         store="s1", digest=b"\x01" * 16, card_id=7, action="redeem", uses=None, amount=250,
         uses_left=None, balance=750, verdict="rejected", reason="expired", source="front",
-        symbology="]Q1", operator=None, cache_seq=4,
+        symbology="]Q1", operator=None, cache_seq=4, account=account,
     )  # fmt: skip
     conn.execute("BEGIN IMMEDIATE")
     ledger.append(conn, *dataclasses.astuple(written))
