@@ -201,24 +201,14 @@ def append(
     else is written: the row waits in the outbox, a view of the ledger, until an ack
     moves past it (storage/outbox.py). The caller owns the transaction."""
     if operator is None and reverses is None and grant_id is None and counter is None:
+        common = (
+            seq, record_id, at_ms, box, merchant, store, digest, card_id, action, uses,
+            amount, uses_left, balance, verdict, reason, source, symbology, cache_seq,
+        )  # fmt: skip
         if account is None:
-            conn.execute(
-                INSERT_COMMON,
-                (
-                    seq, record_id, at_ms, box, merchant, store, digest, card_id, action,
-                    uses, amount, uses_left, balance, verdict, reason, source, symbology,
-                    cache_seq,
-                ),
-            )  # fmt: skip
+            conn.execute(INSERT_COMMON, common)
         else:
-            conn.execute(
-                INSERT_LINKED,
-                (
-                    seq, record_id, at_ms, box, merchant, store, digest, card_id, action,
-                    uses, amount, uses_left, balance, verdict, reason, source, symbology,
-                    cache_seq, account,
-                ),
-            )  # fmt: skip
+            conn.execute(INSERT_LINKED, (*common, account))
         return
     conn.execute(
         INSERT,
