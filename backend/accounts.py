@@ -85,11 +85,17 @@ class Account:
 
     def to_json(self) -> dict[str, object]:
         return {
-            "id": self.id, "merchant": self.merchant, "card": self.card_id, "unit": self.unit,
-            "created_value": self.created_value, "topped_up": self.topped_up,
-            "value": self.value, "status": self.status, "batch_seq": self.batch_seq,
+            "id": self.id,
+            "merchant": self.merchant,
+            "card": self.card_id,
+            "unit": self.unit,
+            "created_value": self.created_value,
+            "topped_up": self.topped_up,
+            "value": self.value,
+            "status": self.status,
+            "batch_seq": self.batch_seq,
             "created_at": self.created_at,
-        }  # fmt: skip
+        }
 
 
 @dataclass(frozen=True)
@@ -138,12 +144,18 @@ class Overspend:
 
     def to_json(self) -> dict[str, object]:
         return {
-            "merchant": self.merchant, "account": self.account, "amount_over": self.amount_over,
-            "spent": self.spent, "value": self.value, "unit": self.unit,
-            "boxes": list(self.boxes), "records": list(self.records),
-            "detected_at": self.detected_at, "updated_at": self.updated_at,
+            "merchant": self.merchant,
+            "account": self.account,
+            "amount_over": self.amount_over,
+            "spent": self.spent,
+            "value": self.value,
+            "unit": self.unit,
+            "boxes": list(self.boxes),
+            "records": list(self.records),
+            "detected_at": self.detected_at,
+            "updated_at": self.updated_at,
             "blocked_seq": self.blocked_seq,
-        }  # fmt: skip
+        }
 
 
 @dataclass(frozen=True)
@@ -161,11 +173,16 @@ class TransferConflict:
 
     def to_json(self) -> dict[str, object]:
         return {
-            "kind": "transfer", "merchant": self.merchant, "transfer": self.transfer_id,
-            "digest": self.digest, "record": self.record_id, "box": self.box,
-            "cache_seq": self.cache_seq, "transfer_seq": self.transfer_seq,
+            "kind": "transfer",
+            "merchant": self.merchant,
+            "transfer": self.transfer_id,
+            "digest": self.digest,
+            "record": self.record_id,
+            "box": self.box,
+            "cache_seq": self.cache_seq,
+            "transfer_seq": self.transfer_seq,
             "detected_at": self.detected_at,
-        }  # fmt: skip
+        }
 
 
 def new_id() -> bytes:
@@ -186,9 +203,16 @@ def signer(
         now = int(time.time())
         private, delegation = keystore.signer(merchant, now)
         return batch.build(
-            private, delegation, merchant=merchant, seq=seq, kind=kind, entries=entries,
-            created_at=now, expires_at=now + expires_in, chunk_size=chunk_size,
-        )  # fmt: skip
+            private,
+            delegation,
+            merchant=merchant,
+            seq=seq,
+            kind=kind,
+            entries=entries,
+            created_at=now,
+            expires_at=now + expires_in,
+            chunk_size=chunk_size,
+        )
 
     return sign
 
@@ -288,9 +312,16 @@ def accounts(store: Store, merchant: str | None = None) -> list[Account]:
 def _account(row: Any) -> Account:
     id_, merchant, card_id, unit, created_value, status, batch_seq, created_at, topped_up = row
     return Account(
-        id=id_, merchant=merchant, card_id=card_id, unit=unit, created_value=created_value,
-        status=status, batch_seq=batch_seq, created_at=created_at, topped_up=int(topped_up),
-    )  # fmt: skip
+        id=id_,
+        merchant=merchant,
+        card_id=card_id,
+        unit=unit,
+        created_value=created_value,
+        status=status,
+        batch_seq=batch_seq,
+        created_at=created_at,
+        topped_up=int(topped_up),
+    )
 
 
 def link(store: Store, sign: Signer, *, account_id: str, digest: bytes, now: int) -> Made:
@@ -506,9 +537,15 @@ def set_limit(store: Store, sign: Signer, limit: Limit, *, now: int) -> Made:
             "set_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (merchant, card_id, box) DO UPDATE "
             "SET per_redemption = excluded.per_redemption, per_account = excluded.per_account, "
             "set_at = excluded.set_at",
-            (limit.merchant, limit.card_id, limit.box, limit.per_redemption, limit.per_account,
-             now),
-        )  # fmt: skip
+            (
+                limit.merchant,
+                limit.card_id,
+                limit.box,
+                limit.per_redemption,
+                limit.per_account,
+                now,
+            ),
+        )
 
     return _limits_batch(store, sign, limit.merchant, change)
 
@@ -708,10 +745,17 @@ def _block(store: Store, merchant: str, account_id: str) -> int | None:
         "INSERT INTO batches(merchant, seq, kind, count, created_at, expires_at, sha256, data, "
         "issued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
-            merchant, seq, Kind.BLOCK.value, issued.count, issued.created_at,
-            issued.expires_at, issued.sha256, issued.data, int(time.time()),
+            merchant,
+            seq,
+            Kind.BLOCK.value,
+            issued.count,
+            issued.created_at,
+            issued.expires_at,
+            issued.sha256,
+            issued.data,
+            int(time.time()),
         ),
-    )  # fmt: skip
+    )
     return seq
 
 
@@ -739,7 +783,7 @@ def overspends(store: Store, merchant: str | None = None) -> list[Overspend]:
             detected_at=r[8],
             updated_at=r[9],
             blocked_seq=r[10],
-        )  # fmt: skip
+        )
         for r in rows
     ]
 

@@ -286,9 +286,14 @@ def cmd_create(args: argparse.Namespace) -> int:
             unit = "uses" if args.uses is not None else "balance"
             value = args.uses if args.uses is not None else args.balance
         made = accounts.create_account(
-            store, sign, merchant=merchant, card_id=args.card, unit=unit, value=value,
+            store,
+            sign,
+            merchant=merchant,
+            card_id=args.card,
+            unit=unit,
+            value=value,
             now=int(time.time()),
-        )  # fmt: skip
+        )
     assert made.account is not None
     print(f"account {made.id}: card {args.card}, {_value(made.account)}")
     _said(args, made)

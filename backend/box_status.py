@@ -64,8 +64,10 @@ def parse_status(payload: bytes, box: str) -> BoxStatus:
     raw = payload.decode()
     if set(doc) == {"v", "box", "state"}:
         if state != "offline":
-            raise StatusError("a status without members other than v, box, state must be the "
-                              "last will, whose state is offline")  # fmt: skip
+            raise StatusError(
+                "a status without members other than v, box, state must be the "
+                "last will, whose state is offline"
+            )
         return BoxStatus(state=state, raw=raw, will=True)
     for name in _INTS:
         if not _is_int(doc.get(name)) or doc[name] < 0:

@@ -67,23 +67,44 @@ UNAVAILABLE = "unavailable"
 # the page too, for support (docs/reasons.md; already_claimed and unavailable are the
 # claim service's own).
 _OUTCOMES: dict[str, tuple[int, str, str]] = {
-    MALFORMED: (400, "This link is not a claim link",
-                "Check that the whole link was copied, or scan the code again."),
-    Reason.BAD_SIGNATURE.value: (403, "This code is not genuine",
-                                 "It was not made by one of our stores. Ask the staff for a new one."),
-    Reason.NO_GRANT.value: (404, "We do not know this offer",
-                            "The code is not one of our current offers. Ask the staff for help."),
-    Reason.GRANT_REVOKED.value: (410, "This offer was stopped",
-                                 "The shop stopped handing out this card."),
+    MALFORMED: (
+        400,
+        "This link is not a claim link",
+        "Check that the whole link was copied, or scan the code again.",
+    ),
+    Reason.BAD_SIGNATURE.value: (
+        403,
+        "This code is not genuine",
+        "It was not made by one of our stores. Ask the staff for a new one.",
+    ),
+    Reason.NO_GRANT.value: (
+        404,
+        "We do not know this offer",
+        "The code is not one of our current offers. Ask the staff for help.",
+    ),
+    Reason.GRANT_REVOKED.value: (
+        410,
+        "This offer was stopped",
+        "The shop stopped handing out this card.",
+    ),
     Reason.GRANT_EXPIRED.value: (410, "This offer has ended", "The code is too old to claim."),
     Reason.EXPIRED.value: (410, "This code has expired", "It had to be claimed earlier."),
-    Reason.QUOTA_EXHAUSTED.value: (403, "This code is not valid",
-                                   "It is outside what the shop handed out. Ask the staff for help."),
-    ALREADY_CLAIMED: (409, "This code was already claimed",
-                      "A code can be added to one wallet only, and this one already was."),
-    UNAVAILABLE: (503, "We cannot add cards right now",
-                  "Nothing was claimed. Please open the link again in a few minutes."),
-}  # fmt: skip
+    Reason.QUOTA_EXHAUSTED.value: (
+        403,
+        "This code is not valid",
+        "It is outside what the shop handed out. Ask the staff for help.",
+    ),
+    ALREADY_CLAIMED: (
+        409,
+        "This code was already claimed",
+        "A code can be added to one wallet only, and this one already was.",
+    ),
+    UNAVAILABLE: (
+        503,
+        "We cannot add cards right now",
+        "Nothing was claimed. Please open the link again in a few minutes.",
+    ),
+}
 
 
 def _print(line: str) -> None:
@@ -187,17 +208,25 @@ class ClaimService:
             not_after = min(now + int(self.code_days * 86400), delegation.not_after)
         try:
             claimed = claims.record(
-                store, code=code, merchant=checked.grant.merchant, box=checked.grant.box,
-                claim_digest=ref, code_key=self.code_key, now=now,
+                store,
+                code=code,
+                merchant=checked.grant.merchant,
+                box=checked.grant.box,
+                claim_digest=ref,
+                code_key=self.code_key,
+                now=now,
                 sign=lambda serial: signed_code.mint(
                     checked.private, code.card_id, serial, not_before, not_after
                 ),
-            )  # fmt: skip
+            )
         except claims.AlreadyClaimed as exc:
             outcome = Outcome(
-                ALREADY_CLAIMED, "", claimed_at=exc.claimed_at, title=checked.title,
+                ALREADY_CLAIMED,
+                "",
+                claimed_at=exc.claimed_at,
+                title=checked.title,
                 card_id=code.card_id,
-            )  # fmt: skip
+            )
         else:
             outcome = Outcome(None, "", claimed=claimed, title=checked.title, card_id=code.card_id)
         self._log(code, ref, outcome)
@@ -223,9 +252,15 @@ class ClaimService:
             return Outcome(UNAVAILABLE, "the issuer key cannot sign now", title=title, card_id=card)
         # The grant as the backend holds it now (revoked or not), in the set's shape.
         current = GrantSet(
-            merchant=held.merchant, box=held.box, box_key_id=held.box_key_id, seq=0,
-            created_at=now, grants=(held.grant,), issuer=delegation, raw=b"",
-        )  # fmt: skip
+            merchant=held.merchant,
+            box=held.box,
+            box_key_id=held.box_key_id,
+            seq=0,
+            created_at=now,
+            grants=(held.grant,),
+            issuer=delegation,
+            raw=b"",
+        )
         refused = claim_code.refusal(code, current, now)
         if refused is not None:
             return Outcome(refused[0].value, refused[1], title=title, card_id=card)
@@ -308,8 +343,13 @@ class ClaimService:
 
     async def _crashed(self, request: Request, exc: Exception) -> Response:
         self.say(f"error answering a request: {type(exc).__name__}: {exc}")
-        return _page(500, "Something went wrong", "Nothing was claimed. Please try again.",
-                     "error", request.query_params.get("format") == "json")  # fmt: skip
+        return _page(
+            500,
+            "Something went wrong",
+            "Nothing was claimed. Please try again.",
+            "error",
+            request.query_params.get("format") == "json",
+        )
 
 
 # ------------------------------------------------------------------ pages

@@ -101,10 +101,17 @@ def record(
             "INSERT INTO claims(grant_id, counter, merchant, box, card_id, serial, claimed_at, "
             "claim_digest, code_digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                code.grant_id, code.counter, merchant, box, code.card_id, serial, now,
-                claim_digest, digest,
+                code.grant_id,
+                code.counter,
+                merchant,
+                box,
+                code.card_id,
+                serial,
+                now,
+                claim_digest,
+                digest,
             ),
-        )  # fmt: skip
+        )
     return Claimed(
         code.grant_id, code.counter, merchant, box, code.card_id, serial, now, text, digest
     )

@@ -507,9 +507,16 @@ def cmd_grant_add(args: argparse.Namespace) -> int:
         try:
             public = grants.box_key(store, args.box, args.box_key)
             made = grants.add(
-                store, keystore, box=args.box, cards=args.card, quota=args.quota,
-                not_before=start, not_after=end, box_key=public, now=now,
-            )  # fmt: skip
+                store,
+                keystore,
+                box=args.box,
+                cards=args.card,
+                quota=args.quota,
+                not_before=start,
+                not_after=end,
+                box_key=public,
+                now=now,
+            )
         except grants.GrantsError as exc:
             raise UsageError(str(exc)) from None
         row = made.grant
@@ -600,9 +607,14 @@ def cmd_claim(args: argparse.Namespace) -> int:
     )
     # access_log off: an access line would hold the claim code, which is the customer's.
     uvicorn.run(
-        service.app(), host=host, port=port, access_log=False, log_level="warning",
-        proxy_headers=True, forwarded_allow_ips=args.forwarded_allow_ips,
-    )  # fmt: skip
+        service.app(),
+        host=host,
+        port=port,
+        access_log=False,
+        log_level="warning",
+        proxy_headers=True,
+        forwarded_allow_ips=args.forwarded_allow_ips,
+    )
     return 0
 
 

@@ -204,8 +204,11 @@ class Collector:
         if not parsed:
             return
         refusals: tuple[type[Exception], ...] = (
-            *store.errors, KeystoreError, keys.TrustError, BatchError,
-        )  # fmt: skip
+            *store.errors,
+            KeystoreError,
+            keys.TrustError,
+            BatchError,
+        )
         try:
             results = store.store_messages(parsed, self._sign_consumed)
         except refusals as exc:
@@ -274,10 +277,15 @@ class Collector:
     def _sign_consumed(self, merchant: str, seq: int, entries: bytes) -> bytes:
         now = int(time.time())
         return batch.build(
-            self.keystore.private("issuer"), self.keystore.delegation(), merchant=merchant,
-            seq=seq, kind=Kind.CONSUMED, entries=entries, created_at=now,
+            self.keystore.private("issuer"),
+            self.keystore.delegation(),
+            merchant=merchant,
+            seq=seq,
+            kind=Kind.CONSUMED,
+            entries=entries,
+            created_at=now,
             expires_at=now + CONSUMED_EXPIRES,
-        )  # fmt: skip
+        )
 
     def _publish_consumed(self, store: Store) -> None:
         while self._unpublished:

@@ -78,10 +78,15 @@ def parse_message(payload: bytes, *, merchant: str, box: str) -> list[Event]:
 # The typed fields of a record: (name, type, may be null). `type(v) is t` rather than
 # isinstance, so that JSON true/false never pass for integers.
 _FIELDS = (
-    ("at_ms", int, False), ("card_id", int, True), ("action", str, False),
-    ("verdict", str, False), ("uses", int, True), ("amount", int, True),
-    ("uses_left", int, True), ("balance", int, True),
-)  # fmt: skip
+    ("at_ms", int, False),
+    ("card_id", int, True),
+    ("action", str, False),
+    ("verdict", str, False),
+    ("uses", int, True),
+    ("amount", int, True),
+    ("uses_left", int, True),
+    ("balance", int, True),
+)
 
 
 def _record(value: object, merchant: str, box: str, index: int) -> Event:

@@ -188,16 +188,29 @@ def add(
     now = int(time.time()) if now is None else now
     merchant = _merchant(store, box)
     row = GrantRow(
-        id=new_grant_id(), merchant=merchant, box=box, box_key_id=keys.key_id(box_key),
-        box_key=box_key, cards=tuple(dict.fromkeys(cards)), quota=quota,
-        not_before=not_before, not_after=not_after, created_at=now, revoked_at=None,
-    )  # fmt: skip
+        id=new_grant_id(),
+        merchant=merchant,
+        box=box,
+        box_key_id=keys.key_id(box_key),
+        box_key=box_key,
+        cards=tuple(dict.fromkeys(cards)),
+        quota=quota,
+        not_before=not_before,
+        not_after=not_after,
+        created_at=now,
+        revoked_at=None,
+    )
     try:
         # The fields' checks are the set's: refuse before anything is stored.
         grant.build(
-            *keystore.signer(merchant, now), merchant=merchant, box=box, box_public=box_key,
-            seq=1, created_at=now, grants=(row.grant,),
-        )  # fmt: skip
+            *keystore.signer(merchant, now),
+            merchant=merchant,
+            box=box,
+            box_public=box_key,
+            seq=1,
+            created_at=now,
+            grants=(row.grant,),
+        )
     except GrantError as exc:
         raise GrantsError(str(exc)) from None
     if not_after + CLAIM_GRACE < now:
@@ -207,10 +220,19 @@ def add(
         store.engine.execute(
             f"INSERT INTO grants({_GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                row.id, merchant, box, row.box_key_id, keys.b64(box_key), json.dumps(row.cards),
-                quota, not_before, not_after, now, None,
+                row.id,
+                merchant,
+                box,
+                row.box_key_id,
+                keys.b64(box_key),
+                json.dumps(row.cards),
+                quota,
+                not_before,
+                not_after,
+                now,
+                None,
             ),
-        )  # fmt: skip
+        )
         signed = _sign(store, keystore, merchant, box, box_key, now)
     return Made(row, signed)
 
@@ -260,12 +282,32 @@ def grants(store: Store, box: str | None = None) -> list[GrantRow]:
 
 
 def _grant_row(row: tuple) -> GrantRow:
-    (grant_id, merchant, box, key_id, key, cards, quota, not_before, not_after, created_at,
-     revoked_at) = row  # fmt: skip
+    (
+        grant_id,
+        merchant,
+        box,
+        key_id,
+        key,
+        cards,
+        quota,
+        not_before,
+        not_after,
+        created_at,
+        revoked_at,
+    ) = row
     return GrantRow(
-        grant_id, merchant, box, key_id, keys.unb64(key, "stored box key", 32),
-        tuple(json.loads(cards)), quota, not_before, not_after, created_at, revoked_at,
-    )  # fmt: skip
+        grant_id,
+        merchant,
+        box,
+        key_id,
+        keys.unb64(key, "stored box key", 32),
+        tuple(json.loads(cards)),
+        quota,
+        not_before,
+        not_after,
+        created_at,
+        revoked_at,
+    )
 
 
 # ------------------------------------------------------------------ grant sets
@@ -300,9 +342,15 @@ def _sign(
     private, delegation = keystore.signer(merchant, now)
     try:
         data = grant.build(
-            private, delegation, merchant=merchant, box=box, box_public=box_public, seq=seq,
-            created_at=now, grants=held,
-        )  # fmt: skip
+            private,
+            delegation,
+            merchant=merchant,
+            box=box,
+            box_public=box_public,
+            seq=seq,
+            created_at=now,
+            grants=held,
+        )
     except GrantError as exc:
         raise GrantsError(str(exc)) from None
     store.engine.execute(

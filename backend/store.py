@@ -557,10 +557,17 @@ class Store:
             self._sql(
                 f"INSERT INTO batches({_COLUMNS}, issued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    merchant, seq, kind.value, issued.count, issued.created_at,
-                    issued.expires_at, issued.sha256, issued.data, int(time.time()),
+                    merchant,
+                    seq,
+                    kind.value,
+                    issued.count,
+                    issued.created_at,
+                    issued.expires_at,
+                    issued.sha256,
+                    issued.data,
+                    int(time.time()),
                 ),
-            )  # fmt: skip
+            )
         return issued
 
     def latest_seq(self, merchant: str) -> int:
@@ -648,17 +655,32 @@ class Store:
                         new.append(event)
                 fresh.append(new)
             self.engine.insert_new(
-                "events", _EVENT_COLUMNS,
+                "events",
+                _EVENT_COLUMNS,
                 [
                     (
-                        e.id, merchant, box, e.seq, e.at_ms, e.digest, e.card_id, e.action,
-                        e.verdict, e.uses, e.amount, e.uses_left, e.balance, e.reverses,
-                        e.raw, now, e.account,
+                        e.id,
+                        merchant,
+                        box,
+                        e.seq,
+                        e.at_ms,
+                        e.digest,
+                        e.card_id,
+                        e.action,
+                        e.verdict,
+                        e.uses,
+                        e.amount,
+                        e.uses_left,
+                        e.balance,
+                        e.reverses,
+                        e.raw,
+                        now,
+                        e.account,
                     )
                     for (merchant, box, _), new in zip(messages, fresh, strict=True)
                     for e in new
                 ],
-            )  # fmt: skip
+            )
             # Each message is then judged as if the ones after it were not stored yet,
             # as when they were stored one by one: a double redemption within the group
             # is one conflict, found by the later record, not one from each side.
@@ -907,10 +929,17 @@ class Store:
         self._sql(
             f"INSERT INTO batches({_COLUMNS}, issued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                merchant, seq, Kind.CONSUMED.value, issued.count, issued.created_at,
-                issued.expires_at, issued.sha256, issued.data, int(time.time()),
+                merchant,
+                seq,
+                Kind.CONSUMED.value,
+                issued.count,
+                issued.created_at,
+                issued.expires_at,
+                issued.sha256,
+                issued.data,
+                int(time.time()),
             ),
-        )  # fmt: skip
+        )
         self.engine.executemany(
             "UPDATE events SET consumed_seq = ? WHERE id = ?", [(seq, r[0]) for r in rows]
         )
@@ -1027,11 +1056,22 @@ class Store:
                     )
                 return True
             values = (
-                status.state, since, now, status.box_at, status.version, status.cache_seq,
-                status.cache_age_s, status.outbox_depth, status.outbox_oldest_age_s,
-                status.publish_error, json.dumps(list(status.drivers)), status.stuck,
-                status.alarm, status.raw, now,
-            )  # fmt: skip
+                status.state,
+                since,
+                now,
+                status.box_at,
+                status.version,
+                status.cache_seq,
+                status.cache_age_s,
+                status.outbox_depth,
+                status.outbox_oldest_age_s,
+                status.publish_error,
+                json.dumps(list(status.drivers)),
+                status.stuck,
+                status.alarm,
+                status.raw,
+                now,
+            )
             self._sql(
                 "INSERT INTO box_status(merchant, box, state, since, last_seen, box_at, version, "
                 "cache_seq, cache_age_s, outbox_depth, outbox_oldest_age_s, publish_error, "
@@ -1064,9 +1104,16 @@ class Store:
         self._sql(
             "INSERT INTO box_status_history(merchant, box, at, state, cache_seq, outbox_depth, "
             "problem) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (merchant, box, now, status.state, cache_seq,
-             None if status.will else status.outbox_depth, problem or None),
-        )  # fmt: skip
+            (
+                merchant,
+                box,
+                now,
+                status.state,
+                cache_seq,
+                None if status.will else status.outbox_depth,
+                problem or None,
+            ),
+        )
         self._sql(
             "DELETE FROM box_status_history WHERE merchant = ? AND box = ? AND at < ?",
             (merchant, box, now - HISTORY_DAYS * 86400),
@@ -1098,17 +1145,36 @@ class Store:
         for merchant, box, added_at, since, last_seen, received_at, *said in rows:
             if merchant not in latest:
                 latest[merchant] = max(self.latest_seq(merchant), self._legacy_last_seq(merchant))
-            (state, raw, box_at, version, cache_seq, cache_age_s, depth, oldest, publish_error,
-             drivers, stuck, alarm) = said  # fmt: skip
+            (
+                state,
+                raw,
+                box_at,
+                version,
+                cache_seq,
+                cache_age_s,
+                depth,
+                oldest,
+                publish_error,
+                drivers,
+                stuck,
+                alarm,
+            ) = said
             status = None
             if state is not None:
                 status = BoxStatus(
-                    state=state, raw=raw, box_at=box_at, version=version, cache_seq=cache_seq,
-                    cache_age_s=cache_age_s, outbox_depth=depth, outbox_oldest_age_s=oldest,
+                    state=state,
+                    raw=raw,
+                    box_at=box_at,
+                    version=version,
+                    cache_seq=cache_seq,
+                    cache_age_s=cache_age_s,
+                    outbox_depth=depth,
+                    outbox_oldest_age_s=oldest,
                     publish_error=publish_error,
-                    drivers=tuple(json.loads(drivers)) if drivers else (), stuck=stuck,
+                    drivers=tuple(json.loads(drivers)) if drivers else (),
+                    stuck=stuck,
                     alarm=alarm,
-                )  # fmt: skip
+                )
             result.append(
                 BoxRow(
                     merchant=merchant,
@@ -1135,9 +1201,24 @@ class Store:
 
 
 _EVENT_COLUMNS = (
-    "id", "merchant", "box", "seq", "at_ms", "digest", "card_id", "action", "verdict", "uses",
-    "amount", "uses_left", "balance", "reverses", "raw", "stored_at", "account",
-)  # fmt: skip
+    "id",
+    "merchant",
+    "box",
+    "seq",
+    "at_ms",
+    "digest",
+    "card_id",
+    "action",
+    "verdict",
+    "uses",
+    "amount",
+    "uses_left",
+    "balance",
+    "reverses",
+    "raw",
+    "stored_at",
+    "account",
+)
 
 
 def _consumes_last_use(event: Event) -> bool:

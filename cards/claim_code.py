@@ -148,9 +148,12 @@ def choose(grants: GrantSet | None, used: dict[str, int], card_id: int, now: int
     if not covering:
         return Choice(None, 0, Reason.NO_GRANT, f"no grant on this box covers card {card_id}")
     if all(g.revoked for g in covering):
-        return Choice(None, 0, Reason.GRANT_REVOKED, (
-            f"the merchant revoked this box's grant for card {card_id}"
-        ))  # fmt: skip
+        return Choice(
+            None,
+            0,
+            Reason.GRANT_REVOKED,
+            (f"the merchant revoked this box's grant for card {card_id}"),
+        )
     covering = [g for g in covering if not g.revoked]
     usable = [
         g for g in covering if g.not_before <= now <= g.not_after and used.get(g.id, 0) < g.quota
@@ -160,13 +163,21 @@ def choose(grants: GrantSet | None, used: dict[str, int], card_id: int, now: int
         return Choice(grant, used.get(grant.id, 0) + 1, None, "")
     current = [g for g in covering if g.not_before <= now <= g.not_after]
     if current:
-        return Choice(None, 0, Reason.QUOTA_EXHAUSTED, (
-            f"every grant for card {card_id} has used its quota "
-            f"({', '.join(f'{g.id}: {g.quota}' for g in current)}); ask the merchant for more"
-        ))  # fmt: skip
+        return Choice(
+            None,
+            0,
+            Reason.QUOTA_EXHAUSTED,
+            (
+                f"every grant for card {card_id} has used its quota "
+                f"({', '.join(f'{g.id}: {g.quota}' for g in current)}); ask the merchant for more"
+            ),
+        )
     if any(g.not_before > now for g in covering):
         first = min(g.not_before for g in covering if g.not_before > now)
-        return Choice(None, 0, Reason.GRANT_NOT_YET_VALID, (
-            f"the grant for card {card_id} starts at {keys.iso(first)}"
-        ))  # fmt: skip
+        return Choice(
+            None,
+            0,
+            Reason.GRANT_NOT_YET_VALID,
+            (f"the grant for card {card_id} starts at {keys.iso(first)}"),
+        )
     return Choice(None, 0, Reason.GRANT_EXPIRED, f"the grant for card {card_id} has ended")

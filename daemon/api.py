@@ -158,8 +158,18 @@ class ApiCall:
 
 
 class _Client:
-    __slots__ = ("sock", "number", "inbuf", "out", "subscribed", "queued", "eof", "closing",
-                 "closed", "events")  # fmt: skip
+    __slots__ = (
+        "sock",
+        "number",
+        "inbuf",
+        "out",
+        "subscribed",
+        "queued",
+        "eof",
+        "closing",
+        "closed",
+        "events",
+    )
 
     def __init__(self, sock: socket.socket, number: int):
         self.sock = sock
@@ -308,16 +318,20 @@ class ApiServer:
             log.warning(
                 "[api] group %r does not exist; %s keeps the daemon's group (create the "
                 "group, e.g. with systemd-sysusers, or change [api] group)",
-                self.group, self.path,
-            )  # fmt: skip
+                self.group,
+                self.path,
+            )
             return
         try:
             os.chown(self.path, -1, gid)
         except OSError as exc:
             log.warning(
                 "[api] cannot give %s to group %s (%s); the daemon's user must be a member "
-                "of that group", self.path, self.group, exc.strerror,
-            )  # fmt: skip
+                "of that group",
+                self.path,
+                self.group,
+                exc.strerror,
+            )
 
     def stop(self, timeout: float = 2.0) -> bool:
         """Close every client, remove the socket and join both threads. False if a
@@ -455,8 +469,14 @@ class ApiServer:
             sock.setblocking(False)
             if len(self._clients) >= self.max_clients:
                 with contextlib.suppress(OSError):
-                    sock.send(encode(error(Error.TOO_MANY_CLIENTS,
-                                           f"at most {self.max_clients} clients at once")))  # fmt: skip
+                    sock.send(
+                        encode(
+                            error(
+                                Error.TOO_MANY_CLIENTS,
+                                f"at most {self.max_clients} clients at once",
+                            )
+                        )
+                    )
                 sock.close()
                 continue
             self._numbers += 1
@@ -520,21 +540,28 @@ class ApiServer:
                 self._line(client, line)
             except Exception:  # a bug: this line is answered, the connection stays
                 log.exception("api: client %d: a request line failed", client.number)
-                self._send(client, encode(error(Error.INTERNAL_ERROR,
-                                                "the request failed; see the log")))  # fmt: skip
+                self._send(
+                    client, encode(error(Error.INTERNAL_ERROR, "the request failed; see the log"))
+                )
         del client.inbuf[:start]
         if len(client.inbuf) > self.max_line and not client.closing:
             self._too_long(client)
 
     def _too_long(self, client: _Client) -> None:
-        log.warning("api: client %d sent a line over %d bytes; dropped", client.number,
-                    self.max_line)  # fmt: skip
+        log.warning(
+            "api: client %d sent a line over %d bytes; dropped", client.number, self.max_line
+        )
         client.inbuf.clear()
         client.closing = True
-        self._send(client, encode(error(
-            Error.LINE_TOO_LONG,
-            f"a request line may be at most {self.max_line} bytes; the connection is closed",
-        )))  # fmt: skip
+        self._send(
+            client,
+            encode(
+                error(
+                    Error.LINE_TOO_LONG,
+                    f"a request line may be at most {self.max_line} bytes; the connection is closed",
+                )
+            ),
+        )
         self._settle(client)
 
     def _line(self, client: _Client, line: bytes) -> None:
@@ -547,9 +574,12 @@ class ApiServer:
             self._send(client, encode(error(Error.BAD_JSON, str(exc))))
             return
         if not isinstance(request, dict):
-            self._send(client, encode(error(
-                Error.BAD_REQUEST, 'a request is a JSON object such as {"cmd": "status"}'
-            )))  # fmt: skip
+            self._send(
+                client,
+                encode(
+                    error(Error.BAD_REQUEST, 'a request is a JSON object such as {"cmd": "status"}')
+                ),
+            )
             return
         cmd = request.get("cmd")
         if not isinstance(cmd, str):
@@ -600,8 +630,9 @@ class ApiServer:
                 # for everyone else in memory without bound.
                 log.warning(
                     "api: client %d is not reading (%d bytes waiting); dropped",
-                    client.number, len(client.out) + len(data),
-                )  # fmt: skip
+                    client.number,
+                    len(client.out) + len(data),
+                )
                 self._close(client)
                 return
             client.out += data

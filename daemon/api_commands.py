@@ -244,9 +244,13 @@ class Commands:
             assert code is not None  # exactly one of code and check_id, checked above
             text, source = code, "api"
         result = self.engine.redeem(
-            text, source, amount=amount, uses=uses, operator=operator,
+            text,
+            source,
+            amount=amount,
+            uses=uses,
+            operator=operator,
             request=RequestKey(key, fingerprint),
-        )  # fmt: skip
+        )
         if check_id is not None and isinstance(result, Verdict) and result.accepted:
             del self._checks[check_id]
         return self._recorded(result)

@@ -343,8 +343,11 @@ def cmd_box_key(args: argparse.Namespace) -> int:
     except BoxKeyError as exc:
         raise CommandError(str(exc)) from None
     if args.json:
-        print(json.dumps({"box": config.box.id, "merchant": config.box.merchant,
-                          **key.describe()}, indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                {"box": config.box.id, "merchant": config.box.merchant, **key.describe()}, indent=2
+            )
+        )
         return 0
     print(f"box {config.box.id} (merchant {config.box.merchant})")
     print(f"box key id: {key.key_id}")
@@ -369,9 +372,13 @@ def cmd_grant_install(args: argparse.Namespace) -> int:
     conn = open_database(config.box.database)
     try:
         installed = install_grants(
-            conn, data, config.trust.root_keys, merchant=config.box.merchant,
-            box=config.box.id, box_key_id=key.key_id,
-        )  # fmt: skip
+            conn,
+            data,
+            config.trust.root_keys,
+            merchant=config.box.merchant,
+            box=config.box.id,
+            box_key_id=key.key_id,
+        )
     except GrantsRefused as exc:
         raise CommandError(f"{args.file}: {exc}") from None
     finally:
@@ -392,8 +399,13 @@ def cmd_dispense(args: argparse.Namespace) -> int:
             f"redeemd is {state.summary}, and dispensing must go through it (it owns the "
             "ledger's sequence): enable [api] or make its socket reachable for this user"
         )
-    request = {"cmd": "dispense", "card": args.card, "count": args.count,
-               "key": str(uuid.uuid4()), "print": args.print}  # fmt: skip
+    request = {
+        "cmd": "dispense",
+        "card": args.card,
+        "count": args.count,
+        "key": str(uuid.uuid4()),
+        "print": args.print,
+    }
     answer = _ask_daemon(config, request) if state.running else _dispense_here(config, request)
     if not answer.get("ok"):
         raise CommandError(f"dispense refused: {answer.get('message')} ({answer.get('error')})")
@@ -661,8 +673,10 @@ def _dispensing_text(dispensing: dict, printer: dict | None) -> list[str]:
     if dispensing.get("box_key_problem"):
         lines.append(f"{'box key problem':>20}: {dispensing['box_key_problem']}")
     seq = dispensing.get("grant_seq")
-    lines.append(f"{'grant set':>20}: " + ("none (this box may not dispense)" if seq is None
-                                          else f"seq {seq}"))  # fmt: skip
+    lines.append(
+        f"{'grant set':>20}: "
+        + ("none (this box may not dispense)" if seq is None else f"seq {seq}")
+    )
     if dispensing.get("problem"):
         lines.append(f"{'grant problem':>20}: {dispensing['problem']}")
     for g in dispensing.get("grants", []):

@@ -220,7 +220,7 @@ def replayed(record: dict, private_key: bytes, claim_url: str) -> Dispensed:
                 item["claim_by"],
                 claim_url + text,
                 item.get("card_title", ""),
-            )  # fmt: skip
+            )
         )
     refused = record.get("refused")
     return Dispensed(tuple(claims), None if refused is None else verdict_of(refused))
@@ -230,12 +230,17 @@ def verdict_of(data: dict) -> Verdict:
     """A Verdict from its to_json() form (what an idempotency key kept)."""
     reason = data.get("reason")
     return Verdict(
-        Outcome(data["verdict"]), Action(data["action"]),
-        Reason(reason) if reason else None, data.get("detail", ""),
-        data.get("digest_prefix", ""), data.get("card_id"), data.get("card_kind"),
-        record_id=data.get("record_id"), box_seq=data.get("box_seq"),
+        Outcome(data["verdict"]),
+        Action(data["action"]),
+        Reason(reason) if reason else None,
+        data.get("detail", ""),
+        data.get("digest_prefix", ""),
+        data.get("card_id"),
+        data.get("card_kind"),
+        record_id=data.get("record_id"),
+        box_seq=data.get("box_seq"),
         source=data.get("source", ""),
-    )  # fmt: skip
+    )
 
 
 def grants_status(

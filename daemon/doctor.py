@@ -231,10 +231,11 @@ def _config_problem(source: str, problem: str, account: Account) -> Finding:
             hint = "run doctor as root (sudo redeemd doctor) to see which directory blocks it"
         else:
             return Finding(
-                "config", False,
+                "config",
+                False,
                 f"user {account.name} cannot read {path} ({mode}), so redeemd cannot start: "
                 f"as root, {fix}",
-            )  # fmt: skip
+            )
     else:
         hint = "fix it, then `redeemd check-config`"
     return Finding("config", False, f"{source}: {problem}; {hint}")
@@ -248,17 +249,19 @@ def _daemon(config: Config) -> Iterator[Finding]:
     state = liveness.probe(config)
     if not state.running:
         yield Finding(
-            "daemon", False,
+            "daemon",
+            False,
             f"redeemd is {state.summary}, so no scan is decided: start it "
             "(systemctl start redeemd); if it stops again, journalctl -u redeemd -n 50 says why",
-        )  # fmt: skip
+        )
     elif state.api_problem:
         yield Finding(
-            "daemon", False,
+            "daemon",
+            False,
             f"redeemd is {state.summary}, but its local API socket {state.api_problem}, so "
             "the POS application cannot reach it: journalctl -u redeemd -g api says why; "
             "systemctl restart redeemd makes the socket again",
-        )  # fmt: skip
+        )
     else:
         yield Finding("daemon", True, state.summary)
 
@@ -299,10 +302,11 @@ def _secrets(config: Config, account: Account) -> Iterator[Finding]:
     if files and not problems:
         rule = "not changeable by it, " if account.confined else ""
         yield Finding(
-            "secrets", True,
+            "secrets",
+            True,
             f"{len(files)} key and config file(s) readable by {account.name}, {rule}"
             "secret ones hidden from other users",
-        )  # fmt: skip
+        )
 
 
 OPEN = "it is open to every user of the box"
@@ -316,11 +320,12 @@ def _guard(
     blocked = account.blocked_at(path)
     if blocked is not None:
         yield Finding(
-            "secrets", False,
+            "secrets",
+            False,
             f"{what}: user {account.name} cannot reach {path}: it may not enter {blocked} "
             f"({describe_mode(blocked)}), so redeemd cannot start: chown root:{account.group} "
             f"{blocked} && chmod {SECRET_DIR_MODE:04o} {blocked}",
-        )  # fmt: skip
+        )
     wrong = []
     if blocked is None and not account.may(path, os.R_OK):
         wrong.append(f"user {account.name} cannot read it, so redeemd cannot start")
@@ -342,10 +347,11 @@ def _guard(
     way = account.replaces_through(path) if account.confined else None
     if way is not None:
         yield Finding(
-            "secrets", False,
+            "secrets",
+            False,
             f"{what}: user {account.name} can replace {path}: it may write to {way} "
             f"({describe_mode(way)}): {_move_fix(what, way, account, state_dir)}",
-        )  # fmt: skip
+        )
 
 
 def _move_fix(what: str, way: Path, account: Account, state_dir: Path) -> str:
@@ -417,8 +423,9 @@ def _database(config: Config, account: Account, now: float) -> Iterator[Finding]
         try:
             yield from _database_access(config, account)
         except OSError as exc:  # a directory doctor's own user may not look into
-            yield Finding("database", False, f"cannot check who may write it ({exc}): run "
-                          "doctor as root")  # fmt: skip
+            yield Finding(
+                "database", False, f"cannot check who may write it ({exc}): run doctor as root"
+            )
     yield from opened
 
 
@@ -441,12 +448,13 @@ def _database_content(config: Config, now: float) -> Iterator[Finding]:
     mount = read_only_mount(path)
     if mount is not None:
         yield Finding(
-            "database", False,
+            "database",
+            False,
             f"{path} is on a file system mounted read-only ({mount}), so every scan is "
             f"rejected with storage_error: remount it (mount -o remount,rw {mount}) and make "
             "it stay so in /etc/fstab; if the kernel made it read-only after disk errors "
             "(dmesg | grep -i 'read-only'), run fsck or replace the disk or SD card first",
-        )  # fmt: skip
+        )
     try:
         conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
     except sqlite3.Error as exc:
@@ -492,10 +500,11 @@ def _database_access(config: Config, account: Account) -> Iterator[Finding]:
         blocked = account.blocked_at(item)
         if blocked is not None:
             yield Finding(
-                "database", False,
+                "database",
+                False,
                 f"user {account.name} cannot reach {item}: it may not enter {blocked} "
                 f"({describe_mode(blocked)}): chmod o+x {blocked}",
-            )  # fmt: skip
+            )
             return
         if account.may(item, os.R_OK | os.W_OK | (os.X_OK if is_dir else 0)):
             continue
@@ -507,10 +516,11 @@ def _database_access(config: Config, account: Account) -> Iterator[Finding]:
         if st.st_mode & need != need:
             fix.append(f"chmod u+{'rwx' if is_dir else 'rw'} {item}")
         yield Finding(
-            "database", False,
+            "database",
+            False,
             f"user {account.name} cannot write {item} ({describe_mode(item)}), so every scan "
             f"is rejected with storage_error: {' && '.join(fix)}",
-        )  # fmt: skip
+        )
 
 
 def _unopenable(path: Path, exc: sqlite3.Error, mount: Path | None) -> Iterator[Finding]:
@@ -522,27 +532,30 @@ def _unopenable(path: Path, exc: sqlite3.Error, mount: Path | None) -> Iterator[
         return  # a WAL database on a read-only mount: said above
     elif not os.access(path, os.R_OK):
         yield Finding(
-            "database", False,
+            "database",
+            False,
             f"doctor, as uid {os.geteuid()}, cannot read {path}: run it as root, "
             "sudo redeemd doctor",
-        )  # fmt: skip
+        )
     elif name.startswith("SQLITE_IOERR"):
         yield Finding(
-            "database", False,
+            "database",
+            False,
             f"reading {path} failed with an I/O error ({exc}): the disk or SD card may be "
             "failing (dmesg); take a backup off the box now (redeemd backup) and replace it",
-        )  # fmt: skip
+        )
     else:
         yield Finding("database", False, f"cannot open {path} ({exc}, {name})")
 
 
 def _damaged(path: Path, detail: str) -> Finding:
     return Finding(
-        "database", False,
+        "database",
+        False,
         f"{path} is damaged ({detail}), so redeemd cannot use it: stop redeemd, move it aside "
         f"and restore the newest backup (docs/operations.md, {RESTORE_SECTION}); with no "
         "backup, replace the box as docs/operations.md says (a new box id)",
-    )  # fmt: skip
+    )
 
 
 def read_only_mount(path: Path) -> Path | None:
@@ -567,10 +580,11 @@ def read_only_mount(path: Path) -> Path | None:
 def _clock_plausible(now: float) -> Iterator[Finding]:
     if now < CLOCK_NEVER_BEFORE:
         yield Finding(
-            "clock", False,
+            "clock",
+            False,
             f"the clock says {_when(now)}, so it was never set: enable NTP "
             "(timedatectl set-ntp true) and let the box reach an NTP server",
-        )  # fmt: skip
+        )
 
 
 def _clock_vs_floor(now: float, floor: int) -> Finding:
@@ -578,11 +592,12 @@ def _clock_vs_floor(now: float, floor: int) -> Finding:
         return Finding("clock", True, f"{_when(now)}; no signed time verified yet")
     if now < floor:
         return Finding(
-            "clock", False,
+            "clock",
+            False,
             f"the clock ({_when(now)}) is {_age(floor - now)} behind the newest signed "
             f"time ({_when(floor)}); redeemd uses that time floor instead, so codes that "
             "expired since pass: enable NTP (timedatectl set-ntp true)",
-        )  # fmt: skip
+        )
     return Finding("clock", True, f"{_when(now)}, after the time floor {_when(floor)}")
 
 
@@ -597,10 +612,11 @@ def _cache(config: Config, now: float, floor: int, newest: int | None) -> Findin
             else "`redeemd import FILE...`, or enable [sync] to fetch them from the backend"
         )
         return Finding(
-            "cache", False,
+            "cache",
+            False,
             f"no batch for merchant {config.box.merchant} applied yet, so every code is "
             f"unknown: {get}",
-        )  # fmt: skip
+        )
     age = max(now, floor) - newest
     if age > config.trust.max_staleness:
         effect = (
@@ -609,7 +625,8 @@ def _cache(config: Config, now: float, floor: int, newest: int | None) -> Findin
             else "scans are still accepted"
         )
         return Finding(
-            "cache", False,
+            "cache",
+            False,
             f"the cache is {_age(age)} old (its newest batch, or the newest manifest "
             f"saying there is nothing newer), over [trust] max_staleness "
             f"({_age(config.trust.max_staleness)}) and {effect}: "
@@ -618,7 +635,7 @@ def _cache(config: Config, now: float, floor: int, newest: int | None) -> Findin
                 if config.sync.enabled
                 else "import the newest batches (`redeemd import FILE...`)"
             ),
-        )  # fmt: skip
+        )
     return Finding("cache", True, f"known current {_age(age)} ago")
 
 
@@ -644,9 +661,10 @@ def _scanner(scanner: ScannerConfig, account: Account) -> Iterator[Finding]:
         device = settings.device
         if not device.startswith("/"):
             yield Finding(
-                where, True,
+                where,
+                True,
                 f"{device!r} is matched when redeemd starts; `redeemd devices` lists candidates",
-            )  # fmt: skip
+            )
             return
         path, write, hint = Path(device), False, "group input"
     else:  # camera
@@ -655,18 +673,20 @@ def _scanner(scanner: ScannerConfig, account: Account) -> Iterator[Finding]:
         hint = "group video"
     if not path.exists() and hint == "fifo":
         yield Finding(
-            where, False,
+            where,
+            False,
             f"{path} does not exist: a FIFO is made by the program that writes codes into it "
             f"(mkfifo, before redeemd starts): start that program, or correct the path in "
             f"[[scanner]] {scanner.name!r}",
-        )  # fmt: skip
+        )
         return
     if not path.exists():
         yield Finding(
-            where, False,
+            where,
+            False,
             f"{path} does not exist: plug the scanner in, or correct the [[scanner]] "
             f"{scanner.name!r} block from `redeemd devices`",
-        )  # fmt: skip
+        )
         return
     if not account.can(path, write):
         if hint == "fifo":
@@ -680,10 +700,11 @@ def _scanner(scanner: ScannerConfig, account: Account) -> Iterator[Finding]:
                 "(docs/scanners.md)"
             )
         yield Finding(
-            where, False,
+            where,
+            False,
             f"user {account.name} cannot {'read and write' if write else 'read'} {path} "
             f"({describe_mode(path)}): {fix}",
-        )  # fmt: skip
+        )
         return
     yield Finding(where, True, f"{path} ({scanner.type}) {'read/write' if write else 'readable'}")
 
@@ -730,10 +751,11 @@ def _sync(config: Config, account: Account) -> Iterator[Finding]:
             unreadable = True
             if key in ("ca_file", "cert_file"):
                 yield Finding(
-                    "sync", False,
+                    "sync",
+                    False,
                     f"[sync] {key}: user {account.name} cannot read {path} "
                     f"({describe_mode(path)}): {_secret_fix(path, account)}",
-                )  # fmt: skip
+                )
     context = None
     if sync.tls:
         try:
@@ -742,10 +764,11 @@ def _sync(config: Config, account: Account) -> Iterator[Finding]:
                 context.load_cert_chain(str(sync.cert_file), str(sync.key_file))
         except (ssl.SSLError, OSError) as exc:
             yield Finding(
-                "sync", False,
+                "sync",
+                False,
                 f"TLS files unusable ({exc}): check [sync] ca_file, cert_file and key_file "
                 "are PEM files and the key belongs to the certificate",
-            )  # fmt: skip
+            )
             return
     where = f"{sync.host}:{sync.port}"
     try:
@@ -753,10 +776,11 @@ def _sync(config: Config, account: Account) -> Iterator[Finding]:
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
         yield Finding(
-            "sync", False,
+            "sync",
+            False,
             f"cannot reach the broker at {where} ({reason}): check the network, a firewall, "
             "and [sync] broker; scans go on offline meanwhile",
-        )  # fmt: skip
+        )
         return
     with raw:
         if context is not None:
@@ -765,10 +789,11 @@ def _sync(config: Config, account: Account) -> Iterator[Finding]:
                     pass
             except (ssl.SSLError, OSError) as exc:
                 yield Finding(
-                    "sync", False,
+                    "sync",
+                    False,
                     f"TLS with the broker at {where} failed ({exc}): [sync] ca_file must "
                     "hold the CA that signed the broker's certificate for this host name",
-                )  # fmt: skip
+                )
                 return
     if not unreadable:
         yield Finding("sync", True, f"broker {where} reachable{' over TLS' if sync.tls else ''}")
@@ -819,10 +844,11 @@ def _mqtt_login(sync, box_id: str) -> Finding:
             client.disconnect()
     if not answer:
         return Finding(
-            "sync", False,
+            "sync",
+            False,
             f"the broker at {where} accepted the connection but did not answer the MQTT "
             "login: is it an MQTT broker, and is the port the MQTT port?",
-        )  # fmt: skip
+        )
     reason = answer[0]
     if reason.is_failure:
         hint = REFUSAL_HINTS.get(reason.value, "")
@@ -865,44 +891,50 @@ def _dispensing(config: Config, now: float) -> Iterator[Finding]:
         return  # a box that does not dispense
     if key is None:
         yield Finding(
-            "dispensing", False,
+            "dispensing",
+            False,
             "rules dispense claim codes but this box has no key yet: run `redeemd box-key` "
             "and have the backend grant that key",
-        )  # fmt: skip
+        )
         return
     if (rules or held is not None) and "claim.invalid" in config.dispense.claim_url:
         yield Finding(
-            "dispensing", False,
+            "dispensing",
+            False,
             "[dispense] claim_url is the placeholder: set the merchant's claim service, or "
             "customers get a QR code that opens nothing",
-        )  # fmt: skip
+        )
     if held is None:
         yield Finding(
-            "dispensing", not rules,
+            "dispensing",
+            not rules,
             f"box key {key.key_id}, no grant set: "
             + ("rules cannot dispense; " if rules else "")
             + "have the backend grant this key (redeemd-backend grant add)",
-        )  # fmt: skip
+        )
         return
     live = [g for g in held.grants if not g.revoked and g.not_before <= now <= g.not_after]
     for rule in rules:
         if not any(rule.card in g.cards for g in live):
             yield Finding(
-                "dispensing", False,
+                "dispensing",
+                False,
                 f"a rule dispenses card {rule.card} but no current grant covers it: "
                 "have the backend grant it (redeemd status shows the grants)",
-            )  # fmt: skip
+            )
     low = [g for g in live if g.quota - used.get(g.id, 0) <= max(1, g.quota // 10)]
     for g in low:
         yield Finding(
-            "dispensing", False,
+            "dispensing",
+            False,
             f"grant {g.id} has {g.quota - used.get(g.id, 0)} of {g.quota} claim codes left: "
             "ask the backend to raise its quota",
-        )  # fmt: skip
+        )
     yield Finding(
-        "dispensing", True,
+        "dispensing",
+        True,
         f"box key {key.key_id}, grant set {held.seq}: {len(live)} current grant(s)",
-    )  # fmt: skip
+    )
 
 
 def _disk(config: Config, min_free: int) -> Iterator[Finding]:
@@ -912,11 +944,12 @@ def _disk(config: Config, min_free: int) -> Iterator[Finding]:
     free = shutil.disk_usage(where).free
     if free < min_free:
         yield Finding(
-            "disk", False,
+            "disk",
+            False,
             f"only {_size(free)} free for {config.box.state_dir} (want {_size(min_free)}); "
             "at zero every scan is rejected with storage_error: free space "
             "(journalctl --vacuum-size=100M, old files) or use a bigger card",
-        )  # fmt: skip
+        )
         return
     yield Finding("disk", True, f"{_size(free)} free for {config.box.state_dir}")
 

@@ -96,8 +96,10 @@ class Engine:
         self._debounce = Debounce(config.scan.debounce, monotonic)
         # Read on every scan; the config is frozen and a reload makes a new Engine.
         self._box_id, self._merchant, self._store = (
-            config.box.id, config.box.merchant, config.box.store,
-        )  # fmt: skip
+            config.box.id,
+            config.box.merchant,
+            config.box.store,
+        )
         self._max_length = config.scan.max_code_length
         self.policy = Policy(
             merchant=config.box.merchant,
@@ -310,10 +312,15 @@ class Engine:
         original = row = account = None
         if redemption is not None:
             original = Original(
-                redemption.action, redemption.verdict, redemption.card_id,
-                redemption.at_ms // 1000, redemption.uses or 1, redemption.amount,
-                ledger.is_reversed(self.conn, rid), redemption.account,
-            )  # fmt: skip
+                redemption.action,
+                redemption.verdict,
+                redemption.card_id,
+                redemption.at_ms // 1000,
+                redemption.uses or 1,
+                redemption.amount,
+                ledger.is_reversed(self.conn, rid),
+                redemption.account,
+            )
             row = self.conn.execute(codes.LOOKUP, (redemption.digest or b"",)).fetchone()
             if redemption.account is not None:
                 account = self.conn.execute(codes.ACCOUNT_LOOKUP, (redemption.account,)).fetchone()
@@ -400,30 +407,81 @@ class Engine:
                 reason = choice.reason or Reason.NO_GRANT
                 detail = problem or choice.detail
                 ledger.append(
-                    self.conn, seq, record_id, at_ms, self._box_id, self._merchant, self._store,
-                    None, card_id, str(Action.REJECT), None, None, None, None,
-                    str(Outcome.REJECTED), str(reason), source, None, operator, self.cache_seq,
-                )  # fmt: skip
+                    self.conn,
+                    seq=seq,
+                    record_id=record_id,
+                    at_ms=at_ms,
+                    box=self._box_id,
+                    merchant=self._merchant,
+                    store=self._store,
+                    digest=None,
+                    card_id=card_id,
+                    action=str(Action.REJECT),
+                    uses=None,
+                    amount=None,
+                    uses_left=None,
+                    balance=None,
+                    verdict=str(Outcome.REJECTED),
+                    reason=str(reason),
+                    source=source,
+                    symbology=None,
+                    operator=operator,
+                    cache_seq=self.cache_seq,
+                )
                 refused = Verdict(
-                    Outcome.REJECTED, Action.REJECT, reason, detail, "", card_id, kind,
-                    record_id=record_text, box_seq=seq, source=source,
-                )  # fmt: skip
+                    Outcome.REJECTED,
+                    Action.REJECT,
+                    reason,
+                    detail,
+                    "",
+                    card_id,
+                    kind,
+                    record_id=record_text,
+                    box_seq=seq,
+                    source=source,
+                )
                 break
             grant, counter = choice.grant, choice.counter
             by = claim_by(now, self.dispense_config.claim_days, grant)
             text = claim_code.mint(box_key.private, grant.id, counter, card_id, by)
             digest = self._digest(text)
             ledger.append(
-                self.conn, seq, record_id, at_ms, self._box_id, self._merchant, self._store,
-                digest, card_id, str(Action.DISPENSE), 1, None, None, None,
-                str(Outcome.ACCEPTED), None, source, None, operator, self.cache_seq, None,
-                grant.id, counter,
-            )  # fmt: skip
+                self.conn,
+                seq=seq,
+                record_id=record_id,
+                at_ms=at_ms,
+                box=self._box_id,
+                merchant=self._merchant,
+                store=self._store,
+                digest=digest,
+                card_id=card_id,
+                action=str(Action.DISPENSE),
+                uses=1,
+                amount=None,
+                uses_left=None,
+                balance=None,
+                verdict=str(Outcome.ACCEPTED),
+                reason=None,
+                source=source,
+                symbology=None,
+                operator=operator,
+                cache_seq=self.cache_seq,
+                grant_id=grant.id,
+                counter=counter,
+            )
             used[grant.id] = counter
             verdict = Verdict(
-                Outcome.ACCEPTED, Action.DISPENSE, None, "", short(digest), card_id, kind,
-                record_id=record_text, box_seq=seq, source=source,
-            )  # fmt: skip
+                Outcome.ACCEPTED,
+                Action.DISPENSE,
+                None,
+                "",
+                short(digest),
+                card_id,
+                kind,
+                record_id=record_text,
+                box_seq=seq,
+                source=source,
+            )
             url = self.dispense_config.claim_url + text
             claims.append(Claim(verdict, grant.id, counter, by, url, title))
             seq += 1
@@ -465,8 +523,14 @@ class Engine:
             # Disk full, I/O error, locked too long: refuse rather than accept unrecorded.
             self.alarm = f"cannot write the ledger: {exc}; free disk space or check the storage"
             log.error("storage error on scan from %s: %s", scan.source, exc)
-            return Verdict(Outcome.REJECTED, Action.REJECT, Reason.STORAGE_ERROR, str(exc),
-                           short(digest), source=scan.source)  # fmt: skip
+            return Verdict(
+                Outcome.REJECTED,
+                Action.REJECT,
+                Reason.STORAGE_ERROR,
+                str(exc),
+                short(digest),
+                source=scan.source,
+            )
         return result
 
     def _resync_seq(self) -> None:
@@ -496,15 +560,31 @@ class Engine:
         amount = ask.amount if moved and by_balance else None
         # str() of a StrEnum member is its value, without Enum.value's Python-level property.
         ledger.append(
-            self.conn, seq, record_id, int(max(self.clock(), self.floor) * 1000),
-            self._box_id, self._merchant, self._store, digest,
-            card.card_id if card else None, str(action),
-            ask.uses if moved and not by_balance else None, amount,
-            decision.uses_left, decision.balance, str(decision.outcome),
+            self.conn,
+            seq,
+            record_id,
+            int(max(self.clock(), self.floor) * 1000),
+            self._box_id,
+            self._merchant,
+            self._store,
+            digest,
+            card.card_id if card else None,
+            str(action),
+            ask.uses if moved and not by_balance else None,
+            amount,
+            decision.uses_left,
+            decision.balance,
+            str(decision.outcome),
             str(decision.reason) if decision.reason else None,
-            scan.source, scan.symbology, operator, self.cache_seq, reverses, None, None,
+            scan.source,
+            scan.symbology,
+            operator,
+            self.cache_seq,
+            reverses,
+            None,  # grant_id and counter: a scan dispenses nothing
+            None,
             found.account,
-        )  # fmt: skip
+        )
         if decision.changed and digest is not None and card is not None:
             uses_left = UNLIMITED_USES if decision.uses_left is None else decision.uses_left
             balance, account = decision.balance, found.account
@@ -555,7 +635,17 @@ class Engine:
         # Positional, in Verdict's field order: on every scan, thirteen keyword arguments
         # cost more than the frozen dataclass they build.
         return Verdict(
-            decision.outcome, decision.action, decision.reason, decision.detail,
-            digest_prefix, card.card_id if card else None, str(card.kind) if card else None,
-            decision.uses_left, decision.balance, amount, record_id, seq, source,
-        )  # fmt: skip
+            decision.outcome,
+            decision.action,
+            decision.reason,
+            decision.detail,
+            digest_prefix,
+            card.card_id if card else None,
+            str(card.kind) if card else None,
+            decision.uses_left,
+            decision.balance,
+            amount,
+            record_id,
+            seq,
+            source,
+        )

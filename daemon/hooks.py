@@ -53,8 +53,9 @@ class VerdictHook:
             if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
                 log.warning(
                     "hook %s cannot keep up: %d verdict(s) not passed to it so far",
-                    self.argv[0], self.dropped,
-                )  # fmt: skip
+                    self.argv[0],
+                    self.dropped,
+                )
 
     def stop(self, timeout: float = 2.0) -> bool:
         """Let the running hook finish (bounded), drop the rest, join the thread."""
@@ -96,9 +97,13 @@ class VerdictHook:
             # script's `sleep`, a blinking light): killing the hook alone leaves them
             # running, and each stuck verdict would add one more.
             process = subprocess.Popen(
-                self.argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, start_new_session=True,
-            )  # fmt: skip
+                self.argv,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
         except OSError as exc:
             self._failed(f"cannot run it: {exc}")
             return

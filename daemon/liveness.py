@@ -59,9 +59,11 @@ def probe(config: Config, now: float | None = None) -> Liveness:
             return Liveness(True, pid, f"running{who} (local API disabled in [api])")
         if answer == DENIED:
             return Liveness(
-                True, pid, f"running{who} (this user may not connect to {api.socket}; "
+                True,
+                pid,
+                f"running{who} (this user may not connect to {api.socket}; "
                 "run doctor as root to ask the local API too)",
-            )  # fmt: skip
+            )
         return Liveness(True, pid, f"running{who}", api_problem=f"{api.socket} {answer}")
     if pid is None:
         why = f"no status.json in {config.box.state_dir}: it never ran with this config"

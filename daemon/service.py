@@ -172,9 +172,12 @@ class Service:
             self._start_hook()
             log.info(
                 "ready: box %s merchant %s store %s, cache seq %d, %s",
-                self.config.box.id, self.config.box.merchant, self.config.box.store,
-                engine.cache_seq, self.config.source,
-            )  # fmt: skip
+                self.config.box.id,
+                self.config.box.merchant,
+                self.config.box.store,
+                engine.cache_seq,
+                self.config.source,
+            )
             self.notify.ready(self._summary(engine))
             while not self.stopping.is_set():
                 now = time.monotonic()
@@ -366,8 +369,9 @@ class Service:
         if gone or added:
             log.info(
                 "scanners: stopped %s; started %s",
-                ", ".join(gone) or "none", ", ".join(s.name for s in added) or "none",
-            )  # fmt: skip
+                ", ".join(gone) or "none",
+                ", ".join(s.name for s in added) or "none",
+            )
         return bool(gone or added)
 
     def _start_drivers(self) -> None:
@@ -394,11 +398,15 @@ class Service:
             return
         box, trust = self.config.box, self.config.trust
         self.sync = Sync(
-            self.config.sync, box=box.id, merchant=box.merchant, database=box.database,
-            roots=trust.root_keys, max_batch_bytes=trust.max_batch_bytes,
+            self.config.sync,
+            box=box.id,
+            merchant=box.merchant,
+            database=box.database,
+            roots=trust.root_keys,
+            max_batch_bytes=trust.max_batch_bytes,
             drivers=lambda: [s.state.to_json() for s in list(self.supervisors.values())],
             box_key=None if self.box_key is None else self.box_key.public,
-        )  # fmt: skip
+        )
         self.sync.start()
 
     # ------------------------------------------------------------------ local API
@@ -419,10 +427,14 @@ class Service:
             return
         self.api = server
         self.commands = Commands(
-            engine, server.publish, status=self._api_status, shown=self._shown_api,
-            confirm_within=config.confirm_within, box_key=self.box_key,
+            engine,
+            server.publish,
+            status=self._api_status,
+            shown=self._shown_api,
+            confirm_within=config.confirm_within,
+            box_key=self.box_key,
             dispensed=self._dispensed,
-        )  # fmt: skip
+        )
         log.info("local API on %s", config.socket)
 
     def _submit(self, request: dict) -> dict:
@@ -536,9 +548,12 @@ class Service:
         if self.api is None:
             return {"enabled": self.config.api.enabled, "serving": False}
         return {
-            "enabled": True, "serving": True, "socket": str(self.api.path),
-            "clients": self.api.clients, "subscribers": self.api.subscribers,
-        }  # fmt: skip
+            "enabled": True,
+            "serving": True,
+            "socket": str(self.api.path),
+            "clients": self.api.clients,
+            "subscribers": self.api.subscribers,
+        }
 
     def _api_status(self) -> dict[str, object]:
         return {

@@ -165,8 +165,10 @@ class SerialScanner:
                     state.message = f"open {opened}; {dropped} over-long read(s) dropped"
                     log.warning(
                         "scanner %s: dropped a read longer than %d bytes without a terminator "
-                        "(check the terminator setting)", self.name, framer.max_length,
-                    )  # fmt: skip
+                        "(check the terminator setting)",
+                        self.name,
+                        framer.max_length,
+                    )
                 if not data and now - last_check >= PATH_CHECK_EVERY:
                     last_check = now
                     self._check_path(device)
@@ -204,8 +206,9 @@ class SerialScanner:
             except serial.SerialTimeoutException:
                 log.warning(
                     "scanner %s: feedback not sent within %.2f s (flow control holding it?)",
-                    self.name, WRITE_TIMEOUT,
-                )  # fmt: skip
+                    self.name,
+                    WRITE_TIMEOUT,
+                )
             except (serial.SerialException, OSError) as exc:
                 log.warning("scanner %s: feedback failed: %s", self.name, exc)
 

@@ -140,9 +140,11 @@ class Intake:
             log.info(
                 "sync: ignored a manifest signed at %d, before the one kept (signed at %d, "
                 "latest_seq %d); %d ignored so far",
-                manifest.created_at, self.manifest.created_at, self.manifest.latest_seq,
+                manifest.created_at,
+                self.manifest.created_at,
+                self.manifest.latest_seq,
                 self.manifests_ignored,
-            )  # fmt: skip
+            )
             return None
         self.manifest = manifest
         # On disk: the floor (a box without a clock stays close to the truth even when

@@ -201,7 +201,7 @@ def select(store: Store, filters: Filters) -> Activity:
             box=filters.box or None,
             card=filters.card,
             sold_at=filters.store or None,
-        )  # fmt: skip
+        )
         if (not filters.merchant or f.merchant == filters.merchant)
         and (filters.by != "day" or str(f.key) in lines)
     ]

@@ -58,13 +58,15 @@ VERIFYING = 4
 T = TypeVar("T")
 
 _HEADERS = [
-    (b"content-security-policy",
-     b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-     b"frame-ancestors 'none'; form-action 'self'; base-uri 'none'"),
+    (
+        b"content-security-policy",
+        b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        b"frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+    ),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"same-origin"),
     (b"x-frame-options", b"DENY"),
-]  # fmt: skip
+]
 
 
 class _SecurityHeaders:
@@ -256,9 +258,14 @@ class Console:
 
     def _set_cookie(self, response: Response, name: str, value: str, max_age: int) -> None:
         response.set_cookie(
-            name, value, max_age=max_age, path="/", secure=self.secure, httponly=True,
+            name,
+            value,
+            max_age=max_age,
+            path="/",
+            secure=self.secure,
+            httponly=True,
             samesite="strict",
-        )  # fmt: skip
+        )
 
     # ------------------------------------------------------------ routes
 
@@ -501,9 +508,10 @@ class Console:
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {self.metrics_token}".encode()):
             return PlainTextResponse(
-                "give the metrics token: Authorization: Bearer TOKEN", 401,
+                "give the metrics token: Authorization: Bearer TOKEN",
+                401,
                 headers={"www-authenticate": 'Bearer realm="redeemd-metrics"'},
-            )  # fmt: skip
+            )
         now = int(self.clock())
         text = await self.db(lambda s: metrics.render(s, now))
         return Response(text, media_type=None, headers={"content-type": metrics.CONTENT_TYPE})

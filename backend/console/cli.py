@@ -227,7 +227,12 @@ def cmd_console(args: argparse.Namespace) -> int:
         )
     # access_log off: request lines would carry search terms typed by operators.
     uvicorn.run(
-        console.app(), host=host, port=port, access_log=False, log_level="warning",
-        proxy_headers=True, forwarded_allow_ips=args.forwarded_allow_ips,
-    )  # fmt: skip
+        console.app(),
+        host=host,
+        port=port,
+        access_log=False,
+        log_level="warning",
+        proxy_headers=True,
+        forwarded_allow_ips=args.forwarded_allow_ips,
+    )
     return 0

@@ -65,54 +65,76 @@ def render(store: Store, now: int) -> str:
 
     out = _Text()
     out.family(
-        "redeemd_boxes", "gauge", "Registered boxes by state (online, offline, never_seen).",
-        [(_labels(merchant=m, state=s), by_state[(m, s)]) for m in merchants
-         for s in ("online", "offline", boxes_view.NEVER_SEEN)],
-    )  # fmt: skip
+        "redeemd_boxes",
+        "gauge",
+        "Registered boxes by state (online, offline, never_seen).",
+        [
+            (_labels(merchant=m, state=s), by_state[(m, s)])
+            for m in merchants
+            for s in ("online", "offline", boxes_view.NEVER_SEEN)
+        ],
+    )
     out.family(
-        "redeemd_box_online", "gauge", "1 if the box's retained status says online, else 0.",
-        [(_labels(merchant=e["merchant"], box=e["box"]), int(e["state"] == "online"))
-         for e in entries],
-    )  # fmt: skip
+        "redeemd_box_online",
+        "gauge",
+        "1 if the box's retained status says online, else 0.",
+        [
+            (_labels(merchant=e["merchant"], box=e["box"]), int(e["state"] == "online"))
+            for e in entries
+        ],
+    )
     out.family(
-        "redeemd_box_state_since_seconds", "gauge",
+        "redeemd_box_state_since_seconds",
+        "gauge",
         "When the backend saw the box's current state begin (Unix time).",
         per_box("since"),
-    )  # fmt: skip
+    )
     out.family(
-        "redeemd_box_last_seen_seconds", "gauge",
-        "When the box itself last sent a status (Unix time).", per_box("last_seen"),
-    )  # fmt: skip
+        "redeemd_box_last_seen_seconds",
+        "gauge",
+        "When the box itself last sent a status (Unix time).",
+        per_box("last_seen"),
+    )
     out.family(
-        "redeemd_box_batches_behind", "gauge",
+        "redeemd_box_batches_behind",
+        "gauge",
         "Batches issued for the merchant that the box's cache has not applied.",
         per_box("behind"),
-    )  # fmt: skip
+    )
     out.family(
-        "redeemd_box_outbox_depth", "gauge", "Records the box holds not yet acked.",
+        "redeemd_box_outbox_depth",
+        "gauge",
+        "Records the box holds not yet acked.",
         per_box("outbox_depth"),
-    )  # fmt: skip
+    )
     out.family(
-        "redeemd_box_outbox_oldest_age_seconds", "gauge",
+        "redeemd_box_outbox_oldest_age_seconds",
+        "gauge",
         "Age of the oldest unacked record when the box last said.",
         per_box("outbox_oldest_age_s"),
-    )  # fmt: skip
+    )
     out.family(
-        "redeemd_gaps_open", "gauge", "Missing ranges of box sequences not filled yet.",
+        "redeemd_gaps_open",
+        "gauge",
+        "Missing ranges of box sequences not filled yet.",
         [(_labels(merchant=m), gaps.get(m, 0)) for m in every],
-    )  # fmt: skip
+    )
     out.family(
-        "redeemd_conflicts_total", "counter",
+        "redeemd_conflicts_total",
+        "counter",
         "Double redemptions found (one code accepted on two boxes).",
         [(_labels(merchant=m), conflicts.get(m, 0)) for m in every],
-    )  # fmt: skip
+    )
     out.family(
-        "redeemd_events_stored_total", "counter",
+        "redeemd_events_stored_total",
+        "counter",
         "Box records stored, counted to each box's contiguous high-water mark.",
         [(_labels(merchant=m), int(stored.get(m) or 0)) for m in every],
-    )  # fmt: skip
+    )
     out.family(
-        "redeemd_console_scrape_timestamp_seconds", "gauge", "When this text was made.",
+        "redeemd_console_scrape_timestamp_seconds",
+        "gauge",
+        "When this text was made.",
         [("", now)],
-    )  # fmt: skip
+    )
     return "\n".join(out.lines) + "\n"

@@ -216,13 +216,22 @@ def fleet_page(
         f'{checks}{keep}<button type="submit">Apply</button> '
         '<a href="/">Clear</a></form>'
     )
-    headers = "".join(
-        _header(query, sort, label)
-        for sort, label in (
-            ("box", "Box"), ("merchant", "Merchant"), ("state", "State"),
-            ("last_seen", "Last seen"), ("behind", "Cache / latest"), ("outbox", "Outbox"),
+    headers = (
+        "".join(
+            _header(query, sort, label)
+            for sort, label in (
+                ("box", "Box"),
+                ("merchant", "Merchant"),
+                ("state", "State"),
+                ("last_seen", "Last seen"),
+                ("behind", "Cache / latest"),
+                ("outbox", "Outbox"),
+            )
         )
-    ) + '<th scope="col">Scanners</th>' + _header(query, "version", "Version") + '<th scope="col">Problems</th>'  # fmt: skip
+        + '<th scope="col">Scanners</th>'
+        + _header(query, "version", "Version")
+        + '<th scope="col">Problems</th>'
+    )
     live = _href(query.params(), "/fleet/rows")
     more = ""
     if page.next_after is not None:
