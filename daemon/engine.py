@@ -10,6 +10,7 @@ shown). Nothing here touches the network.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import sqlite3
@@ -400,33 +401,37 @@ class Engine:
         claims: list[Claim] = []
         refused = None
         seq = self._next_seq
+        # What every record of this dispense shares; each adds its sequence, id and outcome.
+        append = functools.partial(
+            ledger.append,
+            self.conn,
+            at_ms=at_ms,
+            box=self._box_id,
+            merchant=self._merchant,
+            store=self._store,
+            card_id=card_id,
+            amount=None,
+            uses_left=None,
+            balance=None,
+            source=source,
+            symbology=None,
+            operator=operator,
+            cache_seq=self.cache_seq,
+        )
         for _ in range(count):
             choice = claim_code.choose(grants, used, card_id, now)
             record_id, record_text = self._new_id()
             if choice.grant is None:
                 reason = choice.reason or Reason.NO_GRANT
                 detail = problem or choice.detail
-                ledger.append(
-                    self.conn,
+                append(
                     seq=seq,
                     record_id=record_id,
-                    at_ms=at_ms,
-                    box=self._box_id,
-                    merchant=self._merchant,
-                    store=self._store,
                     digest=None,
-                    card_id=card_id,
                     action=str(Action.REJECT),
                     uses=None,
-                    amount=None,
-                    uses_left=None,
-                    balance=None,
                     verdict=str(Outcome.REJECTED),
                     reason=str(reason),
-                    source=source,
-                    symbology=None,
-                    operator=operator,
-                    cache_seq=self.cache_seq,
                 )
                 refused = Verdict(
                     Outcome.REJECTED,
@@ -445,27 +450,14 @@ class Engine:
             by = claim_by(now, self.dispense_config.claim_days, grant)
             text = claim_code.mint(box_key.private, grant.id, counter, card_id, by)
             digest = self._digest(text)
-            ledger.append(
-                self.conn,
+            append(
                 seq=seq,
                 record_id=record_id,
-                at_ms=at_ms,
-                box=self._box_id,
-                merchant=self._merchant,
-                store=self._store,
                 digest=digest,
-                card_id=card_id,
                 action=str(Action.DISPENSE),
                 uses=1,
-                amount=None,
-                uses_left=None,
-                balance=None,
                 verdict=str(Outcome.ACCEPTED),
                 reason=None,
-                source=source,
-                symbology=None,
-                operator=operator,
-                cache_seq=self.cache_seq,
                 grant_id=grant.id,
                 counter=counter,
             )

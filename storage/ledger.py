@@ -52,11 +52,14 @@ INSERT = _insert(COLUMNS)
 # record leaves them NULL, and sqlite3 sends every None it binds through its adapter
 # lookup: five of them cost about 1.5 us on a scan, cold after the last fsync
 # (docs/decisions.md, "Fewer bound NULLs"). `append` leaves them out when all are None,
-# and all but the account on a linked code's scan (issue 13's account case).
+# and all but the account on a linked code's scan (issue 13's account case); otherwise
+# it binds them after the common ones (INSERT_RARE). INSERT keeps COLUMNS' order, for a
+# Redemption's row().
 _RARE = ("operator", "reverses", "grant_id", "counter", "account")
 _COMMON = tuple(name for name in COLUMNS if name not in _RARE)
 INSERT_COMMON = _insert(_COMMON)
 INSERT_LINKED = _insert((*_COMMON, "account"))
+INSERT_RARE = _insert((*_COMMON, *_RARE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,60 +235,33 @@ def append(
     dataclass costs about 5 us, more than the Python of the rest of the row. Nothing
     else is written: the row waits in the outbox, a view of the ledger, until an ack
     moves past it (storage/outbox.py). The caller owns the transaction."""
+    common = (
+        seq,
+        record_id,
+        at_ms,
+        box,
+        merchant,
+        store,
+        digest,
+        card_id,
+        action,
+        uses,
+        amount,
+        uses_left,
+        balance,
+        verdict,
+        reason,
+        source,
+        symbology,
+        cache_seq,
+    )
     if operator is None and reverses is None and grant_id is None and counter is None:
-        common = (
-            seq,
-            record_id,
-            at_ms,
-            box,
-            merchant,
-            store,
-            digest,
-            card_id,
-            action,
-            uses,
-            amount,
-            uses_left,
-            balance,
-            verdict,
-            reason,
-            source,
-            symbology,
-            cache_seq,
-        )
         if account is None:
             conn.execute(INSERT_COMMON, common)
         else:
             conn.execute(INSERT_LINKED, (*common, account))
-        return
-    conn.execute(
-        INSERT,
-        (
-            seq,
-            record_id,
-            at_ms,
-            box,
-            merchant,
-            store,
-            digest,
-            card_id,
-            action,
-            uses,
-            amount,
-            uses_left,
-            balance,
-            verdict,
-            reason,
-            source,
-            symbology,
-            operator,
-            cache_seq,
-            reverses,
-            grant_id,
-            counter,
-            account,
-        ),
-    )
+    else:
+        conn.execute(INSERT_RARE, (*common, operator, reverses, grant_id, counter, account))
 
 
 def by_id(conn: sqlite3.Connection, record_id: bytes) -> Redemption | None:
