@@ -741,21 +741,7 @@ def _block(store: Store, merchant: str, account_id: str) -> int | None:
     seq = max(store.latest_seq(merchant), store._legacy_last_seq(merchant)) + 1
     sign = signer(Keystore(store.dir))
     issued = IssuedBatch.from_file(sign(merchant, seq, Kind.BLOCK, entries))
-    store.engine.execute(
-        "INSERT INTO batches(merchant, seq, kind, count, created_at, expires_at, sha256, data, "
-        "issued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            merchant,
-            seq,
-            Kind.BLOCK.value,
-            issued.count,
-            issued.created_at,
-            issued.expires_at,
-            issued.sha256,
-            issued.data,
-            int(time.time()),
-        ),
-    )
+    store.record_issued(issued)
     return seq
 
 

@@ -554,21 +554,26 @@ class Store:
             issued = _issued(make(seq))
             if (issued.merchant, issued.seq, issued.kind) != (merchant, seq, kind):
                 raise StoreError("the batch built does not carry the allocated merchant/seq/kind")
-            self._sql(
-                f"INSERT INTO batches({_COLUMNS}, issued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    merchant,
-                    seq,
-                    kind.value,
-                    issued.count,
-                    issued.created_at,
-                    issued.expires_at,
-                    issued.sha256,
-                    issued.data,
-                    int(time.time()),
-                ),
-            )
+            self.record_issued(issued)
         return issued
+
+    def record_issued(self, issued: IssuedBatch) -> None:
+        """The row of a batch this backend just signed, in the caller's transaction, which
+        allocated its sequence (`issue`, a consumed-elsewhere or a block batch)."""
+        self._sql(
+            f"INSERT INTO batches({_COLUMNS}, issued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                issued.merchant,
+                issued.seq,
+                issued.kind.value,
+                issued.count,
+                issued.created_at,
+                issued.expires_at,
+                issued.sha256,
+                issued.data,
+                int(time.time()),
+            ),
+        )
 
     def latest_seq(self, merchant: str) -> int:
         row = self._sql(
@@ -926,20 +931,7 @@ class Store:
         self.engine.lock([_allocator(merchant)])
         seq = max(self.latest_seq(merchant), self._legacy_last_seq(merchant)) + 1
         issued = _issued(sign(merchant, seq, entries))
-        self._sql(
-            f"INSERT INTO batches({_COLUMNS}, issued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                merchant,
-                seq,
-                Kind.CONSUMED.value,
-                issued.count,
-                issued.created_at,
-                issued.expires_at,
-                issued.sha256,
-                issued.data,
-                int(time.time()),
-            ),
-        )
+        self.record_issued(issued)
         self.engine.executemany(
             "UPDATE events SET consumed_seq = ? WHERE id = ?", [(seq, r[0]) for r in rows]
         )
