@@ -14,7 +14,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from backend import accounts_cli, box_commands, boxes_view, claims, codes_csv, grants
+from backend import accounts_cli, box_commands, boxes_view, claims, codes_csv, grants, web
 from backend.collect import DEFAULT_GROUP, Collector
 from backend.connection import BrokerUrlError
 from backend.console import cli as console_cli
@@ -595,8 +595,6 @@ def cmd_grant_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_claim(args: argparse.Namespace) -> int:
-    import uvicorn  # the web extra: only this command needs it
-
     from backend.claim_service import ClaimService
 
     host, port = args.listen
@@ -605,16 +603,7 @@ def cmd_claim(args: argparse.Namespace) -> int:
         f"claim service on http://{host}:{port}/c/CODE with {Store.describe(args.dir)}",
         flush=True,
     )
-    # access_log off: an access line would hold the claim code, which is the customer's.
-    uvicorn.run(
-        service.app(),
-        host=host,
-        port=port,
-        access_log=False,
-        log_level="warning",
-        proxy_headers=True,
-        forwarded_allow_ips=args.forwarded_allow_ips,
-    )
+    web.serve(service.app(), host, port, args.forwarded_allow_ips)
     return 0
 
 

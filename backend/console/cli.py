@@ -19,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+from backend import web
 from backend.console import audit, auth
 from backend.store import Store
 from runtime.cli import Commands, Handler
@@ -190,8 +191,6 @@ def cmd_user_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_console(args: argparse.Namespace) -> int:
-    import uvicorn  # the web extra: only this command needs it
-
     from backend.console.app import Console
 
     host, port = args.listen
@@ -225,14 +224,5 @@ def cmd_console(args: argparse.Namespace) -> int:
             f"no users yet: redeemd-backend user add --dir {args.dir} NAME --role operator",
             flush=True,
         )
-    # access_log off: request lines would carry search terms typed by operators.
-    uvicorn.run(
-        console.app(),
-        host=host,
-        port=port,
-        access_log=False,
-        log_level="warning",
-        proxy_headers=True,
-        forwarded_allow_ips=args.forwarded_allow_ips,
-    )
+    web.serve(console.app(), host, port, args.forwarded_allow_ips)
     return 0
